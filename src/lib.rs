@@ -1,0 +1,16 @@
+//! routemq-bridge: an MQTT ⇄ Redis bridge for IoT gateways, the companion of RouteMQ.
+//!
+//! A message walks forward through the modules: [`mqtt`] in → router → middleware (session,
+//! rate limit, dedup) → actions → [`redis`] out; republish goes the other way. [`config`]
+//! loads and validates everything the daemon reads at start-up and on reload.
+//!
+//! The library half is the Redis manager of spec §3 ([`redis::RedisManager`]) and the
+//! patterns built on it (cache-aside, sessions, rate limiters, locks, pub/sub); the daemon is
+//! built from the same library.
+
+pub mod config;
+pub mod mqtt;
+pub mod redis;
+
+/// `routemq-bridge X.Y.Z`, as `--version` prints it and `build_info` reports it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

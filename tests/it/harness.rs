@@ -1,0 +1,304 @@
+//! The test harness: real `redis-server` and `mosquitto` processes, each on a free loopback
+//! port in a temporary directory of its own, so tests run in parallel, never touch the
+//! machine's services on 6379/1883, and can stop and restart a service on the same port to
+//! prove recovery. Every process is killed and its directory removed when its handle drops,
+//! also when the test panics.
+
+#![allow(dead_code)] // each test module uses a different part of the harness
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// How long a service may take to start listening before the test fails.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Finds `name` on `PATH` or in `/usr/sbin` (where Debian puts `mosquitto`), or fails the
+/// test with the Debian package that provides it.
+pub fn find_binary(name: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| {
+            panic!("`{name}` not found on PATH or in /usr/sbin: install it with `apt-get install -y {package}`")
+        })
+}
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Sends `signal` to the process `pid`.
+pub fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid as libc::pid_t, signal);
+    }
+}
+
+/// Waits for `child` to exit, killing it after `timeout`. Returns its exit status.
+pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One service process: how to start it, and the running child if any.
+struct Service {
+    name: &'static str,
+    binary: PathBuf,
+    args: Vec<String>,
+    dir: TempDir,
+    port: u16,
+    child: Option<Child>,
+    ready: fn(u16) -> bool,
+}
+
+impl Service {
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        let log = std::fs::File::create(self.dir.path().join("stdout.log")).expect("log file");
+        let mut child = Command::new(&self.binary)
+            .args(&self.args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", self.binary.display()));
+        let deadline = Instant::now() + START_TIMEOUT;
+        // No event tells us a server is listening: poll its port, bounded.
+        while !(self.ready)(self.port) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{} exited with {status} before listening on {}: {}",
+                    self.name,
+                    self.port,
+                    self.log()
+                );
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                panic!(
+                    "{} did not listen on {} within {START_TIMEOUT:?}",
+                    self.name, self.port
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.child = Some(child);
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout.log")).unwrap_or_default()
+    }
+
+    /// SIGTERM (a clean shutdown: mosquitto saves its persistence) and wait.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGTERM);
+            if wait_with_timeout(&mut child, Duration::from_secs(10)).is_none() {
+                panic!("{} did not stop within 10 s of SIGTERM", self.name);
+            }
+        }
+    }
+
+    /// SIGKILL and wait.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn redis_ready(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+fn tcp_ready(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// A private `redis-server`. It keeps nothing on disk, so a restart starts empty.
+pub struct Redis(Service);
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_with(&[])
+    }
+
+    /// Starts with extra `redis-server` arguments, e.g. `["--requirepass", "secret"]`.
+    pub fn start_with(extra: &[&str]) -> Redis {
+        let binary = find_binary("redis-server", "redis-server");
+        let dir = tempfile::Builder::new()
+            .prefix("routemq-bridge-redis-")
+            .tempdir()
+            .expect("tempdir");
+        let port = free_port();
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            &dir.path().display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut service = Service {
+            name: "redis-server",
+            binary,
+            args,
+            dir,
+            port,
+            child: None,
+            ready: redis_ready,
+        };
+        service.spawn();
+        Redis(service)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.0.port)
+    }
+
+    /// A plain synchronous client, for tests to look at what the bridge wrote.
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).expect("redis url")
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.0.child.is_some()
+    }
+
+    pub fn stop(&mut self) {
+        self.0.stop();
+    }
+
+    pub fn kill(&mut self) {
+        self.0.kill();
+    }
+
+    /// Starts again on the same port (after `stop` or `kill`).
+    pub fn start_again(&mut self) {
+        self.0.spawn();
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.0.dir.path()
+    }
+}
+
+/// A private `mosquitto` with persistence in its own directory, so a persistent session
+/// survives a clean restart.
+pub struct Mosquitto(Service);
+
+impl Mosquitto {
+    pub fn start() -> Mosquitto {
+        Self::start_with("")
+    }
+
+    /// Starts with extra lines appended to `mosquitto.conf`.
+    pub fn start_with(extra_conf: &str) -> Mosquitto {
+        let binary = find_binary("mosquitto", "mosquitto");
+        let dir = tempfile::Builder::new()
+            .prefix("routemq-bridge-mosquitto-")
+            .tempdir()
+            .expect("tempdir");
+        let port = free_port();
+        let conf = format!(
+            "listener {port} 127.0.0.1\n\
+             allow_anonymous true\n\
+             persistence true\n\
+             persistence_location {dir}/\n\
+             max_queued_messages 1000000\n\
+             message_size_limit 0\n\
+             log_dest stdout\n\
+             {extra_conf}\n",
+            dir = dir.path().display()
+        );
+        let conf_path = dir.path().join("mosquitto.conf");
+        std::fs::write(&conf_path, conf).expect("write mosquitto.conf");
+        let mut service = Service {
+            name: "mosquitto",
+            binary,
+            args: vec!["-c".to_string(), conf_path.display().to_string()],
+            dir,
+            port,
+            child: None,
+            ready: tcp_ready,
+        };
+        service.spawn();
+        Mosquitto(service)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.0.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.0.port)
+    }
+
+    pub fn stop(&mut self) {
+        self.0.stop();
+    }
+
+    pub fn kill(&mut self) {
+        self.0.kill();
+    }
+
+    pub fn start_again(&mut self) {
+        self.0.spawn();
+    }
+
+    pub fn log(&self) -> String {
+        self.0.log()
+    }
+}

@@ -1,0 +1,5 @@
+//! Integration tests against real Redis and Mosquitto, started by [`harness`] on free loopback
+//! ports. One binary with one module per area keeps linking cheap.
+
+mod harness;
+mod harness_selftest;
