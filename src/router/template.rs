@@ -1,0 +1,603 @@
+//! Templates (spec §5.1): the `{device_id}`, `{json.a.b}`, `{payload}` … strings of keys,
+//! values, topics, channels and fields.
+//!
+//! A template is compiled once, when the config is loaded, into a list of parts; rendering a
+//! message walks that list and never parses again. Compiling is also where the safety rule is
+//! fixed: every value a message controls that lands in a Redis key, a channel or an MQTT topic
+//! carries its constraint (the route's `params.<name>` regex or the safe default), so a
+//! device cannot write `sensor:*` or publish to `#`.
+
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use regex::Regex;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+/// Where a template's output goes: decides what it may contain and what gets checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A Redis key: `{payload}` refused, message values checked.
+    Key,
+    /// A Redis pub/sub channel: as a key.
+    Channel,
+    /// An MQTT topic: as a key, and the result may not start with `$`.
+    Topic,
+    /// A value written to Redis or published: anything goes, nothing is checked.
+    Value,
+}
+
+impl Target {
+    fn is_checked(self) -> bool {
+        self != Target::Value
+    }
+}
+
+/// The rule a message-controlled value must follow before it lands in a key, channel or topic.
+#[derive(Clone, Debug)]
+pub enum Check {
+    /// `[A-Za-z0-9_.@-]{1,128}`: no `:`, `*`, `/`, `+`, `#`, whitespace or NUL.
+    Default,
+    /// The default plus `/`, up to 512 (for `{name...}`).
+    DefaultRest,
+    /// The operator's `params.<name>` regex.
+    Custom(Arc<Regex>),
+    /// Not checked (values).
+    None,
+}
+
+impl Check {
+    fn allows(&self, value: &str, target: Target) -> bool {
+        let safe_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '@' | '-');
+        match self {
+            Check::Default => (1..=128).contains(&value.len()) && value.chars().all(safe_char),
+            Check::DefaultRest => {
+                (1..=512).contains(&value.len()) && value.chars().all(|c| safe_char(c) || c == '/')
+            }
+            // Whatever the operator allows, a topic level may never smuggle in wildcards.
+            Check::Custom(re) => {
+                re.is_match(value) && !(target == Target::Topic && value.contains(['+', '#', '\0']))
+            }
+            Check::None => true,
+        }
+    }
+}
+
+/// A path into the JSON payload: `{json.items.0.name}` → `["items", "0", "name"]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonPath(Vec<String>);
+
+impl JsonPath {
+    /// Looks the path up; a numeric segment indexes an array (or is a key of an object).
+    pub fn lookup<'v>(&self, root: &'v Value) -> Option<&'v Value> {
+        self.0.iter().try_fold(root, |v, seg| match v {
+            Value::Object(map) => map.get(seg),
+            Value::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get(i)),
+            _ => None,
+        })
+    }
+}
+
+impl fmt::Display for JsonPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "json.{}", self.0.join("."))
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Part {
+    Literal(String),
+    Param {
+        index: usize,
+        name: String,
+        check: Check,
+    },
+    Topic,
+    Payload,
+    Json {
+        path: JsonPath,
+        check: Check,
+    },
+    Session {
+        field: String,
+        check: Check,
+    },
+    Field {
+        name: String,
+        check: Check,
+    },
+    Now,
+    NowMs,
+    Uuid,
+    PayloadSha256,
+}
+
+/// What a template may refer to, and the constraints of the route or rule it belongs to.
+pub struct Scope<'a> {
+    /// The params the topic pattern (or channel pattern) captures, in capture order.
+    pub params: &'a [String],
+    /// The one param captured by `{name...}`, which may hold `/`.
+    pub rest_param: Option<&'a str>,
+    /// Whether `{json.*}` is allowed (the payload is parsed as JSON).
+    pub json: bool,
+    /// Whether `{session.*}` is allowed (the route has a session).
+    pub session: bool,
+    /// Whether `{field.*}` is allowed (stream entries).
+    pub fields: bool,
+    /// `params.<name>` constraints: `(name, regex)` with names like `device_id`,
+    /// `json.a.b`, `session.user`, `field.site`.
+    pub constraints: &'a [(String, Arc<Regex>)],
+}
+
+impl Scope<'_> {
+    fn check(&self, name: &str, target: Target, rest: bool) -> Check {
+        if !target.is_checked() {
+            return Check::None;
+        }
+        match self.constraints.iter().find(|(n, _)| n == name) {
+            Some((_, re)) => Check::Custom(re.clone()),
+            None if rest => Check::DefaultRest,
+            None => Check::Default,
+        }
+    }
+}
+
+/// A compiled template.
+#[derive(Clone, Debug)]
+pub struct Template {
+    source: String,
+    target: Target,
+    parts: Vec<Part>,
+}
+
+/// Why a message could not be rendered; each maps to outcome `invalid` and a dead-letter
+/// reason (spec §5.3).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RenderError {
+    /// `{payload}` as text, but the payload is not UTF-8 (`invalid_utf8`).
+    InvalidUtf8,
+    /// `{json.*}`, `{field.*}` or a required `{session.*}` is missing (`missing_field`).
+    MissingField(String),
+    /// A value broke its constraint (`invalid_param`).
+    InvalidParam { name: String, value: String },
+    /// A rendered topic starts with `$` (`invalid_param`).
+    DollarTopic(String),
+}
+
+impl RenderError {
+    /// The dead-letter `reason` of spec §5.3.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            RenderError::InvalidUtf8 => "invalid_utf8",
+            RenderError::MissingField(_) => "missing_field",
+            RenderError::InvalidParam { .. } | RenderError::DollarTopic(_) => "invalid_param",
+        }
+    }
+}
+
+impl fmt::Display for RenderError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RenderError::InvalidUtf8 => f.write_str("the payload is not valid UTF-8"),
+            RenderError::MissingField(name) => write!(f, "`{name}` is missing"),
+            RenderError::InvalidParam { name, value } => {
+                write!(f, "`{name}` = {value:?} breaks its constraint")
+            }
+            RenderError::DollarTopic(topic) => {
+                write!(f, "rendered topic {topic:?} starts with `$`")
+            }
+        }
+    }
+}
+
+impl std::error::Error for RenderError {}
+
+/// What a message offers to its templates.
+pub struct Context<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    /// The captured params, in the order of [`Scope::params`].
+    pub params: &'a [&'a str],
+    pub json: Option<&'a Value>,
+    /// The session's fields; `None` when there is no session (then `{session.*}` is empty).
+    pub session: Option<&'a serde_json::Map<String, Value>>,
+    /// Stream entry fields, for `{field.*}`.
+    pub fields: &'a [(String, Vec<u8>)],
+    pub now: SystemTime,
+}
+
+impl<'a> Context<'a> {
+    /// A context for a message with only a topic and a payload.
+    pub fn new(topic: &'a str, payload: &'a [u8]) -> Self {
+        Context {
+            topic,
+            payload,
+            params: &[],
+            json: None,
+            session: None,
+            fields: &[],
+            now: SystemTime::now(),
+        }
+    }
+}
+
+impl Template {
+    /// Compiles `source` for `target` within `scope`. The error says what is wrong, for the
+    /// config loader to report under the key path.
+    pub fn compile(source: &str, target: Target, scope: &Scope<'_>) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = source.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '{' if chars.peek().map(|(_, c)| *c) == Some('{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek().map(|(_, c)| *c) == Some('}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '}' => {
+                    return Err(format!(
+                        "unmatched `}}` at byte {i}; write `}}}}` for a literal brace"
+                    ))
+                }
+                '{' => {
+                    let rest = &source[i + 1..];
+                    let Some(end) = rest.find('}') else {
+                        return Err(format!(
+                            "unclosed `{{` at byte {i}; write `{{{{` for a literal brace"
+                        ));
+                    };
+                    let name = &rest[..end];
+                    for _ in 0..=name.chars().count() {
+                        chars.next();
+                    }
+                    if !literal.is_empty() {
+                        parts.push(Part::Literal(std::mem::take(&mut literal)));
+                    }
+                    parts.push(Self::placeholder(name, target, scope)?);
+                }
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Literal(literal));
+        }
+        Ok(Template {
+            source: source.to_string(),
+            target,
+            parts,
+        })
+    }
+
+    fn placeholder(name: &str, target: Target, scope: &Scope<'_>) -> Result<Part, String> {
+        let dotted = |prefix: &str| -> Result<Option<String>, String> {
+            match name.strip_prefix(prefix) {
+                Some(rest) if rest.is_empty() || rest.split('.').any(str::is_empty) => {
+                    Err(format!("`{{{name}}}`: an empty name after `{prefix}`"))
+                }
+                Some(rest) => Ok(Some(rest.to_string())),
+                None => Ok(None),
+            }
+        };
+        let part = match name {
+            "topic" => Part::Topic,
+            "payload" => {
+                if target != Target::Value {
+                    return Err(format!(
+                        "`{{payload}}` may not stand in a {}",
+                        target_name(target)
+                    ));
+                }
+                Part::Payload
+            }
+            "now" => Part::Now,
+            "now_ms" => Part::NowMs,
+            "uuid" => Part::Uuid,
+            "payload_sha256" => Part::PayloadSha256,
+            _ => {
+                if let Some(path) = dotted("json.")? {
+                    if !scope.json {
+                        return Err(format!(
+                            "`{{{name}}}` needs a JSON payload (`payload = \"json\"`)"
+                        ));
+                    }
+                    Part::Json {
+                        path: JsonPath(path.split('.').map(str::to_string).collect()),
+                        check: scope.check(name, target, false),
+                    }
+                } else if let Some(field) = dotted("session.")? {
+                    if !scope.session {
+                        return Err(format!("`{{{name}}}` needs a `[routes.session]`"));
+                    }
+                    Part::Session {
+                        check: scope.check(name, target, false),
+                        field,
+                    }
+                } else if let Some(field) = dotted("field.")? {
+                    if !scope.fields {
+                        return Err(format!("`{{{name}}}` is only available to stream entries"));
+                    }
+                    Part::Field {
+                        check: scope.check(name, target, false),
+                        name: field,
+                    }
+                } else if let Some(index) = scope.params.iter().position(|p| p == name) {
+                    let rest = scope.rest_param == Some(name);
+                    Part::Param {
+                        index,
+                        name: name.to_string(),
+                        check: scope.check(name, target, rest),
+                    }
+                } else {
+                    let known = if scope.params.is_empty() {
+                        "none".to_string()
+                    } else {
+                        scope.params.join(", ")
+                    };
+                    return Err(format!(
+                        "`{{{name}}}` is not a captured param (captured: {known}) nor a built-in"
+                    ));
+                }
+            }
+        };
+        Ok(part)
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// True when the template is exactly `{payload}`: the raw bytes go through untouched.
+    pub fn is_raw_payload(&self) -> bool {
+        matches!(self.parts.as_slice(), [Part::Payload])
+    }
+
+    /// Renders as bytes: a template that is exactly `{payload}` borrows the payload as it is
+    /// (any bytes); everything else renders as text.
+    pub fn render_bytes<'c>(&self, ctx: &'c Context<'_>) -> Result<Cow<'c, [u8]>, RenderError> {
+        if self.is_raw_payload() {
+            return Ok(Cow::Borrowed(ctx.payload));
+        }
+        self.render(ctx).map(|s| Cow::Owned(s.into_bytes()))
+    }
+
+    /// Renders as text, checking every message-controlled value against its constraint.
+    pub fn render(&self, ctx: &Context<'_>) -> Result<String, RenderError> {
+        let mut out = String::with_capacity(self.source.len() + 16);
+        for part in &self.parts {
+            match part {
+                Part::Literal(s) => out.push_str(s),
+                Part::Topic => out.push_str(ctx.topic),
+                Part::Payload => out.push_str(
+                    std::str::from_utf8(ctx.payload).map_err(|_| RenderError::InvalidUtf8)?,
+                ),
+                Part::Now => out.push_str(&unix(ctx.now).as_secs().to_string()),
+                Part::NowMs => out.push_str(&unix(ctx.now).as_millis().to_string()),
+                Part::Uuid => {
+                    let _ = write!(out, "{}", uuid::Uuid::new_v4().hyphenated());
+                }
+                Part::PayloadSha256 => {
+                    for byte in Sha256::digest(ctx.payload) {
+                        let _ = write!(out, "{byte:02x}");
+                    }
+                }
+                Part::Param { index, name, check } => {
+                    let value = ctx.params.get(*index).copied().unwrap_or("");
+                    self.push_checked(&mut out, name, value, check)?;
+                }
+                Part::Json { path, check } => {
+                    let value = ctx
+                        .json
+                        .and_then(|root| path.lookup(root))
+                        .ok_or_else(|| RenderError::MissingField(path.to_string()))?;
+                    let text = json_text(value);
+                    self.push_checked(&mut out, &path.to_string(), &text, check)?;
+                }
+                Part::Session { field, check } => {
+                    let text = ctx
+                        .session
+                        .and_then(|s| s.get(field))
+                        .map(json_text)
+                        .unwrap_or_default();
+                    self.push_checked(&mut out, &format!("session.{field}"), &text, check)?;
+                }
+                Part::Field { name, check } => {
+                    let value = ctx
+                        .fields
+                        .iter()
+                        .find(|(n, _)| n == name)
+                        .ok_or_else(|| RenderError::MissingField(format!("field.{name}")))?;
+                    let text =
+                        std::str::from_utf8(&value.1).map_err(|_| RenderError::InvalidUtf8)?;
+                    self.push_checked(&mut out, &format!("field.{name}"), text, check)?;
+                }
+            }
+        }
+        if self.target == Target::Topic && out.starts_with('$') {
+            return Err(RenderError::DollarTopic(out));
+        }
+        Ok(out)
+    }
+
+    fn push_checked(
+        &self,
+        out: &mut String,
+        name: &str,
+        value: &str,
+        check: &Check,
+    ) -> Result<(), RenderError> {
+        if !check.allows(value, self.target) {
+            return Err(RenderError::InvalidParam {
+                name: name.to_string(),
+                value: value.chars().take(200).collect(),
+            });
+        }
+        out.push_str(value);
+        Ok(())
+    }
+}
+
+fn target_name(target: Target) -> &'static str {
+    match target {
+        Target::Key => "key",
+        Target::Channel => "channel",
+        Target::Topic => "topic",
+        Target::Value => "value",
+    }
+}
+
+fn unix(now: SystemTime) -> std::time::Duration {
+    now.duration_since(UNIX_EPOCH).unwrap_or_default()
+}
+
+/// Strings as they are, everything else as compact JSON (spec §5.1).
+fn json_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scope<'a>(params: &'a [String], constraints: &'a [(String, Arc<Regex>)]) -> Scope<'a> {
+        Scope {
+            params,
+            rest_param: None,
+            json: true,
+            session: true,
+            fields: false,
+            constraints,
+        }
+    }
+
+    #[test]
+    fn renders_params_json_and_builtins() {
+        let params = vec!["device_id".to_string()];
+        let s = scope(&params, &[]);
+        let t = Template::compile("sensor:{device_id}:{json.seq}:{{x}}", Target::Key, &s).unwrap();
+        let json: Value = serde_json::json!({"seq": 7});
+        let mut ctx = Context::new("sensors/d1/data", b"{\"seq\":7}");
+        ctx.params = &["d1"];
+        ctx.json = Some(&json);
+        assert_eq!(t.render(&ctx).unwrap(), "sensor:d1:7:{x}");
+        let sha = Template::compile("{payload_sha256}", Target::Value, &s).unwrap();
+        assert_eq!(sha.render(&ctx).unwrap().len(), 64);
+    }
+
+    #[test]
+    fn payload_in_a_key_is_a_config_error() {
+        let s = scope(&[], &[]);
+        assert!(Template::compile("x:{payload}", Target::Key, &s).is_err());
+        assert!(Template::compile("{payload}", Target::Topic, &s).is_err());
+        assert!(Template::compile("{payload}", Target::Value, &s).is_ok());
+    }
+
+    #[test]
+    fn unknown_param_is_a_config_error() {
+        let s = scope(&[], &[]);
+        let err = Template::compile("x:{device}", Target::Key, &s).unwrap_err();
+        assert!(err.contains("device"), "{err}");
+    }
+
+    #[test]
+    fn unsafe_values_are_refused_in_keys_but_not_values() {
+        let params = vec!["id".to_string()];
+        let s = scope(&params, &[]);
+        let key = Template::compile("k:{id}", Target::Key, &s).unwrap();
+        let value = Template::compile("{id}", Target::Value, &s).unwrap();
+        for bad in ["a:b", "*", "a b", "", "a/b", "+", "#"] {
+            let mut ctx = Context::new("t", b"");
+            let params = [bad];
+            ctx.params = &params;
+            assert!(
+                matches!(key.render(&ctx), Err(RenderError::InvalidParam { .. })),
+                "{bad:?}"
+            );
+            assert_eq!(value.render(&ctx).unwrap(), bad);
+        }
+    }
+
+    #[test]
+    fn custom_constraint_replaces_the_default() {
+        let params = vec!["id".to_string()];
+        let constraints = vec![(
+            "id".to_string(),
+            Arc::new(Regex::new("^[a-z]{1,3}$").unwrap()),
+        )];
+        let s = scope(&params, &constraints);
+        let key = Template::compile("k:{id}", Target::Key, &s).unwrap();
+        let mut ctx = Context::new("t", b"");
+        ctx.params = &["abcd"];
+        assert!(key.render(&ctx).is_err());
+        ctx.params = &["abc"];
+        assert_eq!(key.render(&ctx).unwrap(), "k:abc");
+    }
+
+    #[test]
+    fn missing_json_field_is_reported() {
+        let s = scope(&[], &[]);
+        let t = Template::compile("{json.a.b}", Target::Value, &s).unwrap();
+        let json = serde_json::json!({"a": {}});
+        let mut ctx = Context::new("t", b"{}");
+        ctx.json = Some(&json);
+        assert_eq!(
+            t.render(&ctx),
+            Err(RenderError::MissingField("json.a.b".into()))
+        );
+    }
+
+    #[test]
+    fn raw_payload_passes_non_utf8_bytes() {
+        let s = scope(&[], &[]);
+        let t = Template::compile("{payload}", Target::Value, &s).unwrap();
+        let ctx = Context::new("t", &[0xff, 0x00]);
+        assert_eq!(t.render_bytes(&ctx).unwrap().as_ref(), &[0xff, 0x00]);
+        assert_eq!(t.render(&ctx), Err(RenderError::InvalidUtf8));
+    }
+
+    #[test]
+    fn dollar_topics_are_refused() {
+        let params = vec!["p".to_string()];
+        let s = scope(&params, &[]);
+        let t = Template::compile("{topic}", Target::Topic, &s).unwrap();
+        let ctx = Context::new("$SYS/x", b"");
+        assert!(matches!(t.render(&ctx), Err(RenderError::DollarTopic(_))));
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn compiling_and_rendering_never_panic(
+            source in "[a-z{}.:_0-9]{0,32}",
+            payload in proptest::collection::vec(any::<u8>(), 0..64),
+            param in ".{0,16}",
+        ) {
+            let params = vec!["id".to_string()];
+            let scope = Scope { params: &params, rest_param: None, json: true, session: true, fields: true, constraints: &[] };
+            for target in [Target::Key, Target::Value, Target::Topic] {
+                if let Ok(t) = Template::compile(&source, target, &scope) {
+                    let json = serde_json::from_slice::<Value>(&payload).ok();
+                    let p = [param.as_str()];
+                    let mut ctx = Context::new("a/b", &payload);
+                    ctx.params = &p;
+                    ctx.json = json.as_ref();
+                    let _ = t.render(&ctx);
+                    let _ = t.render_bytes(&ctx);
+                }
+            }
+        }
+    }
+}
