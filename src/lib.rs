@@ -8,10 +8,12 @@
 //! patterns built on it (cache-aside, sessions, rate limiters, locks, pub/sub); the daemon is
 //! built from the same library.
 
+pub mod backoff;
 pub mod config;
 pub mod mqtt;
 pub mod redis;
 pub mod router;
+pub mod tls;
 
 /// `routemq-bridge X.Y.Z`, as `--version` prints it and `build_info` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

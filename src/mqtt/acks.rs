@@ -1,0 +1,196 @@
+//! The ack sequencer: acknowledgements go to the broker in the order the messages arrived
+//! (MQTT-4.6.0-2), whatever order their processing finished in.
+//!
+//! The event loop registers each QoS 1/2 message as it arrives and gets a [`Ticket`]; the
+//! worker that processed it calls [`Ticket::done`]. Only the run of finished messages at the
+//! head of the queue is acked, so one slow message holds back the acks behind it — never the
+//! processing. A reconnect starts a new epoch: tickets of the old connection no longer ack
+//! anything, because the broker redelivers what we had not acked and a stray ack could
+//! confirm a redelivered copy before we processed it.
+//!
+//! It is a mutex, not a task: registering and finishing are a few pointer moves, and acks
+//! leave through the client's non-blocking `try_ack` (never awaited on the event loop's task).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rumqttc::Publish;
+
+/// Where acks go. The real one is rumqttc's `AsyncClient`; tests record them.
+pub trait AckSink: Send + Sync + 'static {
+    fn ack(&self, publish: &Publish);
+}
+
+impl AckSink for rumqttc::AsyncClient {
+    fn ack(&self, publish: &Publish) {
+        if let Err(e) = self.try_ack(publish) {
+            // The request channel is full or the event loop is gone; the message stays
+            // unacked and the broker redelivers it.
+            tracing::warn!(error = %e, pkid = publish.pkid, "could not queue an MQTT ack");
+        }
+    }
+}
+
+struct Entry {
+    publish: Publish,
+    done: bool,
+}
+
+struct Queue {
+    epoch: u64,
+    /// Sequence number of `entries[0]`.
+    head: u64,
+    entries: VecDeque<Entry>,
+}
+
+/// Orders acks; cheap to clone.
+#[derive(Clone)]
+pub struct AckSequencer {
+    queue: Arc<Mutex<Queue>>,
+    sink: Arc<dyn AckSink>,
+}
+
+/// One registered message's claim on an ack. Dropping it without [`Ticket::done`] leaves the
+/// message unacked (it will be redelivered), and so holds back the acks after it.
+pub struct Ticket {
+    epoch: u64,
+    seq: u64,
+    sequencer: AckSequencer,
+}
+
+impl AckSequencer {
+    pub fn new(sink: Arc<dyn AckSink>) -> Self {
+        AckSequencer {
+            queue: Arc::new(Mutex::new(Queue {
+                epoch: 0,
+                head: 0,
+                entries: VecDeque::new(),
+            })),
+            sink,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A panic elsewhere while holding this lock cannot leave the queue half-updated in a
+        // way that matters more than losing the acks: keep going with what is there.
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Registers a message that needs an ack (QoS 1 or 2), in arrival order.
+    pub fn register(&self, publish: Publish) -> Ticket {
+        let mut q = self.lock();
+        let seq = q.head + q.entries.len() as u64;
+        q.entries.push_back(Entry {
+            publish,
+            done: false,
+        });
+        Ticket {
+            epoch: q.epoch,
+            seq,
+            sequencer: self.clone(),
+        }
+    }
+
+    /// A new connection: forget what the old one was waiting for.
+    pub fn reset(&self) {
+        let mut q = self.lock();
+        q.epoch += 1;
+        q.head += q.entries.len() as u64;
+        q.entries.clear();
+    }
+
+    /// Messages registered and not yet acked.
+    pub fn pending(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    fn finish(&self, epoch: u64, seq: u64) {
+        let mut q = self.lock();
+        if q.epoch != epoch || seq < q.head {
+            return;
+        }
+        let index = (seq - q.head) as usize;
+        match q.entries.get_mut(index) {
+            Some(entry) => entry.done = true,
+            None => return,
+        }
+        // Sent under the lock, so two finishing workers cannot interleave their runs; the
+        // sink only queues the ack (`try_ack`), it never waits.
+        while q.entries.front().is_some_and(|e| e.done) {
+            if let Some(entry) = q.entries.pop_front() {
+                self.sink.ack(&entry.publish);
+            }
+            q.head += 1;
+        }
+    }
+}
+
+impl Ticket {
+    /// Every route reached its outcome: the message may be acked once all before it are.
+    pub fn done(self) {
+        self.sequencer.finish(self.epoch, self.seq);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::QoS;
+
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<u16>>);
+
+    impl AckSink for Recorder {
+        fn ack(&self, publish: &Publish) {
+            self.0.lock().unwrap().push(publish.pkid);
+        }
+    }
+
+    fn publish(pkid: u16) -> Publish {
+        let mut p = Publish::new("t", QoS::AtLeastOnce, "x");
+        p.pkid = pkid;
+        p
+    }
+
+    #[test]
+    fn acks_go_out_in_arrival_order_when_processing_finishes_out_of_order() {
+        let recorder = Arc::new(Recorder::default());
+        let seq = AckSequencer::new(recorder.clone());
+        let t1 = seq.register(publish(1));
+        let t2 = seq.register(publish(2));
+        let t3 = seq.register(publish(3));
+        t3.done();
+        t2.done();
+        assert!(recorder.0.lock().unwrap().is_empty(), "1 is not done yet");
+        t1.done();
+        assert_eq!(*recorder.0.lock().unwrap(), vec![1, 2, 3]);
+        assert_eq!(seq.pending(), 0);
+    }
+
+    #[test]
+    fn an_unfinished_message_holds_back_later_acks() {
+        let recorder = Arc::new(Recorder::default());
+        let seq = AckSequencer::new(recorder.clone());
+        let t1 = seq.register(publish(1));
+        let t2 = seq.register(publish(2));
+        t2.done();
+        drop(t1);
+        assert!(recorder.0.lock().unwrap().is_empty());
+        assert_eq!(seq.pending(), 2);
+    }
+
+    #[test]
+    fn tickets_of_an_old_connection_ack_nothing() {
+        let recorder = Arc::new(Recorder::default());
+        let seq = AckSequencer::new(recorder.clone());
+        let old = seq.register(publish(1));
+        seq.reset();
+        let new = seq.register(publish(1));
+        old.done();
+        assert!(recorder.0.lock().unwrap().is_empty());
+        new.done();
+        assert_eq!(*recorder.0.lock().unwrap(), vec![1]);
+    }
+}
