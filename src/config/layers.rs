@@ -138,7 +138,9 @@ impl FileLayer {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::new(&source, "", format!("cannot read config file: {e}")))?;
         let dict = Toml::from_str::<Dict>(&text).map_err(|e| {
-            let message = e.message().trim().to_string();
+            // toml's message may span lines; errors print one per line.
+            let message: Vec<&str> = e.message().lines().map(str::trim).collect();
+            let message = message.join("; ");
             let at = match e.span() {
                 Some(span) => {
                     let before = &text[..span.start.min(text.len())];

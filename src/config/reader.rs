@@ -657,7 +657,7 @@ fn num_int(n: &Num) -> Option<i128> {
 fn num_text(n: &Num) -> String {
     match (num_int(n), n.to_f64()) {
         (Some(i), _) => i.to_string(),
-        (None, Some(f)) => f.to_string(),
+        (None, Some(f)) => format!("{f:?}"),
         (None, None) => format!("{n:?}"),
     }
 }
