@@ -114,7 +114,14 @@ impl Provider for EnvLayer {
         let vars = self.vars.clone();
         Metadata::named(self.name).interpolater(move |_: &Profile, keys: &[&str]| {
             let path = keys.join(".");
-            vars.get(&path).cloned().unwrap_or(path)
+            if let Some(var) = vars.get(&path) {
+                return var.clone();
+            }
+            // A table made of variables (`ROUTEMQ_BRIDGE_FOO__BAR` makes `foo`): name one.
+            let below = format!("{path}.");
+            vars.iter()
+                .find(|(p, _)| p.starts_with(&below))
+                .map_or(path, |(_, var)| var.clone())
         })
     }
 

@@ -90,6 +90,12 @@ fn redis_password_of_digits_stays_a_string() {
 }
 
 #[test]
+fn prefixed_password_of_digits_stays_a_string() {
+    let c = load("", &[("ROUTEMQ_BRIDGE_MQTT__PASSWORD", "000123")]);
+    assert_eq!(c.mqtt.password.as_ref().map(Secret::expose), Some("000123"));
+}
+
+#[test]
 fn redis_max_connections_variable_sets_max_connections() {
     assert_eq!(
         load("", &[("REDIS_MAX_CONNECTIONS", "25")])
@@ -333,6 +339,17 @@ fn unknown_prefixed_variable_is_an_error_naming_it() {
         "{}",
         errs[0].message
     );
+}
+
+#[test]
+fn unknown_prefixed_section_names_the_variable() {
+    let (errs, _) = errors("", &[("ROUTEMQ_BRIDGE_METRICS__PORT", "1")]);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(
+        errs[0].source,
+        "environment variable ROUTEMQ_BRIDGE_METRICS__PORT"
+    );
+    assert_eq!(errs[0].path, "metrics");
 }
 
 #[test]
