@@ -1,5 +1,152 @@
 //! Loading and validating the configuration (spec §4): one loader for the whole daemon.
+//!
+//! Layers, lowest first: built-in defaults (each config type's `Default`) < the TOML file <
+//! RouteMQ's variables (`MQTT_*`, `REDIS_*`, `ENABLE_REDIS`) < `ROUTEMQ_BRIDGE_*`
+//! variables. figment merges the layers and tags every value with the layer it came from;
+//! our own [`reader`] then reads the merged values into typed configs, collecting *every*
+//! error with the file or variable to blame, instead of stopping at the first as serde
+//! would. Each config type reads its own table beside the code that uses it
+//! (`MqttConfig::read` in `mqtt`, `RedisConfig::read` in `redis`).
 
+mod error;
+mod layers;
+pub mod reader;
 mod secret;
+mod sections;
 
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use figment::Figment;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use layers::{CONFIG_VAR, CREDENTIALS_DIRECTORY, PREFIX};
+pub use reader::RawTable;
 pub use secret::Secret;
+pub use sections::{DeadLetterConfig, HttpConfig, LimitsConfig, LogConfig, LogFormat};
+
+use crate::mqtt::MqttConfig;
+use crate::redis::RedisConfig;
+use layers::FileLayer;
+use reader::{Context, Errors, Table};
+
+/// Where the daemon looks for its config when neither `--config` nor
+/// `ROUTEMQ_BRIDGE_CONFIG` says otherwise.
+pub const DEFAULT_PATH: &str = "/etc/routemq-bridge/bridge.toml";
+
+/// Everything the daemon reads at start-up and on reload.
+#[derive(Clone, Debug)]
+pub struct BridgeConfig {
+    pub mqtt: MqttConfig,
+    pub redis: RedisConfig,
+    pub http: HttpConfig,
+    pub limits: LimitsConfig,
+    pub log: LogConfig,
+    pub dead_letter: DeadLetterConfig,
+    /// `[[routes]]`, not yet read: the route code reads each with [`RawTable::reader`], so
+    /// its errors carry paths like `routes[3].actions[0].key`.
+    pub routes: Vec<RawTable>,
+    /// `[[republish]]`, not yet read, like `routes`.
+    pub republish: Vec<RawTable>,
+}
+
+impl BridgeConfig {
+    /// Loads `path`, with the process environment on top.
+    pub fn load(path: &Path) -> Result<BridgeConfig, ConfigErrors> {
+        BridgeConfig::load_with_env(path, &process_env())
+    }
+
+    /// Loads `path` with `env` standing in for the process environment (tests, reloads).
+    /// A TOML syntax error is reported alone; every other error is reported together.
+    pub fn load_with_env(
+        path: &Path,
+        env: &HashMap<String, String>,
+    ) -> Result<BridgeConfig, ConfigErrors> {
+        let file = FileLayer::read(path).map_err(|e| ConfigErrors::new(vec![e]))?;
+        let errors = Errors::new();
+        let seed = layers::seed_layer(env, file.mqtt_url(), &errors);
+        let prefix = layers::prefix_layer(env, &errors);
+        let figment = Figment::new().merge(file).merge(seed).merge(prefix);
+        let base_dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+            _ => ".".into(),
+        };
+        let cx = Arc::new(Context::new(figment, base_dir, credentials_dir(env)));
+        let root = cx.root();
+        let config = BridgeConfig::read(root.reader(&errors));
+        errors.finish(config)
+    }
+
+    fn read(mut t: Table<'_>) -> BridgeConfig {
+        let mqtt = MqttConfig::read(t.table("mqtt"));
+        let redis = RedisConfig::read(t.table("redis"));
+        let http = HttpConfig::read(t.table("http"));
+        let limits = LimitsConfig::read(t.table("limits"));
+        let log = LogConfig::read(t.table("log"));
+        let dead_letter = DeadLetterConfig::read(t.table("dead_letter"));
+        let routes = t.raw_tables("routes");
+        let republish = t.raw_tables("republish");
+        if mqtt.max_packet_size <= limits.max_payload {
+            let message = format!(
+                "must exceed limits.max_payload ({} bytes), found {} bytes",
+                limits.max_payload, mqtt.max_packet_size
+            );
+            t.error_at(&["mqtt", "max_packet_size"], message);
+        }
+        t.finish();
+        BridgeConfig {
+            mqtt,
+            redis,
+            http,
+            limits,
+            log,
+            dead_letter,
+            routes,
+            republish,
+        }
+    }
+}
+
+/// The process environment as a map. Variables that are not UTF-8 are converted lossily:
+/// a mangled value then fails validation with its name, instead of vanishing.
+pub(crate) fn process_env() -> HashMap<String, String> {
+    std::env::vars_os()
+        .map(|(k, v)| {
+            (
+                k.to_string_lossy().into_owned(),
+                v.to_string_lossy().into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn credentials_dir(env: &HashMap<String, String>) -> Option<std::path::PathBuf> {
+    env.get(CREDENTIALS_DIRECTORY)
+        .filter(|d| !d.is_empty())
+        .map(Into::into)
+}
+
+/// Reads the seed's variables alone (no file, no `ROUTEMQ_BRIDGE_*`), for library users
+/// that configure from a RouteMQ environment; `read` picks the tables it wants.
+pub(crate) fn read_seed_env<T>(
+    env: &HashMap<String, String>,
+    read: impl FnOnce(&mut Table<'_>) -> T,
+) -> Result<T, ConfigErrors> {
+    let errors = Errors::new();
+    let seed = layers::seed_layer(env, None, &errors);
+    let cx = Arc::new(Context::new(
+        Figment::from(seed),
+        ".".into(),
+        credentials_dir(env),
+    ));
+    let root = cx.root();
+    let mut t = root.reader(&errors);
+    let value = read(&mut t);
+    // The other tables belong to other readers; nothing here can be unknown.
+    drop(t);
+    errors.finish(value)
+}
+
+#[cfg(test)]
+mod tests;

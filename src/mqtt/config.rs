@@ -3,6 +3,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use figment::value::Value;
+
+use crate::config::reader::{found, FromValue, Table};
 use crate::config::Secret;
 
 /// MQTT protocol version spoken to the broker.
@@ -51,6 +54,203 @@ impl Default for MqttConfig {
             ca_file: None,
             cert_file: None,
             key_file: None,
+        }
+    }
+}
+
+impl MqttConfig {
+    /// Reads the `[mqtt]` table; `Default` fills what it does not set.
+    pub(crate) fn read(mut t: Table<'_>) -> MqttConfig {
+        let d = MqttConfig::default();
+        let url = t
+            .parse("url", |url: String| BrokerAddress::parse(&url).map(|_| url))
+            .unwrap_or(d.url);
+        let tls = BrokerAddress::parse(&url).is_ok_and(|a| a.tls);
+        let client_id = t.non_empty_string("client_id", &d.client_id);
+        let clean_session = t.bool("clean_session", d.clean_session);
+        let keep_alive = t
+            .parse("keep_alive", |k: Duration| {
+                // MQTT carries whole seconds in 16 bits; rumqttc refuses anything else.
+                if k.subsec_nanos() != 0 || k.as_secs() > u64::from(u16::MAX) {
+                    Err(format!(
+                        "must be whole seconds from 0 (off) to 65535, found {}",
+                        humantime::format_duration(k)
+                    ))
+                } else {
+                    Ok(k)
+                }
+            })
+            .unwrap_or(d.keep_alive);
+        // Must exceed limits.max_payload: checked by the loader, which sees both.
+        let max_packet_size = t.size("max_packet_size", d.max_packet_size);
+        let share_group = t
+            .parse("share_group", |g: String| {
+                if g.contains(['/', '+', '#']) {
+                    Err(format!(
+                        "a share group name may not contain '/', '+' or '#', found {g:?}"
+                    ))
+                } else {
+                    Ok(g)
+                }
+            })
+            .unwrap_or(d.share_group);
+        let reconnect_max_delay = t.positive_duration("reconnect_max_delay", d.reconnect_max_delay);
+        let protocol = t.get("protocol").unwrap_or(d.protocol);
+        let username = t.opt_string("username").filter(|u| !u.is_empty());
+        let password = t.password("mqtt_password");
+        let ca_file = t.path_buf("ca_file");
+        let cert_file = t.path_buf("cert_file");
+        let key_file = t.path_buf("key_file");
+
+        for key in ["ca_file", "cert_file", "key_file"] {
+            if t.has(key) && !tls {
+                t.error(key, "is set but url is mqtt:// (no TLS); use mqtts://");
+            }
+        }
+        if cert_file.is_some() != key_file.is_some() {
+            let missing = if cert_file.is_some() {
+                "key_file"
+            } else {
+                "cert_file"
+            };
+            let given = if cert_file.is_some() {
+                "cert_file"
+            } else {
+                "key_file"
+            };
+            t.error(
+                given,
+                format!(
+                    "a client certificate needs both cert_file and key_file; {missing} is missing"
+                ),
+            );
+        }
+        t.finish();
+
+        MqttConfig {
+            url,
+            client_id,
+            clean_session,
+            keep_alive,
+            max_packet_size,
+            share_group,
+            reconnect_max_delay,
+            protocol,
+            username,
+            password,
+            ca_file,
+            cert_file,
+            key_file,
+        }
+    }
+
+    /// The broker's address, parsed from [`MqttConfig::url`] (validated at load).
+    pub fn broker(&self) -> Result<BrokerAddress, String> {
+        BrokerAddress::parse(&self.url)
+    }
+}
+
+impl FromValue for Protocol {
+    fn from_value(value: &Value) -> Result<Self, String> {
+        let text = match value {
+            Value::String(_, s) => s.trim().to_string(),
+            Value::Num(..) => found(value).trim_start_matches("number ").to_string(),
+            _ => String::new(),
+        };
+        match text.as_str() {
+            "3.1.1" | "4" => Ok(Protocol::V311),
+            "5" | "5.0" => Ok(Protocol::V5),
+            _ => Err(format!(
+                "expected \"3.1.1\" or \"5\", found {}",
+                found(value)
+            )),
+        }
+    }
+}
+
+/// Where the broker is: `mqtt://host[:port]` (default port 1883) or `mqtts://host[:port]`
+/// (TLS, default 8883).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub tls: bool,
+    /// Without brackets, also for IPv6 addresses.
+    pub host: String,
+    pub port: u16,
+}
+
+impl Default for BrokerAddress {
+    fn default() -> Self {
+        BrokerAddress {
+            tls: false,
+            host: "127.0.0.1".to_string(),
+            port: 1883,
+        }
+    }
+}
+
+impl BrokerAddress {
+    pub fn parse(url: &str) -> Result<BrokerAddress, String> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtt://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("mqtts://") {
+            (true, rest)
+        } else {
+            return Err(format!(
+                "expected a URL starting with mqtt:// or mqtts://, found {url:?}"
+            ));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '@', '#']) {
+            return Err(format!(
+                "expected mqtt[s]://host[:port] without path, query or credentials (use \
+                 username and password), found {url:?}"
+            ));
+        }
+        let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| format!("unclosed '[' in {url:?}"))?;
+            match after {
+                "" => (host, None),
+                _ => match after.strip_prefix(':') {
+                    Some(port) => (host, Some(port)),
+                    None => return Err(format!("unexpected {after:?} after ']' in {url:?}")),
+                },
+            }
+        } else {
+            match rest.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (rest, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(format!("no host in {url:?}"));
+        }
+        let port = match port {
+            None if tls => 8883,
+            None => 1883,
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(format!(
+                        "expected a port number 1..=65535, found {p:?} in {url:?}"
+                    ))
+                }
+            },
+        };
+        Ok(BrokerAddress {
+            tls,
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    pub fn to_url(&self) -> String {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            format!("{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            format!("{scheme}://{}:{}", self.host, self.port)
         }
     }
 }

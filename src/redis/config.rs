@@ -1,8 +1,10 @@
 //! The `[redis]` table and the seed's `REDIS_*` / `ENABLE_REDIS` variables (spec §3, §4).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::config::Secret;
+use crate::config::reader::Table;
+use crate::config::{ConfigErrors, Secret};
 
 /// How to reach Redis. Built from defaults < `[redis]` in the file < `REDIS_*` variables <
 /// `ROUTEMQ_BRIDGE_REDIS__*` variables by [`crate::config`]; `Default` gives the seed's
@@ -49,4 +51,77 @@ impl Default for RedisConfig {
             cluster: Vec::new(),
         }
     }
+}
+
+impl RedisConfig {
+    /// From the process environment: defaults < the seed's `REDIS_*` / `ENABLE_REDIS`
+    /// variables. This is what the library's process-wide default manager uses.
+    pub fn from_env() -> Result<RedisConfig, ConfigErrors> {
+        RedisConfig::from_env_map(&crate::config::process_env())
+    }
+
+    /// Like [`RedisConfig::from_env`], from the given variables.
+    pub fn from_env_map(env: &HashMap<String, String>) -> Result<RedisConfig, ConfigErrors> {
+        crate::config::read_seed_env(env, |root| RedisConfig::read(root.table("redis")))
+    }
+
+    /// Reads the `[redis]` table; `Default` fills what it does not set.
+    pub(crate) fn read(mut t: Table<'_>) -> RedisConfig {
+        let d = RedisConfig::default();
+        let enabled = t.bool("enabled", d.enabled);
+        let url = t
+            .parse("url", |url: Secret| check_url(url.expose()).map(|()| url))
+            .filter(|u| !u.expose().is_empty());
+        let host = t.non_empty_string("host", &d.host);
+        let port = t.port("port", d.port);
+        let db = t.at_least("db", 0, d.db);
+        let username = t.opt_string("username").filter(|u| !u.is_empty());
+        let password = t.password("redis_password");
+        let max_connections = t.at_least("max_connections", 1, d.max_connections);
+        let socket_timeout = t.positive_duration("socket_timeout", d.socket_timeout);
+        let socket_connect_timeout =
+            t.positive_duration("socket_connect_timeout", d.socket_connect_timeout);
+        let cluster = t
+            .parse("cluster", |nodes: Vec<String>| {
+                for (i, node) in nodes.iter().enumerate() {
+                    check_url(node).map_err(|e| format!("node {i}: {e}"))?;
+                }
+                Ok(nodes)
+            })
+            .unwrap_or(d.cluster);
+        t.finish();
+        RedisConfig {
+            enabled,
+            url,
+            host,
+            port,
+            db,
+            username,
+            password,
+            max_connections,
+            socket_timeout,
+            socket_connect_timeout,
+            cluster,
+        }
+    }
+}
+
+/// A Redis URL must be `redis://` or `rediss://` and parse. The message never quotes the
+/// URL: it may hold a password.
+fn check_url(url: &str) -> Result<(), String> {
+    if url.is_empty() {
+        return Ok(());
+    }
+    match url.split_once("://") {
+        Some(("redis" | "rediss", _)) => {}
+        Some((scheme, _)) => {
+            return Err(format!(
+                "expected a URL starting with redis:// or rediss://, found scheme {scheme:?}"
+            ))
+        }
+        None => return Err("expected a URL starting with redis:// or rediss://".to_string()),
+    }
+    ::redis::IntoConnectionInfo::into_connection_info(url)
+        .map(|_| ())
+        .map_err(|e| format!("not a valid Redis URL ({e})"))
 }
