@@ -11,6 +11,7 @@
 pub mod config;
 pub mod mqtt;
 pub mod redis;
+pub mod tls;
 
 /// `routemq-bridge X.Y.Z`, as `--version` prints it and `build_info` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
