@@ -605,3 +605,51 @@ async fn disconnect_stops_reconnecting_and_initialize_starts_again() {
     assert!(bounded("initialize", m.initialize()).await);
     assert!(m.set("k", "v", SetOptions::new()).await);
 }
+
+/// Collects everything a `tracing` subscriber writes, for asserting on log lines.
+#[derive(Clone, Default)]
+struct LogBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("log buffer").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuffer {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("log buffer")).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn warnings_are_rate_limited_not_one_per_call() {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    // current_thread runtime: the manager's tasks run on this thread and log here too.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let mut redis = Redis::start();
+    redis.kill();
+    let m = RedisManager::new(config_for(&redis));
+    assert!(!m.initialize().await);
+    for _ in 0..200 {
+        assert_eq!(m.get("k").await, None);
+    }
+    let text = logs.text();
+    let failures = text.matches("redis GET failed").count();
+    assert_eq!(
+        failures, 1,
+        "one warning for 200 failed calls, got:\n{text}"
+    );
+    assert!(text.lines().count() <= 3, "log flooded:\n{text}");
+}
