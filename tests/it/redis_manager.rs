@@ -653,3 +653,27 @@ async fn warnings_are_rate_limited_not_one_per_call() {
     );
     assert!(text.lines().count() <= 3, "log flooded:\n{text}");
 }
+
+#[tokio::test]
+async fn run_script_survives_a_script_cache_flush() {
+    let redis = Redis::start();
+    let m = connected(config_for(&redis)).await;
+    let script = redis::Script::new("return redis.call('INCRBY', KEYS[1], ARGV[1])");
+    let first: i64 = m.run_script(script.key("n").arg(5)).await.expect("script");
+    assert_eq!(first, 5);
+    // After a Redis restart the script cache is empty: EVALSHA fails, EVAL must follow.
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut redis.client())
+        .expect("script flush");
+    let second: i64 = m
+        .run_script(script.key("n").arg(1))
+        .await
+        .expect("script after flush");
+    assert_eq!(second, 6);
+    let bad = redis::Script::new("return redis.call('NOPE')");
+    assert!(matches!(
+        m.run_script::<()>(&bad.prepare_invoke()).await,
+        Err(Error::Script(_))
+    ));
+}
