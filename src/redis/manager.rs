@@ -1,35 +1,149 @@
 //! The Redis manager: one per application, cheap to clone, the one door to Redis.
 //!
-//! Skeleton core (to be hardened): a lazily connecting `ConnectionManager`, the primitives
-//! every method and pattern is built on (`query`, `query_pipeline`, `run_script`).
+//! # Connection and recovery
+//!
+//! The manager holds one multiplexed command connection (a [`RedisConnection`]: a
+//! `ConnectionManager`, or a cluster connection when `cluster` is set) shared by every clone
+//! and every task. A background *health task* owns its life:
+//!
+//! - while Redis is **up** it PINGs every [`HEALTH_INTERVAL`]; a command that fails with an
+//!   I/O error or a timeout marks the manager down at once and wakes the task;
+//! - while Redis is **down** every call fails fast with [`Error::Unavailable`] (nothing piles
+//!   up behind a dead socket), and the task opens a fresh connection with jittered
+//!   exponential backoff ([`RECONNECT_MIN_DELAY`] doubling to [`RECONNECT_MAX_DELAY`]); the
+//!   first one that answers PING replaces the old one and the manager is up again.
+//!
+//! So unlike RouteMQ, `initialize()` returning false (Redis down at start-up) is not final:
+//! [`RedisManager::is_enabled`] turns true when Redis comes back, without another call.
+//! [`RedisManager::disconnect`] stops the task and drops the connection. The up/down state is
+//! an atomic on the hot path and a [`watch`] channel for observers ([`RedisManager::state`]);
+//! [`RedisManager::reconnects`] counts re-established connections (for `reconnects_total`).
+//! No lock is held across an `.await`.
+//!
+//! # `max_connections`
+//!
+//! `REDIS_MAX_CONNECTIONS` bounds the connections the manager holds open at once: the one
+//! command connection plus one per *dedicated* connection, handed out by
+//! [`RedisManager::dedicated_connection`] for what cannot share a multiplexed connection
+//! (pub/sub subscribers, blocking stream reads). Each dedicated connection holds a
+//! [`ConnectionPermit`] for its whole life; when none is left the call fails with
+//! [`Error::PoolExhausted`] instead of opening one more. Commands never wait for a permit:
+//! they all share the command connection. (In cluster mode the command connection is one
+//! per node.)
+//!
+//! # Errors
+//!
+//! The primitives ([`RedisManager::query`], [`RedisManager::query_pipeline`],
+//! [`RedisManager::run_script`]) return [`Result`]; the seed's methods (in `commands.rs`)
+//! come in a sentinel form that logs rate-limited warnings and a `try_` form that returns
+//! the error.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
 
-use ::redis::aio::ConnectionManager;
-use ::redis::{Cmd, FromRedisValue, Pipeline, ScriptInvocation};
-use tokio::sync::RwLock;
+use ::redis::{Cmd, FromRedisValue, Pipeline, RedisResult, ScriptInvocation};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 
+use super::backoff::Backoff;
 use super::config::RedisConfig;
+use super::connection::{self, RedisConnection, Target};
 use super::error::{Error, Result};
+use super::warn::WarnLimiter;
 
-/// Spec §3's `RedisManager`. Clones share one connection and one health state.
+/// How often the health task PINGs a connection that looks fine.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// First delay between reconnection attempts.
+pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
+/// Cap of the delay between reconnection attempts.
+pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+
+/// Whether the manager can talk to Redis right now (for `redis_up` and `/readyz`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// `ENABLE_REDIS=false`: the manager never connects.
+    Disabled,
+    /// Not initialized, disconnected, or Redis is not answering (reconnecting).
+    Down,
+    /// Connected and answering.
+    Up,
+}
+
+impl ConnectionState {
+    /// `"up"`, `"down"` or `"disabled"`, as `/readyz` reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionState::Disabled => "disabled",
+            ConnectionState::Down => "down",
+            ConnectionState::Up => "up",
+        }
+    }
+}
+
+/// Spec §3's `RedisManager`. Clones share one connection, one health task and one state.
 #[derive(Clone)]
 pub struct RedisManager {
     inner: Arc<Inner>,
 }
 
+/// Held by a dedicated connection (see [`RedisManager::dedicated_connection`]) for as long
+/// as the connection is open; dropping it gives the slot back.
+#[derive(Debug)]
+pub struct ConnectionPermit(#[allow(dead_code)] OwnedSemaphorePermit);
+
+/// The command connection and the number of the attempt that made it, so a failure seen on
+/// an old connection cannot mark a newer one down.
+struct Slot {
+    epoch: u64,
+    conn: RedisConnection,
+}
+
 struct Inner {
     config: RedisConfig,
-    conn: RwLock<Option<ConnectionManager>>,
+    /// The hot-path view of the state: true only while connected and answering.
     up: AtomicBool,
+    state: watch::Sender<ConnectionState>,
+    slot: RwLock<Option<Slot>>,
+    /// Epoch of the connection in `slot`; 0 when there is none.
+    current_epoch: AtomicU64,
+    next_epoch: AtomicU64,
+    ever_up: AtomicBool,
+    reconnects: AtomicU64,
+    /// Wakes the health task when a call saw the connection fail.
+    wake: Arc<Notify>,
+    /// Set by `initialize`, cleared by `disconnect`; makes `initialize` idempotent.
+    started: AtomicBool,
+    /// Bumped by `disconnect`, so an `initialize` racing with it does not start a task.
+    generation: AtomicU64,
+    task: Mutex<Option<JoinHandle<()>>>,
+    dedicated: Arc<Semaphore>,
+    warnings: WarnLimiter,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The task only holds a Weak and would stop by itself; abort spares it one more wait.
+        if let Some(task) = lock(&self.task).take() {
+            task.abort();
+        }
+    }
+}
+
+/// A poisoned lock only means a thread panicked while holding it; the data (an Option we
+/// replace wholesale) is still consistent.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl std::fmt::Debug for RedisManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // RedisConfig's url and password are `Secret`s and print redacted; the connection is
+        // left out on purpose (the library's Debug prints the password).
         f.debug_struct("RedisManager")
             .field("config", &self.inner.config)
-            .field("up", &self.inner.up.load(Ordering::Relaxed))
+            .field("state", &*self.inner.state.borrow())
+            .field("reconnects", &self.reconnects())
             .finish()
     }
 }
@@ -37,11 +151,29 @@ impl std::fmt::Debug for RedisManager {
 impl RedisManager {
     /// A manager for `config`; no I/O until [`RedisManager::initialize`].
     pub fn new(config: RedisConfig) -> Self {
+        let initial = if config.enabled {
+            ConnectionState::Down
+        } else {
+            ConnectionState::Disabled
+        };
+        // One connection is the command connection; the rest are for dedicated ones.
+        let dedicated = config.max_connections.max(1) - 1;
         RedisManager {
             inner: Arc::new(Inner {
                 config,
-                conn: RwLock::new(None),
                 up: AtomicBool::new(false),
+                state: watch::Sender::new(initial),
+                slot: RwLock::new(None),
+                current_epoch: AtomicU64::new(0),
+                next_epoch: AtomicU64::new(1),
+                ever_up: AtomicBool::new(false),
+                reconnects: AtomicU64::new(0),
+                wake: Arc::new(Notify::new()),
+                started: AtomicBool::new(false),
+                generation: AtomicU64::new(0),
+                task: Mutex::new(None),
+                dedicated: Arc::new(Semaphore::new(dedicated)),
+                warnings: WarnLimiter::default(),
             }),
         }
     }
@@ -50,61 +182,177 @@ impl RedisManager {
         &self.inner.config
     }
 
-    /// The `redis::Client` for this configuration, for connections of their own (pub/sub,
-    /// blocking reads).
-    pub fn redis_client(&self) -> Result<::redis::Client> {
-        let c = &self.inner.config;
-        let url = match &c.url {
-            Some(url) => url.expose().to_string(),
-            None => format!("redis://{}:{}/{}", c.host, c.port, c.db),
-        };
-        ::redis::Client::open(url).map_err(|e| Error::Invalid(e.to_string()))
-    }
-
-    /// Connect. True when Redis answered.
+    /// Connects and starts the health task. True when Redis answered; false when it is
+    /// disabled, misconfigured, or not answering — in the last case the manager keeps
+    /// reconnecting in the background and [`RedisManager::is_enabled`] turns true by itself.
+    /// Calling it again while running only reports the current state.
     pub async fn initialize(&self) -> bool {
-        if !self.inner.config.enabled {
+        let inner = &self.inner;
+        if !inner.config.enabled {
+            tracing::info!("redis is disabled (ENABLE_REDIS=false)");
             return false;
         }
-        let Ok(client) = self.redis_client() else {
-            return false;
-        };
-        match ConnectionManager::new(client).await {
-            Ok(cm) => {
-                *self.inner.conn.write().await = Some(cm);
-                self.inner.up.store(true, Ordering::Relaxed);
-                true
+        if inner.started.swap(true, Ordering::AcqRel) {
+            return self.is_enabled();
+        }
+        let generation = inner.generation.load(Ordering::Acquire);
+        let target = match Target::from_config(&inner.config) {
+            Ok(target) => target,
+            Err(e) => {
+                // Retrying cannot fix a bad URL: say so once, loudly, and stay down.
+                tracing::error!(error = %e, "redis is misconfigured; not connecting");
+                inner.started.store(false, Ordering::Release);
+                return false;
             }
-            Err(_) => false,
+        };
+        match target.connect(&inner.config).await {
+            Ok(conn) => inner.install(conn),
+            Err(e) => tracing::warn!(
+                error = %e,
+                "redis is not answering at start-up; reconnecting in the background"
+            ),
         }
+        let mut task = lock(&inner.task);
+        if inner.generation.load(Ordering::Acquire) != generation {
+            // disconnect() ran while we were connecting: it wins.
+            drop(task);
+            inner.clear();
+            return false;
+        }
+        *task = Some(tokio::spawn(health_loop(
+            Arc::downgrade(inner),
+            Arc::clone(&inner.wake),
+            target,
+        )));
+        self.is_enabled()
     }
 
+    /// Stops the health task and drops the command connection. Dedicated connections
+    /// already handed out are their owners' to close. [`RedisManager::initialize`] may be
+    /// called again afterwards.
+    pub async fn disconnect(&self) {
+        let inner = &self.inner;
+        inner.generation.fetch_add(1, Ordering::AcqRel);
+        let task = lock(&inner.task).take();
+        if let Some(task) = task {
+            task.abort();
+            // Wait until it is really gone, so it cannot install a connection after this.
+            let _ = task.await;
+        }
+        inner.clear();
+        inner.started.store(false, Ordering::Release);
+    }
+
+    /// True while Redis is enabled, connected and answering.
     pub fn is_enabled(&self) -> bool {
-        self.inner.config.enabled && self.inner.up.load(Ordering::Relaxed)
+        self.inner.up.load(Ordering::Acquire)
     }
 
-    async fn connection(&self) -> Result<ConnectionManager> {
+    /// Observes up/down transitions (for `redis_up`, `/readyz`, and tests that wait for
+    /// recovery).
+    pub fn state(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.state.subscribe()
+    }
+
+    /// How many times a lost connection was re-established (the first connection does not
+    /// count).
+    pub fn reconnects(&self) -> u64 {
+        self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// The command connection, for pipelines, scripts and commands the manager has no
+    /// method for. `None` when disabled or before the first successful connection. It
+    /// reconnects by itself, but calls through it bypass the manager's fail-fast and state
+    /// tracking: prefer [`RedisManager::query`] and friends.
+    pub fn get_client(&self) -> Option<RedisConnection> {
+        if !self.inner.config.enabled {
+            return None;
+        }
+        read_slot(&self.inner.slot).map(|(_, conn)| conn)
+    }
+
+    /// The `redis::Client` for this configuration, credentials applied. In cluster mode, a
+    /// client for the first seed node (pub/sub messages reach every node of a cluster).
+    /// Opening connections with it is not counted against `max_connections`: use
+    /// [`RedisManager::dedicated_connection`] for connections kept open.
+    pub fn redis_client(&self) -> Result<::redis::Client> {
+        let config = &self.inner.config;
+        let info = match config.cluster.first() {
+            Some(first) => {
+                let single = RedisConfig {
+                    url: Some(crate::config::Secret::new(first.clone())),
+                    cluster: Vec::new(),
+                    ..config.clone()
+                };
+                connection::connection_info(&single)?
+            }
+            None => connection::connection_info(config)?,
+        };
+        crate::tls::install_crypto_provider();
+        ::redis::Client::open(info).map_err(|e| Error::Invalid(e.to_string()))
+    }
+
+    /// A client for one dedicated connection (a subscriber, a blocking reader) and the
+    /// permit that counts it against `max_connections`. Keep the permit as long as the
+    /// connection is open. [`Error::PoolExhausted`] when every allowed connection is in use.
+    pub async fn dedicated_connection(&self) -> Result<(::redis::Client, ConnectionPermit)> {
         if !self.inner.config.enabled {
             return Err(Error::Disabled);
         }
-        self.inner
-            .conn
-            .read()
-            .await
-            .clone()
-            .ok_or_else(|| Error::Unavailable("not initialized".into()))
+        let permit = Arc::clone(&self.inner.dedicated)
+            .try_acquire_owned()
+            .map_err(|_| Error::PoolExhausted)?;
+        let client = self.redis_client()?;
+        Ok((client, ConnectionPermit(permit)))
+    }
+
+    /// Connection settings for dedicated connections: the configured connect timeout and no
+    /// response timeout (a blocking read or a subscriber waits as long as it must).
+    pub fn dedicated_connection_config(&self) -> ::redis::AsyncConnectionConfig {
+        ::redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.inner.config.socket_connect_timeout))
+            .set_response_timeout(None)
+    }
+
+    /// The command connection if Redis is up, else the error to fail fast with.
+    fn command_connection(&self) -> Result<(u64, RedisConnection)> {
+        let inner = &self.inner;
+        if !inner.config.enabled {
+            return Err(Error::Disabled);
+        }
+        if !inner.up.load(Ordering::Acquire) {
+            let why = if inner.started.load(Ordering::Acquire) {
+                "not connected; reconnecting"
+            } else {
+                "not initialized"
+            };
+            return Err(Error::Unavailable(why.into()));
+        }
+        read_slot(&inner.slot).ok_or_else(|| Error::Unavailable("not connected".into()))
+    }
+
+    /// Converts a library result, marking the connection down when it was lost.
+    fn settle<T>(&self, epoch: u64, result: RedisResult<T>) -> Result<T> {
+        result.map_err(|e| {
+            if connection::is_connection_loss(&e) {
+                self.inner.mark_down(epoch, &e);
+            }
+            Error::from(e)
+        })
     }
 
     /// Run one command. The primitive every method is built on.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        let mut conn = self.connection().await?;
-        Ok(cmd.query_async(&mut conn).await?)
+        let (epoch, mut conn) = self.command_connection()?;
+        let result = cmd.query_async(&mut conn).await;
+        self.settle(epoch, result)
     }
 
     /// Run a pipeline (or a MULTI/EXEC transaction when built with `.atomic()`).
     pub async fn query_pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T> {
-        let mut conn = self.connection().await?;
-        Ok(pipe.query_async(&mut conn).await?)
+        let (epoch, mut conn) = self.command_connection()?;
+        let result = pipe.query_async(&mut conn).await;
+        self.settle(epoch, result)
     }
 
     /// Run a Lua script (EVALSHA, falling back to EVAL after a Redis restart).
@@ -112,7 +360,117 @@ impl RedisManager {
         &self,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T> {
-        let mut conn = self.connection().await?;
-        Ok(invocation.invoke_async(&mut conn).await?)
+        let (epoch, mut conn) = self.command_connection()?;
+        let result = invocation.invoke_async(&mut conn).await;
+        self.settle(epoch, result)
+    }
+
+    /// Logs `err` from `op` as a rate-limited warning (sentinel-form methods).
+    pub(crate) fn warn_failed(&self, op: &str, err: &Error) {
+        let kind = match err {
+            // The operator switched Redis off: nothing to warn about.
+            Error::Disabled => return,
+            Error::Decode(_) => "decode",
+            Error::Invalid(_) => "invalid",
+            Error::PoolExhausted => "pool",
+            other => other.metric_kind().unwrap_or("other"),
+        };
+        self.inner
+            .warnings
+            .warn(kind, format_args!("redis {op} failed: {err}"));
+    }
+}
+
+fn read_slot(slot: &RwLock<Option<Slot>>) -> Option<(u64, RedisConnection)> {
+    slot.read()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .map(|s| (s.epoch, s.conn.clone()))
+}
+
+impl Inner {
+    fn set_state(&self, state: ConnectionState) {
+        self.up
+            .store(state == ConnectionState::Up, Ordering::Release);
+        self.state.send_if_modified(|current| {
+            let changed = *current != state;
+            *current = state;
+            changed
+        });
+    }
+
+    /// A fresh connection answered: make it the command connection.
+    fn install(&self, conn: RedisConnection) {
+        let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
+        *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Slot { epoch, conn });
+        self.current_epoch.store(epoch, Ordering::Release);
+        if self.ever_up.swap(true, Ordering::AcqRel) {
+            let n = self.reconnects.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::info!(reconnects = n, "redis connection re-established");
+        } else {
+            tracing::info!("redis connected");
+        }
+        self.set_state(ConnectionState::Up);
+    }
+
+    /// The connection of `epoch` failed. Ignored when a newer one replaced it meanwhile.
+    fn mark_down(&self, epoch: u64, why: &dyn std::fmt::Display) {
+        if self.current_epoch.load(Ordering::Acquire) != epoch {
+            return;
+        }
+        if self.up.swap(false, Ordering::AcqRel) {
+            self.warnings.warn(
+                "connection",
+                format_args!("redis connection lost ({why}); failing fast while reconnecting"),
+            );
+            self.set_state(ConnectionState::Down);
+        }
+        self.wake.notify_one();
+    }
+
+    fn clear(&self) {
+        self.current_epoch.store(0, Ordering::Release);
+        self.set_state(ConnectionState::Down);
+        *self.slot.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// The health task: PING while up, reconnect with backoff while down. Holds only a `Weak`
+/// between rounds, so dropping the last manager clone ends it.
+async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
+    let mut backoff = Backoff::new(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY);
+    loop {
+        let up = match inner.upgrade() {
+            Some(inner) => inner.up.load(Ordering::Acquire),
+            None => return,
+        };
+        if up {
+            backoff.reset();
+            tokio::select! {
+                _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                _ = wake.notified() => {}
+            }
+        } else {
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.up.load(Ordering::Acquire) {
+            if let Some((epoch, mut conn)) = read_slot(&inner.slot) {
+                let ping = ::redis::cmd("PING").query_async::<String>(&mut conn).await;
+                // Any failure of PING (lost, stuck, or a server that is LOADING) means
+                // commands will not work either.
+                if let Err(e) = ping {
+                    inner.mark_down(epoch, &e);
+                }
+            }
+        } else {
+            match target.connect(&inner.config).await {
+                Ok(conn) => inner.install(conn),
+                Err(e) => inner.warnings.warn(
+                    "connection",
+                    format_args!("redis still unavailable: {e}; retrying"),
+                ),
+            }
+        }
     }
 }

@@ -2,11 +2,19 @@
 //!
 //! [`RedisManager`] is the one door to Redis: middleware, actions and republish all go
 //! through it, so timeouts, reconnection, metrics and rate-limited warnings live in one place.
+//! `manager` holds the connection, its recovery and the primitives; `commands` the seed's
+//! methods; `connection` how a config becomes a (single or cluster) connection.
 
+pub mod backoff;
+mod commands;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod manager;
+pub mod warn;
 
+pub use commands::SetOptions;
 pub use config::RedisConfig;
+pub use connection::RedisConnection;
 pub use error::{Error, Result};
-pub use manager::RedisManager;
+pub use manager::{ConnectionPermit, ConnectionState, RedisManager};

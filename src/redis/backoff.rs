@@ -1,0 +1,73 @@
+//! Jittered exponential backoff for reconnecting.
+//!
+//! Many gateways restart together after a power cut and find Redis (or the broker) down
+//! together: fixed delays would make them all knock at once. Each delay is drawn from the
+//! upper half of an exponentially growing window ("equal jitter"), so retries spread out
+//! yet never collapse to zero and never exceed the cap.
+
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Delays 100 ms, 200 ms, 400 ms, … up to `max`, each jittered into `[d/2, d]`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    /// Starts at `min`, doubles after every [`Backoff::next_delay`], never beyond `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        let max = max.max(min);
+        Backoff {
+            min,
+            max,
+            current: min,
+        }
+    }
+
+    /// The delay to wait before the next attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let window = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let half = window / 2;
+        let jitter_nanos = rand::rng().random_range(0..=half.as_nanos() as u64);
+        half + Duration::from_nanos(jitter_nanos)
+    }
+
+    /// Back to `min`, after a success.
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_to_the_cap_and_stay_within_jitter_bounds() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let mut window = Duration::from_millis(100);
+        for _ in 0..20 {
+            let d = b.next_delay();
+            assert!(
+                d >= window / 2 && d <= window,
+                "{d:?} outside [{window:?}/2, {window:?}]"
+            );
+            window = (window * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    #[test]
+    fn reset_starts_over_from_min() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        for _ in 0..10 {
+            b.next_delay();
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

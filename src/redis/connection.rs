@@ -1,0 +1,233 @@
+//! How the manager reaches Redis: one server (plain or TLS) or a cluster, behind one type.
+//!
+//! [`RedisConnection`] wraps either a [`ConnectionManager`] (one multiplexed connection to
+//! one server) or an async [`ClusterConnection`] (one multiplexed connection per node, routed
+//! by slot), and implements `ConnectionLike`, so every command, pipeline and script in the
+//! crate is written once and runs on both. [`Target`] is the recipe for making one from a
+//! [`RedisConfig`]; it is also where credentials and timeouts are applied, so there is one
+//! place that touches the password.
+//!
+//! Cluster mode compiles and follows the same code paths but is not covered by the
+//! integration tests (they need a six-node cluster). Multi-key commands, MULTI/EXEC and
+//! scripts must keep their keys in one slot with hash tags (`{device}:a`, `{device}:b`).
+
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{
+    Client, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value,
+};
+
+use super::config::RedisConfig;
+use super::error::{Error, Result};
+
+/// The command connection: what [`super::RedisManager::get_client`] hands out for
+/// pipelines, scripts and anything the manager has no method for. Clones share the
+/// underlying connection. Both variants reconnect on their own after a dropped connection.
+#[derive(Clone)]
+pub enum RedisConnection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for RedisConnection {
+    // The library's own Debug prints the connection info, password included: never use it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisConnection::Single(_) => f.write_str("RedisConnection::Single"),
+            RedisConnection::Cluster(_) => f.write_str("RedisConnection::Cluster"),
+        }
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConnection::Single(c) => c.req_packed_command(cmd),
+            RedisConnection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConnection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(c) => c.get_db(),
+            RedisConnection::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where and how to connect, built once per `initialize` from the config.
+#[derive(Clone)]
+pub(crate) enum Target {
+    Single {
+        client: Client,
+        config: ConnectionManagerConfig,
+    },
+    Cluster(ClusterClient),
+}
+
+impl Target {
+    pub(crate) fn from_config(config: &RedisConfig) -> Result<Target> {
+        crate::tls::install_crypto_provider();
+        if config.cluster.is_empty() {
+            let client = Client::open(connection_info(config)?)
+                .map_err(|e| Error::Invalid(format!("redis connection settings: {e}")))?;
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(config.socket_connect_timeout))
+                .set_response_timeout(Some(config.socket_timeout))
+                // The manager's health task owns reconnection (with our backoff, our state
+                // and our counters); the library makes one attempt per failed use.
+                .set_number_of_retries(0);
+            Ok(Target::Single { client, config })
+        } else {
+            let nodes = config
+                .cluster
+                .iter()
+                .map(|node| {
+                    node.as_str()
+                        .into_connection_info()
+                        .map_err(|e| Error::Invalid(format!("redis cluster node: {e}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let mut builder = ClusterClientBuilder::new(nodes)
+                .connection_timeout(config.socket_connect_timeout)
+                .response_timeout(config.socket_timeout);
+            if let Some(username) = &config.username {
+                builder = builder.username(username);
+            }
+            if let Some(password) = &config.password {
+                builder = builder.password(password.expose());
+            }
+            let client = builder
+                .build()
+                .map_err(|e| Error::Invalid(format!("redis cluster settings: {e}")))?;
+            Ok(Target::Cluster(client))
+        }
+    }
+
+    /// Opens a fresh command connection and proves it with a PING, all within
+    /// `connect_timeout + response_timeout`.
+    pub(crate) async fn connect(&self, config: &RedisConfig) -> Result<RedisConnection> {
+        let budget = config.socket_connect_timeout + config.socket_timeout;
+        let attempt = async {
+            let mut conn = match self {
+                // Lazy: the connection is made by the PING below, within its timeouts.
+                Target::Single { client, config } => RedisConnection::Single(
+                    ConnectionManager::new_lazy_with_config(client.clone(), config.clone())?,
+                ),
+                Target::Cluster(client) => {
+                    RedisConnection::Cluster(client.get_async_connection().await?)
+                }
+            };
+            ::redis::cmd("PING")
+                .query_async::<String>(&mut conn)
+                .await?;
+            Ok::<_, ::redis::RedisError>(conn)
+        };
+        match tokio::time::timeout(budget + Duration::from_millis(100), attempt).await {
+            Ok(result) => result.map_err(Error::from),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+}
+
+/// The address, database and credentials for one server: `url` when set, else
+/// host/port/db; `username`/`password` from the config override the URL's.
+pub(crate) fn connection_info(config: &RedisConfig) -> Result<ConnectionInfo> {
+    let info = match &config.url {
+        Some(url) => url
+            .expose()
+            .into_connection_info()
+            // The library's message never repeats the URL, which may hold a password.
+            .map_err(|e| Error::Invalid(format!("REDIS_URL: {e}")))?,
+        None => ConnectionAddr::Tcp(config.host.clone(), config.port)
+            .into_connection_info()
+            .map_err(|e| Error::Invalid(format!("redis host/port: {e}")))?,
+    };
+    let mut redis = info.redis_settings().clone();
+    if config.url.is_none() {
+        redis = redis.set_db(config.db);
+    }
+    if let Some(username) = &config.username {
+        redis = redis.set_username(username);
+    }
+    if let Some(password) = &config.password {
+        redis = redis.set_password(password.expose());
+    }
+    Ok(info.set_redis_settings(redis))
+}
+
+/// True when `e` means the connection is gone or stuck (not that Redis refused a command):
+/// the manager then stops sending and lets its health task reconnect.
+pub(crate) fn is_connection_loss(e: &::redis::RedisError) -> bool {
+    e.is_timeout()
+        || e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_unrecoverable_error()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn credentials_apply_to_a_url_and_to_host_port() {
+        let mut config = RedisConfig {
+            url: Some(Secret::new("redis://:old@example.org:6390/3")),
+            username: Some("bridge".into()),
+            password: Some(Secret::new("0123")),
+            ..RedisConfig::default()
+        };
+        let info = connection_info(&config).expect("valid url");
+        assert_eq!(info.redis_settings().username(), Some("bridge"));
+        assert_eq!(info.redis_settings().password(), Some("0123"));
+        assert_eq!(info.redis_settings().db(), 3);
+        assert_eq!(info.addr().to_string(), "example.org:6390");
+
+        config.url = None;
+        config.host = "10.0.0.7".into();
+        config.port = 6400;
+        config.db = 2;
+        let info = connection_info(&config).expect("valid host");
+        assert_eq!(info.addr().to_string(), "10.0.0.7:6400");
+        assert_eq!(info.redis_settings().db(), 2);
+        assert_eq!(info.redis_settings().password(), Some("0123"));
+    }
+
+    #[test]
+    fn rediss_url_means_tls() {
+        let config = RedisConfig {
+            url: Some(Secret::new("rediss://redis.example.org:6380")),
+            ..RedisConfig::default()
+        };
+        let info = connection_info(&config).expect("valid url");
+        assert!(matches!(info.addr(), ConnectionAddr::TcpTls { .. }));
+    }
+
+    #[test]
+    fn a_bad_url_is_invalid_and_does_not_echo_the_password() {
+        let config = RedisConfig {
+            url: Some(Secret::new("http://user:hunter2@host")),
+            ..RedisConfig::default()
+        };
+        let err = connection_info(&config).expect_err("http is not redis");
+        assert!(matches!(err, Error::Invalid(_)));
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+}
