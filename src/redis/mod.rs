@@ -6,11 +6,16 @@
 //! methods; `connection` how a config becomes a (single or cluster) connection.
 
 pub mod backoff;
+pub mod cache;
 mod commands;
 pub mod config;
 pub mod connection;
 pub mod error;
+pub mod lock;
 pub mod manager;
+pub mod pubsub;
+pub mod rate_limit;
+pub mod session;
 pub mod warn;
 
 pub use commands::SetOptions;

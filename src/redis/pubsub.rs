@@ -1,0 +1,299 @@
+//! Pub/sub (spec §3, §6, §7): publish (raw or JSON) through the manager, and a subscriber
+//! that survives Redis restarts.
+//!
+//! A subscribed connection can do nothing else, so [`Subscriber::start`] runs one task on a
+//! dedicated connection (from [`RedisManager::redis_client`]). It SUBSCRIBEs the literal
+//! channels and PSUBSCRIBEs the patterns, and forwards [`Message`]s through a bounded channel:
+//! a slow consumer slows the task instead of growing a queue. (The `redis` crate's own reader
+//! buffers what the server sends while the task waits; Redis's pub/sub output-buffer limit
+//! does not see that, so keep consumers fast.) When the connection is lost — the message
+//! stream ends, or a periodic PING gets no answer — the task reconnects with jittered
+//! exponential backoff (100 ms doubling to 2 s) and subscribes everything again; messages
+//! published meanwhile are lost, as pub/sub promises nothing more. Dropping the
+//! [`Subscription`] or calling [`Subscription::stop`] ends the task and its connection.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use super::error::{Error, Result};
+use super::manager::RedisManager;
+
+/// Messages buffered between the subscriber task and the consumer by default.
+pub const DEFAULT_CAPACITY: usize = 1024;
+const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How often an idle subscription checks its connection with PING, to notice a connection
+/// that died without closing (a cable pulled, a NAT entry gone).
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Publishes `payload` on `channel`; returns how many subscribers received it.
+pub async fn publish(manager: &RedisManager, channel: &str, payload: &[u8]) -> Result<i64> {
+    manager
+        .query(::redis::cmd("PUBLISH").arg(channel).arg(payload))
+        .await
+}
+
+/// Publishes `value` as compact JSON on `channel`; returns how many subscribers received it.
+pub async fn publish_json<T: Serialize + ?Sized>(
+    manager: &RedisManager,
+    channel: &str,
+    value: &T,
+) -> Result<i64> {
+    let json = serde_json::to_vec(value).map_err(|e| Error::Invalid(e.to_string()))?;
+    publish(manager, channel, &json).await
+}
+
+/// One received message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    pub channel: String,
+    /// The pattern that matched, for messages received through PSUBSCRIBE.
+    pub pattern: Option<String>,
+    pub payload: Vec<u8>,
+}
+
+/// Starts subscriptions; see [`Subscriber::start`].
+#[derive(Debug)]
+pub struct Subscriber;
+
+impl Subscriber {
+    /// Subscribes `channels` and psubscribes `patterns` on a dedicated connection, with a
+    /// buffer of [`DEFAULT_CAPACITY`] messages. Connecting happens in the background: the
+    /// subscription keeps trying until Redis answers (see [`Subscription::subscribed`]).
+    /// Must be called within a Tokio runtime.
+    pub fn start(
+        manager: &RedisManager,
+        channels: Vec<String>,
+        patterns: Vec<String>,
+    ) -> Subscription {
+        Self::start_with_capacity(manager, channels, patterns, DEFAULT_CAPACITY)
+    }
+
+    /// [`Subscriber::start`] with a buffer of `capacity` messages (at least 1).
+    pub fn start_with_capacity(
+        manager: &RedisManager,
+        channels: Vec<String>,
+        patterns: Vec<String>,
+        capacity: usize,
+    ) -> Subscription {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let (subscribed_tx, subscribed_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let reconnects = Arc::new(AtomicU64::new(0));
+        let worker = Worker {
+            manager: manager.clone(),
+            channels,
+            patterns,
+            tx,
+            subscribed: subscribed_tx,
+            stop: stop_rx,
+            reconnects: Arc::clone(&reconnects),
+        };
+        let task = tokio::spawn(worker.run());
+        Subscription {
+            rx,
+            subscribed: subscribed_rx,
+            stop: stop_tx,
+            reconnects,
+            task: Some(task),
+        }
+    }
+}
+
+/// A running subscription. Receive with [`Subscription::recv`]; ends when dropped.
+#[derive(Debug)]
+pub struct Subscription {
+    rx: mpsc::Receiver<Message>,
+    subscribed: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+    reconnects: Arc<AtomicU64>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Subscription {
+    /// The next message; `None` once the subscription has ended (stopped, or Redis is
+    /// disabled or misconfigured).
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// True while every channel and pattern is subscribed on a live connection.
+    pub fn is_subscribed(&self) -> bool {
+        *self.subscribed.borrow()
+    }
+
+    /// Waits until everything is subscribed (at once if it already is). Returns false if the
+    /// subscription ended first.
+    pub async fn subscribed(&self) -> bool {
+        let mut watch = self.subscribed.clone();
+        let up = watch.wait_for(|up| *up).await.is_ok();
+        up
+    }
+
+    /// How many times the connection was re-established after being lost.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Ends the subscription and waits for its task to close the connection.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        // Nothing to flush: aborting only drops the connection sooner.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The task behind a [`Subscription`].
+struct Worker {
+    manager: RedisManager,
+    channels: Vec<String>,
+    patterns: Vec<String>,
+    tx: mpsc::Sender<Message>,
+    subscribed: watch::Sender<bool>,
+    stop: watch::Receiver<bool>,
+    reconnects: Arc<AtomicU64>,
+}
+
+/// Why a connection's session ended.
+enum End {
+    /// Stop requested or consumer gone: end the task.
+    Stop,
+    /// Connection lost: reconnect.
+    Lost(String),
+}
+
+impl Worker {
+    async fn run(mut self) {
+        let client = match self.manager.redis_client() {
+            Ok(client) if self.manager.config().enabled => client,
+            Ok(_) => {
+                tracing::info!("redis is disabled: pub/sub subscription not started");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "pub/sub subscription cannot start");
+                return;
+            }
+        };
+        let mut delay = BACKOFF_INITIAL;
+        let mut connected_before = false;
+        loop {
+            match self.connect(&client).await {
+                Ok(pubsub) => {
+                    if connected_before {
+                        self.reconnects.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!("pub/sub: reconnected and resubscribed");
+                    }
+                    connected_before = true;
+                    delay = BACKOFF_INITIAL;
+                    self.subscribed.send_replace(true);
+                    let end = self.pump(pubsub).await;
+                    self.subscribed.send_replace(false);
+                    match end {
+                        End::Stop => return,
+                        End::Lost(why) => {
+                            tracing::warn!(reason = %why, "pub/sub connection lost; reconnecting")
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "pub/sub: connect failed; retrying"),
+            }
+            let pause = delay.mul_f64(rand::random_range(0.5..=1.0));
+            delay = (delay * 2).min(BACKOFF_MAX);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.stop.wait_for(|stop| *stop) => return,
+            }
+        }
+    }
+
+    /// A fresh connection with everything subscribed, each step bounded by the configured
+    /// timeouts (the `redis` crate's pub/sub connect has none of its own).
+    async fn connect(&self, client: &::redis::Client) -> Result<::redis::aio::PubSub> {
+        let config = self.manager.config();
+        let mut pubsub =
+            tokio::time::timeout(config.socket_connect_timeout, client.get_async_pubsub())
+                .await
+                .map_err(|_| Error::Timeout)??;
+        if !self.channels.is_empty() {
+            tokio::time::timeout(config.socket_timeout, pubsub.subscribe(&self.channels))
+                .await
+                .map_err(|_| Error::Timeout)??;
+        }
+        if !self.patterns.is_empty() {
+            tokio::time::timeout(config.socket_timeout, pubsub.psubscribe(&self.patterns))
+                .await
+                .map_err(|_| Error::Timeout)??;
+        }
+        Ok(pubsub)
+    }
+
+    /// Forwards messages until the connection is lost or the subscription ends.
+    async fn pump(&mut self, pubsub: ::redis::aio::PubSub) -> End {
+        let (mut sink, mut stream) = pubsub.split();
+        let timeout = self.manager.config().socket_timeout;
+        let mut health = tokio::time::interval(HEALTH_CHECK_INTERVAL);
+        health.reset(); // the first tick would fire at once
+        loop {
+            let event = tokio::select! {
+                _ = self.stop.wait_for(|stop| *stop) => return End::Stop,
+                next = stream.next() => Event::Message(next),
+                _ = health.tick() => Event::HealthCheck,
+            };
+            match event {
+                Event::Message(None) => return End::Lost("connection closed".into()),
+                Event::Message(Some(msg)) => {
+                    let message = Message {
+                        channel: msg.get_channel_name().to_string(),
+                        pattern: if msg.from_pattern() {
+                            msg.get_pattern().ok()
+                        } else {
+                            None
+                        },
+                        payload: msg.get_payload_bytes().to_vec(),
+                    };
+                    // Back-pressure: wait for room, but stay stoppable meanwhile.
+                    let sent = tokio::select! {
+                        sent = self.tx.send(message) => sent.is_ok(),
+                        _ = self.stop.wait_for(|stop| *stop) => false,
+                    };
+                    if !sent {
+                        return End::Stop; // stopped, or the consumer is gone
+                    }
+                    health.reset();
+                }
+                Event::HealthCheck => {
+                    let ping = tokio::time::timeout(timeout, sink.ping::<::redis::Value>()).await;
+                    match ping {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return End::Lost(format!("ping failed: {e}")),
+                        Err(_) => return End::Lost("ping timed out".into()),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What woke [`Worker::pump`].
+enum Event {
+    Message(Option<::redis::Msg>),
+    HealthCheck,
+}
