@@ -8,9 +8,17 @@
 //! patterns built on it (cache-aside, sessions, rate limiters, locks, pub/sub); the daemon is
 //! built from the same library.
 
+pub mod actions;
 pub mod backoff;
+pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod dead_letter;
+pub mod events;
+pub mod logging;
+pub mod middleware;
 pub mod mqtt;
+pub mod outcome;
 pub mod redis;
 pub mod router;
 pub mod tls;

@@ -28,6 +28,8 @@ pub use sections::{DeadLetterConfig, HttpConfig, LimitsConfig, LogConfig, LogFor
 
 use crate::mqtt::MqttConfig;
 use crate::redis::RedisConfig;
+use crate::router::config::read_routes;
+use crate::router::route::RouteTable;
 use layers::FileLayer;
 use reader::{Context, Errors, Table};
 
@@ -63,6 +65,26 @@ impl BridgeConfig {
         path: &Path,
         env: &HashMap<String, String>,
     ) -> Result<BridgeConfig, ConfigErrors> {
+        Self::load_and(path, env, |_, _| ()).map(|(config, ())| config)
+    }
+
+    /// Loads `path` and compiles its routes in the same pass, so every error — section,
+    /// route, action or template — is reported together. What the daemon and `check` use.
+    pub fn compile(
+        path: &Path,
+        env: &HashMap<String, String>,
+    ) -> Result<(BridgeConfig, RouteTable), ConfigErrors> {
+        Self::load_and(path, env, |config, errors| {
+            read_routes(&config.routes, config.redis.enabled, errors)
+        })
+    }
+
+    /// Loads the sections, then lets `more` read what builds on them, into the same errors.
+    fn load_and<T>(
+        path: &Path,
+        env: &HashMap<String, String>,
+        more: impl FnOnce(&BridgeConfig, &Errors) -> T,
+    ) -> Result<(BridgeConfig, T), ConfigErrors> {
         let file = FileLayer::read(path).map_err(|e| ConfigErrors::new(vec![e]))?;
         let errors = Errors::new();
         let seed = layers::seed_layer(env, file.mqtt_url(), &errors);
@@ -75,7 +97,8 @@ impl BridgeConfig {
         let cx = Arc::new(Context::new(figment, base_dir, credentials_dir(env)));
         let root = cx.root();
         let config = BridgeConfig::read(root.reader(&errors));
-        errors.finish(config)
+        let extra = more(&config, &errors);
+        errors.finish((config, extra))
     }
 
     fn read(mut t: Table<'_>) -> BridgeConfig {
@@ -110,7 +133,7 @@ impl BridgeConfig {
 
 /// The process environment as a map. Variables that are not UTF-8 are converted lossily:
 /// a mangled value then fails validation with its name, instead of vanishing.
-pub(crate) fn process_env() -> HashMap<String, String> {
+pub fn process_env() -> HashMap<String, String> {
     std::env::vars_os()
         .map(|(k, v)| {
             (

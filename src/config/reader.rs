@@ -213,6 +213,11 @@ impl<'a> Table<'a> {
         self.errors
     }
 
+    /// The keys of this table, in file order (does not mark them known).
+    pub fn keys(&self) -> Vec<String> {
+        self.dict.keys().cloned().collect()
+    }
+
     /// Whether `key` is set (does not mark it known).
     pub fn has(&self, key: &str) -> bool {
         self.lookup(key).is_some()

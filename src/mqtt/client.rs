@@ -8,53 +8,22 @@ use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
-use super::config::MqttConfig;
+use super::config::{MqttConfig, Protocol};
 
 /// Why the MQTT client could not be configured (bad URL, unreadable certificate, …).
 #[derive(Debug, thiserror::Error)]
 #[error("mqtt: {0}")]
 pub struct OptionsError(pub String);
 
-/// Host, port and whether TLS is used, from `mqtt://host:port` / `mqtts://host:port`.
-pub fn broker_address(url: &str) -> Result<(String, u16, bool), OptionsError> {
-    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
-        (true, rest)
-    } else if let Some(rest) = url.strip_prefix("mqtt://") {
-        (false, rest)
-    } else {
-        return Err(OptionsError(format!(
-            "url {url:?} must start with mqtt:// or mqtts://"
-        )));
-    };
-    let rest = rest.trim_end_matches('/');
-    let default_port = if tls { 8883 } else { 1883 };
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (host, after) = v6
-            .split_once(']')
-            .ok_or_else(|| OptionsError(format!("url {url:?}: unclosed `[`")))?;
-        let port = match after.strip_prefix(':') {
-            Some(p) => p.parse().ok(),
-            None if after.is_empty() => Some(default_port),
-            None => None,
-        };
-        (host.to_string(), port)
-    } else {
-        match rest.rsplit_once(':') {
-            Some((host, port)) => (host.to_string(), port.parse().ok()),
-            None => (rest.to_string(), Some(default_port)),
-        }
-    };
-    let port = port.ok_or_else(|| OptionsError(format!("url {url:?}: bad port")))?;
-    if host.is_empty() {
-        return Err(OptionsError(format!("url {url:?}: no host")));
-    }
-    Ok((host, port, tls))
-}
-
 /// rumqttc options for `config`, with manual acks (we ack only what reached Redis).
 pub fn options(config: &MqttConfig) -> Result<MqttOptions, OptionsError> {
-    let (host, port, tls) = broker_address(&config.url)?;
-    let mut options = MqttOptions::new(config.client_id.clone(), host, port);
+    if config.protocol == Protocol::V5 {
+        return Err(OptionsError(
+            "protocol = \"5\" is not supported yet; use \"3.1.1\"".into(),
+        ));
+    }
+    let broker = config.broker().map_err(OptionsError)?;
+    let mut options = MqttOptions::new(config.client_id.clone(), broker.host, broker.port);
     options
         .set_clean_session(config.clean_session)
         .set_keep_alive(config.keep_alive.max(Duration::from_secs(1)))
@@ -72,7 +41,7 @@ pub fn options(config: &MqttConfig) -> Result<MqttOptions, OptionsError> {
             .unwrap_or_default();
         options.set_credentials(user.clone(), password);
     }
-    if tls {
+    if broker.tls {
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
             Arc::new(tls_config(config)?),
         )));
@@ -123,28 +92,5 @@ fn tls_config(config: &MqttConfig) -> Result<rustls::ClientConfig, OptionsError>
         _ => Err(OptionsError(
             "cert_file and key_file go together".to_string(),
         )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn broker_urls_parse() {
-        assert_eq!(
-            broker_address("mqtt://127.0.0.1:1883").unwrap(),
-            ("127.0.0.1".into(), 1883, false)
-        );
-        assert_eq!(
-            broker_address("mqtts://broker.example").unwrap(),
-            ("broker.example".into(), 8883, true)
-        );
-        assert_eq!(
-            broker_address("mqtt://[::1]:1884").unwrap(),
-            ("::1".into(), 1884, false)
-        );
-        assert!(broker_address("tcp://x:1").is_err());
-        assert!(broker_address("mqtt://x:port").is_err());
     }
 }

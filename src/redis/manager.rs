@@ -46,11 +46,11 @@ use ::redis::{Cmd, FromRedisValue, Pipeline, RedisResult, ScriptInvocation};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::backoff::Backoff;
 use super::config::RedisConfig;
 use super::connection::{self, RedisConnection, Target};
 use super::error::{Error, Result};
 use super::warn::WarnLimiter;
+use crate::backoff::Backoff;
 
 /// How often the health task PINGs a connection that looks fine.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);

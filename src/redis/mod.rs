@@ -5,7 +5,6 @@
 //! `manager` holds the connection, its recovery and the primitives; `commands` the seed's
 //! methods; `connection` how a config becomes a (single or cluster) connection.
 
-pub mod backoff;
 pub mod cache;
 mod commands;
 pub mod config;

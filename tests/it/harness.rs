@@ -144,8 +144,9 @@ fn redis_ready(port: u16) -> bool {
     if stream.write_all(b"PING\r\n").is_err() {
         return false;
     }
+    // `+PONG`, or `-NOAUTH …` from a server started with a password: listening either way.
     let mut buf = [0u8; 7];
-    stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+    stream.read_exact(&mut buf).is_ok() && (&buf == b"+PONG\r\n" || buf.starts_with(b"-NOAUTH"))
 }
 
 fn tcp_ready(port: u16) -> bool {

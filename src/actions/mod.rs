@@ -1,0 +1,329 @@
+//! Actions (spec §5.2): what a route does with a message that passed its middleware.
+//!
+//! Every Redis action of one message goes into one pipeline — a MULTI/EXEC transaction
+//! unless the route says `atomic = false` — so a message costs one round trip whatever its
+//! action count, and the dedup done-mark rides in the same transaction. `mqtt_publish`
+//! actions are rendered with the rest (so a bad template fails the message before anything
+//! is written) and published only after the Redis part succeeded.
+//!
+//! To add an action: a variant in [`Op`], its reading in `config.rs`, its commands in
+//! [`Action::apply`].
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use ::redis::Pipeline;
+use serde_json::{Map, Value};
+
+use crate::router::template::{Context, RenderError, Template};
+
+/// A value for `set_json`: a TOML table (or array) whose string leaves are templates.
+#[derive(Clone, Debug)]
+pub enum JsonTemplate {
+    Literal(Value),
+    Text(Template),
+    Array(Vec<JsonTemplate>),
+    Object(Vec<(String, JsonTemplate)>),
+}
+
+impl JsonTemplate {
+    fn render(&self, ctx: &Context<'_>) -> Result<Value, RenderError> {
+        Ok(match self {
+            JsonTemplate::Literal(v) => v.clone(),
+            JsonTemplate::Text(t) => Value::String(t.render(ctx)?),
+            JsonTemplate::Array(items) => Value::Array(
+                items
+                    .iter()
+                    .map(|i| i.render(ctx))
+                    .collect::<Result<_, _>>()?,
+            ),
+            JsonTemplate::Object(fields) => Value::Object(
+                fields
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), v.render(ctx)?)))
+                    .collect::<Result<Map<_, _>, RenderError>>()?,
+            ),
+        })
+    }
+}
+
+/// `hset`'s fields: a table of templates, or the JSON payload's top level spread out.
+#[derive(Clone, Debug)]
+pub enum HashFields {
+    Templates(Vec<(String, Template)>),
+    Json,
+}
+
+/// When a written key expires (`ex` / `px`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expiry {
+    Seconds(u64),
+    Millis(u64),
+}
+
+impl Expiry {
+    pub fn from_ex(d: Duration) -> Expiry {
+        Expiry::Seconds(d.as_secs().max(1))
+    }
+
+    pub fn from_px(d: Duration) -> Expiry {
+        Expiry::Millis((d.as_millis() as u64).max(1))
+    }
+
+    fn as_millis(self) -> u64 {
+        match self {
+            Expiry::Seconds(s) => s.saturating_mul(1000),
+            Expiry::Millis(ms) => ms,
+        }
+    }
+}
+
+/// One action's operation and its own settings.
+#[derive(Clone, Debug)]
+pub enum Op {
+    Set {
+        value: Template,
+        nx: bool,
+        xx: bool,
+    },
+    /// `None`: the payload itself, as compact JSON.
+    SetJson {
+        value: Option<JsonTemplate>,
+    },
+    Hset {
+        fields: HashFields,
+    },
+    Incr {
+        by: i64,
+    },
+    Lpush {
+        value: Template,
+        max_len: Option<u64>,
+    },
+    Rpush {
+        value: Template,
+        max_len: Option<u64>,
+    },
+    Xadd {
+        fields: Vec<(String, Template)>,
+        max_len: Option<u64>,
+    },
+    Publish {
+        channel: Template,
+        message: Template,
+    },
+    Expire,
+    MqttPublish {
+        topic: Template,
+        payload: Template,
+        qos: u8,
+        retain: bool,
+    },
+}
+
+/// A compiled action.
+#[derive(Clone, Debug)]
+pub struct Action {
+    pub op: Op,
+    /// The Redis key (absent for `publish` and `mqtt_publish`).
+    pub key: Option<Template>,
+    pub expiry: Option<Expiry>,
+}
+
+/// A forward rendered with the other actions, sent once Redis has the rest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MqttOut {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+}
+
+/// Why an action could not be rendered for this message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ApplyError {
+    Render(RenderError),
+    /// `hset fields = "json"` or `set_json` on a payload that does not fit.
+    NotJson(String),
+}
+
+impl From<RenderError> for ApplyError {
+    fn from(e: RenderError) -> Self {
+        ApplyError::Render(e)
+    }
+}
+
+/// Strings as they are, other JSON compactly (as templates render `{json.*}`).
+fn json_text(value: &Value) -> Cow<'_, str> {
+    match value {
+        Value::String(s) => Cow::Borrowed(s),
+        other => Cow::Owned(other.to_string()),
+    }
+}
+
+impl Action {
+    /// Adds this action's commands to `pipe` (replies ignored but checked for errors), or
+    /// returns the forward to send after the pipeline.
+    pub fn apply(
+        &self,
+        pipe: &mut Pipeline,
+        ctx: &Context<'_>,
+    ) -> Result<Option<MqttOut>, ApplyError> {
+        let key = match &self.key {
+            Some(t) => t.render(ctx)?,
+            None => String::new(),
+        };
+        let mut expire_after = self.expiry;
+        match &self.op {
+            Op::Set { value, nx, xx } => {
+                let cmd = pipe
+                    .cmd("SET")
+                    .arg(&key)
+                    .arg(value.render_bytes(ctx)?.as_ref());
+                match self.expiry {
+                    Some(Expiry::Seconds(s)) => cmd.arg("EX").arg(s),
+                    Some(Expiry::Millis(ms)) => cmd.arg("PX").arg(ms),
+                    None => cmd,
+                };
+                if *nx {
+                    cmd.arg("NX");
+                }
+                if *xx {
+                    cmd.arg("XX");
+                }
+                cmd.ignore();
+                expire_after = None;
+            }
+            Op::SetJson { value } => {
+                let text = match value {
+                    Some(t) => t.render(ctx)?.to_string(),
+                    None => match ctx.json {
+                        Some(json) => json.to_string(),
+                        None => {
+                            return Err(ApplyError::NotJson("set_json needs a JSON payload".into()))
+                        }
+                    },
+                };
+                let cmd = pipe.cmd("SET").arg(&key).arg(text);
+                match self.expiry {
+                    Some(Expiry::Seconds(s)) => cmd.arg("EX").arg(s),
+                    Some(Expiry::Millis(ms)) => cmd.arg("PX").arg(ms),
+                    None => cmd,
+                };
+                cmd.ignore();
+                expire_after = None;
+            }
+            Op::Hset { fields } => {
+                let cmd = pipe.cmd("HSET").arg(&key);
+                match fields {
+                    HashFields::Templates(fields) => {
+                        for (name, value) in fields {
+                            cmd.arg(name).arg(value.render_bytes(ctx)?.as_ref());
+                        }
+                    }
+                    HashFields::Json => {
+                        let Some(Value::Object(map)) = ctx.json else {
+                            return Err(ApplyError::NotJson(
+                                "hset fields = \"json\" needs a JSON object payload".into(),
+                            ));
+                        };
+                        if map.is_empty() {
+                            return Err(ApplyError::NotJson(
+                                "hset fields = \"json\": the JSON object is empty".into(),
+                            ));
+                        }
+                        for (name, value) in map {
+                            cmd.arg(name).arg(json_text(value).as_ref());
+                        }
+                    }
+                }
+                cmd.ignore();
+            }
+            Op::Incr { by } => {
+                pipe.cmd("INCRBY").arg(&key).arg(*by).ignore();
+            }
+            Op::Lpush { value, max_len } | Op::Rpush { value, max_len } => {
+                let left = matches!(self.op, Op::Lpush { .. });
+                pipe.cmd(if left { "LPUSH" } else { "RPUSH" })
+                    .arg(&key)
+                    .arg(value.render_bytes(ctx)?.as_ref())
+                    .ignore();
+                if let Some(n) = max_len {
+                    // Keep the newest n: at the head for LPUSH, at the tail for RPUSH.
+                    let n = i64::try_from(*n).unwrap_or(i64::MAX);
+                    let (start, stop) = if left { (0, n - 1) } else { (-n, -1) };
+                    pipe.cmd("LTRIM").arg(&key).arg(start).arg(stop).ignore();
+                }
+            }
+            Op::Xadd { fields, max_len } => {
+                let cmd = pipe.cmd("XADD").arg(&key);
+                if let Some(n) = max_len {
+                    cmd.arg("MAXLEN").arg("~").arg(*n);
+                }
+                cmd.arg("*");
+                for (name, value) in fields {
+                    cmd.arg(name).arg(value.render_bytes(ctx)?.as_ref());
+                }
+                cmd.ignore();
+            }
+            Op::Publish { channel, message } => {
+                pipe.cmd("PUBLISH")
+                    .arg(channel.render(ctx)?)
+                    .arg(message.render_bytes(ctx)?.as_ref())
+                    .ignore();
+                expire_after = None;
+            }
+            Op::Expire => {
+                if let Some(expiry) = self.expiry {
+                    pipe.cmd("PEXPIRE")
+                        .arg(&key)
+                        .arg(expiry.as_millis())
+                        .ignore();
+                }
+                expire_after = None;
+            }
+            Op::MqttPublish {
+                topic,
+                payload,
+                qos,
+                retain,
+            } => {
+                return Ok(Some(MqttOut {
+                    topic: topic.render(ctx)?,
+                    payload: payload.render_bytes(ctx)?.into_owned(),
+                    qos: *qos,
+                    retain: *retain,
+                }));
+            }
+        }
+        if let Some(expiry) = expire_after {
+            pipe.cmd("PEXPIRE")
+                .arg(&key)
+                .arg(expiry.as_millis())
+                .ignore();
+        }
+        Ok(None)
+    }
+
+    /// The op's name, as in the config (`set`, `mqtt_publish`, …).
+    pub fn describe(&self) -> String {
+        match &self.op {
+            Op::Set { .. } => "set",
+            Op::SetJson { .. } => "set_json",
+            Op::Hset { .. } => "hset",
+            Op::Incr { .. } => "incr",
+            Op::Lpush { .. } => "lpush",
+            Op::Rpush { .. } => "rpush",
+            Op::Xadd { .. } => "xadd",
+            Op::Publish { .. } => "publish",
+            Op::Expire => "expire",
+            Op::MqttPublish { .. } => "mqtt_publish",
+        }
+        .to_string()
+    }
+
+    /// Whether this action writes to Redis (a route of only `mqtt_publish` needs no Redis).
+    pub fn needs_redis(&self) -> bool {
+        !matches!(self.op, Op::MqttPublish { .. })
+    }
+}

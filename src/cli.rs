@@ -1,0 +1,153 @@
+//! What each subcommand does (spec §2), kept out of `main.rs` so it stays wiring only.
+
+use std::path::Path;
+
+use crate::config::{BridgeConfig, ConfigErrors};
+use crate::router::route::RouteTable;
+use crate::router::template::Context;
+
+/// Exit code: clean stop.
+pub const OK: u8 = 0;
+/// Exit code: runtime failure (or `match` found no route).
+pub const FAILURE: u8 = 1;
+/// Exit code: bad config or usage.
+pub const BAD_CONFIG: u8 = 2;
+
+fn load(path: &Path) -> Result<(BridgeConfig, RouteTable), u8> {
+    let env = crate::config::process_env();
+    BridgeConfig::compile(path, &env).map_err(|errors| {
+        report(path, &errors);
+        BAD_CONFIG
+    })
+}
+
+fn report(path: &Path, errors: &ConfigErrors) {
+    eprintln!(
+        "{}: {} error{} in the configuration:",
+        path.display(),
+        errors.len(),
+        if errors.len() == 1 { "" } else { "s" }
+    );
+    for error in errors.iter() {
+        eprintln!("  {error}");
+    }
+}
+
+/// `run`: the daemon.
+pub fn run(path: &Path) -> u8 {
+    let (config, routes) = match load(path) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let _log = crate::logging::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return FAILURE;
+        }
+    };
+    let loaded = crate::daemon::Loaded {
+        config,
+        routes,
+        path: path.to_path_buf(),
+    };
+    match runtime.block_on(crate::daemon::run(loaded)) {
+        Ok(()) => OK,
+        Err(e) => {
+            tracing::error!(error = %e, "routemq-bridge stopped");
+            eprintln!("routemq-bridge: {e}");
+            FAILURE
+        }
+    }
+}
+
+/// `check`: validate and print the route table.
+pub fn check(path: &Path) -> u8 {
+    let (config, routes) = match load(path) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    println!("{}: configuration OK", path.display());
+    println!(
+        "mqtt {} as {:?}; redis {}",
+        config.mqtt.url,
+        config.mqtt.client_id,
+        if config.redis.enabled {
+            "enabled"
+        } else {
+            "disabled"
+        }
+    );
+    println!("{} route(s):", routes.routes.len());
+    for route in &routes.routes {
+        let middleware: Vec<&str> = [
+            route.session.as_ref().map(|_| "session"),
+            route.rate_limit.as_ref().map(|_| "rate_limit"),
+            route.dedup.as_ref().map(|_| "dedup"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let actions: Vec<String> = route.actions.iter().map(|a| a.describe()).collect();
+        println!(
+            "  {:<20} {:<32} filter {:<24} qos {}  middleware [{}]  actions [{}]",
+            route.name,
+            route.pattern.as_str(),
+            route.pattern.filter(),
+            route.qos,
+            middleware.join(", "),
+            actions.join(", ")
+        );
+    }
+    println!("subscriptions:");
+    for sub in &routes.subscriptions {
+        let filter = if config.mqtt.share_group.is_empty() {
+            sub.filter.clone()
+        } else {
+            format!("$share/{}/{}", config.mqtt.share_group, sub.filter)
+        };
+        println!("  {filter} (qos {})", sub.qos);
+    }
+    println!("{} republish rule(s)", config.republish.len());
+    OK
+}
+
+/// `match`: which routes a topic matches, their captures and rendered keys.
+pub fn matches(path: &Path, topic: &str, payload: Option<&str>) -> u8 {
+    let (_, routes) = match load(path) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let payload = payload.unwrap_or("");
+    let json = serde_json::from_str::<serde_json::Value>(payload).ok();
+    let mut found = false;
+    for (route, captures) in routes.matches(topic) {
+        found = true;
+        println!("route {:?} ({})", route.name, route.pattern);
+        for (name, value) in route.pattern.params().zip(&captures) {
+            println!("  param {name} = {value:?}");
+        }
+        let mut ctx = Context::new(topic, payload.as_bytes());
+        ctx.params = &captures;
+        ctx.json = json.as_ref();
+        for (i, action) in route.actions.iter().enumerate() {
+            let rendered = match &action.key {
+                Some(key) => match key.render(&ctx) {
+                    Ok(k) => k,
+                    Err(e) => format!("<{e}>"),
+                },
+                None => action.describe(),
+            };
+            println!("  actions[{i}] {}: {rendered}", action.describe());
+        }
+    }
+    if !found {
+        println!("no route matches {topic:?}");
+        return FAILURE;
+    }
+    OK
+}

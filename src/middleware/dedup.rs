@@ -1,0 +1,100 @@
+//! De-duplication (spec §5.2): a lock that is safe under at-least-once delivery.
+//!
+//! The first delivery claims `key` with a lease (`SET NX PX`, value
+//! `lease:<client_id>:<nonce>`); its actions and the `done` mark go into one MULTI/EXEC, so
+//! "written" and "marked done" cannot part. If that transaction fails, the claim is deleted
+//! again (compare-and-delete, only if it is still ours), so the broker's redelivery is
+//! processed rather than dropped as a duplicate. A key another worker holds is waited for
+//! until it is `done` (duplicate) or its lease lapses (we claim it).
+
+use std::time::{Duration, Instant};
+
+use crate::backoff::Backoff;
+use crate::redis::lock::compare_and_delete;
+use crate::redis::{RedisManager, Result};
+use crate::router::template::Template;
+
+/// The value of a key whose message was processed.
+pub const DONE: &str = "done";
+
+/// A route's `[routes.dedup]`.
+#[derive(Clone, Debug)]
+pub struct DedupRule {
+    pub key: Template,
+    /// How long `done` is remembered.
+    pub ttl: Duration,
+    /// How long a claim holds before another worker may take over.
+    pub lease: Duration,
+}
+
+/// Whether this message should be processed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claim {
+    Ours,
+    Duplicate,
+}
+
+/// Claims `key` for `lease_value`, waiting (with backoff, up to a lease and a bit) while
+/// another worker holds it.
+pub async fn claim(
+    redis: &RedisManager,
+    key: &str,
+    lease_value: &str,
+    lease: Duration,
+) -> Result<Claim> {
+    let lease_ms = (lease.as_millis() as u64).max(1);
+    let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(250));
+    let started = Instant::now();
+    loop {
+        let set: Option<String> = redis
+            .query(
+                ::redis::cmd("SET")
+                    .arg(key)
+                    .arg(lease_value)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(lease_ms),
+            )
+            .await?;
+        if set.is_some() {
+            return Ok(Claim::Ours);
+        }
+        let current: Option<String> = redis.query(::redis::cmd("GET").arg(key)).await?;
+        match current.as_deref() {
+            Some(DONE) => return Ok(Claim::Duplicate),
+            // Our own claim from an earlier attempt at this same message.
+            Some(v) if v == lease_value => return Ok(Claim::Ours),
+            // Freed between our SET and GET: try again at once.
+            None => continue,
+            Some(_) => {
+                if started.elapsed() > lease * 2 {
+                    // The holder keeps renewing or the clock is off: treat it as a
+                    // transient condition so the message waits and is retried, not dropped.
+                    return Err(crate::redis::Error::Unavailable(format!(
+                        "dedup key {key} held by another worker for over {lease:?}"
+                    )));
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+}
+
+/// Adds the `done` mark to the message's transaction.
+pub fn mark_done(pipe: &mut ::redis::Pipeline, key: &str, ttl: Duration) {
+    pipe.cmd("SET")
+        .arg(key)
+        .arg(DONE)
+        .arg("PX")
+        .arg((ttl.as_millis() as u64).max(1))
+        .ignore();
+}
+
+/// After a failed transaction: delete the key if it still holds our lease or the `done` our
+/// transaction may have written, so a redelivery gets processed.
+pub async fn release(redis: &RedisManager, key: &str, lease_value: &str) -> Result<()> {
+    if !compare_and_delete(redis, key, lease_value).await? {
+        compare_and_delete(redis, key, DONE).await?;
+    }
+    Ok(())
+}

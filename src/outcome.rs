@@ -1,0 +1,95 @@
+//! Outcomes (spec §5.3): every message ends in exactly one per matched route.
+
+use std::fmt;
+
+/// Why a message was refused as `invalid` or `failed`: the dead letter's `reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    InvalidJson,
+    InvalidUtf8,
+    PayloadTooLarge,
+    InvalidParam,
+    MissingField,
+    RedisError,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidJson => "invalid_json",
+            Reason::InvalidUtf8 => "invalid_utf8",
+            Reason::PayloadTooLarge => "payload_too_large",
+            Reason::InvalidParam => "invalid_param",
+            Reason::MissingField => "missing_field",
+            Reason::RedisError => "redis_error",
+        }
+    }
+
+    pub fn from_render(e: &crate::router::template::RenderError) -> Reason {
+        match e.reason() {
+            "invalid_utf8" => Reason::InvalidUtf8,
+            "missing_field" => Reason::MissingField,
+            _ => Reason::InvalidParam,
+        }
+    }
+}
+
+/// How one route finished with one message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Written,
+    RateLimited,
+    Duplicate,
+    Unauthorized,
+    /// Bad payload, param or template; dead-lettered.
+    Invalid {
+        reason: Reason,
+        detail: String,
+    },
+    /// A permanent Redis error (e.g. WRONGTYPE); dead-lettered.
+    Failed {
+        detail: String,
+    },
+    /// A QoS 0 message beyond `max_inflight`.
+    Overflow,
+}
+
+impl Outcome {
+    pub fn invalid(reason: Reason, detail: impl Into<String>) -> Outcome {
+        Outcome::Invalid {
+            reason,
+            detail: detail.into(),
+        }
+    }
+
+    /// The `outcome` label of `messages_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Written => "written",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::Duplicate => "duplicate",
+            Outcome::Unauthorized => "unauthorized",
+            Outcome::Invalid { .. } => "invalid",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Overflow => "overflow",
+        }
+    }
+
+    /// The dead-letter reason and detail, for the outcomes that go there.
+    pub fn dead_letter(&self) -> Option<(Reason, &str)> {
+        match self {
+            Outcome::Invalid { reason, detail } => Some((*reason, detail)),
+            Outcome::Failed { detail } => Some((Reason::RedisError, detail)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.dead_letter() {
+            Some((reason, detail)) => write!(f, "{} ({}: {detail})", self.label(), reason.as_str()),
+            None => f.write_str(self.label()),
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! The engine: what happens to one message, route by route (spec §5, §6).
+//!
+//! For each route the topic matches, in file order: payload checks → session → rate limit →
+//! render the actions → dedup claim → one pipeline (MULTI/EXEC) with the actions and the
+//! done-mark → forwards over MQTT. The message is finished — and so acked, in arrival
+//! order — only when every matched route has its outcome.
+//!
+//! Redis trouble that waiting fixes (down, timeout) never becomes an outcome: the step is
+//! retried with backoff until Redis is back, the message stays unacked meanwhile, and a
+//! route that does not need Redis (a pure MQTT forward) is not held up. Permanent trouble
+//! (WRONGTYPE, a bad payload) becomes `failed`/`invalid` and a dead-letter record.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use rumqttc::{AsyncClient, QoS};
+use serde_json::Value;
+
+use super::dispatch::Handler;
+use super::route::{PayloadKind, Route, RouteTable};
+use super::template::Context;
+use crate::actions::{ApplyError, MqttOut};
+use crate::backoff::Backoff;
+use crate::dead_letter;
+use crate::events;
+use crate::middleware::dedup::{self, Claim};
+use crate::middleware::rate_limit::{reply_payload, OnExceed};
+use crate::mqtt::Inbound;
+use crate::outcome::{Outcome, Reason};
+use crate::redis::rate_limit::RateLimiter;
+use crate::redis::{Error as RedisError, RedisManager};
+
+/// Where refused messages are recorded.
+#[derive(Clone, Debug)]
+pub struct DeadLetter {
+    pub list: String,
+    pub max_len: u64,
+}
+
+/// Processes messages; shared by every topic lane of the dispatcher.
+pub struct Engine {
+    table: ArcSwap<RouteTable>,
+    redis: RedisManager,
+    limiter: RateLimiter,
+    mqtt: AsyncClient,
+    max_payload: ArcSwap<usize>,
+    dead_letter: ArcSwap<DeadLetter>,
+    /// `lease:<client_id>:`; a nonce per message completes a dedup lease value.
+    lease_prefix: String,
+}
+
+fn qos(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+impl Engine {
+    pub fn new(
+        table: RouteTable,
+        redis: RedisManager,
+        mqtt: AsyncClient,
+        client_id: &str,
+        max_payload: usize,
+        dead_letter: DeadLetter,
+    ) -> Engine {
+        Engine {
+            table: ArcSwap::from_pointee(table),
+            limiter: RateLimiter::new(redis.clone()),
+            redis,
+            mqtt,
+            max_payload: ArcSwap::from_pointee(max_payload),
+            dead_letter: ArcSwap::from_pointee(dead_letter),
+            lease_prefix: format!("lease:{client_id}:"),
+        }
+    }
+
+    /// Swaps in a new route table and limits (SIGHUP); messages in flight finish on the
+    /// table they started with.
+    pub fn reload(&self, table: RouteTable, max_payload: usize, dead_letter: DeadLetter) {
+        self.table.store(Arc::new(table));
+        self.max_payload.store(Arc::new(max_payload));
+        self.dead_letter.store(Arc::new(dead_letter));
+    }
+
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    /// Runs `step` until it succeeds or fails for good; waits out transient Redis trouble.
+    async fn until_redis<T, F, Fut>(&self, route: &str, mut step: F) -> Result<T, RedisError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        loop {
+            match step().await {
+                Err(e) if e.is_transient() => {
+                    events::redis_retry(route, &e);
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One message through every route it matches.
+    pub async fn process(&self, topic: &str, payload: &[u8], received: Instant) {
+        let table = self.table.load_full();
+        let mut json: Option<Result<Value, String>> = None;
+        let mut matched = false;
+        for (route, captures) in table.matches(topic) {
+            matched = true;
+            events::message_received(&route.name);
+            let outcome = self
+                .run_route(route, topic, payload, &captures, &mut json)
+                .await;
+            if let Some((reason, detail)) = outcome.dead_letter() {
+                self.record_dead_letter(route, topic, payload, reason, detail)
+                    .await;
+            }
+            events::message_outcome(&route.name, topic, &outcome, received);
+        }
+        if !matched {
+            events::unrouted(topic);
+        }
+    }
+
+    async fn run_route(
+        &self,
+        route: &Route,
+        topic: &str,
+        payload: &[u8],
+        captures: &[&str],
+        json_cache: &mut Option<Result<Value, String>>,
+    ) -> Outcome {
+        let max_payload = **self.max_payload.load();
+        if payload.len() > max_payload {
+            return Outcome::invalid(
+                Reason::PayloadTooLarge,
+                format!("{} bytes, max_payload is {max_payload}", payload.len()),
+            );
+        }
+        let json = match route.payload {
+            PayloadKind::Json => {
+                let parsed = json_cache.get_or_insert_with(|| {
+                    serde_json::from_slice::<Value>(payload).map_err(|e| e.to_string())
+                });
+                match parsed {
+                    Ok(v) => Some(&*v),
+                    Err(e) => return Outcome::invalid(Reason::InvalidJson, e.clone()),
+                }
+            }
+            PayloadKind::Text => {
+                if let Err(e) = std::str::from_utf8(payload) {
+                    return Outcome::invalid(Reason::InvalidUtf8, e.to_string());
+                }
+                None
+            }
+            PayloadKind::Bytes => None,
+        };
+        for (index, name, re) in &route.param_checks {
+            let value = captures.get(*index).copied().unwrap_or("");
+            if !re.is_match(value) {
+                return Outcome::invalid(
+                    Reason::InvalidParam,
+                    format!("param `{name}` = {value:?} does not match {}", re.as_str()),
+                );
+            }
+        }
+        let mut ctx = Context {
+            topic,
+            payload,
+            params: captures,
+            json,
+            session: None,
+            fields: &[],
+            now: SystemTime::now(),
+        };
+
+        // Session.
+        let session;
+        if let Some(sessions) = &route.session {
+            let key = match sessions.rule().key.render(&ctx) {
+                Ok(k) => k,
+                Err(e) => return Outcome::invalid(Reason::from_render(&e), e.to_string()),
+            };
+            let loaded = self
+                .until_redis(&route.name, || sessions.load(&self.redis, &key))
+                .await;
+            match loaded {
+                Ok((fields, result)) => {
+                    events::session_cache(result.label());
+                    if fields.is_none() && sessions.rule().required {
+                        return Outcome::Unauthorized;
+                    }
+                    session = fields;
+                }
+                Err(e) => {
+                    return Outcome::Failed {
+                        detail: e.to_string(),
+                    }
+                }
+            }
+            ctx.session = session.as_deref();
+        }
+
+        // Rate limit.
+        if let Some(rule) = &route.rate_limit {
+            let key = match rule.key.render(&ctx) {
+                Ok(k) => k,
+                Err(e) => return Outcome::invalid(Reason::from_render(&e), e.to_string()),
+            };
+            match self.limiter.check(&key, &rule.limit, rule.fallback).await {
+                Ok(decision) if decision.allowed => {}
+                Ok(decision) => {
+                    if let OnExceed::Reply {
+                        topic: reply,
+                        qos: reply_qos,
+                    } = &rule.on_exceed
+                    {
+                        match reply.render(&ctx) {
+                            Ok(reply_topic) => {
+                                self.forward(MqttOut {
+                                    topic: reply_topic,
+                                    payload: reply_payload(&decision).into_bytes(),
+                                    qos: *reply_qos,
+                                    retain: false,
+                                })
+                                .await;
+                            }
+                            Err(e) => {
+                                tracing::warn!(route = %route.name, error = %e, "rate-limit reply topic")
+                            }
+                        }
+                    }
+                    return Outcome::RateLimited;
+                }
+                Err(e) => {
+                    return Outcome::Failed {
+                        detail: e.to_string(),
+                    }
+                }
+            }
+        }
+
+        // Actions, rendered before anything is written.
+        let mut pipe = ::redis::pipe();
+        if route.atomic {
+            pipe.atomic();
+        }
+        let mut forwards = Vec::new();
+        for action in &route.actions {
+            match action.apply(&mut pipe, &ctx) {
+                Ok(Some(out)) => forwards.push(out),
+                Ok(None) => {}
+                Err(ApplyError::Render(e)) => {
+                    return Outcome::invalid(Reason::from_render(&e), e.to_string())
+                }
+                Err(ApplyError::NotJson(detail)) => {
+                    return Outcome::invalid(Reason::InvalidJson, detail)
+                }
+            }
+        }
+
+        // Dedup claim, then the one transaction.
+        let dedup = match &route.dedup {
+            Some(rule) => match rule.key.render(&ctx) {
+                Ok(key) => {
+                    dedup::mark_done(&mut pipe, &key, rule.ttl);
+                    let lease_value =
+                        format!("{}{}", self.lease_prefix, uuid::Uuid::new_v4().simple());
+                    Some((key, lease_value, rule.lease))
+                }
+                Err(e) => return Outcome::invalid(Reason::from_render(&e), e.to_string()),
+            },
+            None => None,
+        };
+        if route.needs_redis() {
+            let written = self
+                .until_redis(&route.name, || async {
+                    if let Some((key, lease_value, lease)) = &dedup {
+                        if dedup::claim(&self.redis, key, lease_value, *lease).await?
+                            == Claim::Duplicate
+                        {
+                            return Ok(Claim::Duplicate);
+                        }
+                    }
+                    self.redis.query_pipeline::<()>(&pipe).await?;
+                    Ok(Claim::Ours)
+                })
+                .await;
+            match written {
+                Ok(Claim::Duplicate) => return Outcome::Duplicate,
+                Ok(Claim::Ours) => {}
+                Err(e) => {
+                    if let Some((key, lease_value, _)) = &dedup {
+                        let released = self
+                            .until_redis(&route.name, || {
+                                dedup::release(&self.redis, key, lease_value)
+                            })
+                            .await;
+                        if let Err(e) = released {
+                            tracing::warn!(route = %route.name, error = %e, "could not release a dedup claim; it expires with its lease");
+                        }
+                    }
+                    return Outcome::Failed {
+                        detail: e.to_string(),
+                    };
+                }
+            }
+        }
+        for out in forwards {
+            self.forward(out).await;
+        }
+        Outcome::Written
+    }
+
+    /// Publishes through the bridge's MQTT client (queued; rumqttc retransmits QoS 1/2
+    /// across reconnects of the persistent session).
+    async fn forward(&self, out: MqttOut) {
+        if let Err(e) = self
+            .mqtt
+            .publish(out.topic, qos(out.qos), out.retain, out.payload)
+            .await
+        {
+            tracing::warn!(error = %e, "could not queue an MQTT publish");
+        }
+    }
+
+    async fn record_dead_letter(
+        &self,
+        route: &Route,
+        topic: &str,
+        payload: &[u8],
+        reason: Reason,
+        detail: &str,
+    ) {
+        let target = self.dead_letter.load_full();
+        let record = dead_letter::record(topic, &route.name, reason, detail, payload);
+        let mut pipe = ::redis::pipe();
+        dead_letter::push(&mut pipe, &target.list, target.max_len, &record);
+        let result = self
+            .until_redis(&route.name, || self.redis.query_pipeline::<()>(&pipe))
+            .await;
+        match result {
+            Ok(()) => events::dead_lettered(reason),
+            Err(e) => {
+                tracing::error!(route = %route.name, error = %e, record, "could not write the dead letter")
+            }
+        }
+    }
+}
+
+impl Handler<Inbound> for Engine {
+    async fn handle(&self, inbound: Inbound) {
+        self.process(
+            &inbound.publish.topic,
+            &inbound.publish.payload,
+            inbound.received,
+        )
+        .await;
+        inbound.finish();
+    }
+}

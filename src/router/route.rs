@@ -1,0 +1,79 @@
+//! A compiled route (spec §5): its pattern, payload kind, middleware and actions, all
+//! checked and compiled when the config is loaded, so a message only renders.
+
+use std::sync::Arc;
+
+use regex::Regex;
+
+use super::pattern::{cover, Subscription, TopicPattern};
+use crate::actions::Action;
+use crate::middleware::dedup::DedupRule;
+use crate::middleware::rate_limit::RateLimitRule;
+use crate::middleware::session::Sessions;
+
+/// How a route reads its payload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PayloadKind {
+    /// Parsed as JSON (`{json.*}` available); invalid JSON is `invalid`.
+    #[default]
+    Json,
+    /// UTF-8 text; anything else is `invalid`.
+    Text,
+    /// Any bytes; `{payload}` alone as a value writes them untouched.
+    Bytes,
+}
+
+/// One `[[routes]]` entry, compiled.
+pub struct Route {
+    pub name: String,
+    pub pattern: TopicPattern,
+    pub qos: u8,
+    pub payload: PayloadKind,
+    /// `params.<name>` constraints on captured params, checked on every match.
+    pub param_checks: Vec<(usize, String, Arc<Regex>)>,
+    pub session: Option<Sessions>,
+    pub rate_limit: Option<RateLimitRule>,
+    pub dedup: Option<DedupRule>,
+    pub actions: Vec<Action>,
+    /// One MULTI/EXEC per message (default), or a plain pipeline.
+    pub atomic: bool,
+}
+
+impl Route {
+    /// Whether this route needs Redis for a message that passes its rate limit (a route that
+    /// only forwards over MQTT does not, so it keeps flowing while Redis is down).
+    pub fn needs_redis(&self) -> bool {
+        self.dedup.is_some() || self.actions.iter().any(Action::needs_redis)
+    }
+}
+
+/// Every route, in file order, and the subscriptions that cover them.
+#[derive(Default)]
+pub struct RouteTable {
+    pub routes: Vec<Route>,
+    pub subscriptions: Vec<Subscription>,
+}
+
+impl RouteTable {
+    pub fn new(routes: Vec<Route>) -> RouteTable {
+        let filters: Vec<(String, u8)> =
+            routes.iter().map(|r| (r.pattern.filter(), r.qos)).collect();
+        RouteTable {
+            subscriptions: cover(&filters),
+            routes,
+        }
+    }
+
+    /// The routes `topic` matches, in file order, with their captures.
+    pub fn matches<'a, 't>(
+        &'a self,
+        topic: &'t str,
+    ) -> impl Iterator<Item = (&'a Route, Vec<&'t str>)> + 'a
+    where
+        't: 'a,
+    {
+        self.routes
+            .iter()
+            .filter_map(move |route| route.pattern.matches(topic).map(|c| (route, c)))
+    }
+}
