@@ -1,0 +1,293 @@
+//! Driving the real daemon in tests: the `routemq-bridge` binary started against a private
+//! Redis and Mosquitto with a config the test writes, plus an MQTT test client that
+//! publishes at QoS 1 and waits for every PUBACK.
+
+#![allow(dead_code)] // each test module uses a different part
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use tempfile::TempDir;
+
+use crate::harness::{signal, wait_with_timeout, Mosquitto, Redis};
+
+/// How long the daemon may take to connect and subscribe.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The `[mqtt]`, `[redis]`, `[limits]` and `[dead_letter]` tables for private services,
+/// followed by `rest` (routes, republish rules, overrides).
+pub fn config(redis: &Redis, broker: &Mosquitto, client_id: &str, rest: &str) -> String {
+    format!(
+        r#"[mqtt]
+url = "{mqtt}"
+client_id = "{client_id}"
+keep_alive = "5s"
+reconnect_max_delay = "1s"
+
+[redis]
+url = "{redis}"
+socket_timeout = "2s"
+
+[http]
+listen = "127.0.0.1:0"
+
+[dead_letter]
+redis_list = "dead_letter"
+
+{rest}
+"#,
+        mqtt = broker.url(),
+        redis = redis.url(),
+    )
+}
+
+/// The log the daemon writes, shared with the thread reading its stderr.
+#[derive(Default)]
+struct Log {
+    text: Mutex<String>,
+    grew: Condvar,
+}
+
+/// A running daemon.
+pub struct Bridge {
+    child: Option<Child>,
+    dir: TempDir,
+    config: PathBuf,
+    log: Arc<Log>,
+}
+
+impl Bridge {
+    /// Starts the daemon with `config` and waits until it subscribed.
+    pub fn start(config: &str) -> Bridge {
+        let dir = tempfile::Builder::new()
+            .prefix("routemq-bridge-test-")
+            .tempdir()
+            .expect("tempdir");
+        let path = dir.path().join("bridge.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut bridge = Bridge {
+            child: None,
+            dir,
+            config: path,
+            log: Arc::new(Log::default()),
+        };
+        bridge.spawn();
+        bridge
+    }
+
+    /// (Re)starts the process with the same config and waits until it subscribed.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_routemq-bridge"))
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info,routemq_bridge=debug")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start routemq-bridge");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let mut text = log.text.lock().unwrap_or_else(|p| p.into_inner());
+                text.push_str(&line);
+                text.push('\n');
+                log.grew.notify_all();
+            }
+        });
+        let offset = self.log_text().len();
+        self.child = Some(child);
+        assert!(
+            self.wait_for_log_after(offset, "subscribed", READY_TIMEOUT),
+            "bridge did not subscribe within {READY_TIMEOUT:?}; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log
+            .text
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits (bounded) until the log, from byte `offset` on, contains `needle`.
+    pub fn wait_for_log_after(&self, offset: usize, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut text = self.log.text.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if text.get(offset..).is_some_and(|t| t.contains(needle)) {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            text = self
+                .log
+                .grew
+                .wait_timeout(text, deadline - now)
+                .map(|(t, _)| t)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_for_log_after(0, needle, timeout)
+    }
+
+    /// SIGTERM, and the exit status (bounded wait).
+    pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), libc::SIGTERM);
+        wait_with_timeout(&mut child, timeout).unwrap_or_else(|| {
+            panic!(
+                "bridge did not exit within {timeout:?} of SIGTERM; log:\n{}",
+                self.log_text()
+            )
+        })
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn config_path(&self) -> &PathBuf {
+        &self.config
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An MQTT test client whose event loop runs in its own task.
+pub struct Client {
+    pub client: AsyncClient,
+    acks: tokio::sync::watch::Receiver<u64>,
+    messages: tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>,
+}
+
+impl Client {
+    /// Connects with a clean session to `broker` and waits for the ConnAck.
+    pub async fn connect(broker: &Mosquitto, client_id: &str) -> Client {
+        let mut options = MqttOptions::new(client_id, "127.0.0.1", broker.port());
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
+        options.set_inflight(100);
+        let (client, eventloop) = AsyncClient::new(options, 1000);
+        let (ack_tx, acks) = tokio::sync::watch::channel(0);
+        let (msg_tx, messages) = tokio::sync::mpsc::unbounded_channel();
+        let (connected_tx, connected) = tokio::sync::oneshot::channel();
+        tokio::spawn(drive(eventloop, ack_tx, msg_tx, connected_tx));
+        tokio::time::timeout(Duration::from_secs(10), connected)
+            .await
+            .expect("test client connects in time")
+            .expect("test client event loop alive");
+        Client {
+            client,
+            acks,
+            messages,
+        }
+    }
+
+    /// Publishes each `(topic, payload)` at QoS 1 and waits until the broker acked them all.
+    pub async fn publish_all(&mut self, messages: impl IntoIterator<Item = (String, Vec<u8>)>) {
+        let before = *self.acks.borrow();
+        let mut n = 0u64;
+        for (topic, payload) in messages {
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("queue publish");
+            n += 1;
+        }
+        let target = before + n;
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            self.acks.wait_for(|a| *a >= target),
+        )
+        .await
+        .expect("broker acked every publish in time")
+        .expect("test client event loop alive");
+    }
+
+    pub async fn publish(&mut self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.publish_all([(topic.to_string(), payload.into())])
+            .await;
+    }
+
+    pub async fn subscribe(&mut self, filter: &str) {
+        self.client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+    }
+
+    /// The next message received, within `timeout`.
+    pub async fn next_message(&mut self, timeout: Duration) -> Option<rumqttc::Publish> {
+        tokio::time::timeout(timeout, self.messages.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+async fn drive(
+    mut eventloop: EventLoop,
+    acks: tokio::sync::watch::Sender<u64>,
+    messages: tokio::sync::mpsc::UnboundedSender<rumqttc::Publish>,
+    connected: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut connected = Some(connected);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                if let Some(tx) = connected.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(_))) => acks.send_modify(|a| *a += 1),
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let _ = messages.send(p);
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Polls `check` until it returns `Some`, within `timeout`: for state that lands in Redis,
+/// where no event tells the test it arrived.
+pub async fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
