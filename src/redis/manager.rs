@@ -148,7 +148,26 @@ impl std::fmt::Debug for RedisManager {
     }
 }
 
+/// The process-wide default manager (spec §3), built on first use from the seed's
+/// environment variables (`ENABLE_REDIS`, `REDIS_*`, `REDIS_URL`).
+static DEFAULT: std::sync::OnceLock<RedisManager> = std::sync::OnceLock::new();
+
 impl RedisManager {
+    /// The process-wide default manager, configured from the environment like RouteMQ's
+    /// module-level `redis_manager`. Call [`RedisManager::initialize`] on it once. Invalid
+    /// variables are logged and the seed's defaults used for the rest.
+    pub fn global() -> &'static RedisManager {
+        DEFAULT.get_or_init(|| {
+            let config = RedisConfig::from_env().unwrap_or_else(|errors| {
+                for error in errors.iter() {
+                    tracing::error!(%error, "invalid Redis environment variable");
+                }
+                RedisConfig::default()
+            });
+            RedisManager::new(config)
+        })
+    }
+
     /// A manager for `config`; no I/O until [`RedisManager::initialize`].
     pub fn new(config: RedisConfig) -> Self {
         let initial = if config.enabled {

@@ -677,3 +677,12 @@ async fn run_script_survives_a_script_cache_flush() {
         Err(Error::Script(_))
     ));
 }
+
+#[test]
+fn the_process_wide_default_manager_is_built_once_from_the_environment() {
+    let first = RedisManager::global();
+    let second = RedisManager::global();
+    assert!(std::ptr::eq(first, second));
+    let expected = RedisConfig::from_env().unwrap_or_default();
+    assert_eq!(first.config(), &expected);
+}
