@@ -1,5 +1,10 @@
 //! Integration tests against real Redis and Mosquitto, started by [`harness`] on free loopback
 //! ports. One binary with one module per area keeps linking cheap.
 
+mod cache;
 mod harness;
 mod harness_selftest;
+mod lock;
+mod pubsub;
+mod rate_limit;
+mod session;
