@@ -3,6 +3,11 @@
 
 mod bridge;
 mod bridge_smoke;
+mod cache;
 mod harness;
 mod harness_selftest;
+mod lock;
+mod pubsub;
+mod rate_limit;
 mod redis_manager;
+mod session;
