@@ -14,6 +14,8 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use ::redis::Script;
+
+use crate::backoff::Backoff;
 use tokio::time::Instant;
 
 use super::error::{Error, Result};
@@ -87,7 +89,7 @@ impl Lock {
         timeout: Duration,
     ) -> Result<Option<Lock>> {
         let deadline = Instant::now() + timeout;
-        let mut delay = RETRY_INITIAL;
+        let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
         loop {
             let last_error = match Self::acquire(manager, key, lease).await {
                 Ok(Some(lock)) => return Ok(Some(lock)),
@@ -102,9 +104,8 @@ impl Lock {
                     None => Ok(None),
                 };
             }
-            let pause = jittered(delay).min(deadline - now);
+            let pause = backoff.next_delay().min(deadline - now);
             tokio::time::sleep(pause).await;
-            delay = (delay * 2).min(RETRY_MAX);
         }
     }
 
@@ -158,10 +159,4 @@ fn lease_ms(lease: Duration) -> Result<u64> {
         return Err(Error::Invalid("lock lease must be at least 1 ms".into()));
     }
     Ok(ms)
-}
-
-/// `delay` scaled by a random factor in [0.5, 1.0], so contenders that collided once do not
-/// collide again in lockstep.
-fn jittered(delay: Duration) -> Duration {
-    delay.mul_f64(rand::random_range(0.5..=1.0))
 }

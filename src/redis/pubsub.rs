@@ -12,6 +12,7 @@
 //! published meanwhile are lost, as pub/sub promises nothing more. Dropping the
 //! [`Subscription`] or calling [`Subscription::stop`] ends the task and its connection.
 
+use crate::backoff::Backoff;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -192,7 +193,7 @@ impl Worker {
                 return;
             }
         };
-        let mut delay = BACKOFF_INITIAL;
+        let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
         let mut connected_before = false;
         loop {
             match self.connect(&client).await {
@@ -202,7 +203,7 @@ impl Worker {
                         tracing::info!("pub/sub: reconnected and resubscribed");
                     }
                     connected_before = true;
-                    delay = BACKOFF_INITIAL;
+                    backoff.reset();
                     self.subscribed.send_replace(true);
                     let end = self.pump(pubsub).await;
                     self.subscribed.send_replace(false);
@@ -215,8 +216,7 @@ impl Worker {
                 }
                 Err(e) => tracing::debug!(error = %e, "pub/sub: connect failed; retrying"),
             }
-            let pause = delay.mul_f64(rand::random_range(0.5..=1.0));
-            delay = (delay * 2).min(BACKOFF_MAX);
+            let pause = backoff.next_delay();
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.stop.wait_for(|stop| *stop) => return,
