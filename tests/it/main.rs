@@ -2,6 +2,7 @@
 //! ports. One binary with one module per area keeps linking cheap.
 
 mod bridge;
+mod bridge_actions;
 mod bridge_smoke;
 mod harness;
 mod harness_selftest;
