@@ -563,13 +563,14 @@ async fn mqtt_publish_renders_payload_qos_and_retain() {
 
 /// Waits until `listener`'s subscription is in place: publishes probes to `probe` (which its
 /// filter covers) until one comes back.
-async fn subscribed(rig: &mut Rig, listener: &mut Client, probe: &str) {
+pub async fn subscribed(rig: &mut Rig, listener: &mut Client, probe: &str) {
     for _ in 0..50 {
         rig.client
             .client
             .publish(probe, rumqttc::QoS::AtMostOnce, false, "probe")
             .await
             .expect("queue probe");
+        // Earlier probes may still come in; any of them proves the subscription.
         if let Some(p) = listener.next_message(Duration::from_millis(200)).await {
             assert_eq!(p.topic, probe);
             return;

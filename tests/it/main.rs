@@ -3,6 +3,7 @@
 
 mod bridge;
 mod bridge_actions;
+mod bridge_middleware;
 mod bridge_smoke;
 mod harness;
 mod harness_selftest;
