@@ -4,6 +4,7 @@
 mod bridge;
 mod bridge_actions;
 mod bridge_middleware;
+mod bridge_outcomes;
 mod bridge_smoke;
 mod harness;
 mod harness_selftest;
