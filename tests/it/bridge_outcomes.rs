@@ -257,3 +257,93 @@ key = "list:{id}"
         Some(vec![message.to_string(), r#"{"seq":2}"#.to_string()])
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrongtype_fails_the_message_on_a_non_atomic_route_too() {
+    let mut rig = Rig::start_with(
+        r#"
+[[routes]]
+name = "tested"
+topic = "d/{id}"
+atomic = false
+dedup = { key = "dedup:{json.k}" }
+[[routes.actions]]
+op = "lpush"
+key = "l:{json.k}"
+"#,
+        |c| {
+            let () = c.set("l:bad", "a string").expect("SET");
+        },
+    )
+    .await;
+    let since = now_ms();
+    rig.publish("d/a", r#"{"k":"bad"}"#).await;
+    let record = the_dead_letter(&mut rig, "d/a", "redis_error", since).await;
+    assert!(
+        record["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("WRONGTYPE")),
+        "detail quotes Redis: {record}"
+    );
+    assert!(!rig.exists("dedup:bad"), "the dedup claim is released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_invalid_on_two_routes_gives_one_record_per_route() {
+    let mut rig = Rig::start(
+        r#"
+[[routes]]
+name = "first"
+topic = "d/{id}"
+[[routes.actions]]
+op = "set"
+key = "first:{id}"
+
+[[routes]]
+name = "second"
+topic = "d/+"
+[[routes.actions]]
+op = "set"
+key = "second"
+"#,
+    )
+    .await;
+    rig.publish("d/a", "{nope").await;
+    let conn = &mut rig.conn;
+    let two = crate::bridge::eventually(WAIT, || {
+        let n: usize = conn.llen("dead_letter").ok()?;
+        (n >= 2).then_some(n)
+    })
+    .await;
+    assert_eq!(two, Some(2), "log:\n{}", rig.bridge.log_text());
+    let mut routes: Vec<String> = rig
+        .dead_letters()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["reason"], "invalid_json");
+            r["route"].as_str().expect("route").to_string()
+        })
+        .collect();
+    routes.sort();
+    assert_eq!(routes, ["first", "second"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_text_payload_is_cut_on_a_character_boundary_and_stays_text() {
+    let mut rig = Rig::start(&format!(
+        "[limits]\nmax_payload = \"2KiB\"\n{}",
+        tested("payload = \"text\"", "{payload}")
+    ))
+    .await;
+    let since = now_ms();
+    // One ASCII byte, then two-byte characters: byte 1024 falls inside a character.
+    let big = format!("x{}", "é".repeat(2000));
+    rig.publish("d/a", big.clone()).await;
+    let record = the_dead_letter(&mut rig, "d/a", "payload_too_large", since).await;
+    let payload = record["payload"]
+        .as_str()
+        .expect("text payload, not base64");
+    assert!(big.starts_with(payload));
+    assert!((1023..=1024).contains(&payload.len()), "{}", payload.len());
+    assert_eq!(record["truncated"], true);
+}
