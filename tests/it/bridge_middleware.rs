@@ -388,3 +388,72 @@ async fn the_same_dedup_key_twice_is_a_duplicate_written_once() {
         "duplicate is not dead-lettered"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_key_leased_by_another_is_claimed_once_the_lease_expires() {
+    let mut rig = Rig::start_with(
+        &counted("dedup = { key = \"dedup:{id}:{json.seq}\", lease = \"30s\" }"),
+        |c| {
+            let () = redis::cmd("SET")
+                .arg("dedup:a:1")
+                .arg("lease:other-bridge:abc")
+                .arg("PX")
+                .arg(1500)
+                .query(c)
+                .expect("SET");
+        },
+    )
+    .await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.settle(1).await;
+    assert_eq!(
+        count(&mut rig, "out:a"),
+        1,
+        "processed after the lease lapsed"
+    );
+    assert_eq!(rig.text("dedup:a:1").await, "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_key_leased_by_another_that_becomes_done_is_a_duplicate() {
+    let mut rig = Rig::start_with(
+        &counted("dedup = { key = \"dedup:{id}:{json.seq}\", lease = \"30s\" }"),
+        |c| {
+            let () = redis::cmd("SET")
+                .arg("dedup:a:1")
+                .arg("lease:other-bridge:abc")
+                .arg("PX")
+                .arg(60_000)
+                .query(c)
+                .expect("SET");
+        },
+    )
+    .await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    // Whether the bridge already waits on the other's lease or meets the key only now…
+    let () = redis::cmd("SET")
+        .arg("dedup:a:1")
+        .arg("done")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut rig.conn)
+        .expect("SET done");
+    // …and once the other finished, the message is a duplicate.
+    rig.settle(1).await;
+    assert_eq!(count(&mut rig, "out:a"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_constraint_is_enforced_where_the_field_lands_in_a_key() {
+    let mut rig = Rig::start(&counted(
+        "params.\"json.seq\" = \"^[0-9]+$\"\ndedup = { key = \"dedup:{json.seq}\" }",
+    ))
+    .await;
+    rig.publish("d/a", r#"{"seq":"x1"}"#).await;
+    rig.publish("d/a", r#"{"seq":7}"#).await;
+    rig.settle(2).await;
+    assert_eq!(count(&mut rig, "out:a"), 1);
+    let records = rig.dead_letters();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["reason"], "invalid_param");
+}

@@ -347,3 +347,32 @@ async fn a_large_text_payload_is_cut_on_a_character_boundary_and_stays_text() {
     assert!((1023..=1024).contains(&payload.len()), "{}", payload.len());
     assert_eq!(record["truncated"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_field_missing_from_the_session_is_dead_lettered() {
+    let mut rig = Rig::start_with(
+        &tested(
+            "session = { key = \"session:{id}\", required = true }",
+            "{session.role}",
+        ),
+        |c| {
+            let () = c.set("session:a", r#"{"user":"ann"}"#).expect("SET");
+            let () = c
+                .set("session:b", r#"{"user":"bob","role":"admin"}"#)
+                .expect("SET");
+        },
+    )
+    .await;
+    let since = now_ms();
+    rig.publish("d/a", "{}").await;
+    rig.publish("d/b", "{}").await;
+    assert_eq!(rig.text("out:b").await, "admin");
+    let record = the_dead_letter(&mut rig, "d/a", "missing_field", since).await;
+    assert!(
+        record["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("session.role")),
+        "{record}"
+    );
+    assert!(!rig.exists("out:a"));
+}
