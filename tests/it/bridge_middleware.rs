@@ -241,6 +241,19 @@ async fn token_bucket_admits_exactly_its_burst() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_bucket_admits_a_burst_beyond_max() {
+    let mut rig = Rig::start(&counted(
+        "rate_limit = { key = \"rl:{id}\", strategy = \"token_bucket\", max = 1, window = \"1h\", burst = 4 }",
+    ))
+    .await;
+    rig.client
+        .publish_all((0..7).map(|i| ("d/a".to_string(), i.to_string().into_bytes())))
+        .await;
+    rig.settle(7).await;
+    assert_eq!(count(&mut rig, "out:a"), 4, "a burst of 4 from an idle key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixed_window_counts_in_routemqs_key() {
     let mut rig = Rig::start(&counted(
         "rate_limit = { key = \"rl:{id}\", strategy = \"fixed_window\", max = 3, window = \"24h\" }",
