@@ -376,3 +376,38 @@ async fn a_session_field_missing_from_the_session_is_dead_lettered() {
     );
     assert!(!rig.exists("out:a"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_message_is_not_forwarded_over_mqtt() {
+    let mut rig = Rig::start_with(
+        r#"
+[[routes]]
+name = "tested"
+topic = "d/{id}"
+[[routes.actions]]
+op = "lpush"
+key = "l:{json.k}"
+[[routes.actions]]
+op = "mqtt_publish"
+topic = "out/{json.k}"
+"#,
+        |c| {
+            let () = c.set("l:bad", "a string").expect("SET");
+        },
+    )
+    .await;
+    let mut listener = crate::bridge::Client::connect(&rig.broker, "listener").await;
+    listener.subscribe("out/#").await;
+    crate::bridge_actions::subscribed(&mut rig, &mut listener, "out/probe").await;
+    rig.publish("d/a", r#"{"k":"bad"}"#).await;
+    rig.publish("d/a", r#"{"k":"good"}"#).await;
+    // Messages of one topic are handled in order: the first forward to arrive tells.
+    let first = loop {
+        let m = listener.next_message(WAIT).await.expect("a forward");
+        if m.topic != "out/probe" {
+            break m;
+        }
+    };
+    assert_eq!(first.topic, "out/good");
+    assert_eq!(rig.dead_letters().len(), 1);
+}
