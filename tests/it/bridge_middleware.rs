@@ -470,3 +470,33 @@ async fn a_json_constraint_is_enforced_where_the_field_lands_in_a_key() {
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["reason"], "invalid_param");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_key_holding_a_foreign_value_without_expiry_fails_instead_of_waiting_forever() {
+    let mut rig = Rig::start_with(
+        &counted("dedup = { key = \"dedup:{id}:{json.seq}\" }"),
+        |c| {
+            let () = c.set("dedup:a:1", "something else").expect("SET");
+        },
+    )
+    .await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.publish("d/a", r#"{"seq":2}"#).await;
+    rig.settle(2).await;
+    assert_eq!(count(&mut rig, "out:a"), 1, "seq 2 went through");
+    let records = rig.dead_letters();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["reason"], "redis_error");
+    assert!(
+        records[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("dedup:a:1")),
+        "{}",
+        records[0]
+    );
+    assert_eq!(
+        rig.text("dedup:a:1").await,
+        "something else",
+        "a foreign value is left alone"
+    );
+}
