@@ -20,7 +20,7 @@ pub fn record(topic: &str, route: &str, reason: Reason, detail: &str, payload: &
         .unwrap_or(0);
     let truncated = reason == Reason::PayloadTooLarge && payload.len() > TRUNCATE_AT;
     let payload = if truncated {
-        &payload[..TRUNCATE_AT]
+        &payload[..cut_at(payload)]
     } else {
         payload
     };
@@ -46,6 +46,20 @@ pub fn record(topic: &str, route: &str, reason: Reason, detail: &str, payload: &
     record.to_string()
 }
 
+/// Where to cut a payload over [`TRUNCATE_AT`]: a text payload on the last character
+/// boundary at or before it, so the record still shows text rather than base64 of a cut
+/// character; other bytes at exactly [`TRUNCATE_AT`].
+fn cut_at(payload: &[u8]) -> usize {
+    if std::str::from_utf8(payload).is_err() {
+        return TRUNCATE_AT;
+    }
+    // A UTF-8 character starts at any byte that is not a continuation byte (0b10xx_xxxx).
+    (0..=TRUNCATE_AT)
+        .rev()
+        .find(|&i| payload.get(i).is_none_or(|b| (*b as i8) >= -0x40))
+        .unwrap_or(0)
+}
+
 /// LPUSH + LTRIM of `record` onto `list`, keeping the newest `max_len`.
 pub fn push(pipe: &mut ::redis::Pipeline, list: &str, max_len: u64, record: &str) {
     pipe.cmd("LPUSH").arg(list).arg(record).ignore();
@@ -68,6 +82,24 @@ mod tests {
         let rec: Value =
             serde_json::from_str(&record("t", "r", Reason::PayloadTooLarge, "d", &big)).unwrap();
         assert_eq!(rec["payload"].as_str().unwrap().len(), TRUNCATE_AT);
+        assert_eq!(rec["truncated"], true);
+    }
+
+    #[test]
+    fn large_text_payloads_are_cut_on_a_character_boundary() {
+        // Byte 1024 is the second byte of an `é`.
+        let text = format!("x{}", "é".repeat(1000));
+        let rec: Value = serde_json::from_str(&record(
+            "t",
+            "r",
+            Reason::PayloadTooLarge,
+            "d",
+            text.as_bytes(),
+        ))
+        .unwrap();
+        let cut = rec["payload"].as_str().expect("still text");
+        assert_eq!(cut.len(), TRUNCATE_AT - 1);
+        assert!(text.starts_with(cut));
         assert_eq!(rec["truncated"], true);
     }
 }

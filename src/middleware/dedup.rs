@@ -5,7 +5,8 @@
 //! "written" and "marked done" cannot part. If that transaction fails, the claim is deleted
 //! again (compare-and-delete, only if it is still ours), so the broker's redelivery is
 //! processed rather than dropped as a duplicate. A key another worker holds is waited for
-//! until it is `done` (duplicate) or its lease lapses (we claim it).
+//! until it is `done` (duplicate) or its lease lapses (we claim it); a value without expiry
+//! is no lease and fails the message (`redis_error`) rather than holding the topic forever.
 
 use std::time::{Duration, Instant};
 
@@ -66,7 +67,19 @@ pub async fn claim(
             Some(v) if v == lease_value => return Ok(Claim::Ours),
             // Freed between our SET and GET: try again at once.
             None => continue,
-            Some(_) => {
+            Some(other) => {
+                // A lease always expires; a value without expiry is not a lease and will
+                // never free itself: waiting would hold the topic forever, silently.
+                let pttl: i64 = redis.query(::redis::cmd("PTTL").arg(key)).await?;
+                if pttl == -2 {
+                    continue; // freed meanwhile
+                }
+                if pttl == -1 {
+                    return Err(crate::redis::Error::Invalid(format!(
+                        "dedup key {key} holds {:?} without expiry: neither a lease nor `done`",
+                        other.chars().take(64).collect::<String>()
+                    )));
+                }
                 if started.elapsed() > lease * 2 {
                     // The holder keeps renewing or the clock is off: treat it as a
                     // transient condition so the message waits and is retried, not dropped.

@@ -399,11 +399,15 @@ impl Template {
                     self.push_checked(&mut out, &path.to_string(), &text, check)?;
                 }
                 Part::Session { field, check } => {
-                    let text = ctx
-                        .session
-                        .and_then(|s| s.get(field))
-                        .map(json_text)
-                        .unwrap_or_default();
+                    // No session (and none required): empty. A session without the field
+                    // is a missing field, as for `{json.*}`.
+                    let text = match ctx.session {
+                        None => String::new(),
+                        Some(session) => session
+                            .get(field)
+                            .map(json_text)
+                            .ok_or_else(|| RenderError::MissingField(format!("session.{field}")))?,
+                    };
                     self.push_checked(&mut out, &format!("session.{field}"), &text, check)?;
                 }
                 Part::Field { name, check } => {
@@ -561,6 +565,21 @@ mod tests {
         let ctx = Context::new("t", &[0xff, 0x00]);
         assert_eq!(t.render_bytes(&ctx).unwrap().as_ref(), &[0xff, 0x00]);
         assert_eq!(t.render(&ctx), Err(RenderError::InvalidUtf8));
+    }
+
+    #[test]
+    fn session_fields_are_empty_without_a_session_and_missing_when_absent_from_one() {
+        let s = scope(&[], &[]);
+        let t = Template::compile("<{session.role}>", Target::Value, &s).unwrap();
+        let mut ctx = Context::new("t", b"");
+        assert_eq!(t.render(&ctx).unwrap(), "<>");
+        let session: serde_json::Map<String, Value> =
+            serde_json::from_str(r#"{"user":"ann"}"#).unwrap();
+        ctx.session = Some(&session);
+        assert_eq!(
+            t.render(&ctx),
+            Err(RenderError::MissingField("session.role".into()))
+        );
     }
 
     #[test]

@@ -2,6 +2,9 @@
 //! ports. One binary with one module per area keeps linking cheap.
 
 mod bridge;
+mod bridge_actions;
+mod bridge_middleware;
+mod bridge_outcomes;
 mod bridge_smoke;
 mod cache;
 mod harness;

@@ -1,0 +1,502 @@
+//! Middleware end to end (spec §5.2): sessions (required, JSON and hash formats, the cache,
+//! touch), rate limits (each strategy, the reply, the fallbacks while Redis is down) and
+//! dedup, through the real daemon.
+
+use std::time::{Duration, Instant};
+
+use redis::Commands;
+use serde_json::Value;
+
+use crate::bridge::Client;
+use crate::bridge_actions::{subscribed, witness, Rig, WAIT};
+
+/// A route on `d/{id}` with `middleware` (TOML lines of the route) that counts each message
+/// it lets through in `out:{id}` and remembers the last payload in `last:{id}`; then the
+/// witness.
+fn counted(middleware: &str) -> String {
+    format!(
+        r#"
+[[routes]]
+name = "tested"
+topic = "d/{{id}}"
+{middleware}
+[[routes.actions]]
+op = "incr"
+key = "out:{{id}}"
+[[routes.actions]]
+op = "set"
+key = "last:{{id}}"
+{witness}"#,
+        witness = witness("d/{id}")
+    )
+}
+
+fn count(rig: &mut Rig, key: &str) -> i64 {
+    rig.conn
+        .get::<_, Option<i64>>(key)
+        .expect("GET")
+        .unwrap_or(0)
+}
+
+// ---- session --------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_required_session_that_is_missing_makes_the_message_unauthorized() {
+    let mut rig = Rig::start(&counted(
+        "session = { key = \"session:{id}\", required = true }",
+    ))
+    .await;
+    rig.publish("d/a", "{}").await;
+    rig.settle(1).await;
+    assert!(
+        !rig.exists("out:a"),
+        "nothing is written for an unauthorized message"
+    );
+    assert!(
+        rig.dead_letters().is_empty(),
+        "unauthorized is not dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_required_session_that_exists_lets_the_message_through_with_its_fields() {
+    let mut rig = Rig::start_with(
+        r#"
+[[routes]]
+name = "tested"
+topic = "d/{id}"
+session = { key = "session:{id}", required = true }
+[[routes.actions]]
+op = "set"
+key = "out:{id}"
+value = "{session.user}"
+"#,
+        |c| {
+            let () = c.set("session:a", r#"{"user":"ann"}"#).expect("SET");
+        },
+    )
+    .await;
+    rig.publish("d/a", "{}").await;
+    assert_eq!(rig.text("out:a").await, "ann");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_session_as_routemq_writes_it_is_read() {
+    // Python's json.dumps: spaces after separators, non-ASCII as \u escapes.
+    let mut rig = Rig::start_with(
+        r#"
+[[routes]]
+name = "tested"
+topic = "d/{id}"
+session = { key = "session:{id}", required = true }
+[[routes.actions]]
+op = "set"
+key = "out:{id}"
+value = "{session.name}|{session.user_id}|{session.meta}"
+"#,
+        |c| {
+            let () = c
+                .set(
+                    "session:a",
+                    r#"{"name": "Ren\u00e9e", "user_id": 42, "meta": {"k": [1, 2]}}"#,
+                )
+                .expect("SET");
+        },
+    )
+    .await;
+    rig.publish("d/a", "{}").await;
+    assert_eq!(rig.text("out:a").await, r#"Renée|42|{"k":[1,2]}"#);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hash_session_is_read_with_format_hash() {
+    let mut rig = Rig::start_with(
+        r#"
+[[routes]]
+name = "tested"
+topic = "d/{id}"
+session = { key = "session:{id}", required = true, format = "hash" }
+[[routes.actions]]
+op = "set"
+key = "out:{id}"
+value = "{session.user}/{session.role}"
+"#,
+        |c| {
+            let () = c
+                .hset_multiple("session:a", &[("user", "ann"), ("role", "admin")])
+                .expect("HSET");
+        },
+    )
+    .await;
+    rig.publish("d/a", "{}").await;
+    assert_eq!(rig.text("out:a").await, "ann/admin");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_created_after_a_miss_is_seen_only_after_cache_ttl() {
+    let cache_ttl = Duration::from_secs(2);
+    let mut rig = Rig::start(&counted(
+        "session = { key = \"session:{id}\", required = true, cache_ttl = \"2s\" }",
+    ))
+    .await;
+    let started = Instant::now();
+    rig.publish("d/a", "{}").await;
+    rig.settle(1).await;
+    assert!(!rig.exists("out:a"));
+    let () = rig.conn.set("session:a", r#"{"u":1}"#).expect("SET");
+    // The miss is cached: a message right away is still unauthorized.
+    rig.publish("d/a", "{}").await;
+    rig.settle(2).await;
+    assert!(
+        !rig.exists("out:a") || started.elapsed() >= cache_ttl,
+        "the negative cache entry was ignored"
+    );
+    // Keep sending until one gets through: that happens only once the miss expired.
+    let mut sent = 2;
+    let deadline = Instant::now() + WAIT;
+    while !rig.exists("out:a") {
+        assert!(Instant::now() < deadline, "the new session was never seen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        rig.publish("d/a", "{}").await;
+        sent += 1;
+        rig.settle(sent).await;
+    }
+    assert!(
+        started.elapsed() >= cache_ttl,
+        "seen after {:?}, before cache_ttl",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn touch_slides_the_session_expiry_at_most_once_per_cache_ttl() {
+    let mut rig = Rig::start_with(
+        &counted(
+            "session = { key = \"session:{id}\", required = true, touch = \"1h\", cache_ttl = \"1h\" }",
+        ),
+        |c| {
+            let () = redis::cmd("SET")
+                .arg("session:a")
+                .arg(r#"{"u":1}"#)
+                .arg("PX")
+                .arg(10_000)
+                .query(c)
+                .expect("SET");
+        },
+    )
+    .await;
+    rig.publish("d/a", "{}").await;
+    rig.settle(1).await;
+    let pttl: i64 = rig.conn.pttl("session:a").expect("PTTL");
+    assert!(pttl > 3_500_000, "touched to 1h: PTTL {pttl}");
+    // Within cache_ttl the session comes from the cache: no second touch.
+    let _: bool = rig.conn.pexpire("session:a", 10_000).expect("PEXPIRE");
+    rig.publish("d/a", "{}").await;
+    rig.settle(2).await;
+    assert_eq!(count(&mut rig, "out:a"), 2);
+    let pttl: i64 = rig.conn.pttl("session:a").expect("PTTL");
+    assert!(
+        pttl <= 10_000,
+        "touched again within cache_ttl: PTTL {pttl}"
+    );
+}
+
+// ---- rate limit -----------------------------------------------------------------------
+
+async fn admits_exactly_max(strategy: &str, window: &str) {
+    let mut rig = Rig::start(&counted(&format!(
+        "rate_limit = {{ key = \"rl:{{id}}\", strategy = \"{strategy}\", max = 3, window = \"{window}\" }}"
+    )))
+    .await;
+    rig.client
+        .publish_all((0..7).map(|i| ("d/a".to_string(), i.to_string().into_bytes())))
+        .await;
+    rig.settle(7).await;
+    assert_eq!(count(&mut rig, "out:a"), 3, "exactly max of 7 are written");
+    assert_eq!(
+        rig.text("last:a").await,
+        "2",
+        "the first three are the ones written"
+    );
+    assert!(
+        rig.dead_letters().is_empty(),
+        "rate_limited is not dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sliding_window_admits_exactly_max_per_window() {
+    admits_exactly_max("sliding_window", "1h").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_window_admits_exactly_max_per_window() {
+    // A day-long window: the test cannot straddle a window boundary except at midnight UTC.
+    admits_exactly_max("fixed_window", "24h").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_bucket_admits_exactly_its_burst() {
+    admits_exactly_max("token_bucket", "1h").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_bucket_admits_a_burst_beyond_max() {
+    let mut rig = Rig::start(&counted(
+        "rate_limit = { key = \"rl:{id}\", strategy = \"token_bucket\", max = 1, window = \"1h\", burst = 4 }",
+    ))
+    .await;
+    rig.client
+        .publish_all((0..7).map(|i| ("d/a".to_string(), i.to_string().into_bytes())))
+        .await;
+    rig.settle(7).await;
+    assert_eq!(count(&mut rig, "out:a"), 4, "a burst of 4 from an idle key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_window_counts_in_routemqs_key() {
+    let mut rig = Rig::start(&counted(
+        "rate_limit = { key = \"rl:{id}\", strategy = \"fixed_window\", max = 3, window = \"24h\" }",
+    ))
+    .await;
+    rig.publish("d/a", "1").await;
+    rig.settle(1).await;
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let key = format!("rl:a:{}", now_s / 86_400);
+    assert_eq!(count(&mut rig, &key), 1, "INCR on <key>:<unix_s / window>");
+    let ttl: i64 = rig.conn.ttl(&key).expect("TTL");
+    assert!(
+        (86_000..=86_401).contains(&ttl),
+        "expiry window + 1 s: TTL {ttl}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_the_limit_with_on_exceed_reply_publishes_the_json_error() {
+    let mut rig = Rig::start(&counted(
+        r#"rate_limit = { key = "rl:{id}", max = 1, window = "1h", on_exceed = "reply", reply_topic = "replies/{id}" }"#,
+    ))
+    .await;
+    let mut listener = Client::connect(&rig.broker, "listener").await;
+    listener.subscribe("replies/#").await;
+    subscribed(&mut rig, &mut listener, "replies/probe").await;
+    rig.publish("d/a", "1").await;
+    rig.publish("d/a", "2").await;
+    let reply = listener.next_message(WAIT).await.expect("a reply");
+    assert_eq!(reply.topic, "replies/a");
+    assert_eq!(
+        reply.qos,
+        rumqttc::QoS::AtMostOnce,
+        "reply_qos defaults to 0"
+    );
+    let body: Value = serde_json::from_slice(&reply.payload).expect("JSON reply");
+    assert_eq!(body["error"], "rate_limit_exceeded");
+    assert_eq!(body["limit"], 1);
+    assert_eq!(body["window_s"].as_f64(), Some(3600.0));
+    let retry = body["retry_after_ms"]
+        .as_u64()
+        .expect("integer retry_after_ms");
+    assert!((1..=3_600_000).contains(&retry), "retry_after_ms {retry}");
+    assert_eq!(
+        body.as_object().map(|o| o.len()),
+        Some(4),
+        "exactly the four fields: {body}"
+    );
+    assert_eq!(count(&mut rig, "out:a"), 1);
+}
+
+/// A forward-only route limited to 2 per hour with `fallback`, Redis stopped, 5 messages:
+/// how many were forwarded. A second forward-only route (after it, so later for each
+/// message) tells when all 5 went through.
+async fn forwards_while_redis_is_down(fallback: &str) -> usize {
+    let routes = format!(
+        r#"
+[[routes]]
+name = "limited"
+topic = "d/{{id}}"
+rate_limit = {{ key = "rl:{{id}}", max = 2, window = "1h", fallback = "{fallback}" }}
+[[routes.actions]]
+op = "mqtt_publish"
+topic = "out/{{id}}"
+
+[[routes]]
+name = "seen"
+topic = "d/{{id}}"
+payload = "bytes"
+[[routes.actions]]
+op = "mqtt_publish"
+topic = "seen/{{id}}"
+"#
+    );
+    let mut rig = Rig::start(&routes).await;
+    let mut listener = Client::connect(&rig.broker, "listener").await;
+    listener.subscribe("out/#").await;
+    listener.subscribe("seen/#").await;
+    subscribed(&mut rig, &mut listener, "out/probe").await;
+    subscribed(&mut rig, &mut listener, "seen/probe").await;
+    rig.redis.stop();
+    let total = 5;
+    rig.client
+        .publish_all((0..total).map(|i| ("d/a".to_string(), format!("{{\"n\":{i}}}").into_bytes())))
+        .await;
+    let mut seen = 0;
+    let mut forwarded = 0;
+    while seen < total {
+        let message = listener.next_message(WAIT).await.unwrap_or_else(|| {
+            panic!(
+                "only {seen} of {total} messages went through; log:\n{}",
+                rig.bridge.log_text()
+            )
+        });
+        match message.topic.as_str() {
+            "seen/a" => seen += 1,
+            "out/a" => forwarded += 1,
+            // A late probe of `subscribed`.
+            t if t.ends_with("/probe") => {}
+            other => panic!("unexpected topic {other}"),
+        }
+    }
+    forwarded
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_fallback_local_forwards_up_to_the_limit() {
+    assert_eq!(forwards_while_redis_is_down("local").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_fallback_allow_forwards_everything() {
+    assert_eq!(forwards_while_redis_is_down("allow").await, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_fallback_deny_forwards_nothing() {
+    assert_eq!(forwards_while_redis_is_down("deny").await, 0);
+}
+
+// ---- dedup ----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_dedup_key_twice_is_a_duplicate_written_once() {
+    let mut rig = Rig::start(&counted(
+        "dedup = { key = \"dedup:{id}:{json.seq}\", ttl = \"10m\" }",
+    ))
+    .await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.publish("d/a", r#"{"seq":2}"#).await;
+    rig.settle(3).await;
+    assert_eq!(count(&mut rig, "out:a"), 2, "seq 1 once, seq 2 once");
+    assert_eq!(rig.text("dedup:a:1").await, "done");
+    let pttl: i64 = rig.conn.pttl("dedup:a:1").expect("PTTL");
+    assert!(
+        (500_000..=600_000).contains(&pttl),
+        "done kept for ttl: {pttl}"
+    );
+    assert!(
+        rig.dead_letters().is_empty(),
+        "duplicate is not dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_key_leased_by_another_is_claimed_once_the_lease_expires() {
+    let mut rig = Rig::start_with(
+        &counted("dedup = { key = \"dedup:{id}:{json.seq}\", lease = \"30s\" }"),
+        |c| {
+            let () = redis::cmd("SET")
+                .arg("dedup:a:1")
+                .arg("lease:other-bridge:abc")
+                .arg("PX")
+                .arg(1500)
+                .query(c)
+                .expect("SET");
+        },
+    )
+    .await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.settle(1).await;
+    assert_eq!(
+        count(&mut rig, "out:a"),
+        1,
+        "processed after the lease lapsed"
+    );
+    assert_eq!(rig.text("dedup:a:1").await, "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_key_leased_by_another_that_becomes_done_is_a_duplicate() {
+    let mut rig = Rig::start_with(
+        &counted("dedup = { key = \"dedup:{id}:{json.seq}\", lease = \"30s\" }"),
+        |c| {
+            let () = redis::cmd("SET")
+                .arg("dedup:a:1")
+                .arg("lease:other-bridge:abc")
+                .arg("PX")
+                .arg(60_000)
+                .query(c)
+                .expect("SET");
+        },
+    )
+    .await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    // Whether the bridge already waits on the other's lease or meets the key only now…
+    let () = redis::cmd("SET")
+        .arg("dedup:a:1")
+        .arg("done")
+        .arg("PX")
+        .arg(60_000)
+        .query(&mut rig.conn)
+        .expect("SET done");
+    // …and once the other finished, the message is a duplicate.
+    rig.settle(1).await;
+    assert_eq!(count(&mut rig, "out:a"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_json_constraint_is_enforced_where_the_field_lands_in_a_key() {
+    let mut rig = Rig::start(&counted(
+        "params.\"json.seq\" = \"^[0-9]+$\"\ndedup = { key = \"dedup:{json.seq}\" }",
+    ))
+    .await;
+    rig.publish("d/a", r#"{"seq":"x1"}"#).await;
+    rig.publish("d/a", r#"{"seq":7}"#).await;
+    rig.settle(2).await;
+    assert_eq!(count(&mut rig, "out:a"), 1);
+    let records = rig.dead_letters();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["reason"], "invalid_param");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_key_holding_a_foreign_value_without_expiry_fails_instead_of_waiting_forever() {
+    let mut rig = Rig::start_with(
+        &counted("dedup = { key = \"dedup:{id}:{json.seq}\" }"),
+        |c| {
+            let () = c.set("dedup:a:1", "something else").expect("SET");
+        },
+    )
+    .await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.publish("d/a", r#"{"seq":2}"#).await;
+    rig.settle(2).await;
+    assert_eq!(count(&mut rig, "out:a"), 1, "seq 2 went through");
+    let records = rig.dead_letters();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["reason"], "redis_error");
+    assert!(
+        records[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("dedup:a:1")),
+        "{}",
+        records[0]
+    );
+    assert_eq!(
+        rig.text("dedup:a:1").await,
+        "something else",
+        "a foreign value is left alone"
+    );
+}
