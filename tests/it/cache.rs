@@ -4,21 +4,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use routemq_bridge::config::Secret;
 use routemq_bridge::redis::cache::get_or_set_json;
-use routemq_bridge::redis::{RedisConfig, RedisManager};
 use serde_json::{json, Value};
 
 use crate::harness::Redis;
-
-async fn manager(redis: &Redis) -> RedisManager {
-    let manager = RedisManager::new(RedisConfig {
-        url: Some(Secret::new(redis.url())),
-        ..RedisConfig::default()
-    });
-    assert!(manager.initialize().await, "connect to the test redis");
-    manager
-}
 
 async fn load(calls: &AtomicUsize) -> Result<Value, String> {
     calls.fetch_add(1, Ordering::SeqCst);
@@ -28,7 +17,7 @@ async fn load(calls: &AtomicUsize) -> Result<Value, String> {
 #[tokio::test]
 async fn loader_is_called_once_then_the_value_comes_from_redis() {
     let redis = Redis::start();
-    let m = manager(&redis).await;
+    let m = redis.manager().await;
     let calls = AtomicUsize::new(0);
     let ttl = Duration::from_secs(60);
     let first = get_or_set_json(&m, "cache:dev", ttl, || load(&calls))
@@ -59,7 +48,7 @@ async fn loader_is_called_once_then_the_value_comes_from_redis() {
 #[tokio::test]
 async fn redis_down_still_returns_the_loader_value() {
     let mut redis = Redis::start();
-    let m = manager(&redis).await;
+    let m = redis.manager().await;
     redis.kill();
     let calls = AtomicUsize::new(0);
     let value = tokio::time::timeout(
@@ -76,7 +65,7 @@ async fn redis_down_still_returns_the_loader_value() {
 #[tokio::test]
 async fn loader_error_reaches_the_caller_and_nothing_is_cached() {
     let redis = Redis::start();
-    let m = manager(&redis).await;
+    let m = redis.manager().await;
     let result: Result<Value, String> =
         get_or_set_json(&m, "cache:err", Duration::from_secs(60), || async {
             Err("db down".to_string())

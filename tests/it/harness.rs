@@ -209,6 +209,23 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.0.port)
     }
 
+    /// A manager config for this server, with short timeouts so failures show quickly.
+    pub fn manager_config(&self) -> routemq_bridge::redis::RedisConfig {
+        routemq_bridge::redis::RedisConfig {
+            url: Some(routemq_bridge::config::Secret::new(self.url())),
+            socket_timeout: Duration::from_secs(2),
+            socket_connect_timeout: Duration::from_secs(2),
+            ..Default::default()
+        }
+    }
+
+    /// A connected manager for this server.
+    pub async fn manager(&self) -> routemq_bridge::redis::RedisManager {
+        let manager = routemq_bridge::redis::RedisManager::new(self.manager_config());
+        assert!(manager.initialize().await, "connect to the test redis");
+        manager
+    }
+
     /// A plain synchronous client, for tests to look at what the bridge wrote.
     pub fn client(&self) -> redis::Client {
         redis::Client::open(self.url()).expect("redis url")

@@ -3,20 +3,9 @@
 
 use std::time::Duration;
 
-use routemq_bridge::config::Secret;
 use routemq_bridge::redis::lock::{compare_and_delete, Lock};
-use routemq_bridge::redis::{RedisConfig, RedisManager};
 
 use crate::harness::Redis;
-
-async fn manager(redis: &Redis) -> RedisManager {
-    let manager = RedisManager::new(RedisConfig {
-        url: Some(Secret::new(redis.url())),
-        ..RedisConfig::default()
-    });
-    assert!(manager.initialize().await, "connect to the test redis");
-    manager
-}
 
 fn holder(redis: &Redis, key: &str) -> Option<String> {
     let mut conn = redis.client().get_connection().expect("connect");
@@ -26,7 +15,7 @@ fn holder(redis: &Redis, key: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn of_two_contenders_exactly_one_holds_the_lock() {
     let redis = Redis::start();
-    let (a, b) = (manager(&redis).await, manager(&redis).await);
+    let (a, b) = (redis.manager().await, redis.manager().await);
     let lease = Duration::from_secs(30);
     let (x, y) = tokio::join!(
         Lock::acquire(&a, "lock:res", lease),
@@ -43,7 +32,7 @@ async fn of_two_contenders_exactly_one_holds_the_lock() {
 #[tokio::test]
 async fn a_non_owner_release_deletes_nothing() {
     let redis = Redis::start();
-    let m = manager(&redis).await;
+    let m = redis.manager().await;
     let lock = Lock::acquire(&m, "lock:res", Duration::from_secs(30))
         .await
         .expect("redis answers")
@@ -58,7 +47,7 @@ async fn a_non_owner_release_deletes_nothing() {
 #[tokio::test]
 async fn a_holder_whose_lease_expired_cannot_release_the_next_holders_lock() {
     let redis = Redis::start();
-    let m = manager(&redis).await;
+    let m = redis.manager().await;
     let first = Lock::acquire(&m, "lock:res", Duration::from_millis(100))
         .await
         .expect("redis answers")
@@ -83,7 +72,7 @@ async fn a_holder_whose_lease_expired_cannot_release_the_next_holders_lock() {
 #[tokio::test]
 async fn extend_keeps_the_lock_past_its_original_lease() {
     let redis = Redis::start();
-    let m = manager(&redis).await;
+    let m = redis.manager().await;
     let mut lock = Lock::acquire(&m, "lock:res", Duration::from_millis(300))
         .await
         .expect("redis answers")
@@ -104,7 +93,7 @@ async fn extend_keeps_the_lock_past_its_original_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acquire_with_timeout_gets_the_lock_once_the_holder_releases() {
     let redis = Redis::start();
-    let m = manager(&redis).await;
+    let m = redis.manager().await;
     let held = Lock::acquire(&m, "lock:res", Duration::from_secs(30))
         .await
         .expect("redis answers")
@@ -140,7 +129,7 @@ async fn acquire_with_timeout_gets_the_lock_once_the_holder_releases() {
 #[tokio::test]
 async fn acquire_with_timeout_gives_up_while_the_lock_is_held() {
     let redis = Redis::start();
-    let m = manager(&redis).await;
+    let m = redis.manager().await;
     let held = Lock::acquire(&m, "lock:res", Duration::from_secs(30))
         .await
         .expect("redis answers")

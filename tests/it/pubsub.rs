@@ -3,30 +3,17 @@
 
 use std::time::Duration;
 
-use routemq_bridge::config::Secret;
 use routemq_bridge::redis::pubsub::{publish, publish_json, Subscriber};
-use routemq_bridge::redis::{RedisConfig, RedisManager};
 use serde_json::json;
 
 use crate::harness::Redis;
-
-async fn manager(redis: &Redis) -> RedisManager {
-    let manager = RedisManager::new(RedisConfig {
-        url: Some(Secret::new(redis.url())),
-        socket_timeout: Duration::from_secs(2),
-        socket_connect_timeout: Duration::from_secs(2),
-        ..RedisConfig::default()
-    });
-    assert!(manager.initialize().await, "connect to the test redis");
-    manager
-}
 
 const WAIT: Duration = Duration::from_secs(10);
 
 #[tokio::test]
 async fn literal_subscription_receives_publish_json() {
     let redis = Redis::start();
-    let m = manager(&redis).await;
+    let m = redis.manager().await;
     let mut sub = Subscriber::start(&m, vec!["commands:dev-1".into()], vec![]);
     assert!(tokio::time::timeout(WAIT, sub.subscribed())
         .await
@@ -49,7 +36,7 @@ async fn literal_subscription_receives_publish_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pattern_subscription_keeps_receiving_after_redis_restarts() {
     let mut redis = Redis::start();
-    let m = manager(&redis).await;
+    let m = redis.manager().await;
     let mut sub = Subscriber::start(&m, vec![], vec!["events:*".into()]);
     assert!(tokio::time::timeout(WAIT, sub.subscribed())
         .await
@@ -88,7 +75,7 @@ async fn pattern_subscription_keeps_receiving_after_redis_restarts() {
 #[tokio::test]
 async fn dropping_the_subscription_unsubscribes() {
     let redis = Redis::start();
-    let m = manager(&redis).await;
+    let m = redis.manager().await;
     let sub = Subscriber::start(&m, vec!["ch".into()], vec![]);
     assert!(tokio::time::timeout(WAIT, sub.subscribed())
         .await

@@ -4,11 +4,10 @@
 
 use std::time::{Duration, SystemTime};
 
-use routemq_bridge::config::Secret;
 use routemq_bridge::redis::rate_limit::{
     fixed_window_key, Decision, Fallback, Limit, RateLimiter, Strategy,
 };
-use routemq_bridge::redis::{Error, RedisConfig, RedisManager};
+use routemq_bridge::redis::Error;
 
 use crate::harness::Redis;
 
@@ -17,17 +16,6 @@ const STRATEGIES: [Strategy; 3] = [
     Strategy::FixedWindow,
     Strategy::TokenBucket,
 ];
-
-async fn manager(redis: &Redis) -> RedisManager {
-    let manager = RedisManager::new(RedisConfig {
-        url: Some(Secret::new(redis.url())),
-        socket_timeout: Duration::from_secs(2),
-        socket_connect_timeout: Duration::from_secs(2),
-        ..RedisConfig::default()
-    });
-    assert!(manager.initialize().await, "connect to the test redis");
-    manager
-}
 
 fn five_per_minute(strategy: Strategy) -> Limit {
     Limit::new(strategy, 5, Duration::from_secs(60))
@@ -66,7 +54,7 @@ async fn concurrent_allowed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_requests_admit_exactly_max_for_every_strategy() {
     let redis = Redis::start();
-    let limiter = std::sync::Arc::new(RateLimiter::new(manager(&redis).await));
+    let limiter = std::sync::Arc::new(RateLimiter::new(redis.manager().await));
     for strategy in STRATEGIES {
         let key = format!("rate_limit:test:{strategy:?}");
         let allowed = concurrent_allowed(
@@ -83,8 +71,8 @@ async fn fifty_concurrent_requests_admit_exactly_max_for_every_strategy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_bridges_sharing_redis_admit_exactly_max_together() {
     let redis = Redis::start();
-    let a = std::sync::Arc::new(RateLimiter::new(manager(&redis).await));
-    let b = std::sync::Arc::new(RateLimiter::new(manager(&redis).await));
+    let a = std::sync::Arc::new(RateLimiter::new(redis.manager().await));
+    let b = std::sync::Arc::new(RateLimiter::new(redis.manager().await));
     for strategy in STRATEGIES {
         let key = format!("rate_limit:shared:{strategy:?}");
         let allowed = concurrent_allowed(
@@ -101,7 +89,7 @@ async fn two_bridges_sharing_redis_admit_exactly_max_together() {
 #[tokio::test]
 async fn fixed_window_counts_on_routemq_key_and_shares_its_budget() {
     let redis = Redis::start();
-    let limiter = RateLimiter::new(manager(&redis).await);
+    let limiter = RateLimiter::new(redis.manager().await);
     let mut conn = redis.client().get_connection().expect("connect");
     let window = Duration::from_secs(60);
     let limit = Limit::new(Strategy::FixedWindow, 5, window);
@@ -153,7 +141,7 @@ async fn fixed_window_counts_on_routemq_key_and_shares_its_budget() {
 #[tokio::test]
 async fn sliding_window_admits_again_once_the_window_has_passed() {
     let redis = Redis::start();
-    let limiter = RateLimiter::new(manager(&redis).await);
+    let limiter = RateLimiter::new(redis.manager().await);
     let limit = Limit::new(Strategy::SlidingWindow, 2, Duration::from_millis(300));
     assert!(
         limiter
@@ -186,7 +174,7 @@ async fn sliding_window_admits_again_once_the_window_has_passed() {
 #[tokio::test]
 async fn token_bucket_admits_its_burst_then_limits() {
     let redis = Redis::start();
-    let limiter = RateLimiter::new(manager(&redis).await);
+    let limiter = RateLimiter::new(redis.manager().await);
     let limit = Limit::new(Strategy::TokenBucket, 5, Duration::from_secs(60)).with_burst(8);
     let mut allowed = 0;
     let mut last = None;
@@ -232,7 +220,7 @@ async fn concurrent_fallback_checks(
 #[tokio::test]
 async fn redis_down_local_fallback_admits_exactly_max() {
     let mut redis = Redis::start();
-    let limiter = RateLimiter::new(manager(&redis).await);
+    let limiter = RateLimiter::new(redis.manager().await);
     redis.kill();
     let rounds = STRATEGIES.map(|strategy| {
         let limiter = &limiter;
@@ -256,7 +244,7 @@ async fn redis_down_local_fallback_admits_exactly_max() {
 #[tokio::test]
 async fn redis_down_allow_fallback_admits_everything() {
     let mut redis = Redis::start();
-    let limiter = RateLimiter::new(manager(&redis).await);
+    let limiter = RateLimiter::new(redis.manager().await);
     redis.kill();
     let limit = five_per_minute(Strategy::SlidingWindow);
     let decisions = concurrent_fallback_checks(&limiter, "k", &limit, Fallback::Allow, 20).await;
@@ -268,7 +256,7 @@ async fn redis_down_allow_fallback_admits_everything() {
 #[tokio::test]
 async fn redis_down_deny_fallback_refuses_everything() {
     let mut redis = Redis::start();
-    let limiter = RateLimiter::new(manager(&redis).await);
+    let limiter = RateLimiter::new(redis.manager().await);
     redis.kill();
     let limit = five_per_minute(Strategy::FixedWindow);
     let decisions = concurrent_fallback_checks(&limiter, "k", &limit, Fallback::Deny, 20).await;
@@ -280,7 +268,7 @@ async fn redis_down_deny_fallback_refuses_everything() {
 #[tokio::test]
 async fn a_redis_error_reply_is_reported_not_hidden_by_the_fallback() {
     let redis = Redis::start();
-    let limiter = RateLimiter::new(manager(&redis).await);
+    let limiter = RateLimiter::new(redis.manager().await);
     let mut conn = redis.client().get_connection().expect("connect");
     let _: () = redis::cmd("SET")
         .arg("not-a-zset")

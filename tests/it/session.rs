@@ -3,21 +3,10 @@
 
 use std::time::Duration;
 
-use routemq_bridge::config::Secret;
 use routemq_bridge::redis::session::SessionManager;
-use routemq_bridge::redis::{RedisConfig, RedisManager};
 use serde::{Deserialize, Serialize};
 
 use crate::harness::Redis;
-
-async fn manager(redis: &Redis) -> RedisManager {
-    let manager = RedisManager::new(RedisConfig {
-        url: Some(Secret::new(redis.url())),
-        ..RedisConfig::default()
-    });
-    assert!(manager.initialize().await, "connect to the test redis");
-    manager
-}
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
 struct Session {
@@ -35,7 +24,7 @@ fn pttl(redis: &Redis, key: &str) -> i64 {
 #[tokio::test]
 async fn session_is_created_read_touched_and_deleted_at_session_id() {
     let redis = Redis::start();
-    let sessions = SessionManager::new(manager(&redis).await);
+    let sessions = SessionManager::new(redis.manager().await);
     let session = Session {
         user_id: "u1".into(),
         created_at: 1_700_000_000.5,
@@ -80,7 +69,7 @@ async fn session_is_created_read_touched_and_deleted_at_session_id() {
 #[tokio::test]
 async fn session_written_by_python_json_dumps_is_read() {
     let redis = Redis::start();
-    let sessions = SessionManager::new(manager(&redis).await);
+    let sessions = SessionManager::new(redis.manager().await);
     let mut conn = redis.client().get_connection().expect("connect");
     // Exactly what `json.dumps(session_data)` produces: spaces after separators, non-ASCII
     // escaped.
@@ -107,7 +96,7 @@ async fn session_written_by_python_json_dumps_is_read() {
 #[tokio::test]
 async fn sentinel_forms_report_failure_when_redis_is_down() {
     let mut redis = Redis::start();
-    let sessions = SessionManager::with_prefix(manager(&redis).await, "sess:");
+    let sessions = SessionManager::with_prefix(redis.manager().await, "sess:");
     assert!(
         sessions
             .create("x", &serde_json::json!({"a": 1}), Duration::from_secs(60))
