@@ -231,6 +231,21 @@ impl Redis {
         self.0.spawn();
     }
 
+    /// SIGSTOP: the server keeps its connections open but answers nothing — a Redis stuck
+    /// on a slow disk or a long command — until [`Redis::resume`].
+    pub fn pause(&mut self) {
+        if let Some(child) = &self.0.child {
+            signal(child.id(), libc::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`Redis::pause`].
+    pub fn resume(&mut self) {
+        if let Some(child) = &self.0.child {
+            signal(child.id(), libc::SIGCONT);
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         self.0.dir.path()
     }
@@ -301,5 +316,10 @@ impl Mosquitto {
 
     pub fn log(&self) -> String {
         self.0.log()
+    }
+
+    /// Its directory: config, log and persistence (`mosquitto.db`).
+    pub fn dir(&self) -> &Path {
+        self.0.dir.path()
     }
 }

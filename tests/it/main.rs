@@ -2,6 +2,8 @@
 //! ports. One binary with one module per area keeps linking cheap.
 
 mod bridge;
+mod bridge_cli;
+mod bridge_delivery;
 mod bridge_smoke;
 mod harness;
 mod harness_selftest;
