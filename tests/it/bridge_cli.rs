@@ -140,7 +140,9 @@ fn check_prints_the_route_table_and_exits_0() {
         assert!(line.contains(part), "{part:?} missing from {line:?}");
     }
     assert!(
-        stdout.lines().any(|l| l.contains("everything") && l.contains("incr")),
+        stdout
+            .lines()
+            .any(|l| l.contains("everything") && l.contains("incr")),
         "the second route is listed:\n{stdout}"
     );
 }
@@ -292,7 +294,10 @@ fn a_missing_config_exits_2() {
         (status, stderr)
     };
     assert_eq!(out.0.code(), Some(2), "{}", out.1);
-    assert!(out.1.contains(&missing), "names the file from the environment");
+    assert!(
+        out.1.contains(&missing),
+        "names the file from the environment"
+    );
 }
 
 #[test]
@@ -375,7 +380,10 @@ topic = "a/{{id}}"
             "attempt {attempt} not logged"
         );
     }
-    assert!(child.try_wait().expect("try_wait").is_none(), "still running");
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "still running"
+    );
     signal(child.id(), libc::SIGTERM);
     let status = wait_with_timeout(&mut child, Duration::from_secs(20))
         .expect("exits within 20 s of SIGTERM");

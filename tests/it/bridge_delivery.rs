@@ -21,6 +21,9 @@ const CATCH_UP: Duration = Duration::from_secs(90);
 /// The log line the MQTT source writes when it loses the broker.
 const CONNECTION_LOST: &str = "MQTT connection lost";
 
+/// The log line (debug) of a message waiting for Redis.
+const RETRYING: &str = "redis unavailable; message waits and retries";
+
 /// A route writing `msg:<n>` for every message on `load/data`, and pushing the payload on
 /// `order`.
 const NUMBERED_ROUTE: &str = r#"
@@ -37,7 +40,12 @@ key = "order"
 
 fn numbered(range: std::ops::Range<u32>) -> Vec<(String, Vec<u8>)> {
     range
-        .map(|n| ("load/data".to_string(), format!(r#"{{"n":{n}}}"#).into_bytes()))
+        .map(|n| {
+            (
+                "load/data".to_string(),
+                format!(r#"{{"n":{n}}}"#).into_bytes(),
+            )
+        })
         .collect()
 }
 
@@ -72,7 +80,10 @@ async fn wait_all_written(conn: &mut redis::Connection, count: u32) -> BTreeSet<
 }
 
 fn connection(redis: &Redis) -> redis::Connection {
-    redis.client().get_connection().expect("test connection to redis")
+    redis
+        .client()
+        .get_connection()
+        .expect("test connection to redis")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -81,7 +92,12 @@ async fn messages_arriving_while_redis_is_down_are_all_written_once_it_is_back()
     // survives it and the count at the end can be exact.
     let mut redis = Redis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let broker = Mosquitto::start();
-    let bridge = Bridge::start(&config(&redis, &broker, "bridge-redis-down", NUMBERED_ROUTE));
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "bridge-redis-down",
+        NUMBERED_ROUTE,
+    ));
     let mut client = Client::connect(&broker, "redis-down-publisher").await;
     let mut conn = connection(&redis);
 
@@ -97,11 +113,7 @@ async fn messages_arriving_while_redis_is_down_are_all_written_once_it_is_back()
     let offset = bridge.log_text().len();
     client.publish_all(numbered(50..200)).await;
     assert!(
-        bridge.wait_for_log_after(
-            offset,
-            "redis unavailable; message waits and retries",
-            Duration::from_secs(30)
-        ),
+        bridge.wait_for_log_after(offset, RETRYING, Duration::from_secs(30)),
         "the bridge never noticed Redis was down; log:\n{}",
         bridge.log_text()
     );
@@ -142,7 +154,10 @@ async fn kill_9_of_the_bridge_loses_nothing_at_qos_1() {
     let at_kill = written_numbers(&mut conn).len();
     // …the second half waits in the broker for our persistent session.
     client.publish_all(numbered(1000..2000)).await;
-    assert!(at_kill < 2000, "some messages must still be unwritten at the kill");
+    assert!(
+        at_kill < 2000,
+        "some messages must still be unwritten at the kill"
+    );
 
     bridge.spawn();
     let written = wait_all_written(&mut conn, 2000).await;
@@ -208,24 +223,32 @@ key = "other"
         "the list holds every message of the topic, in publish order"
     );
     let latest: String = conn.get("latest").expect("latest");
-    assert_eq!(latest, r#"{"n":499}"#, "the latest key holds the last message");
+    assert_eq!(
+        latest, r#"{"n":499}"#,
+        "the latest key holds the last message"
+    );
     let other = eventually(CATCH_UP, || {
         let n: i64 = conn.get::<_, Option<i64>>("other").ok().flatten()?;
         (n >= 500).then_some(n)
     })
     .await;
-    assert_eq!(other, Some(500), "the other topic got all its messages once");
+    assert_eq!(
+        other,
+        Some(500),
+        "the other topic got all its messages once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_1_mib_message_is_written_without_a_disconnect() {
     let redis = Redis::start();
     let broker = Mosquitto::start();
-    let bridge = Bridge::start(&config(
-        &redis,
-        &broker,
-        "bridge-big",
-        r#"
+    let bridge = Bridge::start(
+        &config(
+            &redis,
+            &broker,
+            "bridge-big",
+            r#"
 [limits]
 max_payload = "2MiB"
 
@@ -237,11 +260,12 @@ payload = "bytes"
 op = "set"
 key = "blob:{id}"
 "#,
-    )
-    .replace(
-        "reconnect_max_delay = \"1s\"",
-        "reconnect_max_delay = \"1s\"\nmax_packet_size = \"4MiB\"",
-    ));
+        )
+        .replace(
+            "reconnect_max_delay = \"1s\"",
+            "reconnect_max_delay = \"1s\"\nmax_packet_size = \"4MiB\"",
+        ),
+    );
     let mut client = Client::connect(&broker, "big-publisher").await;
     let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
     client
@@ -263,7 +287,10 @@ key = "blob:{id}"
         bridge.log_text()
     );
     let written: Option<Vec<u8>> = conn.get("blob:big").expect("get blob:big");
-    assert!(written == Some(big), "the 1 MiB payload is written byte for byte");
+    assert!(
+        written == Some(big),
+        "the 1 MiB payload is written byte for byte"
+    );
     assert!(
         !bridge.log_text().contains(CONNECTION_LOST),
         "a big message must not cost the connection; log:\n{}",
@@ -275,7 +302,12 @@ key = "blob:{id}"
 async fn the_bridge_reconnects_after_a_broker_restart_with_and_without_its_session() {
     let redis = Redis::start();
     let mut broker = Mosquitto::start();
-    let bridge = Bridge::start(&config(&redis, &broker, "bridge-broker-restart", NUMBERED_ROUTE));
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "bridge-broker-restart",
+        NUMBERED_ROUTE,
+    ));
     let mut conn = connection(&redis);
     {
         let mut client = Client::connect(&broker, "restart-publisher-1").await;
@@ -288,8 +320,8 @@ async fn the_bridge_reconnects_after_a_broker_restart_with_and_without_its_sessi
     broker.stop();
     broker.start_again();
     assert!(
-        bridge.wait_for_log_after(offset, "connected to the MQTT broker", Duration::from_secs(30)),
-        "no reconnect after a clean broker restart; log:\n{}",
+        bridge.wait_for_log_after(offset, "session_present=true", Duration::from_secs(30)),
+        "no reconnect to the kept session after a clean broker restart; log:\n{}",
         bridge.log_text()
     );
     {
@@ -308,6 +340,11 @@ async fn the_bridge_reconnects_after_a_broker_restart_with_and_without_its_sessi
     broker.kill();
     std::fs::remove_file(broker_persistence(&broker)).ok();
     broker.start_again();
+    assert!(
+        bridge.wait_for_log_after(offset, "session_present=false", Duration::from_secs(30)),
+        "no reconnect after the broker crashed; log:\n{}",
+        bridge.log_text()
+    );
     assert!(
         bridge.wait_for_log_after(offset, "subscribed", Duration::from_secs(30)),
         "no resubscription after the broker lost the session; log:\n{}",
@@ -332,37 +369,132 @@ fn broker_persistence(broker: &Mosquitto) -> std::path::PathBuf {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_exits_0_and_acks_only_what_was_written() {
+    const TOTAL: u32 = 3000;
     let redis = Redis::start();
     let broker = Mosquitto::start();
     let mut bridge = Bridge::start(&config(&redis, &broker, "bridge-sigterm", NUMBERED_ROUTE));
     let mut client = Client::connect(&broker, "sigterm-publisher").await;
     let mut conn = connection(&redis);
 
-    client.publish_all(numbered(0..1500)).await;
+    // A stream in small batches, still flowing when the SIGTERM lands.
+    let publisher = tokio::spawn(async move {
+        for start in (0..TOTAL).step_by(50) {
+            client.publish_all(numbered(start..start + 50)).await;
+        }
+    });
     let started = eventually(Duration::from_secs(30), || {
         let n: usize = conn.llen("order").unwrap_or(0);
-        (n >= 50).then_some(n)
+        (n >= 300).then_some(n)
     })
     .await;
     assert!(started.is_some(), "the bridge did not start writing");
     let status = bridge.terminate(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "log:\n{}", bridge.log_text());
     let at_stop: usize = conn.llen("order").unwrap_or(0);
-    client.publish_all(numbered(1500..2000)).await;
+    tokio::time::timeout(Duration::from_secs(60), publisher)
+        .await
+        .expect("publisher finishes")
+        .expect("publisher task");
 
     bridge.spawn();
     eventually(CATCH_UP, || {
         let n: usize = conn.llen("order").unwrap_or(0);
-        (n >= 2000).then_some(n)
+        (n >= TOTAL as usize).then_some(n)
     })
     .await;
-    let pushed = pushed_numbers(&mut conn);
     // A message acked but not written would be missing; one written but not acked would be
     // pushed twice (redelivered after the restart).
     assert_eq!(
-        pushed,
-        (0..2000).collect::<Vec<_>>(),
+        pushed_numbers(&mut conn),
+        (0..TOTAL).collect::<Vec<_>>(),
         "every message written exactly once, in order (written at stop: {at_stop}); log:\n{}",
+        bridge.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_the_messages_in_flight_before_exiting() {
+    let mut redis = Redis::start();
+    let broker = Mosquitto::start();
+    let mut bridge = Bridge::start(&config(&redis, &broker, "bridge-drain", NUMBERED_ROUTE));
+    let mut client = Client::connect(&broker, "drain-publisher").await;
+
+    // Messages in flight: received, waiting for a stalled Redis.
+    redis.pause();
+    let offset = bridge.log_text().len();
+    client.publish_all(numbered(0..100)).await;
+    assert!(
+        bridge.wait_for_log_after(offset, RETRYING, Duration::from_secs(30)),
+        "no message waiting for Redis; log:\n{}",
+        bridge.log_text()
+    );
+    let pid = bridge.pid().expect("running");
+    crate::harness::signal(pid, libc::SIGTERM);
+    assert!(
+        bridge.wait_for_log_after(offset, "shutting down", Duration::from_secs(10)),
+        "log:\n{}",
+        bridge.log_text()
+    );
+    // Redis is back well within shutdown_timeout (10 s): the drain finishes and acks them.
+    redis.resume();
+    let status = bridge.terminate(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "log:\n{}", bridge.log_text());
+    let mut conn = connection(&redis);
+    let at_exit = written_numbers(&mut conn);
+    assert!(
+        at_exit.contains(&0),
+        "the message in flight at SIGTERM was finished before exit; log:\n{}",
+        bridge.log_text()
+    );
+
+    bridge.spawn();
+    let written = wait_all_written(&mut conn, 100).await;
+    assert_eq!(
+        written,
+        (0..100).collect::<BTreeSet<_>>(),
+        "the rest is redelivered after the restart (written at exit: {}); log:\n{}",
+        at_exit.len(),
+        bridge.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_cannot_finish_within_shutdown_timeout_stays_unacked_for_redelivery() {
+    let mut redis = Redis::start();
+    let broker = Mosquitto::start();
+    let mut bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "bridge-drain-timeout",
+        &format!("[limits]\nshutdown_timeout = \"1s\"\n{NUMBERED_ROUTE}"),
+    ));
+    let mut client = Client::connect(&broker, "drain-timeout-publisher").await;
+
+    redis.pause();
+    let offset = bridge.log_text().len();
+    client.publish_all(numbered(0..100)).await;
+    assert!(
+        bridge.wait_for_log_after(offset, RETRYING, Duration::from_secs(30)),
+        "no message waiting for Redis; log:\n{}",
+        bridge.log_text()
+    );
+    // Redis stays stalled: the drain gives up after shutdown_timeout, and exits cleanly.
+    let status = bridge.terminate(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "log:\n{}", bridge.log_text());
+    assert!(
+        bridge.log_text().contains("shutdown_timeout reached"),
+        "log:\n{}",
+        bridge.log_text()
+    );
+    redis.resume();
+
+    bridge.spawn();
+    let mut conn = connection(&redis);
+    let written = wait_all_written(&mut conn, 100).await;
+    assert_eq!(
+        written,
+        (0..100).collect::<BTreeSet<_>>(),
+        "the unfinished messages are redelivered and written; log:\n{}",
         bridge.log_text()
     );
 }
@@ -371,18 +503,19 @@ async fn sigterm_mid_stream_exits_0_and_acks_only_what_was_written() {
 async fn a_redis_stalled_longer_than_keep_alive_does_not_cost_the_mqtt_connection() {
     let mut redis = Redis::start();
     let broker = Mosquitto::start();
-    let bridge = Bridge::start(&config(&redis, &broker, "bridge-slow-redis", NUMBERED_ROUTE));
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "bridge-slow-redis",
+        NUMBERED_ROUTE,
+    ));
     let mut client = Client::connect(&broker, "slow-redis-publisher").await;
 
     redis.pause();
     let offset = bridge.log_text().len();
     client.publish_all(numbered(0..100)).await;
     assert!(
-        bridge.wait_for_log_after(
-            offset,
-            "redis unavailable; message waits and retries",
-            Duration::from_secs(30)
-        ),
+        bridge.wait_for_log_after(offset, RETRYING, Duration::from_secs(30)),
         "the bridge never found Redis stalled; log:\n{}",
         bridge.log_text()
     );
@@ -393,7 +526,12 @@ async fn a_redis_stalled_longer_than_keep_alive_does_not_cost_the_mqtt_connectio
 
     let mut conn = connection(&redis);
     let written = wait_all_written(&mut conn, 100).await;
-    assert_eq!(written, (0..100).collect::<BTreeSet<_>>(), "log:\n{}", bridge.log_text());
+    assert_eq!(
+        written,
+        (0..100).collect::<BTreeSet<_>>(),
+        "log:\n{}",
+        bridge.log_text()
+    );
     assert!(
         !bridge.log_text().contains(CONNECTION_LOST),
         "keep-alive must not starve while Redis stalls; log:\n{}",

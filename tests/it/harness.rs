@@ -268,11 +268,15 @@ impl Mosquitto {
             .tempdir()
             .expect("tempdir");
         let port = free_port();
+        // `user root`: started as root, Mosquitto would otherwise drop to the `mosquitto`
+        // user, which cannot write its persistence into our directory — and the persistent
+        // session would silently not survive a restart. Ignored when not started as root.
         let conf = format!(
             "listener {port} 127.0.0.1\n\
              allow_anonymous true\n\
              persistence true\n\
              persistence_location {dir}/\n\
+             user root\n\
              max_queued_messages 1000000\n\
              message_size_limit 0\n\
              log_dest stdout\n\
