@@ -543,3 +543,72 @@ async fn a_redis_stalled_longer_than_keep_alive_does_not_cost_the_mqtt_connectio
         broker.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_still_processing_holds_back_the_acks_of_later_ones() {
+    let redis = Redis::start();
+    let broker = Mosquitto::start();
+    let mut conn = connection(&redis);
+    // Another bridge's claim on the gate's dedup key: the gated message waits for it.
+    let _: () = redis::cmd("SET")
+        .arg("dedup:gate")
+        .arg("lease:another-bridge:0")
+        .arg("PX")
+        .arg(120_000)
+        .query(&mut conn)
+        .expect("plant a foreign lease");
+    let mut bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "bridge-ack-order",
+        &format!(
+            r#"
+[[routes]]
+name = "gated"
+topic = "gate/{{id}}"
+  [routes.dedup]
+  key = "dedup:{{id}}"
+  [[routes.actions]]
+  op = "set"
+  key = "gated:{{id}}"
+{NUMBERED_ROUTE}"#
+        ),
+    ));
+    let mut client = Client::connect(&broker, "ack-order-publisher").await;
+    let mut batch = vec![("gate/gate".to_string(), b"{}".to_vec())];
+    batch.extend(numbered(0..10));
+    client.publish_all(batch).await;
+
+    // The later messages, on another topic, are written while the first one waits…
+    let len = eventually(Duration::from_secs(30), || {
+        let n: usize = conn.llen("order").unwrap_or(0);
+        (n >= 10).then_some(n)
+    })
+    .await;
+    assert_eq!(len, Some(10), "log:\n{}", bridge.log_text());
+    let gated: Option<String> = conn.get("gated:gate").expect("get");
+    assert_eq!(gated, None, "the gated message is still waiting");
+    // …but not acked: acks go out in arrival order. A crash now makes the broker redeliver
+    // all of them.
+    bridge.kill();
+    let _: () = conn.del("dedup:gate").expect("lift the foreign lease");
+    bridge.spawn();
+
+    let gated = eventually(Duration::from_secs(30), || {
+        conn.get::<_, Option<String>>("gated:gate").ok().flatten()
+    })
+    .await;
+    assert_eq!(gated.as_deref(), Some("{}"), "log:\n{}", bridge.log_text());
+    eventually(Duration::from_secs(30), || {
+        let n: usize = conn.llen("order").unwrap_or(0);
+        (n >= 20).then_some(n)
+    })
+    .await;
+    let expected: Vec<u32> = (0..10).chain(0..10).collect();
+    assert_eq!(
+        pushed_numbers(&mut conn),
+        expected,
+        "written but unacked behind the gated message, so redelivered; log:\n{}",
+        bridge.log_text()
+    );
+}
