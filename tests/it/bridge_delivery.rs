@@ -612,3 +612,30 @@ topic = "gate/{{id}}"
         bridge.log_text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_over_max_packet_size_is_dead_lettered_instead_of_wedging_the_session() {
+    let redis = Redis::start();
+    let broker = Mosquitto::start();
+    let bridge = Bridge::start(&config(&redis, &broker, "bridge-too-big", NUMBERED_ROUTE));
+    let mut client = Client::connect(&broker, "too-big-publisher").await;
+    // Default max_packet_size is 1 MiB: the broker (no limit of its own) sends it anyway.
+    client
+        .publish("load/data", vec![b' '; 2 * 1024 * 1024])
+        .await;
+    client.publish_all(numbered(0..5)).await;
+
+    let mut conn = connection(&redis);
+    let written = wait_all_written(&mut conn, 5).await;
+    assert_eq!(
+        written,
+        (0..5).collect::<BTreeSet<_>>(),
+        "the messages behind the oversized one flow; log:\n{}",
+        bridge.log_text()
+    );
+    let records: Vec<String> = conn.lrange("dead_letter", 0, -1).expect("dead letter");
+    assert_eq!(records.len(), 1, "one dead letter: {records:?}");
+    let record: serde_json::Value = serde_json::from_str(&records[0]).expect("JSON record");
+    assert_eq!(record["reason"], "payload_too_large", "{record}");
+    assert_eq!(record["topic"], "load/data", "{record}");
+}
