@@ -639,3 +639,48 @@ async fn a_message_over_max_packet_size_is_dead_lettered_instead_of_wedging_the_
     assert_eq!(record["reason"], "payload_too_large", "{record}");
     assert_eq!(record["topic"], "load/data", "{record}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_wait_for_a_redis_that_is_down_at_start_up() {
+    let mut redis = Redis::start();
+    redis.kill();
+    let broker = Mosquitto::start();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "bridge-redis-late",
+        NUMBERED_ROUTE,
+    ));
+    let mut client = Client::connect(&broker, "redis-late-publisher").await;
+    let offset = bridge.log_text().len();
+    client.publish_all(numbered(0..20)).await;
+    assert!(
+        bridge.wait_for_log_after(offset, RETRYING, Duration::from_secs(30)),
+        "log:\n{}",
+        bridge.log_text()
+    );
+    redis.start_again();
+    let mut conn = connection(&redis);
+    assert_eq!(
+        wait_all_written(&mut conn, 20).await,
+        (0..20).collect::<BTreeSet<_>>(),
+        "log:\n{}",
+        bridge.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_broker_is_gone_still_exits_0() {
+    let redis = Redis::start();
+    let mut broker = Mosquitto::start();
+    let mut bridge = Bridge::start(&config(&redis, &broker, "bridge-no-broker", NUMBERED_ROUTE));
+    let offset = bridge.log_text().len();
+    broker.kill();
+    assert!(
+        bridge.wait_for_log_after(offset, CONNECTION_LOST, Duration::from_secs(30)),
+        "log:\n{}",
+        bridge.log_text()
+    );
+    let status = bridge.terminate(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "log:\n{}", bridge.log_text());
+}
