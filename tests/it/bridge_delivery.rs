@@ -537,11 +537,6 @@ async fn a_redis_stalled_longer_than_keep_alive_does_not_cost_the_mqtt_connectio
         "keep-alive must not starve while Redis stalls; log:\n{}",
         bridge.log_text()
     );
-    assert!(
-        !broker.log().contains("exceeded timeout"),
-        "the broker saw no keep-alive timeout; broker log:\n{}",
-        broker.log()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
