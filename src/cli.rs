@@ -134,12 +134,24 @@ pub fn matches(path: &Path, topic: &str, payload: Option<&str>) -> u8 {
         let mut ctx = Context::new(topic, payload.as_bytes());
         ctx.params = &captures;
         ctx.json = json.as_ref();
+        // A key that cannot render here (a `{session.*}` field, a missing `{json.*}`) shows
+        // why in angle brackets instead of hiding the route.
+        let render = |key: &crate::router::template::Template| match key.render(&ctx) {
+            Ok(k) => k,
+            Err(e) => format!("<{e}>"),
+        };
+        if let Some(session) = &route.session {
+            println!("  session: {}", render(&session.rule().key));
+        }
+        if let Some(rule) = &route.rate_limit {
+            println!("  rate_limit: {}", render(&rule.key));
+        }
+        if let Some(rule) = &route.dedup {
+            println!("  dedup: {}", render(&rule.key));
+        }
         for (i, action) in route.actions.iter().enumerate() {
             let rendered = match &action.key {
-                Some(key) => match key.render(&ctx) {
-                    Ok(k) => k,
-                    Err(e) => format!("<{e}>"),
-                },
+                Some(key) => render(key),
                 None => action.describe(),
             };
             println!("  actions[{i}] {}: {rendered}", action.describe());

@@ -98,6 +98,23 @@ struct Loop {
     max_inflight: usize,
     backoff: Backoff,
     pending_subacks: usize,
+    /// `[mqtt] max_packet_size`, in bytes (rumqttc's incoming and outgoing limit).
+    max_packet_size: usize,
+    /// The incoming limit was raised to read one oversized message (see `oversized`).
+    limit_raised: bool,
+}
+
+/// The largest packet MQTT can carry: the remaining length is at most 268,435,455 bytes.
+const MQTT_MAX_PACKET: usize = 268_435_455;
+
+/// The size of an incoming packet rumqttc refused for exceeding the incoming limit.
+fn oversized(error: &rumqttc::ConnectionError) -> Option<usize> {
+    match error {
+        rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
+            rumqttc::Error::PayloadSizeLimitExceeded(size),
+        )) => Some(*size),
+        _ => None,
+    }
 }
 
 fn qos(level: u8) -> QoS {
@@ -150,6 +167,8 @@ impl MqttSource {
             max_inflight,
             backoff: Backoff::new(Duration::from_millis(100), config.reconnect_max_delay),
             pending_subacks: 0,
+            max_packet_size: usize::try_from(config.max_packet_size).unwrap_or(usize::MAX),
+            limit_raised: false,
         };
         let task = tokio::spawn(run.run());
         Ok((
@@ -208,6 +227,14 @@ impl Loop {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     self.backoff.reset();
+                    if self.limit_raised {
+                        // This connection reads with the raised limit (rumqttc takes it at
+                        // connect); the next one goes back to the configured limit.
+                        self.limit_raised = false;
+                        self.eventloop
+                            .mqtt_options
+                            .set_max_packet_size(self.max_packet_size, self.max_packet_size);
+                    }
                     tracing::info!(
                         session_present = ack.session_present,
                         "connected to the MQTT broker"
@@ -264,6 +291,9 @@ impl Loop {
                     if !self.receiving.load(Ordering::Relaxed) && !was_connected {
                         return;
                     }
+                    if let Some(size) = oversized(&e) {
+                        self.raise_limit_for(size);
+                    }
                     let delay = self.backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?delay, "MQTT connection lost");
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -274,6 +304,26 @@ impl Loop {
                 }
             }
         }
+    }
+
+    /// A message larger than `max_packet_size` arrived. rumqttc cannot skip it, and under
+    /// MQTT 3.1.1 the broker cannot be told our limit, so it would redeliver that message
+    /// first on every reconnect and wedge the session for good. Instead the next connection
+    /// reads packets up to its size, once: the engine refuses the message as
+    /// `payload_too_large` (it exceeds `max_payload` too), dead-letters it and acks it.
+    fn raise_limit_for(&mut self, size: usize) {
+        tracing::error!(
+            size,
+            max_packet_size = self.max_packet_size,
+            "the broker sent a message larger than mqtt.max_packet_size; reading it once to \
+             refuse it as payload_too_large (limit the broker's max_packet_size / \
+             message_size_limit to avoid this)"
+        );
+        let incoming = size.min(MQTT_MAX_PACKET).max(self.max_packet_size);
+        self.eventloop
+            .mqtt_options
+            .set_max_packet_size(incoming, self.max_packet_size);
+        self.limit_raised = true;
     }
 
     fn receive(&mut self, publish: Publish) {

@@ -248,6 +248,21 @@ impl Redis {
         self.0.spawn();
     }
 
+    /// SIGSTOP: the server keeps its connections open but answers nothing — a Redis stuck
+    /// on a slow disk or a long command — until [`Redis::resume`].
+    pub fn pause(&mut self) {
+        if let Some(child) = &self.0.child {
+            signal(child.id(), libc::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`Redis::pause`].
+    pub fn resume(&mut self) {
+        if let Some(child) = &self.0.child {
+            signal(child.id(), libc::SIGCONT);
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         self.0.dir.path()
     }
@@ -270,11 +285,15 @@ impl Mosquitto {
             .tempdir()
             .expect("tempdir");
         let port = free_port();
+        // `user root`: started as root, Mosquitto would otherwise drop to the `mosquitto`
+        // user, which cannot write its persistence into our directory — and the persistent
+        // session would silently not survive a restart. Ignored when not started as root.
         let conf = format!(
             "listener {port} 127.0.0.1\n\
              allow_anonymous true\n\
              persistence true\n\
              persistence_location {dir}/\n\
+             user root\n\
              max_queued_messages 1000000\n\
              message_size_limit 0\n\
              log_dest stdout\n\
@@ -318,5 +337,10 @@ impl Mosquitto {
 
     pub fn log(&self) -> String {
         self.0.log()
+    }
+
+    /// Its directory: config, log and persistence (`mosquitto.db`).
+    pub fn dir(&self) -> &Path {
+        self.0.dir.path()
     }
 }

@@ -3,6 +3,8 @@
 
 mod bridge;
 mod bridge_actions;
+mod bridge_cli;
+mod bridge_delivery;
 mod bridge_middleware;
 mod bridge_outcomes;
 mod bridge_smoke;
