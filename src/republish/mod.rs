@@ -354,6 +354,11 @@ impl RepublishService {
         Ok(())
     }
 
+    /// The running republisher, once a rule started it.
+    pub fn republisher(&self) -> Option<&Republisher> {
+        self.running.as_ref().map(|(_, r)| r)
+    }
+
     /// Stops the rules, then disconnects cleanly (publishes already queued go out first).
     pub async fn shutdown(self) {
         if let Some((source, mut republisher)) = self.running {

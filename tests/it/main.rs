@@ -6,3 +6,4 @@ mod bridge_smoke;
 mod harness;
 mod harness_selftest;
 mod redis_manager;
+mod republish;
