@@ -501,3 +501,106 @@ impl MqttPublisher {
         self.status.clone()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // mirrors what `EventLoop::poll` returns
+mod tracker_tests {
+    use super::*;
+    use rumqttc::{ConnAck, ConnectReturnCode, ConnectionError, PubAck};
+
+    type Observed = Result<Event, ConnectionError>;
+
+    fn written(pkid: u16) -> Observed {
+        Ok(Event::Outgoing(Outgoing::Publish(pkid)))
+    }
+
+    fn puback(pkid: u16) -> Observed {
+        Ok(Event::Incoming(Packet::PubAck(PubAck::new(pkid))))
+    }
+
+    fn connack(session_present: bool) -> Observed {
+        Ok(Event::Incoming(Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            session_present,
+        ))))
+    }
+
+    fn queue(tracker: &mut Tracker) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        tracker.queued.push_back(tx);
+        rx
+    }
+
+    fn new_publish() -> Request {
+        Request::Publish(Publish::new("t", QoS::AtLeastOnce, "p"))
+    }
+
+    #[test]
+    fn a_publish_completes_on_its_own_puback_not_before() {
+        let mut t = Tracker::default();
+        let none = VecDeque::new();
+        let mut first = queue(&mut t);
+        let mut second = queue(&mut t);
+        t.observe(&written(1), &none);
+        t.observe(&written(2), &none);
+        assert!(first.try_recv().is_err() && second.try_recv().is_err());
+        t.observe(&puback(2), &none);
+        assert!(second.try_recv().is_ok());
+        assert!(first.try_recv().is_err());
+        // A retransmission keeps its waiter; the ack still completes it.
+        t.observe(&written(1), &none);
+        t.observe(&puback(1), &none);
+        assert!(first.try_recv().is_ok());
+    }
+
+    #[test]
+    fn qos0_publishes_complete_when_written() {
+        let mut t = Tracker::default();
+        let mut rx = queue(&mut t);
+        t.observe(&written(0), &VecDeque::new());
+        assert!(rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn a_lost_session_fails_what_rumqttc_dropped_and_keeps_the_rest() {
+        let mut t = Tracker::default();
+        let mut in_flight = queue(&mut t);
+        t.observe(&written(1), &VecDeque::new());
+        let mut moved = queue(&mut t); // moved to rumqttc's pending at the loss
+        let mut late = queue(&mut t); // still in the request channel
+        let pending = VecDeque::from([new_publish()]);
+        t.observe(&Err(ConnectionError::NetworkTimeout), &pending);
+        t.observe(&connack(false), &VecDeque::new());
+        assert!(matches!(
+            in_flight.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+        assert!(matches!(
+            moved.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+        // The survivor is the next one written.
+        t.observe(&written(1), &VecDeque::new());
+        t.observe(&puback(1), &VecDeque::new());
+        assert!(late.try_recv().is_ok());
+    }
+
+    #[test]
+    fn a_kept_session_keeps_every_waiter() {
+        let mut t = Tracker::default();
+        let mut in_flight = queue(&mut t);
+        t.observe(&written(1), &VecDeque::new());
+        let mut moved = queue(&mut t);
+        t.observe(
+            &Err(ConnectionError::NetworkTimeout),
+            &VecDeque::from([new_publish()]),
+        );
+        t.observe(&connack(true), &VecDeque::new());
+        t.observe(&written(1), &VecDeque::new()); // retransmitted
+        t.observe(&written(2), &VecDeque::new()); // the moved one
+        t.observe(&puback(1), &VecDeque::new());
+        t.observe(&puback(2), &VecDeque::new());
+        assert!(in_flight.try_recv().is_ok());
+        assert!(moved.try_recv().is_ok());
+    }
+}

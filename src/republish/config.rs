@@ -343,6 +343,131 @@ pub fn check_filter(filter: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::BridgeConfig;
+
+    /// Compiles `toml`; the `(path, message)` of every error, or the rules.
+    fn compile(toml: &str) -> Result<Vec<RepublishRule>, Vec<(String, String)>> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bridge.toml");
+        std::fs::write(&path, toml).expect("write config");
+        BridgeConfig::compile(&path, &Default::default())
+            .map(|(config, _)| config.republish_rules)
+            .map_err(|e| {
+                e.into_vec()
+                    .into_iter()
+                    .map(|e| (e.path, e.message))
+                    .collect()
+            })
+    }
+
+    #[test]
+    fn the_spec_examples_compile_with_their_defaults() {
+        let rules = compile(
+            r#"
+[[republish]]
+name = "device-commands"
+source = "pubsub"
+channel = "commands:{device_id}"
+topic = "devices/{device_id}/commands"
+qos = 1
+
+[[republish]]
+name = "alerts"
+source = "stream"
+stream = "alerts:out"
+topic = "alerts/{field.site}"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(rules.len(), 2);
+        match &rules[0].source {
+            Source::PubSub {
+                channel,
+                max_pending,
+            } => {
+                assert_eq!(channel.glob(), "commands:*");
+                assert_eq!(*max_pending, DEFAULT_MAX_PENDING);
+            }
+            other => panic!("{other:?}"),
+        }
+        match &rules[1].source {
+            Source::Stream {
+                group,
+                payload_field,
+                claim_idle,
+                ..
+            } => {
+                assert_eq!(group, DEFAULT_GROUP);
+                assert_eq!(payload_field, DEFAULT_PAYLOAD_FIELD);
+                assert_eq!(*claim_idle, DEFAULT_CLAIM_IDLE);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rules[1].qos, 1);
+        assert!(rules[1].payload.is_raw_payload());
+    }
+
+    #[test]
+    fn every_rule_error_is_reported_with_its_key_path() {
+        let errors = compile(
+            r#"
+[[republish]]
+name = "a"
+source = "pubsub"
+channel = "commands:{device_id}"
+topic = "devices/{unknown}/x"
+payload = "{field.x}"
+group = "g"
+allow_topics = ["a/#/b"]
+
+[[republish]]
+name = "a"
+source = "stream"
+topic = "$SYS/{field.site}"
+params.device_id = "x"
+
+[[republish]]
+source = "kafka"
+topic = "t"
+"#,
+        )
+        .expect_err("invalid");
+        let has =
+            |path: &str, needle: &str| errors.iter().any(|(p, m)| p == path && m.contains(needle));
+        assert!(has("republish[0].topic", "unknown"), "{errors:#?}");
+        assert!(has("republish[0].payload", "stream entries"), "{errors:#?}");
+        assert!(has("republish[0].group", "pubsub"), "{errors:#?}");
+        assert!(
+            has("republish[0].allow_topics", "last level"),
+            "{errors:#?}"
+        );
+        assert!(has("republish[1].name", "already named"), "{errors:#?}");
+        assert!(has("republish[1].stream", "required"), "{errors:#?}");
+        assert!(has("republish[1].topic", "`$`"), "{errors:#?}");
+        assert!(has("republish[1].params.device_id", "field"), "{errors:#?}");
+        assert!(has("republish[2].name", "required"), "{errors:#?}");
+        assert!(has("republish[2].source", "kafka"), "{errors:#?}");
+    }
+
+    #[test]
+    fn republishing_without_redis_is_a_config_error() {
+        let errors = compile(
+            r#"
+[redis]
+enabled = false
+
+[[republish]]
+name = "a"
+source = "pubsub"
+channel = "c"
+topic = "t"
+"#,
+        )
+        .expect_err("invalid");
+        assert!(errors
+            .iter()
+            .any(|(p, m)| p == "republish[0].source" && m.contains("redis")));
+    }
 
     #[test]
     fn filters_follow_mqtt_rules() {
