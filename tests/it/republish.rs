@@ -382,6 +382,32 @@ async fn a_stream_entry_is_published_then_acknowledged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_rule_recreates_its_group_after_redis_restarts_empty() {
+    let mut redis = Redis::start();
+    let broker = Mosquitto::start();
+    let running = Running::start(&redis, &broker, "rp-stream-redis", STREAM_RULE).await;
+    group_exists(&redis, "alerts:out", "routemq-bridge").await;
+    let mut client = listener(&broker, "rp-stream-redis-sub", "alerts/#", "alerts/probe").await;
+
+    // The harness's Redis keeps nothing on disk: the stream and its group are gone.
+    blocking(|| {
+        redis.kill();
+        redis.start_again();
+    });
+    group_exists(&redis, "alerts:out", "routemq-bridge").await;
+    xadd(
+        &redis,
+        "alerts:out",
+        &[("site", "south"), ("payload", "back")],
+    );
+    assert_eq!(
+        next_on(&mut client, "alerts/south").await.payload.as_ref(),
+        b"back"
+    );
+    running.service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_entries_stay_pending_while_the_broker_is_down() {
     let redis = Redis::start();
     let mut broker = Mosquitto::start();
