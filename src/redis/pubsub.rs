@@ -222,7 +222,7 @@ impl Worker {
             return;
         }
         // The permit counts this connection against max_connections while the task lives.
-        let mut delay = BACKOFF_INITIAL;
+        let mut wait = BACKOFF_INITIAL;
         let (client, _permit) = loop {
             match self.manager.dedicated_connection().await {
                 Ok(pair) => break pair,
@@ -234,8 +234,8 @@ impl Worker {
                     return;
                 }
             }
-            let pause = delay.mul_f64(rand::random_range(0.5..=1.0));
-            delay = (delay * 2).min(BACKOFF_MAX * 5);
+            let pause = wait.mul_f64(rand::random_range(0.5..=1.0));
+            wait = (wait * 2).min(BACKOFF_MAX * 5);
             tokio::select! {
                 _ = tokio::time::sleep(pause) => {}
                 _ = self.stop.wait_for(|stop| *stop) => return,
