@@ -77,6 +77,11 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         dead_letter(&config),
     ));
     let dispatcher = Dispatcher::new(engine.clone());
+    // Redis → MQTT (spec §7), on an MQTT connection of its own.
+    let mut republish = crate::republish::RepublishService::new(&config, &redis);
+    republish
+        .apply(&config.republish_rules, dead_letter(&config))
+        .await?;
 
     loop {
         tokio::select! {
@@ -91,6 +96,7 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
 
     tracing::info!("shutting down: finishing in-flight messages");
     source.stop_receiving();
+    republish.shutdown().await;
     // What was received before the stop is in flight too: finish it.
     while let Ok(message) = inbound.try_recv() {
         dispatcher.dispatch(message);

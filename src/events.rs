@@ -51,3 +51,21 @@ pub fn session_cache(result: &'static str) {
 pub fn redis_retry(route: &str, error: &crate::redis::Error) {
     tracing::debug!(route, %error, "redis unavailable; message waits and retries");
 }
+
+/// A republish rule (spec §7) finished with one Redis message or stream entry: `outcome` is
+/// `published`, `invalid`, `overflow` or `failed`; `detail` says why for the last three.
+pub fn republished(rule: &str, outcome: &'static str, detail: &str) {
+    counter!(
+        "routemq_bridge_republished_total",
+        "rule" => rule.to_string(),
+        "outcome" => outcome
+    )
+    .increment(1);
+    match outcome {
+        "published" => tracing::trace!(rule, "republished"),
+        "failed" => tracing::warn!(rule, detail, "republish failed"),
+        // One line per dropped message would flood the journal while the broker is away.
+        "overflow" => tracing::debug!(rule, detail, "republish dropped"),
+        _ => tracing::info!(rule, outcome, detail, "republish refused"),
+    }
+}

@@ -20,6 +20,7 @@ pub mod middleware;
 pub mod mqtt;
 pub mod outcome;
 pub mod redis;
+pub mod republish;
 pub mod router;
 pub mod tls;
 

@@ -28,6 +28,7 @@ pub use sections::{DeadLetterConfig, HttpConfig, LimitsConfig, LogConfig, LogFor
 
 use crate::mqtt::MqttConfig;
 use crate::redis::RedisConfig;
+use crate::republish::{read_republish, RepublishRule};
 use crate::router::config::read_routes;
 use crate::router::route::RouteTable;
 use layers::FileLayer;
@@ -51,6 +52,8 @@ pub struct BridgeConfig {
     pub routes: Vec<RawTable>,
     /// `[[republish]]`, not yet read, like `routes`.
     pub republish: Vec<RawTable>,
+    /// `[[republish]]` compiled: filled by [`BridgeConfig::compile`] (empty after `load`).
+    pub republish_rules: Vec<RepublishRule>,
 }
 
 impl BridgeConfig {
@@ -68,14 +71,21 @@ impl BridgeConfig {
         Self::load_and(path, env, |_, _| ()).map(|(config, ())| config)
     }
 
-    /// Loads `path` and compiles its routes in the same pass, so every error — section,
-    /// route, action or template — is reported together. What the daemon and `check` use.
+    /// Loads `path` and compiles its routes and republish rules in the same pass, so every
+    /// error — section, route, action, rule or template — is reported together. What the
+    /// daemon and `check` use.
     pub fn compile(
         path: &Path,
         env: &HashMap<String, String>,
     ) -> Result<(BridgeConfig, RouteTable), ConfigErrors> {
         Self::load_and(path, env, |config, errors| {
-            read_routes(&config.routes, config.redis.enabled, errors)
+            let routes = read_routes(&config.routes, config.redis.enabled, errors);
+            let rules = read_republish(&config.republish, config.redis.enabled, errors);
+            (routes, rules)
+        })
+        .map(|(mut config, (routes, rules))| {
+            config.republish_rules = rules;
+            (config, routes)
         })
     }
 
@@ -127,6 +137,7 @@ impl BridgeConfig {
             dead_letter,
             routes,
             republish,
+            republish_rules: Vec::new(),
         }
     }
 }

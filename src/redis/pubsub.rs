@@ -2,7 +2,9 @@
 //! that survives Redis restarts.
 //!
 //! A subscribed connection can do nothing else, so [`Subscriber::start`] runs one task on a
-//! dedicated connection (from [`RedisManager::redis_client`]). It SUBSCRIBEs the literal
+//! dedicated connection (from [`RedisManager::dedicated_connection`], so it counts against
+//! `max_connections` for as long as the subscription lives; when no connection is left the
+//! task logs it and keeps trying with backoff). It SUBSCRIBEs the literal
 //! channels and PSUBSCRIBEs the patterns, and forwards [`Message`]s through a bounded channel:
 //! a slow consumer slows the task instead of growing a queue. (The `redis` crate's own reader
 //! buffers what the server sends while the task waits; Redis's pub/sub output-buffer limit
@@ -142,12 +144,46 @@ impl Subscription {
         self.reconnects.load(Ordering::Relaxed)
     }
 
+    /// A handle on the subscription's state for another task than the one receiving.
+    pub fn monitor(&self) -> Monitor {
+        Monitor {
+            subscribed: self.subscribed.clone(),
+            reconnects: self.reconnects.clone(),
+        }
+    }
+
     /// Ends the subscription and waits for its task to close the connection.
     pub async fn stop(mut self) {
         let _ = self.stop.send(true);
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
+    }
+}
+
+/// Observes a [`Subscription`] from elsewhere (see [`Subscription::monitor`]).
+#[derive(Clone, Debug)]
+pub struct Monitor {
+    subscribed: watch::Receiver<bool>,
+    reconnects: Arc<AtomicU64>,
+}
+
+impl Monitor {
+    /// True while every channel and pattern is subscribed on a live connection.
+    pub fn is_subscribed(&self) -> bool {
+        *self.subscribed.borrow()
+    }
+
+    /// Waits until everything is subscribed; false if the subscription ended first.
+    pub async fn subscribed(&self) -> bool {
+        let mut watch = self.subscribed.clone();
+        let up = watch.wait_for(|up| *up).await.is_ok();
+        up
+    }
+
+    /// How many times the connection was re-established after being lost.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Relaxed)
     }
 }
 
@@ -182,15 +218,28 @@ enum End {
 
 impl Worker {
     async fn run(mut self) {
-        let client = match self.manager.redis_client() {
-            Ok(client) if self.manager.config().enabled => client,
-            Ok(_) => {
-                tracing::info!("redis is disabled: pub/sub subscription not started");
-                return;
+        if !self.manager.config().enabled {
+            tracing::info!("redis is disabled: pub/sub subscription not started");
+            return;
+        }
+        // The permit counts this connection against max_connections while the task lives.
+        let mut wait = BACKOFF_INITIAL;
+        let (client, _permit) = loop {
+            match self.manager.dedicated_connection().await {
+                Ok(pair) => break pair,
+                Err(Error::PoolExhausted) => tracing::warn!(
+                    "pub/sub: every connection allowed by max_connections is in use; retrying"
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "pub/sub subscription cannot start");
+                    return;
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "pub/sub subscription cannot start");
-                return;
+            let pause = wait.mul_f64(rand::random_range(0.5..=1.0));
+            wait = (wait * 2).min(BACKOFF_MAX * 5);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = self.stop.wait_for(|stop| *stop) => return,
             }
         };
         let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);

@@ -15,4 +15,5 @@ mod lock;
 mod pubsub;
 mod rate_limit;
 mod redis_manager;
+mod republish;
 mod session;
