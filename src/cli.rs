@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::config::{BridgeConfig, ConfigErrors};
+use crate::republish::Source;
 use crate::router::route::RouteTable;
 use crate::router::template::Context;
 
@@ -112,7 +113,22 @@ pub fn check(path: &Path) -> u8 {
         };
         println!("  {filter} (qos {})", sub.qos);
     }
-    println!("{} republish rule(s)", config.republish.len());
+    println!("{} republish rule(s):", config.republish_rules.len());
+    for rule in &config.republish_rules {
+        let from = match &rule.source {
+            Source::PubSub { channel, .. } => format!("channel {}", channel.as_str()),
+            Source::Stream { stream, group, .. } => format!("stream {stream} (group {group})"),
+        };
+        println!(
+            "  {:<20} {:<7} {:<40} -> topic {} qos {}{}",
+            rule.name,
+            rule.source_name(),
+            from,
+            rule.topic.source(),
+            rule.qos,
+            if rule.retain { " retain" } else { "" }
+        );
+    }
     OK
 }
 
