@@ -251,7 +251,7 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         stop_rx.clone(),
     );
 
-    let notifier = Notifier::new();
+    let notifier = Notifier::from_env();
     let mut mqtt_status = source.status();
     let mut running = Running {
         path,
@@ -284,6 +284,7 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
                 supervisor = Some(tokio::spawn(crate::systemd::supervise(
                     notifier.clone(),
                     liveness.clone(),
+                    crate::systemd::watchdog_interval(),
                     move || status_line(&observed, &engine.routes()),
                     stop_rx.clone(),
                 )));
