@@ -1,34 +1,55 @@
-//! The daemon: wires the parts together and owns the process lifecycle (spec §6).
+//! The daemon: wires the parts together and owns the process lifecycle (spec §6, §8, §9).
 //!
-//! Start-up: Redis manager (it keeps reconnecting in the background if Redis is down), the
-//! MQTT source, the engine and the dispatcher. Then one loop hands messages to the
-//! dispatcher until a signal says otherwise.
+//! Start-up: metrics recorder, Redis manager (it keeps reconnecting in the background if
+//! Redis is down), the MQTT source, the engine and the dispatcher, the HTTP endpoint. Then
+//! one loop hands messages to the dispatcher until a signal says otherwise; it tells
+//! systemd `READY=1` once MQTT is subscribed and starts the watchdog/status task.
 //!
-//! Shutdown (SIGTERM/SIGINT) is explicit and visible: stop taking messages (the MQTT
-//! connection stays up so acks can go out), let every lane finish what it holds — bounded
-//! by `shutdown_timeout`; what does not finish stays unacked and the broker redelivers it —
-//! then DISCONNECT cleanly and close Redis.
+//! SIGHUP reloads routes, republish rules, `[limits]`, `[dead_letter]` and the log level
+//! in place: the MQTT session stays up, the subscriptions follow the new cover, and
+//! messages in flight finish on the routes they started with. `[mqtt]`, `[redis]` and
+//! `[http]` changes are logged as needing a restart. A config that does not load is
+//! refused, every error logged, and the running one stays.
+//!
+//! Shutdown (SIGTERM/SIGINT) is explicit and visible: `STOPPING=1`, stop taking messages
+//! (the MQTT connection stays up so acks can go out), let every lane finish what it holds —
+//! bounded by `shutdown_timeout`; what does not finish stays unacked and the broker
+//! redelivers it — then DISCONNECT cleanly, close Redis and stop the HTTP endpoint.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::watch;
 
 use crate::config::BridgeConfig;
-use crate::mqtt::MqttSource;
-use crate::redis::RedisManager;
+use crate::events;
+use crate::liveness::{Heartbeat, Liveness};
+use crate::metrics::{Metrics, Observed};
+use crate::mqtt::{MqttConfig, MqttSource};
+use crate::redis::{RedisConfig, RedisManager};
+use crate::republish::RepublishService;
 use crate::router::dispatch::Dispatcher;
 use crate::router::engine::{DeadLetter, Engine};
 use crate::router::route::RouteTable;
+use crate::systemd::Notifier;
+
+/// The main loop beats this often, even when no message comes.
+const MAIN_LOOP_TICK: Duration = Duration::from_secs(1);
+/// The main loop only queues messages and handles signals: silence this long means stuck.
+const MAIN_LOOP_MAX_SILENCE: Duration = Duration::from_secs(10);
+/// Slack on top of what a loop's own timeouts allow (a slow TLS handshake, a busy CPU).
+const LOOP_SLACK: Duration = Duration::from_secs(15);
 
 /// Why the daemon stopped with an error (exit code 1).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error("{0}")]
     Mqtt(#[from] crate::mqtt::client::OptionsError),
-    #[error("signal handling: {0}")]
-    Signals(#[from] std::io::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Everything the daemon runs with: the loaded config and its compiled routes.
@@ -45,12 +66,140 @@ fn dead_letter(config: &BridgeConfig) -> DeadLetter {
     }
 }
 
+fn max_payload(config: &BridgeConfig) -> usize {
+    usize::try_from(config.limits.max_payload).unwrap_or(usize::MAX)
+}
+
+/// How long the MQTT loop may go without an event: it gets one per `keep_alive` while
+/// connected, and one per connection attempt (at most `reconnect_max_delay` apart)
+/// otherwise. `None` when keep-alive is off: then an idle loop is silent forever.
+fn mqtt_max_silence(config: &MqttConfig) -> Option<Duration> {
+    (!config.keep_alive.is_zero())
+        .then(|| config.keep_alive + config.reconnect_max_delay + LOOP_SLACK)
+}
+
+/// How long the Redis health task may go without a round: a pause, then one PING or one
+/// connection attempt.
+fn redis_max_silence(config: &RedisConfig) -> Duration {
+    crate::redis::manager::HEALTH_INTERVAL.max(crate::redis::manager::RECONNECT_MAX_DELAY)
+        + config.socket_timeout
+        + config.socket_connect_timeout
+        + LOOP_SLACK
+}
+
+/// The `STATUS=` line: connection states and counts since start.
+fn status_line(observed: &Observed, routes: &RouteTable) -> String {
+    let t = &events::TOTALS;
+    let mqtt = observed.mqtt();
+    format!(
+        "mqtt {}, redis {}; {} routes, {} filters; {} received, {} written, {} dead-lettered, \
+         {} unrouted, {} in flight",
+        if mqtt.connected && mqtt.subscribed {
+            "up"
+        } else {
+            "down"
+        },
+        observed.redis_state().as_str(),
+        routes.routes.len(),
+        routes.subscriptions.len(),
+        t.received.load(Ordering::Relaxed),
+        t.written.load(Ordering::Relaxed),
+        t.dead_lettered.load(Ordering::Relaxed),
+        t.unrouted.load(Ordering::Relaxed),
+        observed.mqtt_stats.inflight(),
+    )
+}
+
+/// What a running daemon can change on reload.
+struct Running {
+    path: PathBuf,
+    /// `[mqtt]`, `[redis]` and `[http]` as started; the rest as last reloaded.
+    config: BridgeConfig,
+    engine: Arc<Engine>,
+    source: MqttSource,
+    notifier: Notifier,
+    observed: Observed,
+    /// Redis → MQTT, on its own MQTT connection.
+    republish: RepublishService,
+}
+
+impl Running {
+    fn status(&self) -> String {
+        status_line(&self.observed, &self.engine.routes())
+    }
+
+    /// SIGHUP.
+    async fn reload(&mut self) {
+        self.notifier.reloading();
+        tracing::info!(path = %self.path.display(), "SIGHUP: reloading the configuration");
+        match BridgeConfig::compile(&self.path, &crate::config::process_env()) {
+            Err(errors) => events::config_reload_rejected(&self.path, &errors),
+            Ok((new, routes)) => self.apply(new, routes).await,
+        }
+        self.notifier.reloaded(&self.status());
+    }
+
+    async fn apply(&mut self, new: BridgeConfig, routes: RouteTable) {
+        let old = &self.config;
+        if new.mqtt != old.mqtt {
+            events::config_needs_restart("[mqtt]");
+        }
+        if new.redis != old.redis {
+            events::config_needs_restart("[redis]");
+        }
+        if new.http != old.http {
+            events::config_needs_restart("[http]");
+        }
+        if new.log.format != old.log.format {
+            events::config_needs_restart("[log] format");
+        }
+        let route_count = routes.routes.len();
+        let filter_count = routes.subscriptions.len();
+        crate::metrics::register_routes(&routes);
+        let (added, removed) = self.source.update_subscriptions(&routes.subscriptions);
+        self.source.set_max_inflight(new.limits.max_inflight);
+        self.engine
+            .reload(routes, max_payload(&new), dead_letter(&new));
+        crate::logging::set_level(&new.log.level);
+        if let Err(e) = self
+            .republish
+            .apply(&new.republish_rules, dead_letter(&new))
+            .await
+        {
+            tracing::error!(error = %e, "republish: could not start the MQTT connection");
+        }
+        self.config = BridgeConfig {
+            mqtt: old.mqtt.clone(),
+            redis: old.redis.clone(),
+            http: old.http.clone(),
+            ..new
+        };
+        events::config_reload_applied(&format!(
+            "{route_count} routes, {filter_count} filters ({added} subscribed, {removed} \
+             unsubscribed), {} republish rules, log level {:?}",
+            self.config.republish_rules.len(),
+            self.config.log.level
+        ));
+    }
+}
+
 /// Runs until SIGTERM/SIGINT, then drains and returns.
 pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
-    let Loaded { config, routes, .. } = loaded;
+    let Loaded {
+        config,
+        routes,
+        path,
+    } = loaded;
     crate::tls::install_crypto_provider();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let prometheus = crate::metrics::install();
+    // Secrets print as <redacted>: the whole config is safe to show.
+    tracing::debug!(?config, "configuration");
+    // Bound first: a port already taken fails the start at once, and the address is in
+    // the log before anything else happens.
+    let listener = crate::http::bind(config.http.listen).await?;
 
     let redis = RedisManager::new(config.redis.clone());
     if config.redis.enabled && !redis.initialize().await {
@@ -67,21 +216,69 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         "routemq-bridge {} started",
         crate::VERSION
     );
-    let max_payload = usize::try_from(config.limits.max_payload).unwrap_or(usize::MAX);
+    crate::metrics::register_routes(&routes);
     let engine = Arc::new(Engine::new(
         routes,
         redis.clone(),
         source.client().clone(),
         &config.mqtt.client_id,
-        max_payload,
+        max_payload(&config),
         dead_letter(&config),
     ));
     let dispatcher = Dispatcher::new(engine.clone());
     // Redis → MQTT (spec §7), on an MQTT connection of its own.
-    let mut republish = crate::republish::RepublishService::new(&config, &redis);
+    let mut republish = RepublishService::new(&config, &redis);
     republish
         .apply(&config.republish_rules, dead_letter(&config))
         .await?;
+    let observed = Observed {
+        redis: redis.clone(),
+        mqtt_status: source.status(),
+        mqtt_stats: source.stats().clone(),
+    };
+
+    // Liveness: the loops that must keep turning.
+    let liveness = Liveness::new();
+    let main_beat = Heartbeat::new();
+    liveness.watch("main", main_beat.clone(), MAIN_LOOP_MAX_SILENCE);
+    if let Some(max) = mqtt_max_silence(&config.mqtt) {
+        liveness.watch("mqtt", source.heartbeat(), max);
+    }
+    // Only when the health task runs (Redis enabled and its config usable).
+    if redis.heartbeat().age().is_some() {
+        liveness.watch("redis", redis.heartbeat(), redis_max_silence(&config.redis));
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = prometheus.map(|handle| Metrics::new(handle, observed.clone()));
+    let upkeep = metrics
+        .clone()
+        .map(|m| tokio::spawn(m.upkeep(stop_rx.clone())));
+    let http = crate::http::serve(
+        listener,
+        Arc::new(crate::http::State {
+            metrics,
+            observed: observed.clone(),
+            liveness: liveness.clone(),
+        }),
+        stop_rx.clone(),
+    );
+
+    let notifier = Notifier::from_env();
+    let mut mqtt_status = source.status();
+    let mut running = Running {
+        path,
+        config,
+        engine,
+        source,
+        notifier: notifier.clone(),
+        observed: observed.clone(),
+        republish,
+    };
+    let mut supervisor = None;
+    let mut started = false;
+    let mut tick = tokio::time::interval(MAIN_LOOP_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     loop {
         tokio::select! {
@@ -89,12 +286,37 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
                 Some(message) => dispatcher.dispatch(message),
                 None => break,
             },
+            _ = tick.tick() => main_beat.beat(),
+            subscribed = mqtt_status.wait_for(|s| s.subscribed), if !started => {
+                started = true;
+                if subscribed.is_err() {
+                    continue; // the MQTT loop ended; the inbound channel closes next
+                }
+                notifier.ready(&running.status());
+                let observed = observed.clone();
+                let engine = running.engine.clone();
+                supervisor = Some(tokio::spawn(crate::systemd::supervise(
+                    notifier.clone(),
+                    liveness.clone(),
+                    crate::systemd::watchdog_interval(),
+                    move || status_line(&observed, &engine.routes()),
+                    stop_rx.clone(),
+                )));
+            }
+            _ = sighup.recv() => running.reload().await,
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
 
+    notifier.stopping();
     tracing::info!("shutting down: finishing in-flight messages");
+    let Running {
+        source,
+        config,
+        republish,
+        ..
+    } = running;
     source.stop_receiving();
     republish.shutdown().await;
     // What was received before the stop is in flight too: finish it.
@@ -114,6 +336,10 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     }
     source.disconnect(Duration::from_secs(5)).await;
     redis.disconnect().await;
+    let _ = stop_tx.send(true);
+    for task in [Some(http), supervisor, upkeep].into_iter().flatten() {
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

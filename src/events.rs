@@ -1,28 +1,55 @@
-//! Every observable event of the message path, in one place: each function here writes the
-//! log line and moves the metrics together, so logs and metrics never disagree (the Vector
+//! Every observable event of the bridge, in one place: each function here writes the log
+//! line and moves the metrics together, so logs and metrics never disagree (the Vector
 //! model). Labels never carry topics, payloads or device ids (spec §8); logs may name the
 //! topic at debug level.
+//!
+//! The metric names and their help texts live in [`crate::metrics`]; connection gauges
+//! (`redis_up`, `mqtt_connected`, `inflight_messages`) and reconnect counts are sampled from
+//! the Redis manager and the MQTT source when scraped, since those already log their own
+//! transitions.
 
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use metrics::{counter, histogram};
 
+use crate::metrics as m;
 use crate::outcome::{Outcome, Reason};
+
+/// Process-wide totals for the systemd `STATUS=` line (the metrics keep the labelled detail).
+#[derive(Debug, Default)]
+pub struct Totals {
+    pub received: AtomicU64,
+    pub written: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub unrouted: AtomicU64,
+}
+
+pub static TOTALS: Totals = Totals {
+    received: AtomicU64::new(0),
+    written: AtomicU64::new(0),
+    dead_lettered: AtomicU64::new(0),
+    unrouted: AtomicU64::new(0),
+};
 
 /// A message matched `route`.
 pub fn message_received(route: &str) {
-    counter!("routemq_bridge_messages_received_total", "route" => route.to_string()).increment(1);
+    TOTALS.received.fetch_add(1, Ordering::Relaxed);
+    counter!(m::MESSAGES_RECEIVED, "route" => route.to_string()).increment(1);
 }
 
 /// `route` finished with `outcome`; `received` is when the message arrived.
 pub fn message_outcome(route: &str, topic: &str, outcome: &Outcome, received: Instant) {
+    if *outcome == Outcome::Written {
+        TOTALS.written.fetch_add(1, Ordering::Relaxed);
+    }
     counter!(
-        "routemq_bridge_messages_total",
+        m::MESSAGES,
         "route" => route.to_string(),
         "outcome" => outcome.label()
     )
     .increment(1);
-    histogram!("routemq_bridge_message_duration_seconds", "route" => route.to_string())
+    histogram!(m::MESSAGE_DURATION, "route" => route.to_string())
         .record(received.elapsed().as_secs_f64());
     match outcome {
         Outcome::Failed { .. } => tracing::warn!(route, topic, %outcome, "message failed"),
@@ -33,18 +60,20 @@ pub fn message_outcome(route: &str, topic: &str, outcome: &Outcome, received: In
 
 /// The cover delivered a message no route matches.
 pub fn unrouted(topic: &str) {
-    counter!("routemq_bridge_unrouted_total").increment(1);
+    TOTALS.unrouted.fetch_add(1, Ordering::Relaxed);
+    counter!(m::UNROUTED).increment(1);
     tracing::debug!(topic, "no route matches");
 }
 
 /// A record went to the dead letter.
 pub fn dead_lettered(reason: Reason) {
-    counter!("routemq_bridge_dead_letters_total", "reason" => reason.as_str()).increment(1);
+    TOTALS.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    counter!(m::DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
 }
 
 /// The session cache answered (`hit`, `miss`, `negative_hit`).
 pub fn session_cache(result: &'static str) {
-    counter!("routemq_bridge_session_cache_requests_total", "result" => result).increment(1);
+    counter!(m::SESSION_CACHE, "result" => result).increment(1);
 }
 
 /// A Redis step failed in a way that waiting fixes; the message waits and retries.
@@ -56,7 +85,7 @@ pub fn redis_retry(route: &str, error: &crate::redis::Error) {
 /// `published`, `invalid`, `overflow` or `failed`; `detail` says why for the last three.
 pub fn republished(rule: &str, outcome: &'static str, detail: &str) {
     counter!(
-        "routemq_bridge_republished_total",
+        m::REPUBLISHED,
         "rule" => rule.to_string(),
         "outcome" => outcome
     )
@@ -68,4 +97,57 @@ pub fn republished(rule: &str, outcome: &'static str, detail: &str) {
         "overflow" => tracing::debug!(rule, detail, "republish dropped"),
         _ => tracing::info!(rule, outcome, detail, "republish refused"),
     }
+}
+
+/// One call through the Redis manager's primitives: `command` is the command name in lower
+/// case (`set`, `evalsha`, `multi` for a transaction, `pipeline`), `elapsed` its round trip.
+/// Calls refused before reaching Redis (`elapsed` is `None`) count only as errors. The
+/// caller logs the error where it knows what it meant (the manager's rate-limited warnings,
+/// the engine's retries), so this only counts.
+pub fn redis_command(
+    command: &str,
+    elapsed: Option<Duration>,
+    error: Option<&crate::redis::Error>,
+) {
+    if let Some(elapsed) = elapsed {
+        histogram!(m::REDIS_COMMAND_DURATION, "command" => command.to_string())
+            .record(elapsed.as_secs_f64());
+    }
+    if let Some(kind) = error.and_then(crate::redis::Error::metric_kind) {
+        counter!(m::REDIS_ERRORS, "kind" => kind).increment(1);
+    }
+}
+
+/// The HTTP endpoint is serving.
+pub fn http_listening(addr: std::net::SocketAddr) {
+    tracing::info!("http listening on {addr} (/metrics, /healthz, /readyz)");
+}
+
+/// SIGHUP: the new configuration is running. `changes` says what changed, for the log.
+pub fn config_reload_applied(changes: &str) {
+    counter!(m::CONFIG_RELOADS, "result" => "applied").increment(1);
+    tracing::info!("configuration reloaded: {changes}");
+}
+
+/// SIGHUP: the new configuration was refused; the old one keeps running. Every error is
+/// logged, one line each, so the journal shows all of them.
+pub fn config_reload_rejected(path: &std::path::Path, errors: &crate::config::ConfigErrors) {
+    counter!(m::CONFIG_RELOADS, "result" => "rejected").increment(1);
+    for error in errors.iter() {
+        tracing::error!(path = %path.display(), "config error: {error}");
+    }
+    tracing::error!(
+        path = %path.display(),
+        errors = errors.len(),
+        "configuration reload refused; the running configuration stays in effect"
+    );
+}
+
+/// SIGHUP: a setting that cannot change without a restart (`[mqtt]`, `[redis]`, `[http]`,
+/// `[log] format`) differs in the new file; the running one stays in effect.
+pub fn config_needs_restart(what: &'static str) {
+    tracing::warn!(
+        "{what} changed; it takes effect only after a restart (the running {what} stays in \
+         effect)"
+    );
 }

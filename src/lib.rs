@@ -2,7 +2,10 @@
 //!
 //! A message walks forward through the modules: [`mqtt`] in → router → middleware (session,
 //! rate limit, dedup) → actions → [`redis`] out; republish goes the other way. [`config`]
-//! loads and validates everything the daemon reads at start-up and on reload.
+//! loads and validates everything the daemon reads at start-up and on reload. Around them:
+//! [`events`] (each observable event's log line and metrics), [`metrics`], [`http`]
+//! (`/metrics`, `/healthz`, `/readyz`), [`systemd`] and [`liveness`] (notify, watchdog),
+//! [`daemon`] (wiring, signals, reload).
 //!
 //! The library half is the Redis manager of spec §3 ([`redis::RedisManager`]) and the
 //! patterns built on it (cache-aside, sessions, rate limiters, locks, pub/sub); the daemon is
@@ -15,13 +18,17 @@ pub mod config;
 pub mod daemon;
 pub mod dead_letter;
 pub mod events;
+pub mod http;
+pub mod liveness;
 pub mod logging;
+pub mod metrics;
 pub mod middleware;
 pub mod mqtt;
 pub mod outcome;
 pub mod redis;
 pub mod republish;
 pub mod router;
+pub mod systemd;
 pub mod tls;
 
 /// `routemq-bridge X.Y.Z`, as `--version` prints it and `build_info` reports it.

@@ -1,6 +1,13 @@
 //! Logs through `tracing` (spec §8): human text on a terminal, journald-friendly lines under
 //! systemd (no timestamps — journald stamps them — and no colours), JSON on request. The
-//! level comes from `RUST_LOG` when set, else `[log] level`; it can be changed on reload.
+//! level comes from `RUST_LOG` when set, else `[log] level`; it can be changed on reload
+//! ([`set_level`]). The format is fixed at start (changing it needs a restart).
+//!
+//! Secrets stay out of the logs by construction: passwords are [`crate::config::Secret`]s,
+//! whose `Debug` and `Display` print `<redacted>`, and the only way to the value is
+//! `Secret::expose`, used where a client library takes it and never in a log line.
+
+use std::sync::OnceLock;
 
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -10,7 +17,19 @@ use tracing_subscriber::Registry;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// The handle of the installed subscriber, for [`set_level`].
+static HANDLE: OnceLock<LogHandle> = OnceLock::new();
+
+/// Changes the level of the running daemon (SIGHUP), unless `RUST_LOG` pins it or logging
+/// was not initialised by [`init`].
+pub fn set_level(level: &str) {
+    if let Some(handle) = HANDLE.get() {
+        handle.set_level(level);
+    }
+}
+
 /// Changes the level of a running daemon (SIGHUP), unless `RUST_LOG` pins it.
+#[derive(Clone)]
 pub struct LogHandle {
     filter: reload::Handle<EnvFilter, Registry>,
     pinned: bool,
@@ -19,6 +38,10 @@ pub struct LogHandle {
 impl LogHandle {
     pub fn set_level(&self, level: &str) {
         if self.pinned {
+            tracing::debug!(
+                level,
+                "RUST_LOG is set and pins the log level; [log] level ignored"
+            );
             return;
         }
         match EnvFilter::try_new(level) {
@@ -64,8 +87,10 @@ pub fn init(config: &LogConfig) -> LogHandle {
             .with(fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())))
             .try_init(),
     };
-    LogHandle {
+    let handle = LogHandle {
         filter: handle,
         pinned,
-    }
+    };
+    let _ = HANDLE.set(handle.clone());
+    handle
 }

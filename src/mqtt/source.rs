@@ -26,6 +26,12 @@
 //! The correlation is exact only if *every* publish on the connection is tracked: the
 //! republisher therefore uses a connection of its own, and the untracked
 //! [`MqttSource::client`] must not be mixed with `publish_tracked` on one source.
+//!
+//! Reload (SIGHUP) changes the cover without dropping the session:
+//! [`MqttSource::update_subscriptions`] subscribes the new filters first and then
+//! unsubscribes the ones no route needs any more (in that order, so no message falls into
+//! a gap), and hands the new set to the loop for later resubscriptions. The loop beats a
+//! [`Heartbeat`] on every event, so a stuck loop can be noticed (systemd watchdog).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -43,6 +49,7 @@ use super::acks::{AckSequencer, Ticket};
 use super::client::{options, OptionsError};
 use super::config::MqttConfig;
 use crate::backoff::Backoff;
+use crate::liveness::Heartbeat;
 use crate::router::pattern::Subscription;
 
 /// What the bridge knows about its broker connection, for `/readyz` and systemd.
@@ -104,6 +111,20 @@ pub struct MqttSource {
     stop: Arc<Notify>,
     task: JoinHandle<()>,
     tracker: Arc<Mutex<Tracker>>,
+    share_group: String,
+    updates: watch::Sender<SubscriptionSet>,
+    max_inflight: Arc<AtomicUsize>,
+    /// What `max_inflight` may grow to on reload: the inbound channel's size is fixed.
+    max_inflight_cap: usize,
+    heartbeat: Heartbeat,
+}
+
+/// The cover after a reload, for the loop's later resubscriptions; `subacks` is how many
+/// SUBACKs the reload's own SUBSCRIBE will bring (0 or 1).
+#[derive(Clone, Default)]
+struct SubscriptionSet {
+    filters: Vec<SubscribeFilter>,
+    subacks: usize,
 }
 
 struct Loop {
@@ -116,7 +137,7 @@ struct Loop {
     stats: Arc<MqttStats>,
     receiving: Arc<AtomicBool>,
     stop: Arc<Notify>,
-    max_inflight: usize,
+    max_inflight: Arc<AtomicUsize>,
     backoff: Backoff,
     pending_subacks: usize,
     /// `[mqtt] max_packet_size`, in bytes (rumqttc's incoming and outgoing limit).
@@ -124,6 +145,8 @@ struct Loop {
     /// The incoming limit was raised to read one oversized message (see `oversized`).
     limit_raised: bool,
     tracker: Arc<Mutex<Tracker>>,
+    updates: watch::Receiver<SubscriptionSet>,
+    heartbeat: Heartbeat,
 }
 
 /// The largest packet MQTT can carry: the remaining length is at most 268,435,455 bytes.
@@ -147,6 +170,21 @@ fn qos(level: u8) -> QoS {
     }
 }
 
+/// The cover as SUBSCRIBE filters, with `$share/<group>/` when scaling out.
+fn filters(subscriptions: &[Subscription], share_group: &str) -> Vec<SubscribeFilter> {
+    subscriptions
+        .iter()
+        .map(|s| {
+            let path = if share_group.is_empty() {
+                s.filter.clone()
+            } else {
+                format!("$share/{share_group}/{}", s.filter)
+            };
+            SubscribeFilter::new(path, qos(s.qos))
+        })
+        .collect()
+}
+
 impl MqttSource {
     /// Connects (in the background) and subscribes to `subscriptions`, prefixed with
     /// `$share/<group>/` when `share_group` is set. Messages arrive on the returned channel.
@@ -164,17 +202,13 @@ impl MqttSource {
         let stats = Arc::new(MqttStats::default());
         let receiving = Arc::new(AtomicBool::new(true));
         let stop = Arc::new(Notify::new());
-        let filters = subscriptions
-            .iter()
-            .map(|s| {
-                let path = if config.share_group.is_empty() {
-                    s.filter.clone()
-                } else {
-                    format!("$share/{}/{}", config.share_group, s.filter)
-                };
-                SubscribeFilter::new(path, qos(s.qos))
-            })
-            .collect();
+        let filters = filters(subscriptions, &config.share_group);
+        let (updates_tx, updates_rx) = watch::channel(SubscriptionSet {
+            filters: filters.clone(),
+            subacks: 0,
+        });
+        let max_inflight = Arc::new(AtomicUsize::new(max_inflight));
+        let heartbeat = Heartbeat::new();
         let sink: Arc<dyn super::acks::AckSink> = Arc::new(client.clone());
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let run = Loop {
@@ -187,12 +221,14 @@ impl MqttSource {
             stats: stats.clone(),
             receiving: receiving.clone(),
             stop: stop.clone(),
-            max_inflight,
+            max_inflight: max_inflight.clone(),
             backoff: Backoff::new(Duration::from_millis(100), config.reconnect_max_delay),
             pending_subacks: 0,
             max_packet_size: usize::try_from(config.max_packet_size).unwrap_or(usize::MAX),
             limit_raised: false,
             tracker: tracker.clone(),
+            updates: updates_rx,
+            heartbeat: heartbeat.clone(),
         };
         let task = tokio::spawn(async move {
             let tracker = run.tracker.clone();
@@ -209,9 +245,76 @@ impl MqttSource {
                 stop,
                 task,
                 tracker,
+                share_group: config.share_group.clone(),
+                updates: updates_tx,
+                max_inflight_cap: max_inflight
+                    .load(Ordering::Relaxed)
+                    .max(1)
+                    .saturating_add(usize::from(u16::MAX) / 2),
+                max_inflight,
+                heartbeat,
             },
             rx,
         ))
+    }
+
+    /// The event loop's heartbeat: it beats on every event, which comes at least once per
+    /// `keep_alive` while connected, and once per connection attempt otherwise.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.heartbeat.clone()
+    }
+
+    /// Reload: makes `subscriptions` the cover, keeping the session. New filters (or new
+    /// QoS levels) are subscribed before filters no longer needed are unsubscribed, so no
+    /// message falls into a gap; the loop logs "subscribed" when the broker granted them.
+    /// Returns how many filters were added and removed.
+    pub fn update_subscriptions(&self, subscriptions: &[Subscription]) -> (usize, usize) {
+        let new = filters(subscriptions, &self.share_group);
+        let old = self.updates.borrow().filters.clone();
+        let added: Vec<SubscribeFilter> =
+            new.iter().filter(|f| !old.contains(f)).cloned().collect();
+        let removed: Vec<String> = old
+            .iter()
+            .filter(|f| !new.iter().any(|n| n.path == f.path))
+            .map(|f| f.path.clone())
+            .collect();
+        if added.is_empty() && removed.is_empty() {
+            return (0, 0);
+        }
+        let counts = (added.len(), removed.len());
+        // The loop learns of the set before the SUBSCRIBE goes out, so it expects its SUBACK.
+        self.updates.send_replace(SubscriptionSet {
+            filters: new,
+            subacks: usize::from(!added.is_empty()),
+        });
+        let client = self.client.clone();
+        tokio::spawn(async move {
+            if !added.is_empty() {
+                if let Err(e) = client.subscribe_many(added).await {
+                    tracing::warn!(error = %e, "could not queue the new MQTT subscriptions");
+                }
+            }
+            for path in removed {
+                if let Err(e) = client.unsubscribe(path).await {
+                    tracing::warn!(error = %e, "could not queue an MQTT unsubscribe");
+                }
+            }
+        });
+        counts
+    }
+
+    /// Reload: the new `[limits] max_inflight` (bounded by what the inbound channel, sized
+    /// at start, can hold).
+    pub fn set_max_inflight(&self, max_inflight: usize) {
+        let capped = max_inflight.clamp(1, self.max_inflight_cap);
+        if capped != max_inflight {
+            tracing::warn!(
+                max_inflight,
+                capped,
+                "limits.max_inflight can grow this far only after a restart"
+            );
+        }
+        self.max_inflight.store(capped, Ordering::Relaxed);
     }
 
     /// The client, for publishing (`mqtt_publish`, republish). Never await it on the loop.
@@ -264,6 +367,8 @@ impl Loop {
                 event = self.eventloop.poll() => event,
             };
             lock(&self.tracker).observe(&event, &self.eventloop.pending);
+            self.heartbeat.beat();
+            self.take_subscription_update();
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     self.backoff.reset();
@@ -366,11 +471,24 @@ impl Loop {
         self.limit_raised = true;
     }
 
+    /// A reload changed the cover: resubscribe to the new set from now on, and count the
+    /// reload's SUBACK so "subscribed" is logged when the broker granted it.
+    fn take_subscription_update(&mut self) {
+        if !self.updates.has_changed().unwrap_or(false) {
+            return;
+        }
+        let update = self.updates.borrow_and_update().clone();
+        self.subscriptions = update.filters;
+        self.pending_subacks += update.subacks;
+    }
+
     fn receive(&mut self, publish: Publish) {
         if !self.receiving.load(Ordering::Relaxed) {
             return; // shutting down: unacked, redelivered later
         }
-        if publish.qos == QoS::AtMostOnce && self.stats.inflight() >= self.max_inflight {
+        if publish.qos == QoS::AtMostOnce
+            && self.stats.inflight() >= self.max_inflight.load(Ordering::Relaxed)
+        {
             self.stats.overflow.fetch_add(1, Ordering::Relaxed);
             return;
         }

@@ -18,6 +18,8 @@
 //! [`RedisManager::disconnect`] stops the task and drops the connection. The up/down state is
 //! an atomic on the hot path and a [`watch`] channel for observers ([`RedisManager::state`]);
 //! [`RedisManager::reconnects`] counts re-established connections (for `reconnects_total`).
+//! Every command passes one place (`call`), which times it and counts its errors for the
+//! metrics (`redis_command_duration_seconds`, `redis_errors_total`).
 //! No lock is held across an `.await`.
 //!
 //! # `max_connections`
@@ -40,7 +42,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ::redis::{Cmd, FromRedisValue, Pipeline, RedisResult, ScriptInvocation};
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
@@ -51,6 +53,8 @@ use super::connection::{self, RedisConnection, Target};
 use super::error::{Error, Result};
 use super::warn::WarnLimiter;
 use crate::backoff::Backoff;
+use crate::events;
+use crate::liveness::Heartbeat;
 
 /// How often the health task PINGs a connection that looks fine.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -119,6 +123,8 @@ struct Inner {
     task: Mutex<Option<JoinHandle<()>>>,
     dedicated: Arc<Semaphore>,
     warnings: WarnLimiter,
+    /// Bumped by the health task every round, so a stuck task can be noticed (watchdog).
+    heartbeat: Heartbeat,
 }
 
 impl Drop for Inner {
@@ -193,6 +199,7 @@ impl RedisManager {
                 task: Mutex::new(None),
                 dedicated: Arc::new(Semaphore::new(dedicated)),
                 warnings: WarnLimiter::default(),
+                heartbeat: Heartbeat::new(),
             }),
         }
     }
@@ -238,6 +245,7 @@ impl RedisManager {
             inner.clear();
             return false;
         }
+        inner.heartbeat.beat();
         *task = Some(tokio::spawn(health_loop(
             Arc::downgrade(inner),
             Arc::clone(&inner.wake),
@@ -271,6 +279,12 @@ impl RedisManager {
     /// recovery).
     pub fn state(&self) -> watch::Receiver<ConnectionState> {
         self.inner.state.subscribe()
+    }
+
+    /// The health task's heartbeat: it beats at least every [`HEALTH_INTERVAL`] plus one
+    /// PING or connection attempt while the task runs (after `initialize`). For watchdogs.
+    pub fn heartbeat(&self) -> Heartbeat {
+        self.inner.heartbeat.clone()
     }
 
     /// How many times a lost connection was re-established (the first connection does not
@@ -360,18 +374,46 @@ impl RedisManager {
         })
     }
 
+    /// The one place every call to Redis passes: takes the command connection (or fails
+    /// fast), runs `call` on it, and reports the round trip and any error to
+    /// `redis_command_duration_seconds{command}` / `redis_errors_total{kind}`.
+    async fn call<T, F, Fut>(&self, command: &str, call: F) -> Result<T>
+    where
+        F: FnOnce(RedisConnection) -> Fut,
+        Fut: std::future::Future<Output = RedisResult<T>>,
+    {
+        let (epoch, conn) = match self.command_connection() {
+            Ok(conn) => conn,
+            Err(e) => {
+                events::redis_command(command, None, Some(&e));
+                return Err(e);
+            }
+        };
+        let started = Instant::now();
+        let result = self.settle(epoch, call(conn).await);
+        events::redis_command(command, Some(started.elapsed()), result.as_ref().err());
+        result
+    }
+
     /// Run one command. The primitive every method is built on.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        let (epoch, mut conn) = self.command_connection()?;
-        let result = cmd.query_async(&mut conn).await;
-        self.settle(epoch, result)
+        self.call(&command_name(cmd), |mut conn| async move {
+            cmd.query_async(&mut conn).await
+        })
+        .await
     }
 
     /// Run a pipeline (or a MULTI/EXEC transaction when built with `.atomic()`).
     pub async fn query_pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T> {
-        let (epoch, mut conn) = self.command_connection()?;
-        let result = pipe.query_async(&mut conn).await;
-        self.settle(epoch, result)
+        let command = if pipe.is_transaction() {
+            "multi"
+        } else {
+            "pipeline"
+        };
+        self.call(command, |mut conn| async move {
+            pipe.query_async(&mut conn).await
+        })
+        .await
     }
 
     /// Run a Lua script (EVALSHA, falling back to EVAL after a Redis restart).
@@ -379,9 +421,10 @@ impl RedisManager {
         &self,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T> {
-        let (epoch, mut conn) = self.command_connection()?;
-        let result = invocation.invoke_async(&mut conn).await;
-        self.settle(epoch, result)
+        self.call("evalsha", |mut conn| async move {
+            invocation.invoke_async(&mut conn).await
+        })
+        .await
     }
 
     /// Logs `err` from `op` as a rate-limited warning (sentinel-form methods).
@@ -397,6 +440,21 @@ impl RedisManager {
         self.inner
             .warnings
             .warn(kind, format_args!("redis {op} failed: {err}"));
+    }
+}
+
+/// The `command` label of a command: its name in lower case (`set`, `xadd`), bounded to
+/// what a command name can be so a label never carries data.
+fn command_name(cmd: &Cmd) -> String {
+    match cmd.args_iter().next() {
+        Some(::redis::Arg::Simple(name))
+            if !name.is_empty()
+                && name.len() <= 32
+                && name.iter().all(|b| b.is_ascii_alphabetic() || *b == b'_') =>
+        {
+            String::from_utf8_lossy(name).to_ascii_lowercase()
+        }
+        _ => "other".to_string(),
     }
 }
 
@@ -473,6 +531,7 @@ async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
             tokio::time::sleep(backoff.next_delay()).await;
         }
         let Some(inner) = inner.upgrade() else { return };
+        inner.heartbeat.beat();
         if inner.up.load(Ordering::Acquire) {
             if let Some((epoch, mut conn)) = read_slot(&inner.slot) {
                 let ping = ::redis::cmd("PING").query_async::<String>(&mut conn).await;

@@ -58,11 +58,19 @@ pub struct Bridge {
     dir: TempDir,
     config: PathBuf,
     log: Arc<Log>,
+    /// Extra environment for the process (e.g. `NOTIFY_SOCKET`, `RUST_LOG`).
+    env: Vec<(String, String)>,
 }
 
 impl Bridge {
     /// Starts the daemon with `config` and waits until it subscribed.
     pub fn start(config: &str) -> Bridge {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Like [`Bridge::start`], with extra environment variables (they win over the
+    /// defaults, e.g. `RUST_LOG`).
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Bridge {
         let dir = tempfile::Builder::new()
             .prefix("routemq-bridge-test-")
             .tempdir()
@@ -74,6 +82,10 @@ impl Bridge {
             dir,
             config: path,
             log: Arc::new(Log::default()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         bridge.spawn();
         bridge
@@ -88,6 +100,7 @@ impl Bridge {
             .arg(&self.config)
             .env("RUST_LOG", "info,routemq_bridge=debug")
             .env_remove("JOURNAL_STREAM")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

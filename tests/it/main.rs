@@ -12,6 +12,7 @@ mod cache;
 mod harness;
 mod harness_selftest;
 mod lock;
+mod ops;
 mod pubsub;
 mod rate_limit;
 mod redis_manager;

@@ -1,0 +1,237 @@
+//! The HTTP endpoint (spec §8): `/metrics` for Prometheus, `/healthz` and `/readyz` for
+//! whoever supervises the gateway.
+//!
+//! - `GET /metrics`: the Prometheus text format.
+//! - `GET /healthz`: 200 while the daemon's loops are turning ([`Liveness`]); 503 naming the
+//!   stuck loops otherwise. Says nothing about Redis or the broker: a restart would not fix
+//!   those.
+//! - `GET /readyz`: 200 only when MQTT is connected and subscribed and Redis is reachable
+//!   (or disabled); otherwise 503. The JSON body says which side is down:
+//!   `{"ready":false,"mqtt":"up","redis":"down"}`.
+//!
+//! Three read-only routes do not need a framework: plain hyper 1 with HTTP/1.1, a bound on
+//! concurrent connections, a header read timeout, and a graceful shutdown that lets
+//! in-flight requests finish when the daemon stops.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::liveness::Liveness;
+use crate::metrics::{Metrics, Observed};
+use crate::redis::ConnectionState;
+
+/// At most this many connections at once: Prometheus and a health checker need a few.
+const MAX_CONNECTIONS: usize = 64;
+/// A client that does not send its request headers in time is dropped.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long requests in flight may take once the daemon stops.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// What the endpoints read.
+pub struct State {
+    /// `None` when another `metrics` recorder was installed first (library use).
+    pub metrics: Option<Metrics>,
+    pub observed: Observed,
+    pub liveness: Liveness,
+}
+
+/// The `/readyz` answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub mqtt_up: bool,
+    pub redis: ConnectionState,
+}
+
+impl Readiness {
+    pub fn of(observed: &Observed) -> Readiness {
+        let mqtt = observed.mqtt();
+        Readiness {
+            mqtt_up: mqtt.connected && mqtt.subscribed,
+            redis: observed.redis_state(),
+        }
+    }
+
+    pub fn ready(&self) -> bool {
+        self.mqtt_up && self.redis != ConnectionState::Down
+    }
+
+    /// `{"ready":bool,"mqtt":"up"|"down","redis":"up"|"down"|"disabled"}`, in that order.
+    pub fn body(&self) -> String {
+        format!(
+            r#"{{"ready":{},"mqtt":"{}","redis":"{}"}}"#,
+            self.ready(),
+            if self.mqtt_up { "up" } else { "down" },
+            self.redis.as_str()
+        )
+    }
+}
+
+/// Binds `listen`. A port of 0 picks a free one; the bound address is logged either way.
+pub async fn bind(listen: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = TcpListener::bind(listen).await.map_err(|e| {
+        std::io::Error::new(e.kind(), format!("http: cannot listen on {listen}: {e}"))
+    })?;
+    let addr = listener.local_addr()?;
+    crate::events::http_listening(addr);
+    Ok(listener)
+}
+
+/// Serves until `stop` turns true, then lets requests in flight finish (briefly).
+pub fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let permit = tokio::select! {
+                permit = permits.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break,
+                },
+                _ = crate::liveness::stopped(&mut stop) => break,
+            };
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause rather than spin.
+                        tracing::warn!(error = %e, "http: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+                _ = crate::liveness::stopped(&mut stop) => break,
+            };
+            let state = state.clone();
+            let service = hyper::service::service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&state, &request)) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                // A client going away mid-request is its business, not an error of ours.
+                let _ = connection.await;
+                drop(permit);
+            });
+        }
+        drop(listener);
+        if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::debug!("http: requests still open at shutdown were cut");
+        }
+    })
+}
+
+fn respond(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    }
+    match request.uri().path() {
+        "/metrics" => match &state.metrics {
+            Some(metrics) => {
+                let mut response = text(StatusCode::OK, metrics.render());
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                response
+            }
+            None => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "another metrics recorder is installed in this process\n".into(),
+            ),
+        },
+        "/healthz" => {
+            let stuck = state.liveness.stuck();
+            let status = if stuck.is_empty() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            let body = json!({ "alive": stuck.is_empty(), "stuck": stuck }).to_string();
+            json_response(status, body)
+        }
+        "/readyz" => {
+            let readiness = Readiness::of(&state.observed);
+            let status = if readiness.ready() {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            json_response(status, readiness.body())
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /metrics, /healthz or /readyz\n".into(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json_response(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = text(status, body);
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_names_the_side_that_is_down() {
+        let redis_down = Readiness {
+            mqtt_up: true,
+            redis: ConnectionState::Down,
+        };
+        assert!(!redis_down.ready());
+        assert_eq!(
+            redis_down.body(),
+            r#"{"ready":false,"mqtt":"up","redis":"down"}"#
+        );
+        let disabled = Readiness {
+            mqtt_up: true,
+            redis: ConnectionState::Disabled,
+        };
+        assert!(disabled.ready());
+        let mqtt_down = Readiness {
+            mqtt_up: false,
+            redis: ConnectionState::Up,
+        };
+        assert!(!mqtt_down.ready());
+        assert!(mqtt_down.body().contains(r#""mqtt":"down""#));
+    }
+}
