@@ -1,6 +1,9 @@
 //! Turning `[mqtt]` into rumqttc options: broker address, session, packet limits, credentials
-//! and TLS (`mqtts://`, with an optional CA and client certificate).
+//! and TLS (`mqtts://`, with an optional CA and client certificate). The config loader uses
+//! [`check_tls_files`] so that unusable certificate files are config errors (exit 2, found
+//! by `check`), not a failure at the first connection.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,13 +36,22 @@ pub fn options(config: &MqttConfig) -> Result<MqttOptions, OptionsError> {
         .set_request_channel_capacity(4096);
     let max = usize::try_from(config.max_packet_size).unwrap_or(usize::MAX);
     options.set_max_packet_size(max, max);
-    if let Some(user) = &config.username {
-        let password = config
-            .password
-            .as_ref()
-            .map(|p| p.expose().to_string())
-            .unwrap_or_default();
-        options.set_credentials(user.clone(), password);
+    match (&config.username, &config.password) {
+        (Some(user), password) => {
+            // No password: rumqttc then sends the user name alone, as MQTT allows.
+            let password = password
+                .as_ref()
+                .map(|p| p.expose().to_string())
+                .unwrap_or_default();
+            options.set_credentials(user.clone(), password);
+        }
+        // Not an error at load: a RouteMQ `.env` may carry MQTT_PASSWORD for a broker
+        // that ignores it. But the operator should learn that it is not sent.
+        (None, Some(_)) => tracing::warn!(
+            "mqtt.password is set but mqtt.username is not; MQTT 3.1.1 sends a password only \
+             with a user name, so the bridge connects without credentials"
+        ),
+        (None, None) => {}
     }
     if broker.tls {
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
@@ -51,46 +63,116 @@ pub fn options(config: &MqttConfig) -> Result<MqttOptions, OptionsError> {
 
 fn tls_config(config: &MqttConfig) -> Result<rustls::ClientConfig, OptionsError> {
     crate::tls::install_crypto_provider();
-    let mut roots = rustls::RootCertStore::empty();
-    match &config.ca_file {
-        Some(path) => {
-            for cert in CertificateDer::pem_file_iter(path)
-                .map_err(|e| OptionsError(format!("ca_file {}: {e}", path.display())))?
-            {
-                let cert =
-                    cert.map_err(|e| OptionsError(format!("ca_file {}: {e}", path.display())))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| OptionsError(format!("ca_file {}: {e}", path.display())))?;
-            }
-        }
+    let file_error = |key: &str, path: &Path, message: String| {
+        OptionsError(format!("{key} {}: {message}", path.display()))
+    };
+    let roots = match &config.ca_file {
+        Some(path) => ca_roots(path).map_err(|e| file_error("ca_file", path, e))?,
         None => {
+            let mut roots = rustls::RootCertStore::empty();
             let native = rustls_native_certs::load_native_certs();
             for cert in native.certs {
                 let _ = roots.add(cert);
             }
+            if roots.is_empty() {
+                return Err(OptionsError(
+                    "no system CA certificates found: set mqtt.ca_file or install \
+                     ca-certificates"
+                        .into(),
+                ));
+            }
+            roots
         }
-    }
-    if roots.is_empty() {
-        return Err(OptionsError(
-            "no CA certificates: set mqtt.ca_file or install ca-certificates".into(),
-        ));
-    }
+    };
     let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
     match (&config.cert_file, &config.key_file) {
         (Some(cert), Some(key)) => {
-            let chain = CertificateDer::pem_file_iter(cert)
-                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| OptionsError(format!("cert_file {}: {e}", cert.display())))?;
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| OptionsError(format!("key_file {}: {e}", key.display())))?;
+            let chain = cert_chain(cert).map_err(|e| file_error("cert_file", cert, e))?;
+            let key_der = private_key(key).map_err(|e| file_error("key_file", key, e))?;
             builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| OptionsError(format!("client certificate: {e}")))
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| file_error("key_file", key, client_key_error(&e)))
         }
         (None, None) => Ok(builder.with_no_client_auth()),
         _ => Err(OptionsError(
             "cert_file and key_file go together".to_string(),
         )),
+    }
+}
+
+/// Checks that the TLS files named in `[mqtt]` can be used — readable, holding what they
+/// should, a client key that belongs to its certificate — so that `check` (and a start
+/// with a bad config, exit 2) finds a broken deployment before the first connection does.
+/// Returns `(key, message)` per problem. The system CA store is not checked here: a
+/// config stays valid on a machine without one (it is checked at start).
+pub(crate) fn check_tls_files(config: &MqttConfig) -> Vec<(&'static str, String)> {
+    crate::tls::install_crypto_provider();
+    let mut problems = Vec::new();
+    if let Some(path) = &config.ca_file {
+        if let Err(e) = ca_roots(path) {
+            problems.push(("ca_file", e));
+        }
+    }
+    if let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) {
+        let chain = cert_chain(cert).map_err(|e| problems.push(("cert_file", e)));
+        let key_der = private_key(key).map_err(|e| problems.push(("key_file", e)));
+        if let (Ok(chain), Ok(key_der)) = (chain, key_der) {
+            let builder = rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty());
+            if let Err(e) = builder.with_client_auth_cert(chain, key_der) {
+                problems.push(("key_file", client_key_error(&e)));
+            }
+        }
+    }
+    problems
+}
+
+/// The CA certificates in the PEM file `path`: at least one, each one a usable root.
+fn ca_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(path).map_err(pem_error)? {
+        roots
+            .add(cert.map_err(pem_error)?)
+            .map_err(|e| format!("not a usable CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+    }
+    Ok(roots)
+}
+
+/// The client certificate chain in the PEM file `path`, our own certificate first.
+fn cert_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let chain = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(pem_error)?;
+    if chain.is_empty() {
+        return Err("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+    }
+    Ok(chain)
+}
+
+/// The private key in the PEM file `path` (PKCS#8, PKCS#1 or SEC1; not encrypted).
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => "holds no unencrypted PEM private key \
+             (PKCS#8, PKCS#1 or SEC1; an encrypted key must be decrypted first)"
+            .to_string(),
+        e => pem_error(e),
+    })
+}
+
+fn pem_error(e: rustls::pki_types::pem::Error) -> String {
+    match e {
+        rustls::pki_types::pem::Error::Io(io) => format!("cannot read it: {io}"),
+        e => format!("not valid PEM: {e}"),
+    }
+}
+
+/// Why a client certificate and key cannot be used together.
+fn client_key_error(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::InconsistentKeys(_) => "is not the key of cert_file".to_string(),
+        e => format!("cannot be used with cert_file: {e}"),
     }
 }

@@ -125,9 +125,8 @@ impl MqttConfig {
                 ),
             );
         }
-        t.finish();
 
-        MqttConfig {
+        let config = MqttConfig {
             url,
             client_id,
             clean_session,
@@ -141,7 +140,14 @@ impl MqttConfig {
             ca_file,
             cert_file,
             key_file,
+        };
+        if tls {
+            for (key, message) in super::client::check_tls_files(&config) {
+                t.error(key, message);
+            }
         }
+        t.finish();
+        config
     }
 
     /// The broker's address, parsed from [`MqttConfig::url`] (validated at load).

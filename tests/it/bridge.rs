@@ -60,6 +60,8 @@ pub struct Bridge {
     log: Arc<Log>,
     /// Extra environment for the process (e.g. `NOTIFY_SOCKET`, `RUST_LOG`).
     env: Vec<(String, String)>,
+    /// Where the log of the process last spawned starts.
+    spawned_at: usize,
 }
 
 impl Bridge {
@@ -71,6 +73,18 @@ impl Bridge {
     /// Like [`Bridge::start`], with extra environment variables (they win over the
     /// defaults, e.g. `RUST_LOG`).
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Bridge {
+        let bridge = Bridge::start_unready_with_env(config, env);
+        bridge.wait_subscribed();
+        bridge
+    }
+
+    /// Starts the daemon with `config` without waiting for anything: for a bridge that is
+    /// not expected to subscribe (refused credentials, a failed TLS handshake).
+    pub fn start_unready(config: &str) -> Bridge {
+        Self::start_unready_with_env(config, &[])
+    }
+
+    fn start_unready_with_env(config: &str, env: &[(&str, &str)]) -> Bridge {
         let dir = tempfile::Builder::new()
             .prefix("routemq-bridge-test-")
             .tempdir()
@@ -86,13 +100,20 @@ impl Bridge {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            spawned_at: 0,
         };
-        bridge.spawn();
+        bridge.spawn_unready();
         bridge
     }
 
     /// (Re)starts the process with the same config and waits until it subscribed.
     pub fn spawn(&mut self) {
+        self.spawn_unready();
+        self.wait_subscribed();
+    }
+
+    /// (Re)starts the process with the same config; returns at once.
+    pub fn spawn_unready(&mut self) {
         assert!(self.child.is_none(), "already running");
         let mut child = Command::new(env!("CARGO_BIN_EXE_routemq-bridge"))
             .arg("run")
@@ -117,8 +138,13 @@ impl Bridge {
                 log.grew.notify_all();
             }
         });
-        let offset = self.log_text().len();
+        self.spawned_at = self.log_text().len();
         self.child = Some(child);
+    }
+
+    /// Waits until the process last spawned logged "subscribed".
+    fn wait_subscribed(&self) {
+        let offset = self.spawned_at;
         assert!(
             self.wait_for_log_after(offset, "subscribed", READY_TIMEOUT),
             "bridge did not subscribe within {READY_TIMEOUT:?}; log:\n{}",
@@ -204,10 +230,20 @@ pub struct Client {
 impl Client {
     /// Connects with a clean session to `broker` and waits for the ConnAck.
     pub async fn connect(broker: &Mosquitto, client_id: &str) -> Client {
+        Client::connect_with(broker, client_id, |_| {}).await
+    }
+
+    /// Like [`Client::connect`], with `configure` adjusting the options (e.g. credentials).
+    pub async fn connect_with(
+        broker: &Mosquitto,
+        client_id: &str,
+        configure: impl FnOnce(&mut MqttOptions),
+    ) -> Client {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", broker.port());
         options.set_keep_alive(Duration::from_secs(5));
         options.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
         options.set_inflight(100);
+        configure(&mut options);
         let (client, eventloop) = AsyncClient::new(options, 1000);
         let (ack_tx, acks) = tokio::sync::watch::channel(0);
         let (msg_tx, messages) = tokio::sync::mpsc::unbounded_channel();

@@ -344,3 +344,165 @@ impl Mosquitto {
         self.0.dir.path()
     }
 }
+
+/// Runs `program` with `args` in `dir`, failing the test with its output if it fails.
+fn run_tool(program: &Path, args: &[&str], dir: &Path) {
+    let output = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
+    assert!(
+        output.status.success(),
+        "{} {args:?} failed with {}: {}{}",
+        program.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Writes a Mosquitto `password_file` at `path` holding `users` (name, password), hashed by
+/// `mosquitto_passwd` (Mosquitto 2 wants its PBKDF2 `$7$` hashes, not plain text).
+pub fn mosquitto_password_file(path: &Path, users: &[(&str, &str)]) {
+    let tool = find_binary("mosquitto_passwd", "mosquitto");
+    let dir = path.parent().expect("password file in a directory");
+    let file = path.display().to_string();
+    for (i, (user, password)) in users.iter().enumerate() {
+        // `-c` creates (truncates) the file: only for the first user.
+        let mut args = vec!["-b"];
+        if i == 0 {
+            args.push("-c");
+        }
+        args.extend([file.as_str(), user, password]);
+        run_tool(&tool, &args, dir);
+    }
+}
+
+/// A throwaway certificate authority with a server certificate (for `localhost` and
+/// `127.0.0.1`) and a client certificate, made with the `openssl` CLI at test time so that
+/// no key is ever committed. EC P-256 keys in PKCS#8 PEM, valid for two days.
+pub struct Pki {
+    dir: TempDir,
+}
+
+impl Pki {
+    pub fn generate() -> Pki {
+        let openssl = find_binary("openssl", "openssl");
+        let dir = tempfile::Builder::new()
+            .prefix("routemq-bridge-pki-")
+            .tempdir()
+            .expect("tempdir");
+        let run = |args: &[&str]| run_tool(&openssl, args, dir.path());
+        let write = |name: &str, text: &str| {
+            std::fs::write(dir.path().join(name), text).expect("write extension file")
+        };
+        // webpki insists on a v3 CA (basicConstraints CA:TRUE) and on end-entity
+        // certificates that are not CAs; the server is named by subjectAltName, not CN.
+        write(
+            "ca.ext",
+            "basicConstraints = critical, CA:TRUE\n\
+             keyUsage = critical, keyCertSign, cRLSign\n\
+             subjectKeyIdentifier = hash\n",
+        );
+        write(
+            "server.ext",
+            "basicConstraints = critical, CA:FALSE\n\
+             keyUsage = critical, digitalSignature\n\
+             extendedKeyUsage = serverAuth\n\
+             subjectAltName = DNS:localhost, IP:127.0.0.1\n\
+             authorityKeyIdentifier = keyid\n",
+        );
+        write(
+            "client.ext",
+            "basicConstraints = critical, CA:FALSE\n\
+             keyUsage = critical, digitalSignature\n\
+             extendedKeyUsage = clientAuth\n\
+             authorityKeyIdentifier = keyid\n",
+        );
+        for name in ["ca", "server", "client"] {
+            let key = format!("{name}.key");
+            let csr = format!("{name}.csr");
+            let subject = format!("/CN=routemq-bridge-test-{name}");
+            run(&[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                &key,
+            ]);
+            run(&["req", "-new", "-key", &key, "-subj", &subject, "-out", &csr]);
+        }
+        run(&[
+            "x509", "-req", "-in", "ca.csr", "-signkey", "ca.key", "-days", "2", "-extfile",
+            "ca.ext", "-out", "ca.crt",
+        ]);
+        for name in ["server", "client"] {
+            let (csr, ext, crt) = (
+                format!("{name}.csr"),
+                format!("{name}.ext"),
+                format!("{name}.crt"),
+            );
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+                "-out",
+                &crt,
+            ]);
+        }
+        Pki { dir }
+    }
+
+    pub fn ca_key(&self) -> PathBuf {
+        self.dir.path().join("ca.key")
+    }
+
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.path().join("server.crt")
+    }
+
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.path().join("server.key")
+    }
+
+    pub fn client_cert(&self) -> PathBuf {
+        self.dir.path().join("client.crt")
+    }
+
+    pub fn client_key(&self) -> PathBuf {
+        self.dir.path().join("client.key")
+    }
+
+    /// Lines for `mosquitto.conf` adding a TLS listener on `port` that serves this PKI's
+    /// server certificate and requires a client certificate signed by its CA.
+    pub fn mosquitto_listener(&self, port: u16) -> String {
+        format!(
+            "listener {port} 127.0.0.1\n\
+             cafile {ca}\n\
+             certfile {cert}\n\
+             keyfile {key}\n\
+             require_certificate true\n",
+            ca = self.ca_cert().display(),
+            cert = self.server_cert().display(),
+            key = self.server_key().display(),
+        )
+    }
+}

@@ -6,6 +6,7 @@ mod bridge_actions;
 mod bridge_cli;
 mod bridge_delivery;
 mod bridge_middleware;
+mod bridge_mqtt;
 mod bridge_outcomes;
 mod bridge_smoke;
 mod cache;
