@@ -257,7 +257,9 @@ format = "text"
         mqtt::create_session(self.broker.port, client_id).await?;
         let subscriber = mqtt::Subscriber::connect(self.broker.port, client_id).await?;
         let preload_rate = self.preload().await?;
+        let others0 = self.others_cpu(std::process::id());
         let d = subscriber.drain(self.args.messages).await?;
+        let others = self.others_cpu(std::process::id()).since(&others0);
         let left = mqtt::leftover(self.broker.port, client_id, Duration::from_secs(1)).await?;
         let secs = d.last.duration_since(d.resumed).as_secs_f64();
         Ok(DrainRow {
@@ -268,6 +270,7 @@ format = "text"
             seconds: secs,
             rate: self.args.messages as f64 / secs,
             cpu_s: None,
+            others,
             peak_rss_kib: None,
             hwm_kib: None,
             accounted: d.received,
@@ -296,6 +299,7 @@ format = "text"
         let pid = bridge.pid();
         let peak = PeakRss::start(pid);
         let cpu0 = sample(pid).unwrap_or_default();
+        let others0 = self.others_cpu(0);
         let n = self.args.messages;
         let expected = route.expected_keys(n, self.args.devices);
         let waited = self
@@ -303,6 +307,7 @@ format = "text"
             .wait_for_keys(expected, Duration::from_secs(10))
             .await;
         let end = sample(pid).unwrap_or_default();
+        let others = self.others_cpu(0).since(&others0);
         let peak_rss = peak.stop();
         let mut problems = Vec::new();
         let done = match waited {
@@ -336,6 +341,7 @@ format = "text"
             seconds: secs,
             rate: n as f64 / secs,
             cpu_s: Some(end.cpu_s - cpu0.cpu_s),
+            others,
             peak_rss_kib: Some(peak_rss),
             hwm_kib: Some(end.hwm_kib),
             accounted,
@@ -345,6 +351,16 @@ format = "text"
             exit_ok: status.success(),
             problems,
         })
+    }
+
+    /// CPU seconds so far of the broker, Redis and (when not 0) the subscriber process.
+    fn others_cpu(&self, subscriber: u32) -> report::OthersCpu {
+        let cpu = |pid: u32| sample(pid).map(|s| s.cpu_s).unwrap_or(0.0);
+        report::OthersCpu {
+            broker_s: cpu(self.broker.pid()),
+            redis_s: cpu(self.redis.pid()),
+            subscriber_s: (subscriber != 0).then(|| cpu(subscriber)),
+        }
     }
 
     /// Idle footprint over `window`, after `settle`.

@@ -20,6 +20,28 @@ const MAX_IDLE_RSS_MIB: f64 = 10.0;
 /// "Idle CPU ≈ 0": under 1 % of one core.
 const MAX_IDLE_CPU_SHARE: f64 = 0.01;
 
+/// CPU seconds the rest of the system spent during a drain.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OthersCpu {
+    pub broker_s: f64,
+    pub redis_s: f64,
+    /// The bench process itself, for (a), where it is the subscriber.
+    pub subscriber_s: Option<f64>,
+}
+
+impl OthersCpu {
+    pub fn since(&self, earlier: &OthersCpu) -> OthersCpu {
+        OthersCpu {
+            broker_s: self.broker_s - earlier.broker_s,
+            redis_s: self.redis_s - earlier.redis_s,
+            subscriber_s: self
+                .subscriber_s
+                .zip(earlier.subscriber_s)
+                .map(|(a, b)| a - b),
+        }
+    }
+}
+
 pub struct DrainRow {
     pub name: String,
     pub short: String,
@@ -28,7 +50,9 @@ pub struct DrainRow {
     pub preload_rate: f64,
     pub seconds: f64,
     pub rate: f64,
+    /// The bridge's CPU seconds (b, c).
     pub cpu_s: Option<f64>,
+    pub others: OthersCpu,
     pub peak_rss_kib: Option<u64>,
     pub hwm_kib: Option<u64>,
     /// Messages received (a) or message keys in Redis (b, c).
@@ -187,12 +211,12 @@ impl Report {
         if !self.drain.is_empty() {
             let _ = writeln!(
                 s,
-                "{:<48} {:>9} {:>6} {:>7} {:>7} {:>9} {:>9}  accounted",
+                "{:<48} {:>9} {:>6} {:>6} {:>25} {:>9} {:>9}  accounted",
                 "drain of a preloaded queue",
                 "msg/s",
                 "ratio",
                 "secs",
-                "CPU s",
+                "CPU µs/msg sub+mqtt+redis",
                 "peak RSS",
                 "preload/s"
             );
@@ -210,22 +234,37 @@ impl Report {
                         _ => String::new(),
                     }
                 );
+                let per_msg = |s: f64| s * 1e6 / d.messages as f64;
+                let subscriber = d.cpu_s.or(d.others.subscriber_s).unwrap_or(0.0);
+                let cpu = format!(
+                    "{:.1}+{:.1}+{:.1}",
+                    per_msg(subscriber),
+                    per_msg(d.others.broker_s),
+                    per_msg(d.others.redis_s)
+                );
                 let _ = writeln!(
                     s,
-                    "{:<48} {:>9.0} {:>6.2} {:>7.2} {:>7} {:>9} {:>9.0}  {}",
+                    "{:<48} {:>9.0} {:>6.2} {:>6.2} {:>25} {:>9} {:>9.0}  {}",
                     d.name,
                     d.rate,
                     ratio,
                     d.seconds,
-                    d.cpu_s.map(|c| format!("{c:.2}")).unwrap_or("-".into()),
+                    cpu,
                     d.peak_rss_kib
                         .map(|k| format!("{:.1} MiB", mib(k)))
                         .unwrap_or("-".into()),
                     d.preload_rate,
                     accounted
                 );
-                for p in &d.problems {
+                for p in d.problems.iter().take(3) {
                     let _ = writeln!(s, "    problem: {p}");
+                }
+                if d.problems.len() > 3 {
+                    let _ = writeln!(
+                        s,
+                        "    ... and {} more problems (see the JSON)",
+                        d.problems.len() - 3
+                    );
                 }
             }
             s.push('\n');
@@ -314,6 +353,9 @@ impl Report {
                 "seconds": d.seconds,
                 "preload_rate_msg_s": d.preload_rate,
                 "cpu_s": d.cpu_s,
+                "subscriber_process_cpu_s": d.others.subscriber_s,
+                "broker_cpu_s": d.others.broker_s,
+                "redis_cpu_s": d.others.redis_s,
                 "peak_rss_kib": d.peak_rss_kib,
                 "vm_hwm_kib": d.hwm_kib,
                 "accounted": d.accounted,
