@@ -271,6 +271,7 @@ format = "text"
             rate: self.args.messages as f64 / secs,
             cpu_s: None,
             others,
+            redis_commands: Vec::new(),
             peak_rss_kib: None,
             hwm_kib: None,
             accounted: d.received,
@@ -300,6 +301,7 @@ format = "text"
         let peak = PeakRss::start(pid);
         let cpu0 = sample(pid).unwrap_or_default();
         let others0 = self.others_cpu(0);
+        self.store.reset_stats().await?;
         let n = self.args.messages;
         let expected = route.expected_keys(n, self.args.devices);
         let waited = self
@@ -308,6 +310,7 @@ format = "text"
             .await;
         let end = sample(pid).unwrap_or_default();
         let others = self.others_cpu(0).since(&others0);
+        let redis_commands = self.store.command_stats().await?;
         let peak_rss = peak.stop();
         let mut problems = Vec::new();
         let done = match waited {
@@ -342,6 +345,7 @@ format = "text"
             rate: n as f64 / secs,
             cpu_s: Some(end.cpu_s - cpu0.cpu_s),
             others,
+            redis_commands,
             peak_rss_kib: Some(peak_rss),
             hwm_kib: Some(end.hwm_kib),
             accounted,
@@ -574,6 +578,14 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores available")
 }
 
+/// `/proc/loadavg`'s 1-minute figure: how busy the machine was with other work.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().map(String::from))
+        .unwrap_or_else(|| "?".into())
+}
+
 async fn run(args: Args) -> Res<Report> {
     let bridge_binary = bridge_binary(&args)?;
     let prefix = args
@@ -606,6 +618,7 @@ async fn run(args: Args) -> Res<Report> {
         bench.broker.port
     );
     let mut report = Report::new(args.messages, args.devices, args.broker_inflight, machine());
+    report.load_start = load_average();
     if args.parts.iter().any(|p| p == "drain") {
         eprintln!("drain (a): preloading {} messages...", args.messages);
         report.drain.push(bench.drain_baseline().await?);
@@ -641,6 +654,7 @@ async fn main() -> std::process::ExitCode {
     match run(args).await {
         Ok(mut report) => {
             report.wall_s = started.elapsed().as_secs_f64();
+            report.load_end = load_average();
             print!("{}", report.table());
             match report.write_json(&out) {
                 Ok(path) => println!("JSON: {}", path.display()),

@@ -53,6 +53,8 @@ pub struct DrainRow {
     /// The bridge's CPU seconds (b, c).
     pub cpu_s: Option<f64>,
     pub others: OthersCpu,
+    /// Redis's own account of the drain: (command, calls, total µs).
+    pub redis_commands: Vec<(String, u64, u64)>,
     pub peak_rss_kib: Option<u64>,
     pub hwm_kib: Option<u64>,
     /// Messages received (a) or message keys in Redis (b, c).
@@ -108,6 +110,9 @@ pub struct Report {
     pub idle: Vec<IdleRow>,
     pub problems: Vec<String>,
     pub wall_s: f64,
+    /// 1-minute load average at the start and end of the run.
+    pub load_start: String,
+    pub load_end: String,
 }
 
 fn check(ok: bool) -> &'static str {
@@ -130,6 +135,8 @@ impl Report {
             idle: Vec::new(),
             problems: Vec::new(),
             wall_s: 0.0,
+            load_start: String::new(),
+            load_end: String::new(),
         }
     }
 
@@ -256,6 +263,21 @@ impl Report {
                     d.preload_rate,
                     accounted
                 );
+                if !d.redis_commands.is_empty() {
+                    let per_msg: Vec<String> = d
+                        .redis_commands
+                        .iter()
+                        .filter(|(_, calls, _)| *calls >= d.messages / 10)
+                        .map(|(name, calls, usec)| {
+                            format!(
+                                "{name} {:.1}x{:.1}µs",
+                                *calls as f64 / d.messages as f64,
+                                *usec as f64 / (*calls).max(1) as f64
+                            )
+                        })
+                        .collect();
+                    let _ = writeln!(s, "    redis per message: {}", per_msg.join(", "));
+                }
                 for p in d.problems.iter().take(3) {
                     let _ = writeln!(s, "    problem: {p}");
                 }
@@ -329,7 +351,11 @@ impl Report {
                 value
             );
         }
-        let _ = writeln!(s, "(run took {:.0} s)", self.wall_s);
+        let _ = writeln!(
+            s,
+            "(run took {:.0} s; load average {} at the start, {} at the end)",
+            self.wall_s, self.load_start, self.load_end
+        );
         s
     }
 
@@ -344,6 +370,8 @@ impl Report {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             "wall_s": self.wall_s,
+            "load_average_start": self.load_start,
+            "load_average_end": self.load_end,
             "drain": self.drain.iter().map(|d| json!({
                 "name": d.name,
                 "id": d.short,
@@ -356,6 +384,9 @@ impl Report {
                 "subscriber_process_cpu_s": d.others.subscriber_s,
                 "broker_cpu_s": d.others.broker_s,
                 "redis_cpu_s": d.others.redis_s,
+                "redis_commands": d.redis_commands.iter().map(|(name, calls, usec)| json!({
+                    "command": name, "calls": calls, "usec": usec,
+                })).collect::<Vec<_>>(),
                 "peak_rss_kib": d.peak_rss_kib,
                 "vm_hwm_kib": d.hwm_kib,
                 "accounted": d.accounted,

@@ -54,6 +54,43 @@ impl Store {
         Ok(())
     }
 
+    /// Zeroes Redis's per-command statistics.
+    pub async fn reset_stats(&mut self) -> Res<()> {
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(&mut self.con)
+            .await?;
+        Ok(())
+    }
+
+    /// Per command since the last reset: (name, calls, total µs), busiest first. Where
+    /// Redis spends its time, from Redis itself (`INFO commandstats`).
+    pub async fn command_stats(&mut self) -> Res<Vec<(String, u64, u64)>> {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.con)
+            .await?;
+        let mut stats = Vec::new();
+        for line in info.lines() {
+            let Some((name, fields)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            let field = |key: &str| {
+                fields
+                    .split(',')
+                    .find_map(|f| f.strip_prefix(key))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            stats.push((name.to_string(), field("calls="), field("usec=")));
+        }
+        stats.sort_by(|a, b| b.2.cmp(&a.2));
+        Ok(stats)
+    }
+
     pub async fn dbsize(&mut self) -> Res<u64> {
         Ok(redis::cmd("DBSIZE").query_async(&mut self.con).await?)
     }
