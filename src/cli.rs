@@ -41,7 +41,12 @@ pub fn run(path: &Path) -> u8 {
         Err(code) => return code,
     };
     let _log = crate::logging::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: a gateway bridge waits on I/O, and the work per message is a few
+    // microseconds, so worker threads buy no throughput; they cost cross-thread wakeups
+    // (futex, context switches: most of the kernel time in the profile) and a malloc
+    // arena and stack each (docs/benchmarks.md). Keep-alive is not starved: every task
+    // yields at its next await, and the MQTT event loop is one of them.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -1,0 +1,233 @@
+//! Redis sides of the bench: seeding sessions, watching a drain progress, counting what
+//! arrived (the accounting), and the latency probe.
+//!
+//! The probe hears Redis itself say that a key was written: keyspace notifications
+//! (`notify-keyspace-events K$`) on the message keys, so "visible in Redis" is measured at
+//! Redis, not inferred from the bridge's own acks. They are switched on only for the live
+//! runs, so the drain runs do not pay for them.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+
+use crate::Res;
+
+/// Every message writes its own key here: `bench:msg:<device>:<seq>`.
+pub const MSG_PREFIX: &str = "bench:msg:";
+pub const DEAD_LETTER: &str = "bench:dead_letter";
+
+pub struct Store {
+    pub url: String,
+    client: redis::Client,
+    con: MultiplexedConnection,
+}
+
+impl Store {
+    pub async fn connect(port: u16) -> Res<Store> {
+        let url = format!("redis://127.0.0.1:{port}/0");
+        let client = redis::Client::open(url.as_str())?;
+        let con = client.get_multiplexed_async_connection().await?;
+        Ok(Store { url, client, con })
+    }
+
+    pub async fn flush(&mut self) -> Res<()> {
+        redis::cmd("FLUSHALL")
+            .query_async::<()>(&mut self.con)
+            .await?;
+        Ok(())
+    }
+
+    /// A RouteMQ-style JSON session for each device.
+    pub async fn seed_sessions(&mut self, devices: u64) -> Res<()> {
+        let mut pipe = redis::pipe();
+        for d in 0..devices {
+            pipe.cmd("SET")
+                .arg(format!("bench:session:dev-{d}"))
+                .arg(format!(
+                    r#"{{"session_id":"s-{d}","user_id":"u-{d}","device":"dev-{d}"}}"#
+                ))
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.con).await?;
+        Ok(())
+    }
+
+    /// Zeroes Redis's per-command statistics.
+    pub async fn reset_stats(&mut self) -> Res<()> {
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(&mut self.con)
+            .await?;
+        Ok(())
+    }
+
+    /// Per command since the last reset: (name, calls, total µs), busiest first. Where
+    /// Redis spends its time, from Redis itself (`INFO commandstats`).
+    pub async fn command_stats(&mut self) -> Res<Vec<(String, u64, u64)>> {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.con)
+            .await?;
+        let mut stats = Vec::new();
+        for line in info.lines() {
+            let Some((name, fields)) = line
+                .strip_prefix("cmdstat_")
+                .and_then(|l| l.split_once(':'))
+            else {
+                continue;
+            };
+            let field = |key: &str| {
+                fields
+                    .split(',')
+                    .find_map(|f| f.strip_prefix(key))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            stats.push((name.to_string(), field("calls="), field("usec=")));
+        }
+        stats.sort_by_key(|s| std::cmp::Reverse(s.2));
+        Ok(stats)
+    }
+
+    pub async fn dbsize(&mut self) -> Res<u64> {
+        Ok(redis::cmd("DBSIZE").query_async(&mut self.con).await?)
+    }
+
+    /// Keys matching `pattern` (SCAN, so Redis is not blocked).
+    pub async fn count(&mut self, pattern: &str) -> Res<u64> {
+        let mut cursor: u64 = 0;
+        let mut n = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut self.con)
+                .await?;
+            n += keys.len() as u64;
+            if next == 0 {
+                return Ok(n);
+            }
+            cursor = next;
+        }
+    }
+
+    /// The sum of the integer keys `<prefix><device>` over every device.
+    pub async fn sum_counters(&mut self, prefix: &str, devices: u64) -> Res<u64> {
+        let keys: Vec<String> = (0..devices).map(|d| format!("{prefix}dev-{d}")).collect();
+        let values: Vec<Option<u64>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut self.con)
+            .await?;
+        Ok(values.into_iter().flatten().sum())
+    }
+
+    pub async fn llen(&mut self, key: &str) -> Res<u64> {
+        Ok(redis::cmd("LLEN")
+            .arg(key)
+            .query_async(&mut self.con)
+            .await?)
+    }
+
+    /// Polls DBSIZE until it reaches `expected`; gives up when it has not moved for
+    /// `stall`. Returns when it was reached (or the error with how far it got).
+    pub async fn wait_for_keys(&mut self, expected: u64, stall: Duration) -> Res<Instant> {
+        let mut last = (0, Instant::now());
+        loop {
+            let n = self.dbsize().await?;
+            if n >= expected {
+                return Ok(Instant::now());
+            }
+            if n != last.0 {
+                last = (n, Instant::now());
+            } else if last.1.elapsed() > stall {
+                return Err(format!(
+                    "Redis holds {n} keys of the {expected} expected and has not moved for {stall:?}"
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Starts hearing writes of message keys; see [`Probe`].
+    pub async fn probe(&mut self, first: u64, count: u64) -> Res<Probe> {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg("K$")
+            .query_async::<()>(&mut self.con)
+            .await?;
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub
+            .psubscribe(format!("__keyspace@0__:{MSG_PREFIX}*"))
+            .await?;
+        let seen = Arc::new(Mutex::new(vec![None; count as usize]));
+        let task = {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut stream = pubsub.into_on_message();
+                while let Some(msg) = stream.next().await {
+                    let at = Instant::now();
+                    // __keyspace@0__:bench:msg:<device>:<seq>
+                    let seq = msg
+                        .get_channel_name()
+                        .rsplit(':')
+                        .next()
+                        .and_then(|s| s.parse::<u64>().ok());
+                    if let Some(i) = seq.and_then(|s| s.checked_sub(first)) {
+                        if let Ok(mut seen) = seen.lock() {
+                            if let Some(slot) = seen.get_mut(i as usize) {
+                                slot.get_or_insert(at);
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        Ok(Probe { seen, task })
+    }
+}
+
+/// When each message's key was first written, by sequence number from the probe's `first`.
+pub struct Probe {
+    seen: Arc<Mutex<Vec<Option<Instant>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Probe {
+    /// Messages `from..to` (indexes from `first`) seen so far.
+    pub fn seen_in(&self, from: usize, to: usize) -> usize {
+        self.seen
+            .lock()
+            .map(|s| s[from..to].iter().filter(|t| t.is_some()).count())
+            .unwrap_or(0)
+    }
+
+    /// Waits until all of `from..to` were seen, or `timeout`.
+    pub async fn wait_seen(&self, from: usize, to: usize, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.seen_in(from, to) == to - from {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        false
+    }
+
+    pub fn times(&self, from: usize, to: usize) -> Vec<Option<Instant>> {
+        self.seen
+            .lock()
+            .map(|s| s[from..to].to_vec())
+            .unwrap_or_default()
+    }
+
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
