@@ -8,26 +8,89 @@
 //! anything, because the broker redelivers what we had not acked and a stray ack could
 //! confirm a redelivered copy before we processed it.
 //!
-//! It is a mutex, not a task: registering and finishing are a few pointer moves, and acks
-//! leave through the client's non-blocking `try_ack` (never awaited on the event loop's task).
+//! The sequencer is a mutex, not a task: registering and finishing are a few pointer moves;
+//! the acks it releases go to the [`AckForwarder`], whose task hands them to rumqttc.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rumqttc::Publish;
+use tokio::sync::{mpsc, oneshot};
 
-/// Where acks go. The real one is rumqttc's `AsyncClient`; tests record them.
+/// Where acks go: the [`AckForwarder`] in the daemon; tests record them.
 pub trait AckSink: Send + Sync + 'static {
-    fn ack(&self, publish: &Publish);
+    /// Called in ack order, under the sequencer's lock: must not block.
+    fn ack(&self, publish: &Publish, epoch: u64);
+
+    /// The sequencer moved to a new connection's epoch (acks of older epochs are void).
+    fn new_epoch(&self, _epoch: u64) {}
 }
 
-impl AckSink for rumqttc::AsyncClient {
-    fn ack(&self, publish: &Publish) {
-        if let Err(e) = self.try_ack(publish) {
-            // The request channel is full or the event loop is gone; the message stays
-            // unacked and the broker redelivers it.
-            tracing::warn!(error = %e, pkid = publish.pkid, "could not queue an MQTT ack");
+enum Forward {
+    Ack(Publish, u64),
+    Flush(oneshot::Sender<()>),
+}
+
+/// Hands finished acks to rumqttc in order, from a task of its own that may wait when the
+/// client's request channel is full — the sequencer cannot (it runs under a lock) and the
+/// event loop's task must never await its own client. Its queue is bounded by what can be
+/// in flight (`max_inflight` plus the broker's window, at most 65,535 packet ids), so it does
+/// not fill in practice; if it ever did, the message would stay unacked and be redelivered.
+///
+/// Acks of an older epoch are dropped on the way out: after a reconnect the broker may have
+/// forgotten those packet ids (no session) and reused them for messages we have not seen.
+pub struct AckForwarder {
+    tx: mpsc::Sender<Forward>,
+    epoch: Arc<AtomicU64>,
+}
+
+impl AckForwarder {
+    /// Starts the forwarding task for `client`.
+    pub fn spawn(client: rumqttc::AsyncClient, capacity: usize) -> AckForwarder {
+        let (tx, mut rx) = mpsc::channel::<Forward>(capacity.max(1));
+        let epoch = Arc::new(AtomicU64::new(0));
+        let current = epoch.clone();
+        tokio::spawn(async move {
+            while let Some(forward) = rx.recv().await {
+                match forward {
+                    Forward::Ack(publish, epoch) => {
+                        if epoch != current.load(Ordering::Acquire) {
+                            continue;
+                        }
+                        if let Err(e) = client.ack(&publish).await {
+                            // The event loop is gone (shutdown): redelivered later.
+                            tracing::debug!(error = %e, pkid = publish.pkid, "MQTT ack not sent");
+                        }
+                    }
+                    Forward::Flush(done) => {
+                        let _ = done.send(());
+                    }
+                }
+            }
+        });
+        AckForwarder { tx, epoch }
+    }
+
+    /// Waits until every ack handed over before this call is in the client's request
+    /// queue, so a DISCONNECT queued afterwards leaves after them.
+    pub async fn flush(&self) {
+        let (done, wait) = oneshot::channel();
+        if self.tx.send(Forward::Flush(done)).await.is_ok() {
+            let _ = wait.await;
         }
+    }
+}
+
+impl AckSink for AckForwarder {
+    fn ack(&self, publish: &Publish, epoch: u64) {
+        if let Err(e) = self.tx.try_send(Forward::Ack(publish.clone(), epoch)) {
+            tracing::warn!(error = %e, pkid = publish.pkid, "MQTT ack queue full; the message will be redelivered");
+        }
+    }
+
+    fn new_epoch(&self, epoch: u64) {
+        self.epoch.store(epoch, Ordering::Release);
     }
 }
 
@@ -99,6 +162,7 @@ impl AckSequencer {
         q.epoch += 1;
         q.head += q.entries.len() as u64;
         q.entries.clear();
+        self.sink.new_epoch(q.epoch);
     }
 
     /// Messages registered and not yet acked.
@@ -117,10 +181,10 @@ impl AckSequencer {
             None => return,
         }
         // Sent under the lock, so two finishing workers cannot interleave their runs; the
-        // sink only queues the ack (`try_ack`), it never waits.
+        // sink only queues the ack (`try_send`), it never waits.
         while q.entries.front().is_some_and(|e| e.done) {
             if let Some(entry) = q.entries.pop_front() {
-                self.sink.ack(&entry.publish);
+                self.sink.ack(&entry.publish, q.epoch);
             }
             q.head += 1;
         }
@@ -143,7 +207,7 @@ mod tests {
     struct Recorder(Mutex<Vec<u16>>);
 
     impl AckSink for Recorder {
-        fn ack(&self, publish: &Publish) {
+        fn ack(&self, publish: &Publish, _epoch: u64) {
             self.0.lock().unwrap().push(publish.pkid);
         }
     }

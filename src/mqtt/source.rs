@@ -45,7 +45,7 @@ use rumqttc::{
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinHandle;
 
-use super::acks::{AckSequencer, Ticket};
+use super::acks::{AckForwarder, AckSequencer, Ticket};
 use super::client::{options, OptionsError};
 use super::config::MqttConfig;
 use crate::backoff::Backoff;
@@ -111,6 +111,7 @@ pub struct MqttSource {
     stop: Arc<Notify>,
     task: JoinHandle<()>,
     tracker: Arc<Mutex<Tracker>>,
+    acks: Arc<AckForwarder>,
     share_group: String,
     updates: watch::Sender<SubscriptionSet>,
     max_inflight: Arc<AtomicUsize>,
@@ -197,7 +198,8 @@ impl MqttSource {
         let (client, eventloop) = AsyncClient::new(options, 4096);
         // Big enough for everything the bounds allow (QoS 0 up to max_inflight, QoS 1/2 up
         // to the broker's window, at most 65535 packet ids), so the loop never finds it full.
-        let (tx, rx) = mpsc::channel(max_inflight.max(1) + usize::from(u16::MAX));
+        let capacity = max_inflight.max(1) + usize::from(u16::MAX);
+        let (tx, rx) = mpsc::channel(capacity);
         let (status_tx, status_rx) = watch::channel(MqttStatus::default());
         let stats = Arc::new(MqttStats::default());
         let receiving = Arc::new(AtomicBool::new(true));
@@ -209,7 +211,8 @@ impl MqttSource {
         });
         let max_inflight = Arc::new(AtomicUsize::new(max_inflight));
         let heartbeat = Heartbeat::new();
-        let sink: Arc<dyn super::acks::AckSink> = Arc::new(client.clone());
+        let acks = Arc::new(AckForwarder::spawn(client.clone(), capacity));
+        let sink: Arc<dyn super::acks::AckSink> = acks.clone();
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let run = Loop {
             eventloop,
@@ -245,6 +248,7 @@ impl MqttSource {
                 stop,
                 task,
                 tracker,
+                acks,
                 share_group: config.share_group.clone(),
                 updates: updates_tx,
                 max_inflight_cap: max_inflight
@@ -348,6 +352,8 @@ impl MqttSource {
     /// Sends DISCONNECT after every queued ack and waits (bounded) for the loop to end.
     pub async fn disconnect(self, timeout: Duration) {
         self.stop_receiving();
+        // The acks of what finished go out before the DISCONNECT.
+        let _ = tokio::time::timeout(timeout, self.acks.flush()).await;
         if self.client.disconnect().await.is_err() {
             self.stop.notify_one();
         }
