@@ -17,5 +17,6 @@ mod ops;
 mod pubsub;
 mod rate_limit;
 mod redis_manager;
+mod redis_tls;
 mod republish;
 mod session;
