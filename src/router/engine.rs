@@ -131,6 +131,21 @@ impl Engine {
         }
     }
 
+    /// A QoS 0 message dropped beyond `max_inflight`: outcome `overflow` on every route it
+    /// matches, so the drop shows in `messages_total` like any other outcome.
+    pub fn overflow(&self, topic: &str, received: Instant) {
+        let table = self.table.load();
+        let mut matched = false;
+        for (route, _) in table.matches(topic) {
+            matched = true;
+            events::message_received(&route.name);
+            events::message_outcome(&route.name, topic, &Outcome::Overflow, received);
+        }
+        if !matched {
+            events::unrouted(topic);
+        }
+    }
+
     async fn run_route(
         &self,
         route: &Route,
