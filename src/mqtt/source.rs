@@ -169,14 +169,6 @@ fn oversized(error: &rumqttc::ConnectionError) -> Option<usize> {
     }
 }
 
-fn qos(level: u8) -> QoS {
-    match level {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
-
 /// The cover as SUBSCRIBE filters, with `$share/<group>/` when scaling out.
 fn filters(subscriptions: &[Subscription], share_group: &str) -> Vec<SubscribeFilter> {
     subscriptions
@@ -187,7 +179,7 @@ fn filters(subscriptions: &[Subscription], share_group: &str) -> Vec<SubscribeFi
             } else {
                 format!("$share/{share_group}/{}", s.filter)
             };
-            SubscribeFilter::new(path, qos(s.qos))
+            SubscribeFilter::new(path, super::qos(s.qos))
         })
         .collect()
 }
