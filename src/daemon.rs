@@ -28,7 +28,7 @@ use crate::config::BridgeConfig;
 use crate::events;
 use crate::liveness::{Heartbeat, Liveness};
 use crate::metrics::{Metrics, Observed};
-use crate::mqtt::{MqttConfig, MqttSource};
+use crate::mqtt::{Inbound, MqttConfig, MqttSource};
 use crate::redis::{RedisConfig, RedisManager};
 use crate::republish::RepublishService;
 use crate::router::dispatch::Dispatcher;
@@ -183,6 +183,16 @@ impl Running {
     }
 }
 
+/// Gives a received message to its topic's lane; an overflowed one is only counted, never
+/// queued (a lane stuck waiting for Redis would hold it without bound).
+fn hand_over(dispatcher: &Dispatcher<Inbound, Engine>, engine: &Engine, message: Inbound) {
+    if message.is_overflow() {
+        engine.overflow(&message.publish.topic, message.received);
+    } else {
+        dispatcher.dispatch(message);
+    }
+}
+
 /// Runs until SIGTERM/SIGINT, then drains and returns.
 pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     let Loaded {
@@ -283,7 +293,7 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     loop {
         tokio::select! {
             message = inbound.recv() => match message {
-                Some(message) => dispatcher.dispatch(message),
+                Some(message) => hand_over(&dispatcher, &running.engine, message),
                 None => break,
             },
             _ = tick.tick() => main_beat.beat(),
@@ -315,13 +325,14 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         source,
         config,
         republish,
+        engine,
         ..
     } = running;
     source.stop_receiving();
     republish.shutdown().await;
     // What was received before the stop is in flight too: finish it.
     while let Ok(message) = inbound.try_recv() {
-        dispatcher.dispatch(message);
+        hand_over(&dispatcher, &engine, message);
     }
     let timeout = config.limits.shutdown_timeout;
     if tokio::time::timeout(timeout, dispatcher.drained())

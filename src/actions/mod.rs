@@ -9,13 +9,12 @@
 //! To add an action: a variant in [`Op`], its reading in `config.rs`, its commands in
 //! [`Action::apply`].
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use ::redis::Pipeline;
 use serde_json::{Map, Value};
 
-use crate::router::template::{Context, RenderError, Template};
+use crate::router::template::{json_text, Context, RenderError, Template};
 
 /// A value for `set_json`: a TOML table (or array) whose string leaves are templates.
 #[derive(Clone, Debug)]
@@ -150,14 +149,6 @@ pub enum ApplyError {
 impl From<RenderError> for ApplyError {
     fn from(e: RenderError) -> Self {
         ApplyError::Render(e)
-    }
-}
-
-/// Strings as they are, other JSON compactly (as templates render `{json.*}`).
-fn json_text(value: &Value) -> Cow<'_, str> {
-    match value {
-        Value::String(s) => Cow::Borrowed(s),
-        other => Cow::Owned(other.to_string()),
     }
 }
 

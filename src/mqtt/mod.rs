@@ -7,3 +7,13 @@ pub mod source;
 
 pub use config::MqttConfig;
 pub use source::{Inbound, MqttSource, MqttStatus};
+
+/// A config QoS level as rumqttc's. Levels are checked to be 0, 1 or 2 when the config is
+/// loaded, so anything above 1 means 2.
+pub fn qos(level: u8) -> rumqttc::QoS {
+    match level {
+        0 => rumqttc::QoS::AtMostOnce,
+        1 => rumqttc::QoS::AtLeastOnce,
+        _ => rumqttc::QoS::ExactlyOnce,
+    }
+}

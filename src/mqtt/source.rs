@@ -82,7 +82,8 @@ pub struct Inbound {
     pub publish: Publish,
     pub received: Instant,
     ticket: Option<Ticket>,
-    _slot: InflightSlot,
+    /// `None` for an overflowed message: it holds no in-flight slot.
+    slot: Option<InflightSlot>,
 }
 
 impl Inbound {
@@ -91,6 +92,12 @@ impl Inbound {
         if let Some(ticket) = self.ticket {
             ticket.done();
         }
+    }
+
+    /// A QoS 0 message beyond `max_inflight`, passed on without its payload only so that
+    /// its routes can count outcome `overflow` (spec §5.3); it must not be processed.
+    pub fn is_overflow(&self) -> bool {
+        self.slot.is_none()
     }
 }
 
@@ -163,14 +170,6 @@ fn oversized(error: &rumqttc::ConnectionError) -> Option<usize> {
     }
 }
 
-fn qos(level: u8) -> QoS {
-    match level {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
-
 /// The cover as SUBSCRIBE filters, with `$share/<group>/` when scaling out.
 fn filters(subscriptions: &[Subscription], share_group: &str) -> Vec<SubscribeFilter> {
     subscriptions
@@ -181,7 +180,7 @@ fn filters(subscriptions: &[Subscription], share_group: &str) -> Vec<SubscribeFi
             } else {
                 format!("$share/{share_group}/{}", s.filter)
             };
-            SubscribeFilter::new(path, qos(s.qos))
+            SubscribeFilter::new(path, super::qos(s.qos))
         })
         .collect()
 }
@@ -496,10 +495,20 @@ impl Loop {
             && self.stats.inflight() >= self.max_inflight.load(Ordering::Relaxed)
         {
             self.stats.overflow.fetch_add(1, Ordering::Relaxed);
+            // Only the router knows which routes to count `overflow` on: hand it the
+            // topic, without the payload this bound exists to not hold.
+            let mut publish = publish;
+            publish.payload = Default::default();
+            let _ = self.inbound.try_send(Inbound {
+                publish,
+                received: Instant::now(),
+                ticket: None,
+                slot: None,
+            });
             return;
         }
         self.stats.inflight.fetch_add(1, Ordering::Relaxed);
-        let slot = InflightSlot(self.stats.clone());
+        let slot = Some(InflightSlot(self.stats.clone()));
         let ticket = (publish.qos != QoS::AtMostOnce).then(|| {
             // The ack needs only the packet id and QoS: don't keep topic and payload twice.
             let mut ack = Publish::new("", publish.qos, Vec::new());
@@ -510,7 +519,7 @@ impl Loop {
             publish,
             received: Instant::now(),
             ticket,
-            _slot: slot,
+            slot,
         };
         if let Err(e) = self.inbound.try_send(inbound) {
             // Only when the dispatcher is gone (shutdown): the message stays unacked.

@@ -11,6 +11,7 @@ use regex::Regex;
 use super::channel::ChannelPattern;
 use crate::config::reader::{Errors, Table};
 use crate::config::RawTable;
+use crate::router::config::template;
 use crate::router::template::{Scope, Target, Template};
 
 /// Default consumer group of stream rules.
@@ -259,34 +260,6 @@ fn read_rule(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Republish
         retain,
         allow_topics,
     })
-}
-
-/// Compiles the template at `key`; `None` (error recorded) when absent and required, or bad.
-fn template(
-    t: &mut Table<'_>,
-    key: &str,
-    target: Target,
-    scope: &Scope<'_>,
-    default: Option<&str>,
-) -> Option<Template> {
-    let source = match t.opt_string(key) {
-        Some(s) => s,
-        None if t.has(key) => return None, // wrong type, already reported
-        None => match default {
-            Some(d) => d.to_string(),
-            None => {
-                t.error(key, "is required");
-                return None;
-            }
-        },
-    };
-    match Template::compile(&source, target, scope) {
-        Ok(template) => Some(template),
-        Err(message) => {
-            t.error(key, message);
-            None
-        }
-    }
 }
 
 /// The literal parts of a topic template may hold no wildcard, NUL or leading `$`: such a

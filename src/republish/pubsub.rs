@@ -10,9 +10,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::mqtt::qos;
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
-use rumqttc::QoS;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
@@ -156,14 +156,6 @@ fn receive(shared: &Shared, rule: &RepublishRule, outbox: &Outbox, message: &Mes
             let detail = format!("{} ({detail})", reason.as_str());
             shared.stats.record(&rule.name, INVALID, &detail);
         }
-    }
-}
-
-fn qos(level: u8) -> QoS {
-    match level {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
     }
 }
 

@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use ::redis::aio::MultiplexedConnection;
 use ::redis::Value;
-use rumqttc::QoS;
 use tokio::sync::watch;
 
 use super::{pause, until_redis, RepublishRule, Shared, Source, FAILED, INVALID, PUBLISHED};
@@ -406,11 +405,7 @@ impl Worker {
             r = status.wait_for(|s| s.connected) => if r.is_err() { return Err(Stop::Stopped) },
             _ = self.stop.wait_for(|s| *s) => return Err(Stop::Stopped),
         }
-        let qos = match self.rule.qos {
-            0 => QoS::AtMostOnce,
-            1 => QoS::AtLeastOnce,
-            _ => QoS::ExactlyOnce,
-        };
+        let qos = crate::mqtt::qos(self.rule.qos);
         let mut waiting = Vec::with_capacity(publishes.len());
         for (id, rendered) in publishes {
             loop {

@@ -44,11 +44,12 @@ impl RouteScope {
 }
 
 /// Compiles the template at `key`; `None` (error recorded) when absent and required, or bad.
-fn template(
+/// Republish rules read theirs with it too.
+pub(crate) fn template(
     t: &mut Table<'_>,
     key: &str,
     target: Target,
-    scope: &RouteScope,
+    scope: &Scope<'_>,
     default: Option<&str>,
 ) -> Option<Template> {
     let source = match t.opt_string(key) {
@@ -62,7 +63,7 @@ fn template(
             }
         },
     };
-    match Template::compile(&source, target, &scope.scope()) {
+    match Template::compile(&source, target, scope) {
         Ok(template) => Some(template),
         Err(message) => {
             t.error(key, message);
@@ -211,7 +212,7 @@ fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
             session: false,
             ..scope.clone()
         };
-        let key = template(&mut s, "key", Target::Key, &key_scope, None);
+        let key = template(&mut s, "key", Target::Key, &key_scope.scope(), None);
         let required = s.bool("required", false);
         let cache_ttl = s.duration("cache_ttl", Duration::from_secs(5));
         let touch = s.opt_duration("touch");
@@ -237,7 +238,7 @@ fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
             &mut r,
             "key",
             Target::Key,
-            &scope,
+            &scope.scope(),
             Some("rate_limit:topic:{topic}"),
         );
         let strategy = choice(
@@ -287,7 +288,7 @@ fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
             false,
         );
         let on_exceed = if on_exceed_reply {
-            let topic = template(&mut r, "reply_topic", Target::Topic, &scope, None);
+            let topic = template(&mut r, "reply_topic", Target::Topic, &scope.scope(), None);
             let reply_qos = qos(&mut r, "reply_qos", 0);
             topic.map(|topic| OnExceed::Reply {
                 topic,
@@ -326,7 +327,7 @@ fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
     });
 
     let dedup = t.opt_table("dedup").and_then(|mut d| {
-        let key = template(&mut d, "key", Target::Key, &scope, None);
+        let key = template(&mut d, "key", Target::Key, &scope.scope(), None);
         let ttl = d.positive_duration("ttl", Duration::from_secs(3600));
         let lease = d.positive_duration("lease", Duration::from_secs(30));
         d.finish();
@@ -399,7 +400,7 @@ fn read_action(a: &mut Table<'_>, scope: &RouteScope, route_qos: u8) -> Option<A
     };
     let has_key = !matches!(op_name.as_str(), "publish" | "mqtt_publish");
     let key = if has_key {
-        Some(template(a, "key", Target::Key, scope, None))
+        Some(template(a, "key", Target::Key, &scope.scope(), None))
     } else {
         None
     };
@@ -421,8 +422,9 @@ fn read_action(a: &mut Table<'_>, scope: &RouteScope, route_qos: u8) -> Option<A
     if !has_key && expiry.is_some() {
         a.error("ex", "publish and mqtt_publish write no key to expire");
     }
-    let value =
-        |a: &mut Table<'_>, key: &str| template(a, key, Target::Value, scope, Some("{payload}"));
+    let value = |a: &mut Table<'_>, key: &str| {
+        template(a, key, Target::Value, &scope.scope(), Some("{payload}"))
+    };
     let max_len = |a: &mut Table<'_>| a.has("max_len").then(|| a.at_least("max_len", 1u64, 1));
     let op = match op_name.as_str() {
         "set" => {
@@ -494,8 +496,14 @@ fn read_action(a: &mut Table<'_>, scope: &RouteScope, route_qos: u8) -> Option<A
             Op::Xadd { fields, max_len }
         }
         "publish" => {
-            let channel = template(a, "channel", Target::Channel, scope, None);
-            let message = template(a, "message", Target::Value, scope, Some("{payload}"));
+            let channel = template(a, "channel", Target::Channel, &scope.scope(), None);
+            let message = template(
+                a,
+                "message",
+                Target::Value,
+                &scope.scope(),
+                Some("{payload}"),
+            );
             Op::Publish {
                 channel: channel?,
                 message: message?,
@@ -508,7 +516,7 @@ fn read_action(a: &mut Table<'_>, scope: &RouteScope, route_qos: u8) -> Option<A
             Op::Expire
         }
         _ => {
-            let topic = template(a, "topic", Target::Topic, scope, None);
+            let topic = template(a, "topic", Target::Topic, &scope.scope(), None);
             let payload = value(a, "payload");
             let qos = qos(a, "qos", route_qos);
             let retain = a.bool("retain", false);
@@ -537,7 +545,7 @@ fn field_templates(a: &mut Table<'_>, scope: &RouteScope) -> Option<Vec<(String,
     let mut out = Vec::new();
     let mut ok = true;
     for name in f.keys() {
-        match template(&mut f, &name, Target::Value, scope, None) {
+        match template(&mut f, &name, Target::Value, &scope.scope(), None) {
             Some(t) => out.push((name, t)),
             None => ok = false,
         }

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use rumqttc::{AsyncClient, QoS};
+use rumqttc::AsyncClient;
 use serde_json::Value;
 
 use super::dispatch::Handler;
@@ -27,7 +27,7 @@ use crate::dead_letter;
 use crate::events;
 use crate::middleware::dedup::{self, Claim};
 use crate::middleware::rate_limit::{reply_payload, OnExceed};
-use crate::mqtt::Inbound;
+use crate::mqtt::{qos, Inbound};
 use crate::outcome::{Outcome, Reason};
 use crate::redis::rate_limit::RateLimiter;
 use crate::redis::{Error as RedisError, RedisManager};
@@ -49,14 +49,6 @@ pub struct Engine {
     dead_letter: ArcSwap<DeadLetter>,
     /// `lease:<client_id>:`; a nonce per message completes a dedup lease value.
     lease_prefix: String,
-}
-
-fn qos(level: u8) -> QoS {
-    match level {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
 }
 
 impl Engine {
@@ -125,6 +117,21 @@ impl Engine {
                     .await;
             }
             events::message_outcome(&route.name, topic, &outcome, received);
+        }
+        if !matched {
+            events::unrouted(topic);
+        }
+    }
+
+    /// A QoS 0 message dropped beyond `max_inflight`: outcome `overflow` on every route it
+    /// matches, so the drop shows in `messages_total` like any other outcome.
+    pub fn overflow(&self, topic: &str, received: Instant) {
+        let table = self.table.load();
+        let mut matched = false;
+        for (route, _) in table.matches(topic) {
+            matched = true;
+            events::message_received(&route.name);
+            events::message_outcome(&route.name, topic, &Outcome::Overflow, received);
         }
         if !matched {
             events::unrouted(topic);

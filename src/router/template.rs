@@ -376,8 +376,12 @@ impl Template {
                 Part::Payload => out.push_str(
                     std::str::from_utf8(ctx.payload).map_err(|_| RenderError::InvalidUtf8)?,
                 ),
-                Part::Now => out.push_str(&unix(ctx.now).as_secs().to_string()),
-                Part::NowMs => out.push_str(&unix(ctx.now).as_millis().to_string()),
+                Part::Now => {
+                    let _ = write!(out, "{}", unix(ctx.now).as_secs());
+                }
+                Part::NowMs => {
+                    let _ = write!(out, "{}", unix(ctx.now).as_millis());
+                }
                 Part::Uuid => {
                     let _ = write!(out, "{}", uuid::Uuid::new_v4().hyphenated());
                 }
@@ -388,27 +392,26 @@ impl Template {
                 }
                 Part::Param { index, name, check } => {
                     let value = ctx.params.get(*index).copied().unwrap_or("");
-                    self.push_checked(&mut out, name, value, check)?;
+                    self.push_checked(&mut out, value, check, || name.clone())?;
                 }
                 Part::Json { path, check } => {
                     let value = ctx
                         .json
                         .and_then(|root| path.lookup(root))
                         .ok_or_else(|| RenderError::MissingField(path.to_string()))?;
-                    let text = json_text(value);
-                    self.push_checked(&mut out, &path.to_string(), &text, check)?;
+                    self.push_checked(&mut out, &json_text(value), check, || path.to_string())?;
                 }
                 Part::Session { field, check } => {
                     // No session (and none required): empty. A session without the field
                     // is a missing field, as for `{json.*}`.
                     let text = match ctx.session {
-                        None => String::new(),
+                        None => Cow::Borrowed(""),
                         Some(session) => session
                             .get(field)
                             .map(json_text)
                             .ok_or_else(|| RenderError::MissingField(format!("session.{field}")))?,
                     };
-                    self.push_checked(&mut out, &format!("session.{field}"), &text, check)?;
+                    self.push_checked(&mut out, &text, check, || format!("session.{field}"))?;
                 }
                 Part::Field { name, check } => {
                     let value = ctx
@@ -418,7 +421,7 @@ impl Template {
                         .ok_or_else(|| RenderError::MissingField(format!("field.{name}")))?;
                     let text =
                         std::str::from_utf8(&value.1).map_err(|_| RenderError::InvalidUtf8)?;
-                    self.push_checked(&mut out, &format!("field.{name}"), text, check)?;
+                    self.push_checked(&mut out, text, check, || format!("field.{name}"))?;
                 }
             }
         }
@@ -428,16 +431,18 @@ impl Template {
         Ok(out)
     }
 
+    /// `name` is only built for the error: the success path, once per value per message,
+    /// allocates nothing beyond `out`.
     fn push_checked(
         &self,
         out: &mut String,
-        name: &str,
         value: &str,
         check: &Check,
+        name: impl FnOnce() -> String,
     ) -> Result<(), RenderError> {
         if !check.allows(value, self.target) {
             return Err(RenderError::InvalidParam {
-                name: name.to_string(),
+                name: name(),
                 value: value.chars().take(200).collect(),
             });
         }
@@ -459,11 +464,12 @@ fn unix(now: SystemTime) -> std::time::Duration {
     now.duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
-/// Strings as they are, everything else as compact JSON (spec §5.1).
-fn json_text(value: &Value) -> String {
+/// Strings as they are, everything else as compact JSON (spec §5.1); actions spread JSON
+/// the same way.
+pub(crate) fn json_text(value: &Value) -> Cow<'_, str> {
     match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => Cow::Borrowed(s),
+        other => Cow::Owned(other.to_string()),
     }
 }
 
@@ -580,6 +586,34 @@ mod tests {
             t.render(&ctx),
             Err(RenderError::MissingField("session.role".into()))
         );
+    }
+
+    #[test]
+    fn an_unsafe_value_is_reported_under_its_template_name() {
+        let params = vec!["id".to_string()];
+        let s = scope(&params, &[]);
+        let json = serde_json::json!({"a": {"b": "x:y"}});
+        let session: serde_json::Map<String, Value> =
+            serde_json::from_str(r#"{"user":"a b"}"#).unwrap();
+        let mut ctx = Context::new("t", b"");
+        ctx.params = &["p/q"];
+        ctx.json = Some(&json);
+        ctx.session = Some(&session);
+        for (source, name, value) in [
+            ("k:{id}", "id", "p/q"),
+            ("k:{json.a.b}", "json.a.b", "x:y"),
+            ("k:{session.user}", "session.user", "a b"),
+        ] {
+            let t = Template::compile(source, Target::Key, &s).unwrap();
+            assert_eq!(
+                t.render(&ctx),
+                Err(RenderError::InvalidParam {
+                    name: name.into(),
+                    value: value.into()
+                }),
+                "{source}"
+            );
+        }
     }
 
     #[test]

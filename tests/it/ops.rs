@@ -230,6 +230,57 @@ async fn metrics_move_as_messages_flow_and_pass_promtool() {
     promtool_check_metrics(&metrics);
 }
 
+/// Spec §5.3: a QoS 0 message beyond `max_inflight` ends as outcome `overflow` on the route
+/// it matches — counted, never dropped silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos0_messages_beyond_max_inflight_are_counted_as_overflow() {
+    let mut redis = Redis::start();
+    let broker = Mosquitto::start();
+    let rest = r#"
+[limits]
+max_inflight = 1
+
+[[routes]]
+name = "burst"
+topic = "burst/{n}"
+qos = 0
+[[routes.actions]]
+op = "set"
+key = "burst:{n}"
+"#;
+    let bridge = Bridge::start(&config(&redis, &broker, "ops-overflow", rest));
+    let addr = http_addr(&bridge);
+    // With Redis gone the first message waits, holding the only in-flight slot.
+    redis.stop();
+    let mut client = Client::connect(&broker, "ops-overflow-publisher").await;
+    client
+        .publish_all((0..5).map(|i| (format!("burst/m{i}"), b"{}".to_vec())))
+        .await;
+
+    let series = r#"routemq_bridge_messages_total{route="burst",outcome="overflow"}"#;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, metrics) = get(addr, "/metrics").await;
+        if sample(&metrics, series) == Some(4.0) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "expected 4 overflows in:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The one that held the slot is written once Redis is back.
+    redis.start_again();
+    let mut conn = redis.client().get_connection().expect("redis");
+    eventually(WAIT, || {
+        conn.exists::<_, bool>("burst:m0").ok().filter(|e| *e)
+    })
+    .await
+    .expect("the message in flight reached Redis");
+}
+
 /// `promtool check metrics` on `text`; skipped loudly when promtool is not installed.
 fn promtool_check_metrics(text: &str) {
     use std::io::Write;
