@@ -8,8 +8,10 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 
+use futures_util::FutureExt;
 use tokio_util::task::TaskTracker;
 
 /// A message with the topic its order is kept within.
@@ -62,7 +64,16 @@ impl<M: Ordered, H: Handler<M>> Dispatcher<M, H> {
         self.tasks.spawn(async move {
             let mut next = Some(message);
             while let Some(message) = next {
-                handler.handle(message).await;
+                // A panic is a bug, but it must not silence the topic: the lane goes on with
+                // the next message. The panicking message is left unacked (the broker
+                // redelivers it after a reconnect), which holds back later acks until then.
+                if AssertUnwindSafe(handler.handle(message))
+                    .catch_unwind()
+                    .await
+                    .is_err()
+                {
+                    tracing::error!(topic = %key, "BUG: message handler panicked; the topic goes on");
+                }
                 let mut queues = queues.lock().unwrap_or_else(|p| p.into_inner());
                 next = queues.get_mut(&key).and_then(VecDeque::pop_front);
                 if next.is_none() {
@@ -110,6 +121,9 @@ mod tests {
             if let Some(gate) = m.gate {
                 gate.notified().await;
             }
+            if m.n == 0 {
+                panic!("a handler bug");
+            }
             let _ = self.0.send((m.topic, m.n));
         }
     }
@@ -148,6 +162,30 @@ mod tests {
                 .unwrap();
             assert_eq!(got, Some(("a", n)));
         }
+        tokio::time::timeout(Duration::from_secs(5), d.drained())
+            .await
+            .unwrap();
+        assert_eq!(d.active_topics(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_does_not_silence_its_topic() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let d = Dispatcher::new(Arc::new(Recorder(tx)));
+        d.dispatch(Msg {
+            topic: "a",
+            n: 0,
+            gate: None,
+        });
+        d.dispatch(Msg {
+            topic: "a",
+            n: 1,
+            gate: None,
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(got, Some(("a", 1)));
         tokio::time::timeout(Duration::from_secs(5), d.drained())
             .await
             .unwrap();
