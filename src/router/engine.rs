@@ -11,6 +11,7 @@
 //! (WRONGTYPE, a bad payload) becomes `failed`/`invalid` and a dead-letter record.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -293,17 +294,33 @@ impl Engine {
             pipe.atomic();
         }
         if route.needs_redis() {
+            // A transaction whose reply was lost (timeout, dropped connection) may have been
+            // applied: if the retry then finds the key `done`, that is most likely our own
+            // write, so the message counts as written and its forwards go out (at-least-once
+            // allows the rare duplicate forward; dropping them does not).
+            let maybe_applied = AtomicBool::new(false);
             let written = self
                 .until_redis(&route.name, || async {
                     if let Some((key, lease_value, lease)) = &dedup {
                         if dedup::claim(&self.redis, key, lease_value, *lease).await?
                             == Claim::Duplicate
                         {
-                            return Ok(Claim::Duplicate);
+                            return Ok(if maybe_applied.load(Ordering::Relaxed) {
+                                Claim::Ours
+                            } else {
+                                Claim::Duplicate
+                            });
                         }
                     }
-                    self.redis.query_pipeline::<()>(&pipe).await?;
-                    Ok(Claim::Ours)
+                    match self.redis.query_pipeline::<()>(&pipe).await {
+                        Err(e @ (RedisError::Timeout | RedisError::Unavailable(_))) => {
+                            if e == RedisError::Timeout {
+                                maybe_applied.store(true, Ordering::Relaxed);
+                            }
+                            Err(e)
+                        }
+                        other => other.map(|()| Claim::Ours),
+                    }
                 })
                 .await;
             match written {
