@@ -71,8 +71,19 @@ pub fn run(path: &Path) -> u8 {
     }
 }
 
+/// `check` and `match` print reports that are often piped into `head` or `less`: like any
+/// Unix filter they should end quietly when the reader goes away, instead of Rust's default
+/// (SIGPIPE ignored, so `println!` panics on the broken pipe). The daemon keeps the default.
+fn quiet_on_broken_pipe() {
+    // SAFETY: restoring a signal's default disposition before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 /// `check`: validate and print the route table.
 pub fn check(path: &Path) -> u8 {
+    quiet_on_broken_pipe();
     let (config, routes) = match load(path) {
         Ok(loaded) => loaded,
         Err(code) => return code,
@@ -139,12 +150,21 @@ pub fn check(path: &Path) -> u8 {
 
 /// `match`: which routes a topic matches, their captures and rendered keys.
 pub fn matches(path: &Path, topic: &str, payload: Option<&str>) -> u8 {
+    quiet_on_broken_pipe();
     let (_, routes) = match load(path) {
         Ok(loaded) => loaded,
         Err(code) => return code,
     };
     let payload = payload.unwrap_or("");
-    let json = serde_json::from_str::<serde_json::Value>(payload).ok();
+    let json = match serde_json::from_str::<serde_json::Value>(payload) {
+        Ok(json) => Some(json),
+        Err(e) => {
+            if !payload.is_empty() {
+                println!("payload is not JSON ({e}): JSON routes would refuse it as invalid_json");
+            }
+            None
+        }
+    };
     let mut found = false;
     for (route, captures) in routes.matches(topic) {
         found = true;
