@@ -101,9 +101,11 @@ impl Subscriber {
         let task = tokio::spawn(worker.run());
         Subscription {
             rx,
-            subscribed: subscribed_rx,
+            monitor: Monitor {
+                subscribed: subscribed_rx,
+                reconnects,
+            },
             stop: stop_tx,
-            reconnects,
             task: Some(task),
         }
     }
@@ -113,9 +115,8 @@ impl Subscriber {
 #[derive(Debug)]
 pub struct Subscription {
     rx: mpsc::Receiver<Message>,
-    subscribed: watch::Receiver<bool>,
+    monitor: Monitor,
     stop: watch::Sender<bool>,
-    reconnects: Arc<AtomicU64>,
     task: Option<JoinHandle<()>>,
 }
 
@@ -128,28 +129,23 @@ impl Subscription {
 
     /// True while every channel and pattern is subscribed on a live connection.
     pub fn is_subscribed(&self) -> bool {
-        *self.subscribed.borrow()
+        self.monitor.is_subscribed()
     }
 
     /// Waits until everything is subscribed (at once if it already is). Returns false if the
     /// subscription ended first.
     pub async fn subscribed(&self) -> bool {
-        let mut watch = self.subscribed.clone();
-        let up = watch.wait_for(|up| *up).await.is_ok();
-        up
+        self.monitor.subscribed().await
     }
 
     /// How many times the connection was re-established after being lost.
     pub fn reconnects(&self) -> u64 {
-        self.reconnects.load(Ordering::Relaxed)
+        self.monitor.reconnects()
     }
 
     /// A handle on the subscription's state for another task than the one receiving.
     pub fn monitor(&self) -> Monitor {
-        Monitor {
-            subscribed: self.subscribed.clone(),
-            reconnects: self.reconnects.clone(),
-        }
+        self.monitor.clone()
     }
 
     /// Ends the subscription and waits for its task to close the connection.

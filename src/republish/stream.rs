@@ -238,15 +238,7 @@ impl Worker {
         conn: &mut MultiplexedConnection,
         from: &str,
     ) -> Result<Option<(Vec<Entry>, Option<Read>)>, RedisError> {
-        let mut cmd = ::redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.shared.consumer)
-            .arg("COUNT")
-            .arg(BATCH)
-            .arg("STREAMS")
-            .arg(&self.stream)
-            .arg(from);
+        let cmd = self.xreadgroup(None, from);
         let timeout = self.shared.redis.config().socket_timeout;
         let Some(reply) = self.bounded(conn, &cmd, timeout).await? else {
             return Ok(None);
@@ -258,23 +250,28 @@ impl Worker {
         Ok(Some((entries, following)))
     }
 
+    /// `XREADGROUP GROUP <group> <consumer> COUNT <batch> [BLOCK ms] STREAMS <stream> <from>`.
+    fn xreadgroup(&self, block: Option<Duration>, from: &str) -> ::redis::Cmd {
+        let mut cmd = ::redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.shared.consumer)
+            .arg("COUNT")
+            .arg(BATCH);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS").arg(&self.stream).arg(from);
+        cmd
+    }
+
     /// New entries, blocking until some arrive or the block time passes.
     async fn read_new(
         &mut self,
         conn: &mut MultiplexedConnection,
     ) -> Result<Option<(Vec<Entry>, Option<Read>)>, RedisError> {
         let block = self.claim_every().min(MAX_BLOCK);
-        let mut cmd = ::redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(&self.group)
-            .arg(&self.shared.consumer)
-            .arg("COUNT")
-            .arg(BATCH)
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(&self.stream)
-            .arg(">");
+        let cmd = self.xreadgroup(Some(block), ">");
         let timeout = block + self.shared.redis.config().socket_timeout;
         let Some(reply) = self.bounded(conn, &cmd, timeout).await? else {
             return Ok(None);
