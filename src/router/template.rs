@@ -388,27 +388,30 @@ impl Template {
                 }
                 Part::Param { index, name, check } => {
                     let value = ctx.params.get(*index).copied().unwrap_or("");
-                    self.push_checked(&mut out, name, value, check)?;
+                    self.push_checked(&mut out, || name.to_string(), value, check)?;
                 }
                 Part::Json { path, check } => {
                     let value = ctx
                         .json
                         .and_then(|root| path.lookup(root))
                         .ok_or_else(|| RenderError::MissingField(path.to_string()))?;
-                    let text = json_text(value);
-                    self.push_checked(&mut out, &path.to_string(), &text, check)?;
+                    // Written straight into `out` and checked there: no copy of the value and
+                    // no field name unless the check fails (this runs for every message).
+                    let start = out.len();
+                    push_json_text(&mut out, value);
+                    self.check_tail(&out, start, || path.to_string(), check)?;
                 }
                 Part::Session { field, check } => {
                     // No session (and none required): empty. A session without the field
                     // is a missing field, as for `{json.*}`.
-                    let text = match ctx.session {
-                        None => String::new(),
-                        Some(session) => session
+                    let start = out.len();
+                    if let Some(session) = ctx.session {
+                        let value = session
                             .get(field)
-                            .map(json_text)
-                            .ok_or_else(|| RenderError::MissingField(format!("session.{field}")))?,
-                    };
-                    self.push_checked(&mut out, &format!("session.{field}"), &text, check)?;
+                            .ok_or_else(|| RenderError::MissingField(format!("session.{field}")))?;
+                        push_json_text(&mut out, value);
+                    }
+                    self.check_tail(&out, start, || format!("session.{field}"), check)?;
                 }
                 Part::Field { name, check } => {
                     let value = ctx
@@ -418,7 +421,7 @@ impl Template {
                         .ok_or_else(|| RenderError::MissingField(format!("field.{name}")))?;
                     let text =
                         std::str::from_utf8(&value.1).map_err(|_| RenderError::InvalidUtf8)?;
-                    self.push_checked(&mut out, &format!("field.{name}"), text, check)?;
+                    self.push_checked(&mut out, || format!("field.{name}"), text, check)?;
                 }
             }
         }
@@ -428,20 +431,34 @@ impl Template {
         Ok(out)
     }
 
+    /// `name` is called only for the error: a field name is not built per message.
     fn push_checked(
         &self,
         out: &mut String,
-        name: &str,
+        name: impl FnOnce() -> String,
         value: &str,
         check: &Check,
     ) -> Result<(), RenderError> {
+        let start = out.len();
+        out.push_str(value);
+        self.check_tail(out, start, name, check)
+    }
+
+    /// Checks what was appended to `out` since `start`.
+    fn check_tail(
+        &self,
+        out: &str,
+        start: usize,
+        name: impl FnOnce() -> String,
+        check: &Check,
+    ) -> Result<(), RenderError> {
+        let value = &out[start..];
         if !check.allows(value, self.target) {
             return Err(RenderError::InvalidParam {
-                name: name.to_string(),
+                name: name(),
                 value: value.chars().take(200).collect(),
             });
         }
-        out.push_str(value);
         Ok(())
     }
 }
@@ -459,11 +476,13 @@ fn unix(now: SystemTime) -> std::time::Duration {
     now.duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
-/// Strings as they are, everything else as compact JSON (spec §5.1).
-fn json_text(value: &Value) -> String {
+/// Strings as they are, everything else as compact JSON (spec §5.1), appended to `out`.
+fn push_json_text(out: &mut String, value: &Value) {
     match value {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
+        Value::String(s) => out.push_str(s),
+        other => {
+            let _ = write!(out, "{other}");
+        }
     }
 }
 
