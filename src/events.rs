@@ -8,13 +8,16 @@
 //! the Redis manager and the MQTT source when scraped, since those already log their own
 //! transitions.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use metrics::{counter, histogram};
+use metrics::{counter, histogram, Counter, Histogram};
 
 use crate::metrics as m;
 use crate::outcome::{Outcome, Reason};
+use crate::router::route::Route;
 
 /// Process-wide totals for the systemd `STATUS=` line (the metrics keep the labelled detail).
 #[derive(Debug, Default)]
@@ -32,25 +35,66 @@ pub static TOTALS: Totals = Totals {
     unrouted: AtomicU64::new(0),
 };
 
+/// A route's metric handles, registered on first use and then kept, so the per-message
+/// path neither allocates labels nor looks the series up in the registry again (the
+/// `counter!(…, "route" => name.to_string())` form does both for every message).
+///
+/// Taken lazily rather than when the route table is compiled because the table is compiled
+/// before the daemon installs its recorder; a handle taken earlier would count into the
+/// no-op recorder forever. Outcome counters are registered only when that outcome first
+/// happens, so `/metrics` shows the same series as before.
+#[derive(Debug, Default)]
+pub struct RouteMetrics {
+    received: OnceLock<Counter>,
+    duration: OnceLock<Histogram>,
+    /// One per [`Outcome::label`], indexed by [`outcome_index`].
+    outcomes: [OnceLock<Counter>; OUTCOMES],
+}
+
+const OUTCOMES: usize = 7;
+
+fn outcome_index(outcome: &Outcome) -> usize {
+    match outcome {
+        Outcome::Written => 0,
+        Outcome::RateLimited => 1,
+        Outcome::Duplicate => 2,
+        Outcome::Unauthorized => 3,
+        Outcome::Invalid { .. } => 4,
+        Outcome::Failed { .. } => 5,
+        Outcome::Overflow => 6,
+    }
+}
+
 /// A message matched `route`.
-pub fn message_received(route: &str) {
+pub fn message_received(route: &Route) {
     TOTALS.received.fetch_add(1, Ordering::Relaxed);
-    counter!(m::MESSAGES_RECEIVED, "route" => route.to_string()).increment(1);
+    route
+        .metrics
+        .received
+        .get_or_init(|| counter!(m::MESSAGES_RECEIVED, "route" => route.name.clone()))
+        .increment(1);
 }
 
 /// `route` finished with `outcome`; `received` is when the message arrived.
-pub fn message_outcome(route: &str, topic: &str, outcome: &Outcome, received: Instant) {
+pub fn message_outcome(route: &Route, topic: &str, outcome: &Outcome, received: Instant) {
     if *outcome == Outcome::Written {
         TOTALS.written.fetch_add(1, Ordering::Relaxed);
     }
-    counter!(
-        m::MESSAGES,
-        "route" => route.to_string(),
-        "outcome" => outcome.label()
-    )
-    .increment(1);
-    histogram!(m::MESSAGE_DURATION, "route" => route.to_string())
+    let handles = &route.metrics;
+    handles.outcomes[outcome_index(outcome)]
+        .get_or_init(|| {
+            counter!(
+                m::MESSAGES,
+                "route" => route.name.clone(),
+                "outcome" => outcome.label()
+            )
+        })
+        .increment(1);
+    handles
+        .duration
+        .get_or_init(|| histogram!(m::MESSAGE_DURATION, "route" => route.name.clone()))
         .record(received.elapsed().as_secs_f64());
+    let route = route.name.as_str();
     match outcome {
         Outcome::Failed { .. } => tracing::warn!(route, topic, %outcome, "message failed"),
         Outcome::Invalid { .. } => tracing::info!(route, topic, %outcome, "message refused"),
@@ -73,7 +117,20 @@ pub fn dead_lettered(reason: Reason) {
 
 /// The session cache answered (`hit`, `miss`, `negative_hit`).
 pub fn session_cache(result: &'static str) {
-    counter!(m::SESSION_CACHE, "result" => result).increment(1);
+    // Three possible labels, one handle each, taken once (see [`RouteMetrics`]).
+    static HANDLES: [OnceLock<Counter>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let index = match result {
+        "hit" => 0,
+        "miss" => 1,
+        "negative_hit" => 2,
+        other => {
+            counter!(m::SESSION_CACHE, "result" => other).increment(1);
+            return;
+        }
+    };
+    HANDLES[index]
+        .get_or_init(|| counter!(m::SESSION_CACHE, "result" => result))
+        .increment(1);
 }
 
 /// A Redis step failed in a way that waiting fixes; the message waits and retries.
@@ -110,12 +167,26 @@ pub fn redis_command(
     error: Option<&crate::redis::Error>,
 ) {
     if let Some(elapsed) = elapsed {
-        histogram!(m::REDIS_COMMAND_DURATION, "command" => command.to_string())
-            .record(elapsed.as_secs_f64());
+        redis_command_histogram(command).record(elapsed.as_secs_f64());
     }
     if let Some(kind) = error.and_then(crate::redis::Error::metric_kind) {
         counter!(m::REDIS_ERRORS, "kind" => kind).increment(1);
     }
+}
+
+/// The duration histogram of `command`, registered once per command name: the names are
+/// a small bounded set (the manager maps anything unusual to `other`), and every Redis call
+/// passes here, so a lookup by `&str` replaces a label allocation and a registry lookup.
+fn redis_command_histogram(command: &str) -> Histogram {
+    static HANDLES: LazyLock<Mutex<HashMap<Box<str>, Histogram>>> =
+        LazyLock::new(|| Mutex::new(HashMap::new()));
+    let mut handles = HANDLES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(h) = handles.get(command) {
+        return h.clone();
+    }
+    let h = histogram!(m::REDIS_COMMAND_DURATION, "command" => command.to_string());
+    handles.insert(command.into(), h.clone());
+    h
 }
 
 /// The HTTP endpoint is serving.

@@ -43,20 +43,10 @@ pub async fn claim(
     lease_value: &str,
     lease: Duration,
 ) -> Result<Claim> {
-    let lease_ms = (lease.as_millis() as u64).max(1);
     let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(250));
     let started = Instant::now();
     loop {
-        let set: Option<String> = redis
-            .query(
-                ::redis::cmd("SET")
-                    .arg(key)
-                    .arg(lease_value)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(lease_ms),
-            )
-            .await?;
+        let set: Option<String> = redis.query(&claim_cmd(key, lease_value, lease)).await?;
         if set.is_some() {
             return Ok(Claim::Ours);
         }
@@ -91,6 +81,19 @@ pub async fn claim(
             }
         }
     }
+}
+
+/// The claim itself: `SET key lease_value NX PX lease`; a reply of nil means the key is
+/// already set (`done`, or a lease). Also sent in one pipeline with the rate-limit check.
+pub fn claim_cmd(key: &str, lease_value: &str, lease: Duration) -> ::redis::Cmd {
+    let lease_ms = (lease.as_millis() as u64).max(1);
+    let mut cmd = ::redis::cmd("SET");
+    cmd.arg(key)
+        .arg(lease_value)
+        .arg("NX")
+        .arg("PX")
+        .arg(lease_ms);
+    cmd
 }
 
 /// Adds the `done` mark to the message's transaction.

@@ -365,6 +365,7 @@ fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
         dedup,
         actions,
         atomic,
+        metrics: Default::default(),
     })
 }
 

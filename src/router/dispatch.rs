@@ -50,15 +50,18 @@ impl<M: Ordered, H: Handler<M>> Dispatcher<M, H> {
 
     /// Queues `message` behind its topic's earlier messages, or starts a lane for it.
     pub fn dispatch(&self, message: M) {
-        let key = message.order_key().to_string();
-        {
+        let key = {
             let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(queue) = queues.get_mut(&key) {
+            // Looked up by `&str`: the key is copied only when a lane starts, not for every
+            // message queued behind a running one.
+            if let Some(queue) = queues.get_mut(message.order_key()) {
                 queue.push_back(message);
                 return;
             }
+            let key = message.order_key().to_string();
             queues.insert(key.clone(), VecDeque::new());
-        }
+            key
+        };
         let handler = self.handler.clone();
         let queues = self.queues.clone();
         self.tasks.spawn(async move {

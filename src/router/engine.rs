@@ -1,8 +1,10 @@
 //! The engine: what happens to one message, route by route (spec §5, §6).
 //!
-//! For each route the topic matches, in file order: payload checks → session → rate limit →
-//! render the actions → dedup claim → one pipeline (MULTI/EXEC) with the actions and the
-//! done-mark → forwards over MQTT. The message is finished — and so acked, in arrival
+//! For each route the topic matches, in file order: payload checks → session → render the
+//! actions → rate limit → dedup claim → one pipeline (MULTI/EXEC) with the actions and the
+//! done-mark → forwards over MQTT. A route with both a rate limit and dedup sends the check
+//! and the claim in one round trip (a claim for a message the limit then refuses is given
+//! back), so such a message costs two round trips, not three. The message is finished — and so acked, in arrival
 //! order — only when every matched route has its outcome.
 //!
 //! Redis trouble that waiting fixes (down, timeout) never becomes an outcome: the step is
@@ -27,10 +29,11 @@ use crate::backoff::Backoff;
 use crate::dead_letter;
 use crate::events;
 use crate::middleware::dedup::{self, Claim};
-use crate::middleware::rate_limit::{reply_payload, OnExceed};
+use crate::middleware::rate_limit::{reply_payload, OnExceed, RateLimitRule};
 use crate::mqtt::{qos, Inbound};
 use crate::outcome::{Outcome, Reason};
-use crate::redis::rate_limit::RateLimiter;
+use crate::redis::lock::compare_and_delete;
+use crate::redis::rate_limit::{Decision, PreparedCheck, RateLimiter};
 use crate::redis::{Error as RedisError, RedisManager};
 
 /// Where refused messages are recorded.
@@ -38,6 +41,35 @@ use crate::redis::{Error as RedisError, RedisManager};
 pub struct DeadLetter {
     pub list: String,
     pub max_len: u64,
+}
+
+/// What a message writes, rendered: the pipeline (actions, then the `done` mark), the MQTT
+/// forwards, and the dedup claim.
+struct Writes {
+    pipe: ::redis::Pipeline,
+    forwards: Vec<MqttOut>,
+    dedup: Option<DedupClaim>,
+}
+
+/// This message's dedup claim: the key, our lease value, the lease.
+struct DedupClaim {
+    key: String,
+    lease_value: String,
+    lease: Duration,
+}
+
+/// What became of a claim sent with the rate-limit check.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tried {
+    /// No claim was sent.
+    No,
+    /// `SET NX` took the key: the claim is ours.
+    Ours,
+    /// The key was already set (`done`, or another worker's lease): claimed again later,
+    /// which tells which.
+    Taken,
+    /// The pipeline failed: the claim may or may not have been made.
+    Unknown,
 }
 
 /// Processes messages; shared by every topic lane of the dispatcher.
@@ -109,7 +141,7 @@ impl Engine {
         let mut matched = false;
         for (route, captures) in table.matches(topic) {
             matched = true;
-            events::message_received(&route.name);
+            events::message_received(route);
             let outcome = self
                 .run_route(route, topic, payload, &captures, &mut json)
                 .await;
@@ -117,7 +149,7 @@ impl Engine {
                 self.record_dead_letter(route, topic, payload, reason, detail)
                     .await;
             }
-            events::message_outcome(&route.name, topic, &outcome, received);
+            events::message_outcome(route, topic, &outcome, received);
         }
         if !matched {
             events::unrouted(topic);
@@ -131,8 +163,8 @@ impl Engine {
         let mut matched = false;
         for (route, _) in table.matches(topic) {
             matched = true;
-            events::message_received(&route.name);
-            events::message_outcome(&route.name, topic, &Outcome::Overflow, received);
+            events::message_received(route);
+            events::message_outcome(route, topic, &Outcome::Overflow, received);
         }
         if !matched {
             events::unrouted(topic);
@@ -218,13 +250,40 @@ impl Engine {
             ctx.session = session.as_deref();
         }
 
-        // Rate limit.
+        // Actions and the dedup key, rendered before anything is written. They are rendered
+        // ahead of the rate-limit check so the dedup claim can travel with it; a render error
+        // still becomes the outcome only after the check (a limited message stays
+        // `rate_limited`, as when the check came first).
+        let rendered = self.render_writes(route, &ctx);
+
+        // Rate limit; with dedup, the claim goes in the same round trip.
+        let mut claimed = false;
         if let Some(rule) = &route.rate_limit {
             let key = match rule.key.render(&ctx) {
                 Ok(k) => k,
                 Err(e) => return Outcome::invalid(Reason::from_render(&e), e.to_string()),
             };
-            match self.limiter.check(&key, &rule.limit, rule.fallback).await {
+            let claim = match &rendered {
+                Ok(Writes {
+                    dedup: Some(dedup), ..
+                }) => Some(dedup),
+                _ => None,
+            };
+            let (checked, tried) = match claim {
+                Some(claim) => self.check_and_claim(&key, rule, claim).await,
+                None => (
+                    self.limiter.check(&key, &rule.limit, rule.fallback).await,
+                    Tried::No,
+                ),
+            };
+            if tried == Tried::Ours && matches!(checked, Ok(ref d) if d.allowed) {
+                claimed = true;
+            } else if matches!(tried, Tried::Ours | Tried::Unknown) {
+                if let Some(claim) = claim {
+                    self.drop_claim(route, claim).await;
+                }
+            }
+            match checked {
                 Ok(decision) if decision.allowed => {}
                 Ok(decision) => {
                     if let OnExceed::Reply {
@@ -257,36 +316,13 @@ impl Engine {
             }
         }
 
-        // Actions, rendered before anything is written.
-        let mut pipe = ::redis::pipe();
-        let mut forwards = Vec::new();
-        for action in &route.actions {
-            match action.apply(&mut pipe, &ctx) {
-                Ok(Some(out)) => forwards.push(out),
-                Ok(None) => {}
-                Err(ApplyError::Render(e)) => {
-                    return Outcome::invalid(Reason::from_render(&e), e.to_string())
-                }
-                Err(ApplyError::NotJson(detail)) => {
-                    return Outcome::invalid(Reason::InvalidJson, detail)
-                }
-            }
-        }
-
-        // Dedup claim, then the one transaction.
-        let dedup = match &route.dedup {
-            Some(rule) => match rule.key.render(&ctx) {
-                Ok(key) => {
-                    dedup::mark_done(&mut pipe, &key, rule.ttl);
-                    // A random nonce from the thread-local generator: `Uuid::new_v4` asks
-                    // the kernel (a getrandom syscall) for every message.
-                    let lease_value =
-                        format!("{}{:032x}", self.lease_prefix, rand::random::<u128>());
-                    Some((key, lease_value, rule.lease))
-                }
-                Err(e) => return Outcome::invalid(Reason::from_render(&e), e.to_string()),
-            },
-            None => None,
+        let Writes {
+            mut pipe,
+            forwards,
+            dedup,
+        } = match rendered {
+            Ok(writes) => writes,
+            Err(outcome) => return outcome,
         };
         // One command is atomic by itself: MULTI/EXEC around it would triple Redis's work
         // and the bytes on the wire for nothing (the common one-`set` route).
@@ -294,32 +330,45 @@ impl Engine {
             pipe.atomic();
         }
         if route.needs_redis() {
-            // A transaction whose reply was lost (timeout, dropped connection) may have been
-            // applied: if the retry then finds the key `done`, that is most likely our own
-            // write, so the message counts as written and its forwards go out (at-least-once
-            // allows the rare duplicate forward; dropping them does not).
+            let (dedup_ref, pipe_ref) = (&dedup, &pipe);
+            // The claim made with the rate-limit check counts for the first attempt only: a
+            // retry (after Redis trouble) claims again, which finds our own lease if it is
+            // still there.
+            let mut holding = claimed;
+            // A transaction whose reply timed out may have been applied: if the retry then
+            // finds the key `done`, that is most likely our own write, so the message counts
+            // as written and its forwards go out (at-least-once allows the rare duplicate
+            // forward; dropping them does not).
             let maybe_applied = AtomicBool::new(false);
+            let maybe_applied = &maybe_applied;
             let written = self
-                .until_redis(&route.name, || async {
-                    if let Some((key, lease_value, lease)) = &dedup {
-                        if dedup::claim(&self.redis, key, lease_value, *lease).await?
-                            == Claim::Duplicate
-                        {
-                            return Ok(if maybe_applied.load(Ordering::Relaxed) {
-                                Claim::Ours
-                            } else {
-                                Claim::Duplicate
-                            });
-                        }
-                    }
-                    match self.redis.query_pipeline::<()>(&pipe).await {
-                        Err(e @ (RedisError::Timeout | RedisError::Unavailable(_))) => {
-                            if e == RedisError::Timeout {
-                                maybe_applied.store(true, Ordering::Relaxed);
+                .until_redis(&route.name, || {
+                    let skip_claim = std::mem::take(&mut holding);
+                    async move {
+                        if let (false, Some(claim)) = (skip_claim, dedup_ref) {
+                            if dedup::claim(
+                                &self.redis,
+                                &claim.key,
+                                &claim.lease_value,
+                                claim.lease,
+                            )
+                            .await?
+                                == Claim::Duplicate
+                            {
+                                return Ok(if maybe_applied.load(Ordering::Relaxed) {
+                                    Claim::Ours
+                                } else {
+                                    Claim::Duplicate
+                                });
                             }
-                            Err(e)
                         }
-                        other => other.map(|()| Claim::Ours),
+                        match self.redis.query_pipeline::<()>(pipe_ref).await {
+                            Err(RedisError::Timeout) => {
+                                maybe_applied.store(true, Ordering::Relaxed);
+                                Err(RedisError::Timeout)
+                            }
+                            other => other.map(|()| Claim::Ours),
+                        }
                     }
                 })
                 .await;
@@ -327,10 +376,10 @@ impl Engine {
                 Ok(Claim::Duplicate) => return Outcome::Duplicate,
                 Ok(Claim::Ours) => {}
                 Err(e) => {
-                    if let Some((key, lease_value, _)) = &dedup {
+                    if let Some(claim) = &dedup {
                         let released = self
                             .until_redis(&route.name, || {
-                                dedup::release(&self.redis, key, lease_value)
+                                dedup::release(&self.redis, &claim.key, &claim.lease_value)
                             })
                             .await;
                         if let Err(e) = released {
@@ -347,6 +396,97 @@ impl Engine {
             self.forward(out).await;
         }
         Outcome::Written
+    }
+
+    /// Renders a route's actions into one pipeline (plus its MQTT forwards) and, with dedup,
+    /// the `done` mark and this message's claim; a render error is the outcome.
+    fn render_writes(&self, route: &Route, ctx: &Context<'_>) -> Result<Writes, Outcome> {
+        let mut pipe = ::redis::pipe();
+        let mut forwards = Vec::new();
+        for action in &route.actions {
+            match action.apply(&mut pipe, ctx) {
+                Ok(Some(out)) => forwards.push(out),
+                Ok(None) => {}
+                Err(ApplyError::Render(e)) => {
+                    return Err(Outcome::invalid(Reason::from_render(&e), e.to_string()))
+                }
+                Err(ApplyError::NotJson(detail)) => {
+                    return Err(Outcome::invalid(Reason::InvalidJson, detail))
+                }
+            }
+        }
+        let dedup = match &route.dedup {
+            Some(rule) => match rule.key.render(ctx) {
+                Ok(key) => {
+                    dedup::mark_done(&mut pipe, &key, rule.ttl);
+                    // A random nonce from the thread-local generator: `Uuid::new_v4` asks
+                    // the kernel (a getrandom syscall) for every message.
+                    let lease_value =
+                        format!("{}{:032x}", self.lease_prefix, rand::random::<u128>());
+                    Some(DedupClaim {
+                        key,
+                        lease_value,
+                        lease: rule.lease,
+                    })
+                }
+                Err(e) => return Err(Outcome::invalid(Reason::from_render(&e), e.to_string())),
+            },
+            None => None,
+        };
+        Ok(Writes {
+            pipe,
+            forwards,
+            dedup,
+        })
+    }
+
+    /// The rate-limit check and the dedup claim (`SET NX PX`) in one pipeline: one round
+    /// trip instead of two for a route with both. Anything but a clean answer to both (the
+    /// script missing after a Redis restart, Redis down, a wrong type) falls back to the
+    /// separate check, which loads the script and applies the route's fallback; the claim
+    /// is then `Unknown` and is made again (finding our own lease) before the transaction.
+    async fn check_and_claim(
+        &self,
+        key: &str,
+        rule: &RateLimitRule,
+        claim: &DedupClaim,
+    ) -> (Result<Decision, RedisError>, Tried) {
+        let separately = || self.limiter.check(key, &rule.limit, rule.fallback);
+        let Ok(check) = PreparedCheck::new(key, &rule.limit) else {
+            return (separately().await, Tried::No);
+        };
+        let mut pipe = ::redis::pipe();
+        pipe.add_command(dedup::claim_cmd(
+            &claim.key,
+            &claim.lease_value,
+            claim.lease,
+        ));
+        check.add_to(&mut pipe);
+        match self
+            .redis
+            .query_pipeline::<(Option<String>, ::redis::Value)>(&pipe)
+            .await
+        {
+            Ok((set, reply)) => {
+                let tried = if set.is_some() {
+                    Tried::Ours
+                } else {
+                    Tried::Taken
+                };
+                (check.decision(reply), tried)
+            }
+            Err(_) => (separately().await, Tried::Unknown),
+        }
+    }
+
+    /// Gives back a claim made with a rate-limit check that then refused the message (or
+    /// failed), so a redelivery is not made to wait for the lease. Only our own lease is
+    /// deleted, never a `done`. One attempt: if Redis does not answer, the lease expires by
+    /// itself, and a limited message must not wait for Redis.
+    async fn drop_claim(&self, route: &Route, claim: &DedupClaim) {
+        if let Err(e) = compare_and_delete(&self.redis, &claim.key, &claim.lease_value).await {
+            tracing::debug!(route = %route.name, error = %e, "could not release a dedup claim; it expires with its lease");
+        }
     }
 
     /// Publishes through the bridge's MQTT client (queued; rumqttc retransmits QoS 1/2

@@ -37,6 +37,8 @@ pub struct Route {
     pub actions: Vec<Action>,
     /// One MULTI/EXEC per message (default), or a plain pipeline.
     pub atomic: bool,
+    /// This route's metric handles (taken on first use).
+    pub metrics: crate::events::RouteMetrics,
 }
 
 impl Route {

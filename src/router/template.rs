@@ -376,12 +376,8 @@ impl Template {
                 Part::Payload => out.push_str(
                     std::str::from_utf8(ctx.payload).map_err(|_| RenderError::InvalidUtf8)?,
                 ),
-                Part::Now => {
-                    let _ = write!(out, "{}", unix(ctx.now).as_secs());
-                }
-                Part::NowMs => {
-                    let _ = write!(out, "{}", unix(ctx.now).as_millis());
-                }
+                Part::Now => out.push_str(&unix(ctx.now).as_secs().to_string()),
+                Part::NowMs => out.push_str(&unix(ctx.now).as_millis().to_string()),
                 Part::Uuid => {
                     let _ = write!(out, "{}", uuid::Uuid::new_v4().hyphenated());
                 }
@@ -392,26 +388,30 @@ impl Template {
                 }
                 Part::Param { index, name, check } => {
                     let value = ctx.params.get(*index).copied().unwrap_or("");
-                    self.push_checked(&mut out, value, check, || name.clone())?;
+                    self.push_checked(&mut out, || name.to_string(), value, check)?;
                 }
                 Part::Json { path, check } => {
                     let value = ctx
                         .json
                         .and_then(|root| path.lookup(root))
                         .ok_or_else(|| RenderError::MissingField(path.to_string()))?;
-                    self.push_checked(&mut out, &json_text(value), check, || path.to_string())?;
+                    // Written straight into `out` and checked there: no copy of the value and
+                    // no field name unless the check fails (this runs for every message).
+                    let start = out.len();
+                    push_json_text(&mut out, value);
+                    self.check_tail(&out, start, || path.to_string(), check)?;
                 }
                 Part::Session { field, check } => {
                     // No session (and none required): empty. A session without the field
                     // is a missing field, as for `{json.*}`.
-                    let text = match ctx.session {
-                        None => Cow::Borrowed(""),
-                        Some(session) => session
+                    let start = out.len();
+                    if let Some(session) = ctx.session {
+                        let value = session
                             .get(field)
-                            .map(json_text)
-                            .ok_or_else(|| RenderError::MissingField(format!("session.{field}")))?,
-                    };
-                    self.push_checked(&mut out, &text, check, || format!("session.{field}"))?;
+                            .ok_or_else(|| RenderError::MissingField(format!("session.{field}")))?;
+                        push_json_text(&mut out, value);
+                    }
+                    self.check_tail(&out, start, || format!("session.{field}"), check)?;
                 }
                 Part::Field { name, check } => {
                     let value = ctx
@@ -421,7 +421,7 @@ impl Template {
                         .ok_or_else(|| RenderError::MissingField(format!("field.{name}")))?;
                     let text =
                         std::str::from_utf8(&value.1).map_err(|_| RenderError::InvalidUtf8)?;
-                    self.push_checked(&mut out, text, check, || format!("field.{name}"))?;
+                    self.push_checked(&mut out, || format!("field.{name}"), text, check)?;
                 }
             }
         }
@@ -431,22 +431,34 @@ impl Template {
         Ok(out)
     }
 
-    /// `name` is only built for the error: the success path, once per value per message,
-    /// allocates nothing beyond `out`.
+    /// `name` is called only for the error: a field name is not built per message.
     fn push_checked(
         &self,
         out: &mut String,
+        name: impl FnOnce() -> String,
         value: &str,
         check: &Check,
-        name: impl FnOnce() -> String,
     ) -> Result<(), RenderError> {
+        let start = out.len();
+        out.push_str(value);
+        self.check_tail(out, start, name, check)
+    }
+
+    /// Checks what was appended to `out` since `start`.
+    fn check_tail(
+        &self,
+        out: &str,
+        start: usize,
+        name: impl FnOnce() -> String,
+        check: &Check,
+    ) -> Result<(), RenderError> {
+        let value = &out[start..];
         if !check.allows(value, self.target) {
             return Err(RenderError::InvalidParam {
                 name: name(),
                 value: value.chars().take(200).collect(),
             });
         }
-        out.push_str(value);
         Ok(())
     }
 }
@@ -470,6 +482,16 @@ pub(crate) fn json_text(value: &Value) -> Cow<'_, str> {
     match value {
         Value::String(s) => Cow::Borrowed(s),
         other => Cow::Owned(other.to_string()),
+    }
+}
+
+/// [`json_text`], appended to `out` without an intermediate copy.
+fn push_json_text(out: &mut String, value: &Value) {
+    match value {
+        Value::String(s) => out.push_str(s),
+        other => {
+            let _ = write!(out, "{other}");
+        }
     }
 }
 

@@ -402,6 +402,55 @@ async fn the_same_dedup_key_twice_is_a_duplicate_written_once() {
     );
 }
 
+// With both a rate limit and dedup, the check and the claim share one round trip; these
+// pin down what that must not change.
+
+const LIMIT_AND_DEDUP: &str =
+    "rate_limit = { key = \"rl:{id}\", strategy = \"fixed_window\", max = 2, window = \"24h\" }\n\
+     dedup = { key = \"dedup:{id}:{json.seq}\", lease = \"30s\" }";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_rate_limit_and_dedup_a_duplicate_is_written_once() {
+    let mut rig = Rig::start(&counted(LIMIT_AND_DEDUP)).await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.settle(2).await;
+    assert_eq!(count(&mut rig, "out:a"), 1, "seq 1 written once");
+    assert_eq!(rig.text("dedup:a:1").await, "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_refused_by_the_rate_limit_leaves_no_dedup_claim_behind() {
+    let mut rig = Rig::start(&counted(LIMIT_AND_DEDUP)).await;
+    for seq in 1..=3 {
+        rig.publish("d/a", format!(r#"{{"seq":{seq}}}"#)).await;
+    }
+    rig.settle(3).await;
+    assert_eq!(count(&mut rig, "out:a"), 2, "max = 2 of 3 written");
+    assert_eq!(rig.text("dedup:a:2").await, "done");
+    assert!(
+        !rig.exists("dedup:a:3"),
+        "the limited message's claim is given back, so a redelivery is not held up"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_rate_limit_and_dedup_messages_still_flow_after_redis_forgets_its_scripts() {
+    let mut rig = Rig::start(&counted(LIMIT_AND_DEDUP)).await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.settle(1).await;
+    // As after a Redis restart: the next check in the shared round trip gets NOSCRIPT.
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut rig.conn)
+        .expect("SCRIPT FLUSH");
+    rig.publish("d/a", r#"{"seq":2}"#).await;
+    rig.settle(2).await;
+    assert_eq!(count(&mut rig, "out:a"), 2, "seq 2 written after the flush");
+    assert_eq!(rig.text("dedup:a:2").await, "done");
+    assert!(rig.dead_letters().is_empty(), "nothing failed");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dedup_key_leased_by_another_is_claimed_once_the_lease_expires() {
     let mut rig = Rig::start_with(
