@@ -15,6 +15,10 @@ use tempfile::TempDir;
 
 use crate::harness::{signal, wait_with_timeout, Mosquitto, Redis};
 
+/// The log line of the MQTT source when the broker granted the cover (other lines, such as a
+/// reload's summary, may contain the bare word).
+pub const SUBSCRIBED: &str = "mqtt::source: subscribed";
+
 /// How long the daemon may take to connect and subscribe.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -146,7 +150,7 @@ impl Bridge {
     fn wait_subscribed(&self) {
         let offset = self.spawned_at;
         assert!(
-            self.wait_for_log_after(offset, "subscribed", READY_TIMEOUT),
+            self.wait_for_log_after(offset, SUBSCRIBED, READY_TIMEOUT),
             "bridge did not subscribe within {READY_TIMEOUT:?}; log:\n{}",
             self.log_text()
         );

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use redis::Commands;
 
-use crate::bridge::{config, eventually, Bridge, Client};
+use crate::bridge::{config, eventually, Bridge, Client, SUBSCRIBED};
 use crate::harness::{Mosquitto, Redis};
 
 /// How long the bridge may take to catch up with a backlog (debug build, shared CPU).
@@ -346,7 +346,7 @@ async fn the_bridge_reconnects_after_a_broker_restart_with_and_without_its_sessi
         bridge.log_text()
     );
     assert!(
-        bridge.wait_for_log_after(offset, "subscribed", Duration::from_secs(30)),
+        bridge.wait_for_log_after(offset, SUBSCRIBED, Duration::from_secs(30)),
         "no resubscription after the broker lost the session; log:\n{}",
         bridge.log_text()
     );

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use redis::Commands;
 
-use crate::bridge::{config, eventually, Bridge, Client};
+use crate::bridge::{config, eventually, Bridge, Client, SUBSCRIBED};
 use crate::harness::{free_port, mosquitto_password_file, Mosquitto, Pki, Redis};
 
 /// How long a bridge may take to write what was published (debug build, shared CPU).
@@ -184,7 +184,7 @@ async fn refused_credentials_are_retried_without_crashing_and_sigterm_exits_0() 
         bridge.log_text()
     );
     assert!(
-        !bridge.log_text().contains("subscribed"),
+        !bridge.log_text().contains(SUBSCRIBED),
         "a refused bridge cannot have subscribed; log:\n{}",
         bridge.log_text()
     );
@@ -288,7 +288,7 @@ async fn mqtts_without_the_required_client_certificate_is_retried_and_sigterm_ex
     ));
     wait_for_retry(&bridge, CONNECTION_LOST);
     assert!(
-        !bridge.log_text().contains("subscribed"),
+        !bridge.log_text().contains(SUBSCRIBED),
         "the broker requires a client certificate; log:\n{}",
         bridge.log_text()
     );
@@ -312,7 +312,7 @@ async fn mqtts_refuses_a_server_certificate_from_another_ca() {
     wait_for_retry(&bridge, CONNECTION_LOST);
     let log = bridge.log_text();
     assert!(
-        log.contains("invalid peer certificate") && !log.contains("subscribed"),
+        log.contains("invalid peer certificate") && !log.contains(SUBSCRIBED),
         "the server's certificate is not signed by ca_file; log:\n{log}"
     );
     let status = bridge.terminate(Duration::from_secs(30));

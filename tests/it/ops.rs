@@ -8,7 +8,7 @@ use std::time::Duration;
 use redis::Commands;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::bridge::{config, eventually, Bridge, Client};
+use crate::bridge::{config, eventually, Bridge, Client, SUBSCRIBED};
 use crate::harness::{signal, Mosquitto, Redis};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -458,7 +458,7 @@ key = "count:{name}"
         bridge.log_text()
     );
     assert!(
-        bridge.wait_for_log_after(offset, "subscribed", WAIT),
+        bridge.wait_for_log_after(offset, SUBSCRIBED, WAIT),
         "the new filter was granted:\n{}",
         bridge.log_text()
     );
