@@ -110,6 +110,40 @@ fn status_line(observed: &Observed, routes: &RouteTable) -> String {
     )
 }
 
+/// Gives the heap a burst left behind back to the system once traffic stops (spec §11: a
+/// few MiB idle). glibc keeps freed memory at its high-water mark; one `malloc_trim` per
+/// quiet period — a main-loop tick with no new message and nothing in flight — returns it.
+#[derive(Default)]
+struct IdleTrim {
+    last_seen: u64,
+    trimmed: bool,
+}
+
+impl IdleTrim {
+    fn tick(&mut self, inflight: usize) {
+        let seen = events::TOTALS.received.load(Ordering::Relaxed)
+            + events::TOTALS.unrouted.load(Ordering::Relaxed);
+        if seen != self.last_seen {
+            self.last_seen = seen;
+            self.trimmed = false;
+        } else if !self.trimmed && inflight == 0 {
+            self.trimmed = true;
+            release_free_heap();
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_free_heap() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_free_heap() {}
+
 /// What a running daemon can change on reload.
 struct Running {
     path: PathBuf,
@@ -287,6 +321,7 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     };
     let mut supervisor = None;
     let mut started = false;
+    let mut idle_trim = IdleTrim::default();
     let mut tick = tokio::time::interval(MAIN_LOOP_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -296,7 +331,10 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
                 Some(message) => hand_over(&dispatcher, &running.engine, message),
                 None => break,
             },
-            _ = tick.tick() => main_beat.beat(),
+            _ = tick.tick() => {
+                main_beat.beat();
+                idle_trim.tick(running.observed.mqtt_stats.inflight());
+            }
             subscribed = mqtt_status.wait_for(|s| s.subscribed), if !started => {
                 started = true;
                 if subscribed.is_err() {
