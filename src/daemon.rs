@@ -367,16 +367,18 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         ..
     } = running;
     source.stop_receiving();
-    republish.shutdown().await;
     // What was received before the stop is in flight too: finish it.
     while let Ok(message) = inbound.try_recv() {
         hand_over(&dispatcher, &engine, message);
     }
+    // The republisher stops (its unacked stream entries stay pending) while the lanes
+    // drain, so a stop takes one `shutdown_timeout`, not the sum of both.
     let timeout = config.limits.shutdown_timeout;
-    if tokio::time::timeout(timeout, dispatcher.drained())
-        .await
-        .is_err()
-    {
+    let ((), drained) = tokio::join!(
+        republish.shutdown(),
+        tokio::time::timeout(timeout, dispatcher.drained())
+    );
+    if drained.is_err() {
         tracing::warn!(
             unfinished = source.stats().inflight(),
             ?timeout,
