@@ -79,6 +79,18 @@ async fn wait_all_written(conn: &mut redis::Connection, count: u32) -> BTreeSet<
     written_numbers(conn)
 }
 
+/// Waits until every message `0..count` is written and asserts exactly those are, with
+/// `why` and the bridge's log when not.
+async fn assert_all_written(conn: &mut redis::Connection, count: u32, bridge: &Bridge, why: &str) {
+    let written = wait_all_written(conn, count).await;
+    assert_eq!(
+        written,
+        (0..count).collect::<BTreeSet<_>>(),
+        "{why}; log:\n{}",
+        bridge.log_text()
+    );
+}
+
 fn connection(redis: &Redis) -> redis::Connection {
     redis
         .client()
@@ -120,13 +132,13 @@ async fn messages_arriving_while_redis_is_down_are_all_written_once_it_is_back()
     redis.start_again();
 
     let mut conn = connection(&redis);
-    let written = wait_all_written(&mut conn, 200).await;
-    assert_eq!(
-        written,
-        (0..200).collect::<BTreeSet<_>>(),
-        "every message is written after Redis is back; log:\n{}",
-        bridge.log_text()
-    );
+    assert_all_written(
+        &mut conn,
+        200,
+        &bridge,
+        "every message is written after Redis is back",
+    )
+    .await;
     assert!(
         !bridge.log_text().contains(CONNECTION_LOST),
         "Redis going down must not cost the MQTT connection; log:\n{}",
@@ -160,13 +172,13 @@ async fn kill_9_of_the_bridge_loses_nothing_at_qos_1() {
     );
 
     bridge.spawn();
-    let written = wait_all_written(&mut conn, 2000).await;
-    assert_eq!(
-        written,
-        (0..2000).collect::<BTreeSet<_>>(),
-        "every message is written after the restart (written at kill: {at_kill}); log:\n{}",
-        bridge.log_text()
-    );
+    assert_all_written(
+        &mut conn,
+        2000,
+        &bridge,
+        &format!("every message is written after the restart (written at kill: {at_kill})"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,12 +340,13 @@ async fn the_bridge_reconnects_after_a_broker_restart_with_and_without_its_sessi
         let mut client = Client::connect(&broker, "restart-publisher-2").await;
         client.publish_all(numbered(10..20)).await;
     }
-    assert_eq!(
-        wait_all_written(&mut conn, 20).await,
-        (0..20).collect::<BTreeSet<_>>(),
-        "messages after a clean broker restart are written; log:\n{}",
-        bridge.log_text()
-    );
+    assert_all_written(
+        &mut conn,
+        20,
+        &bridge,
+        "messages after a clean broker restart are written",
+    )
+    .await;
 
     // A crash: the broker may come back without our session, and the bridge resubscribes.
     let offset = bridge.log_text().len();
@@ -354,12 +367,13 @@ async fn the_bridge_reconnects_after_a_broker_restart_with_and_without_its_sessi
         let mut client = Client::connect(&broker, "restart-publisher-3").await;
         client.publish_all(numbered(20..30)).await;
     }
-    assert_eq!(
-        wait_all_written(&mut conn, 30).await,
-        (0..30).collect::<BTreeSet<_>>(),
-        "messages after the broker lost the session are written; log:\n{}",
-        bridge.log_text()
-    );
+    assert_all_written(
+        &mut conn,
+        30,
+        &bridge,
+        "messages after the broker lost the session are written",
+    )
+    .await;
 }
 
 /// Mosquitto's persistence file in the harness's directory for it.
@@ -448,14 +462,16 @@ async fn sigterm_finishes_the_messages_in_flight_before_exiting() {
     );
 
     bridge.spawn();
-    let written = wait_all_written(&mut conn, 100).await;
-    assert_eq!(
-        written,
-        (0..100).collect::<BTreeSet<_>>(),
-        "the rest is redelivered after the restart (written at exit: {}); log:\n{}",
-        at_exit.len(),
-        bridge.log_text()
-    );
+    assert_all_written(
+        &mut conn,
+        100,
+        &bridge,
+        &format!(
+            "the rest is redelivered after the restart (written at exit: {})",
+            at_exit.len()
+        ),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,13 +506,13 @@ async fn what_cannot_finish_within_shutdown_timeout_stays_unacked_for_redelivery
 
     bridge.spawn();
     let mut conn = connection(&redis);
-    let written = wait_all_written(&mut conn, 100).await;
-    assert_eq!(
-        written,
-        (0..100).collect::<BTreeSet<_>>(),
-        "the unfinished messages are redelivered and written; log:\n{}",
-        bridge.log_text()
-    );
+    assert_all_written(
+        &mut conn,
+        100,
+        &bridge,
+        "the unfinished messages are redelivered and written",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -525,13 +541,13 @@ async fn a_redis_stalled_longer_than_keep_alive_does_not_cost_the_mqtt_connectio
     redis.resume();
 
     let mut conn = connection(&redis);
-    let written = wait_all_written(&mut conn, 100).await;
-    assert_eq!(
-        written,
-        (0..100).collect::<BTreeSet<_>>(),
-        "log:\n{}",
-        bridge.log_text()
-    );
+    assert_all_written(
+        &mut conn,
+        100,
+        &bridge,
+        "every message is written after Redis resumes",
+    )
+    .await;
     assert!(
         !bridge.log_text().contains(CONNECTION_LOST),
         "keep-alive must not starve while Redis stalls; log:\n{}",
@@ -621,13 +637,13 @@ async fn a_message_over_max_packet_size_is_dead_lettered_instead_of_wedging_the_
     client.publish_all(numbered(0..5)).await;
 
     let mut conn = connection(&redis);
-    let written = wait_all_written(&mut conn, 5).await;
-    assert_eq!(
-        written,
-        (0..5).collect::<BTreeSet<_>>(),
-        "the messages behind the oversized one flow; log:\n{}",
-        bridge.log_text()
-    );
+    assert_all_written(
+        &mut conn,
+        5,
+        &bridge,
+        "the messages behind the oversized one flow",
+    )
+    .await;
     let records: Vec<String> = conn.lrange("dead_letter", 0, -1).expect("dead letter");
     assert_eq!(records.len(), 1, "one dead letter: {records:?}");
     let record: serde_json::Value = serde_json::from_str(&records[0]).expect("JSON record");
@@ -656,12 +672,13 @@ async fn messages_wait_for_a_redis_that_is_down_at_start_up() {
     );
     redis.start_again();
     let mut conn = connection(&redis);
-    assert_eq!(
-        wait_all_written(&mut conn, 20).await,
-        (0..20).collect::<BTreeSet<_>>(),
-        "log:\n{}",
-        bridge.log_text()
-    );
+    assert_all_written(
+        &mut conn,
+        20,
+        &bridge,
+        "every message is written once Redis is up",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
