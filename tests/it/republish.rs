@@ -107,6 +107,28 @@ fn publish(redis: &Redis, channel: &str, payload: &str) {
     let _: i64 = conn.publish(channel, payload).expect("PUBLISH");
 }
 
+/// Publishes `payload` on `channel` until its republished copy arrives on `topic`: nothing
+/// says when a (re)started subscriber is listening, and pub/sub keeps nothing for it.
+async fn publish_until_republished(
+    redis: &Redis,
+    client: &mut Client,
+    (channel, payload): (&str, &str),
+    topic: &str,
+    what: &str,
+) -> rumqttc::Publish {
+    bounded(what, async {
+        loop {
+            publish(redis, channel, payload);
+            if let Some(m) = client.next_message(Duration::from_millis(200)).await {
+                if m.topic == topic {
+                    return m;
+                }
+            }
+        }
+    })
+    .await
+}
+
 fn pending(redis: &Redis, stream: &str, group: &str) -> Option<i64> {
     let mut conn = redis.client().get_connection().ok()?;
     let reply: redis::Value = redis::cmd("XPENDING")
@@ -221,16 +243,13 @@ topic = "devices/{device_id}/commands"
     });
     // Messages published before the subscriber is back are lost (pub/sub keeps nothing):
     // publish until one arrives.
-    let arrived = bounded("a publish after the Redis restart arrives", async {
-        loop {
-            publish(&redis, "commands:dev-1", "after-restart");
-            if let Some(m) = client.next_message(Duration::from_millis(200)).await {
-                if m.topic == "devices/dev-1/commands" {
-                    return m;
-                }
-            }
-        }
-    })
+    let arrived = publish_until_republished(
+        &redis,
+        &mut client,
+        ("commands:dev-1", "after-restart"),
+        "devices/dev-1/commands",
+        "a publish after the Redis restart arrives",
+    )
     .await;
     assert_eq!(arrived.payload.as_ref(), b"after-restart");
     let monitor = running.republisher().pubsub().expect("pub/sub runs");
@@ -271,16 +290,13 @@ topic = "devices/{device_id}/commands"
         broker.start_again();
     });
     let mut client = listener(&broker, "rp-broker-sub-2", "devices/#", "devices/probe").await;
-    let arrived = bounded("a publish after the broker restart arrives", async {
-        loop {
-            publish(&redis, "commands:dev-2", "after");
-            if let Some(m) = client.next_message(Duration::from_millis(200)).await {
-                if m.topic == "devices/dev-2/commands" {
-                    return m;
-                }
-            }
-        }
-    })
+    let arrived = publish_until_republished(
+        &redis,
+        &mut client,
+        ("commands:dev-2", "after"),
+        "devices/dev-2/commands",
+        "a publish after the broker restart arrives",
+    )
     .await;
     assert_eq!(arrived.payload.as_ref(), b"after");
     running.service.shutdown().await;
@@ -628,16 +644,13 @@ topic = "devices/{device_id}/commands"
 "#,
     ));
     // Nothing says when the daemon's subscriber is up: publish until one arrives.
-    let arrived = bounded("the daemon republishes", async {
-        loop {
-            publish(&redis, "commands:dev-9", "on");
-            if let Some(m) = client.next_message(Duration::from_millis(200)).await {
-                if m.topic == "devices/dev-9/commands" {
-                    return m;
-                }
-            }
-        }
-    })
+    let arrived = publish_until_republished(
+        &redis,
+        &mut client,
+        ("commands:dev-9", "on"),
+        "devices/dev-9/commands",
+        "the daemon republishes",
+    )
     .await;
     assert_eq!(arrived.payload.as_ref(), b"on");
 }
