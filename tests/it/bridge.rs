@@ -189,6 +189,15 @@ impl Bridge {
         self.wait_for_log_after(0, needle, timeout)
     }
 
+    /// Replaces the config file with `config` and sends SIGHUP; returns the log offset from
+    /// which the reload's lines appear.
+    pub fn reload_with(&self, config: &str) -> usize {
+        std::fs::write(&self.config, config).expect("write config");
+        let offset = self.log_text().len();
+        signal(self.pid().expect("running"), libc::SIGHUP);
+        offset
+    }
+
     /// SIGTERM, and the exit status (bounded wait).
     pub fn terminate(&mut self, timeout: Duration) -> ExitStatus {
         let mut child = self.child.take().expect("running");

@@ -9,7 +9,7 @@ use redis::Commands;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::bridge::{config, eventually, Bridge, Client, SUBSCRIBED};
-use crate::harness::{signal, Mosquitto, Redis};
+use crate::harness::{Mosquitto, Redis};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -449,9 +449,7 @@ topic = "counters/{name}"
 op = "incr"
 key = "count:{name}"
 "#;
-    std::fs::write(bridge.config_path(), format!("{base}{added}")).expect("write config");
-    let offset = bridge.log_text().len();
-    signal(bridge.pid().expect("running"), libc::SIGHUP);
+    let offset = bridge.reload_with(&format!("{base}{added}"));
     assert!(
         bridge.wait_for_log_after(offset, "configuration reloaded", WAIT),
         "reload applied:\n{}",
@@ -509,9 +507,7 @@ colour = "blue"
 op = "set"
 key = "x:{nope}"
 "#;
-    std::fs::write(bridge.config_path(), format!("{base}{broken}")).expect("write config");
-    let offset = bridge.log_text().len();
-    signal(bridge.pid().expect("running"), libc::SIGHUP);
+    let offset = bridge.reload_with(&format!("{base}{broken}"));
     assert!(
         bridge.wait_for_log_after(offset, "configuration reload refused", WAIT),
         "reload refused:\n{}",
