@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::commands::SetOptions;
 use super::error::Error;
 use super::manager::RedisManager;
 
@@ -29,41 +30,26 @@ where
     F: FnOnce() -> Fut,
     Fut: Future<Output = Result<T, E>>,
 {
-    match manager
-        .query::<Option<Vec<u8>>>(::redis::cmd("GET").arg(key))
-        .await
-    {
-        Ok(Some(bytes)) => match serde_json::from_slice(&bytes) {
-            Ok(value) => return Ok(value),
-            // A value of another shape (older version, another writer): recompute and
-            // overwrite it rather than fail forever.
-            Err(e) => {
-                tracing::warn!(key, error = %e, "cache: stored value does not decode; reloading")
-            }
-        },
+    match manager.try_get_json::<_, T>(key).await {
+        Ok(Some(value)) => return Ok(value),
         Ok(None) => {}
+        // A value of another shape (older version, another writer): recompute and overwrite
+        // it rather than fail forever.
+        Err(Error::Decode(e)) => {
+            tracing::warn!(key, error = %e, "cache: stored value does not decode; reloading")
+        }
         Err(e) => log_failure("read", key, &e),
     }
     let value = loader().await?;
-    store(manager, key, ttl, &value).await;
-    Ok(value)
-}
-
-async fn store<T: Serialize>(manager: &RedisManager, key: &str, ttl: Duration, value: &T) {
-    let json = match serde_json::to_vec(value) {
-        Ok(json) => json,
-        Err(e) => {
-            tracing::warn!(key, error = %e, "cache: value does not serialize; not cached");
-            return;
-        }
-    };
-    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-    let result: Result<(), Error> = manager
-        .query(::redis::cmd("SET").arg(key).arg(json).arg("PX").arg(ttl_ms))
-        .await;
-    if let Err(e) = result {
+    // At least 1 ms: a zero TTL would be refused, and the value is still worth caching.
+    let ttl = ttl.max(Duration::from_millis(1));
+    if let Err(e) = manager
+        .try_set_json(key, &value, SetOptions::new().px(ttl))
+        .await
+    {
         log_failure("write", key, &e);
     }
+    Ok(value)
 }
 
 /// Connection trouble is the manager's to report (rate-limited, so a dead Redis does not

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::commands::SetOptions;
 use super::error::{Error, Result};
 use super::manager::RedisManager;
 
@@ -53,16 +54,9 @@ impl SessionManager {
         data: &T,
         ttl: Duration,
     ) -> Result<()> {
-        let json = serde_json::to_vec(data).map_err(|e| Error::Invalid(e.to_string()))?;
-        let () = self
-            .manager
-            .query(
-                ::redis::cmd("SET")
-                    .arg(self.key(id))
-                    .arg(json)
-                    .arg("PX")
-                    .arg(ttl_ms(ttl)?),
-            )
+        check_ttl(ttl)?;
+        self.manager
+            .try_set_json(self.key(id), data, SetOptions::new().px(ttl))
             .await?;
         Ok(())
     }
@@ -70,33 +64,19 @@ impl SessionManager {
     /// Reads session `id`: `Ok(None)` when there is none; `Error::Decode` when the key holds
     /// something that is not JSON of type `T`.
     pub async fn try_get<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>> {
-        let raw: Option<Vec<u8>> = self
-            .manager
-            .query(::redis::cmd("GET").arg(self.key(id)))
-            .await?;
-        raw.map(|bytes| {
-            serde_json::from_slice(&bytes)
-                .map_err(|e| Error::Decode(format!("session {}: {e}", self.key(id))))
-        })
-        .transpose()
+        self.manager.try_get_json(self.key(id)).await
     }
 
     /// Slides the expiry of session `id` to `ttl` from now. False when there is no session.
     pub async fn try_touch(&self, id: &str, ttl: Duration) -> Result<bool> {
-        let set: i64 = self
-            .manager
-            .query(::redis::cmd("PEXPIRE").arg(self.key(id)).arg(ttl_ms(ttl)?))
-            .await?;
-        Ok(set == 1)
+        // A zero TTL would delete the session (EXPIRE 0): refuse it, as `create` does.
+        check_ttl(ttl)?;
+        self.manager.try_expire(self.key(id), ttl).await
     }
 
     /// Deletes session `id`. False when there was none.
     pub async fn try_delete(&self, id: &str) -> Result<bool> {
-        let deleted: i64 = self
-            .manager
-            .query(::redis::cmd("DEL").arg(self.key(id)))
-            .await?;
-        Ok(deleted > 0)
+        Ok(self.manager.try_delete(self.key(id)).await? > 0)
     }
 
     /// [`SessionManager::try_create`], false on error (logged).
@@ -143,10 +123,9 @@ fn log_failure(op: &str, e: &Error) {
     }
 }
 
-fn ttl_ms(ttl: Duration) -> Result<u64> {
-    let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-    if ms == 0 {
+fn check_ttl(ttl: Duration) -> Result<()> {
+    if ttl.as_millis() == 0 {
         return Err(Error::Invalid("session ttl must be at least 1 ms".into()));
     }
-    Ok(ms)
+    Ok(())
 }
