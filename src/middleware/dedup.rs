@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
-use crate::redis::lock::compare_and_delete;
+use crate::redis::lock::{acquire_cmd, compare_and_delete};
 use crate::redis::{RedisManager, Result};
 use crate::router::template::Template;
 
@@ -86,14 +86,7 @@ pub async fn claim(
 /// The claim itself: `SET key lease_value NX PX lease`; a reply of nil means the key is
 /// already set (`done`, or a lease). Also sent in one pipeline with the rate-limit check.
 pub fn claim_cmd(key: &str, lease_value: &str, lease: Duration) -> ::redis::Cmd {
-    let lease_ms = (lease.as_millis() as u64).max(1);
-    let mut cmd = ::redis::cmd("SET");
-    cmd.arg(key)
-        .arg(lease_value)
-        .arg("NX")
-        .arg("PX")
-        .arg(lease_ms);
-    cmd
+    acquire_cmd(key, lease_value, (lease.as_millis() as u64).max(1))
 }
 
 /// Adds the `done` mark to the message's transaction.

@@ -62,14 +62,7 @@ impl Lock {
         lease: Duration,
     ) -> Result<Option<Lock>> {
         let reply: Option<String> = manager
-            .query(
-                ::redis::cmd("SET")
-                    .arg(key)
-                    .arg(&token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(lease_ms(lease)?),
-            )
+            .query(&acquire_cmd(key, &token, lease_ms(lease)?))
             .await?;
         Ok(reply.map(|_| Lock {
             manager: manager.clone(),
@@ -140,6 +133,14 @@ impl Lock {
         }
         Ok(extended == 1)
     }
+}
+
+/// `SET key token NX PX lease_ms`: the one command that takes a lock. Public so a caller
+/// can pipeline it with other commands (the dedup claim rides with the rate-limit check).
+pub fn acquire_cmd(key: &str, token: &str, lease_ms: u64) -> ::redis::Cmd {
+    let mut cmd = ::redis::cmd("SET");
+    cmd.arg(key).arg(token).arg("NX").arg("PX").arg(lease_ms);
+    cmd
 }
 
 /// Deletes `key` only while it holds `expected`, atomically. True when deleted. The
