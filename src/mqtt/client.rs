@@ -18,6 +18,10 @@ use super::config::{MqttConfig, Protocol};
 #[error("mqtt: {0}")]
 pub struct OptionsError(pub String);
 
+/// Requests (acks, forwards, subscriptions) written per flush. Bounded so one batch is at
+/// most a few KiB of acks; larger publishes make the codec flush earlier anyway.
+const MAX_REQUEST_BATCH: usize = 128;
+
 /// rumqttc options for `config`, with manual acks (we ack only what reached Redis).
 pub fn options(config: &MqttConfig) -> Result<MqttOptions, OptionsError> {
     if config.protocol == Protocol::V5 {
@@ -33,7 +37,11 @@ pub fn options(config: &MqttConfig) -> Result<MqttOptions, OptionsError> {
         .set_manual_acks(true)
         // Acks, forwards and subscriptions queue here; generous so `try_ack` never finds it
         // full in practice (the broker's in-flight window bounds what we hold).
-        .set_request_channel_capacity(4096);
+        .set_request_channel_capacity(4096)
+        // Write up to this many queued requests before one flush (our patch of rumqttc,
+        // vendor/rumqttc/PATCHED.md): the acks of a burst leave in one write, not one
+        // system call and TCP segment each (TCP_NODELAY is on, see `source`).
+        .set_max_request_batch(MAX_REQUEST_BATCH);
     let max = usize::try_from(config.max_packet_size).unwrap_or(usize::MAX);
     options.set_max_packet_size(max, max);
     match (&config.username, &config.password) {

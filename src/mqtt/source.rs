@@ -198,8 +198,9 @@ impl MqttSource {
         // TCP_NODELAY (rumqttc leaves it off). With Nagle, a PUBACK written while the
         // previous one is unacknowledged waits for the broker's delayed ACK (40 ms on Linux);
         // with the broker's in-flight window full meanwhile, every message waits: p99 of 20-
-        // 47 ms at 5-10k msg/s in the bench, against 1-4 ms with it on. The price is one TCP
-        // segment per ack in a backlog drain (see docs/benchmarks.md).
+        // 47 ms at 5-10k msg/s in the bench, against 1-4 ms with it on. The acks of a
+        // backlog still share segments: the event loop writes queued acks in batches
+        // (`client::MAX_REQUEST_BATCH`, see docs/benchmarks.md).
         let mut network = eventloop.network_options();
         network.set_tcp_nodelay(true);
         eventloop.set_network_options(network);

@@ -242,8 +242,31 @@ impl EventLoop {
                 self.mqtt_options.pending_throttle
             ), if !self.pending.is_empty() || (!inflight_full && !collision) => match o {
                 Ok(request) => {
+                    let mut last = matches!(request, Request::Disconnect(_));
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
+                    }
+                    // routemq-bridge patch: write the requests already queued behind this
+                    // one (up to `max_request_batch`, under the same flow control as the
+                    // branch guard, never past a DISCONNECT) before one flush, so a burst
+                    // of acks leaves in one write instead of one system call and one TCP
+                    // segment each.
+                    for _ in 1..self.mqtt_options.max_request_batch {
+                        if last
+                            || !self.pending.is_empty()
+                            || self.state.inflight >= self.mqtt_options.inflight
+                            || self.state.collision.is_some()
+                        {
+                            break;
+                        }
+                        let request = match self.requests_rx.try_recv() {
+                            Ok(request) => request,
+                            Err(_) => break,
+                        };
+                        last = matches!(request, Request::Disconnect(_));
+                        if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
+                            network.write(outgoing).await?;
+                        }
                     }
                     match time::timeout(network_timeout, network.flush()).await {
                         Ok(inner) => inner?,

@@ -680,6 +680,18 @@ impl MqttOptions {
         self.request_channel_capacity
     }
 
+    /// routemq-bridge patch: how many queued requests (acks, publishes, ...) the event loop
+    /// writes before one flush. 0 or 1: one flush per request (upstream behaviour).
+    pub fn set_max_request_batch(&mut self, max: usize) -> &mut Self {
+        self.max_request_batch = max;
+        self
+    }
+
+    /// Requests written per flush (see [`MqttOptions::set_max_request_batch`]).
+    pub fn max_request_batch(&self) -> usize {
+        self.max_request_batch
+    }
+
     /// Enables throttling and sets outoing message rate to the specified 'rate'
     pub fn set_pending_throttle(&mut self, duration: Duration) -> &mut Self {
         self.pending_throttle = duration;
