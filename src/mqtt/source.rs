@@ -1,13 +1,20 @@
 //! The MQTT source: one task that polls rumqttc's event loop and does nothing else.
 //!
 //! Keep-alive lives in that loop, so it must never wait on processing: each incoming publish
-//! is registered with the ack sequencer and handed to the dispatcher through a channel the
-//! loop never blocks on. The loop also owns reconnection (jittered exponential backoff up to
-//! `reconnect_max_delay`) and resubscription: on the first connection, and on every ConnAck
-//! without a session (the broker forgot our subscriptions), it subscribes to the cover again.
+//! is registered with the ack sequencer and handed to the dispatcher through a channel whose
+//! reader (the daemon's main loop) never waits on Redis. The loop also owns reconnection
+//! (jittered exponential backoff up to `reconnect_max_delay`) and resubscription: on the
+//! first connection, and on every ConnAck without a session (the broker forgot our
+//! subscriptions), it subscribes to the cover again.
 //!
 //! Bounds: QoS 1/2 deliveries are bounded by the broker's in-flight window (Mosquitto's
 //! `max_inflight_messages`); QoS 0 ones beyond `max_inflight` are dropped as `overflow`.
+//! Not every broker honours its window: Mosquitto 2.0.11 sends a persistent session's whole
+//! queue at once. So the loop also stops reading while `max_inflight` QoS 1/2 messages are
+//! unacked ("held back"): the rest waits in the socket and the broker (TCP backpressure)
+//! instead of in our memory. Keep-alive is not starved by that pause: around each PINGREQ
+//! the loop polls until the PINGRESP arrived, taking what it reads meanwhile (a small,
+//! time-bounded overshoot). A QoS 1/2 message is never dropped for want of room.
 //! Subscribing and disconnecting go through the client from *other* tasks: awaiting the
 //! client on this task could deadlock it against its own request channel.
 //!
@@ -155,6 +162,48 @@ struct Loop {
     tracker: Arc<Mutex<Tracker>>,
     updates: watch::Receiver<SubscriptionSet>,
     heartbeat: Heartbeat,
+    keepalive: KeepAlive,
+}
+
+/// When rumqttc will ping next, so a held-back loop polls in time (see the module doc).
+/// rumqttc's timer starts at each connection and restarts at each PINGREQ.
+struct KeepAlive {
+    period: Duration,
+    next_ping: tokio::time::Instant,
+    awaiting_response: bool,
+}
+
+impl KeepAlive {
+    /// How early before the expected PINGREQ a held-back loop resumes polling.
+    fn margin(&self) -> Duration {
+        (self.period / 10).min(Duration::from_secs(1))
+    }
+
+    fn observe(&mut self, event: &Result<Event, rumqttc::ConnectionError>) {
+        let now = tokio::time::Instant::now();
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                self.next_ping = now + self.period;
+                self.awaiting_response = false;
+            }
+            Ok(Event::Outgoing(Outgoing::PingReq)) => {
+                self.next_ping = now + self.period;
+                self.awaiting_response = true;
+            }
+            Ok(Event::Incoming(Packet::PingResp)) => self.awaiting_response = false,
+            _ => {}
+        }
+    }
+
+    /// The loop must poll now even when held back: a ping is due or unanswered.
+    fn must_poll(&self) -> bool {
+        self.awaiting_response || tokio::time::Instant::now() + self.margin() >= self.next_ping
+    }
+
+    /// When a held-back loop must resume polling.
+    fn resume_at(&self) -> tokio::time::Instant {
+        self.next_ping - self.margin()
+    }
 }
 
 /// The largest packet MQTT can carry: the remaining length is at most 268,435,455 bytes.
@@ -240,6 +289,11 @@ impl MqttSource {
             tracker: tracker.clone(),
             updates: updates_rx,
             heartbeat: heartbeat.clone(),
+            keepalive: KeepAlive {
+                period: config.keep_alive.max(Duration::from_secs(1)),
+                next_ping: tokio::time::Instant::now(),
+                awaiting_response: false,
+            },
         };
         let task = tokio::spawn(async move {
             let tracker = run.tracker.clone();
@@ -376,11 +430,21 @@ impl Loop {
     async fn run(mut self) {
         let mut first_connection = true;
         loop {
+            if self.held_back() {
+                tokio::select! {
+                    _ = self.stop.notified() => return,
+                    _ = self.sequencer.room() => {}
+                    _ = tokio::time::sleep_until(self.keepalive.resume_at()) => {}
+                }
+                self.heartbeat.beat();
+                continue;
+            }
             let event = tokio::select! {
                 _ = self.stop.notified() => return,
                 event = self.eventloop.poll() => event,
             };
             lock(&self.tracker).observe(&event, &self.eventloop.pending);
+            self.keepalive.observe(&event);
             self.heartbeat.beat();
             self.take_subscription_update();
             match event {
@@ -436,7 +500,7 @@ impl Loop {
                         }
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) => self.receive(publish),
+                Ok(Event::Incoming(Packet::Publish(publish))) => self.receive(publish).await,
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
                 Ok(_) => {}
                 Err(e) => {
@@ -496,7 +560,15 @@ impl Loop {
         self.pending_subacks += update.subacks;
     }
 
-    fn receive(&mut self, publish: Publish) {
+    /// Connected, and `max_inflight` QoS 1/2 messages are unacked: read nothing more until
+    /// some are acked, unless keep-alive needs a poll (see the module doc).
+    fn held_back(&self) -> bool {
+        self.status.borrow().connected
+            && self.sequencer.pending() >= self.max_inflight.load(Ordering::Relaxed).max(1)
+            && !self.keepalive.must_poll()
+    }
+
+    async fn receive(&mut self, publish: Publish) {
         if !self.receiving.load(Ordering::Relaxed) {
             return; // shutting down: unacked, redelivered later
         }
@@ -530,9 +602,12 @@ impl Loop {
             ticket,
             slot,
         };
-        if let Err(e) = self.inbound.try_send(inbound) {
+        // Waits only when the channel is full, which the hold-back above makes rare: its
+        // reader never waits on Redis, so room comes soon. Never dropped: a QoS 1/2 message
+        // dropped here would hold back every later ack until a reconnect.
+        if self.inbound.send(inbound).await.is_err() {
             // Only when the dispatcher is gone (shutdown): the message stays unacked.
-            tracing::debug!(error = %e, "dispatcher not taking messages");
+            tracing::debug!("dispatcher not taking messages");
         }
     }
 }

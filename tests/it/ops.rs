@@ -23,7 +23,7 @@ key = "sensor:{device_id}:latest"
 "#;
 
 /// The address the daemon logged for its HTTP endpoint (`listen` port 0 in tests).
-fn http_addr(bridge: &Bridge) -> SocketAddr {
+pub(crate) fn http_addr(bridge: &Bridge) -> SocketAddr {
     let needle = "http listening on ";
     let log = bridge.log_text();
     let start = log
@@ -39,7 +39,7 @@ fn http_addr(bridge: &Bridge) -> SocketAddr {
 }
 
 /// `GET path` over a fresh connection: (status code, body).
-async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     let exchange = async {
         let mut stream = tokio::net::TcpStream::connect(addr).await?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
@@ -80,7 +80,7 @@ async fn get_until(addr: SocketAddr, path: &str, status: u16) -> String {
 }
 
 /// The value of the sample `series` (name and labels exactly as rendered).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
+pub(crate) fn sample(metrics: &str, series: &str) -> Option<f64> {
     metrics.lines().find_map(|line| {
         let rest = line.strip_prefix(series)?;
         rest.strip_prefix(' ')?.trim().parse().ok()
