@@ -142,6 +142,11 @@ impl AckSequencer {
         self.room.notified().await;
     }
 
+    /// Wakes a reader waiting in [`AckSequencer::room`] for another reason (shutdown).
+    pub fn room_waker(&self) -> Arc<Notify> {
+        self.room.clone()
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // A panic elsewhere while holding this lock cannot leave the queue half-updated in a
         // way that matters more than losing the acks: keep going with what is there.

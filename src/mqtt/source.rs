@@ -122,6 +122,8 @@ pub struct MqttSource {
     status: watch::Receiver<MqttStatus>,
     stats: Arc<MqttStats>,
     receiving: Arc<AtomicBool>,
+    /// Wakes a held-back loop (see the module doc) when receiving stops.
+    wake: Arc<Notify>,
     stop: Arc<Notify>,
     task: JoinHandle<()>,
     tracker: Arc<Mutex<Tracker>>,
@@ -271,10 +273,12 @@ impl MqttSource {
         let acks = Arc::new(AckForwarder::spawn(client.clone(), capacity));
         let sink: Arc<dyn super::acks::AckSink> = acks.clone();
         let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let sequencer = AckSequencer::new(sink);
+        let wake = sequencer.room_waker();
         let run = Loop {
             eventloop,
             client: client.clone(),
-            sequencer: AckSequencer::new(sink),
+            sequencer,
             inbound: tx,
             subscriptions: filters,
             status: status_tx,
@@ -307,6 +311,7 @@ impl MqttSource {
                 status: status_rx,
                 stats,
                 receiving,
+                wake,
                 stop,
                 task,
                 tracker,
@@ -409,6 +414,7 @@ impl MqttSource {
     /// the broker redelivers it after we are back; the connection (and its acks) goes on.
     pub fn stop_receiving(&self) {
         self.receiving.store(false, Ordering::Relaxed);
+        self.wake.notify_one();
     }
 
     /// Sends DISCONNECT after every queued ack and waits (bounded) for the loop to end.
@@ -561,9 +567,12 @@ impl Loop {
     }
 
     /// Connected, and `max_inflight` QoS 1/2 messages are unacked: read nothing more until
-    /// some are acked, unless keep-alive needs a poll (see the module doc).
+    /// some are acked, unless keep-alive needs a poll (see the module doc). Never while
+    /// shutting down: what arrives then is not taken anyway, and the acks of what finished
+    /// and the DISCONNECT must go out.
     fn held_back(&self) -> bool {
         self.status.borrow().connected
+            && self.receiving.load(Ordering::Relaxed)
             && self.sequencer.pending() >= self.max_inflight.load(Ordering::Relaxed).max(1)
             && !self.keepalive.must_poll()
     }
