@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rumqttc::Publish;
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
 /// Where acks go: the [`AckForwarder`] in the daemon; tests record them.
 pub trait AckSink: Send + Sync + 'static {
@@ -111,8 +111,6 @@ struct Queue {
 pub struct AckSequencer {
     queue: Arc<Mutex<Queue>>,
     sink: Arc<dyn AckSink>,
-    /// Signalled whenever messages leave the queue (acked, or forgotten on reconnect).
-    room: Arc<Notify>,
 }
 
 /// One registered message's claim on an ack. Dropping it without [`Ticket::done`] leaves the
@@ -132,19 +130,7 @@ impl AckSequencer {
                 entries: VecDeque::new(),
             })),
             sink,
-            room: Arc::new(Notify::new()),
         }
-    }
-
-    /// Completes after messages left the queue since the last call (or now, if they did):
-    /// for a reader waiting until [`AckSequencer::pending`] drops.
-    pub async fn room(&self) {
-        self.room.notified().await;
-    }
-
-    /// Wakes a reader waiting in [`AckSequencer::room`] for another reason (shutdown).
-    pub fn room_waker(&self) -> Arc<Notify> {
-        self.room.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -177,7 +163,6 @@ impl AckSequencer {
         q.head += q.entries.len() as u64;
         q.entries.clear();
         self.sink.new_epoch(q.epoch);
-        self.room.notify_one();
     }
 
     /// Messages registered and not yet acked.
@@ -197,15 +182,11 @@ impl AckSequencer {
         }
         // Sent under the lock, so two finishing workers cannot interleave their runs; the
         // sink only queues the ack (`try_send`), it never waits.
-        let head = q.head;
         while q.entries.front().is_some_and(|e| e.done) {
             if let Some(entry) = q.entries.pop_front() {
                 self.sink.ack(&entry.publish, q.epoch);
             }
             q.head += 1;
-        }
-        if q.head != head {
-            self.room.notify_one();
         }
     }
 }

@@ -10,11 +10,14 @@
 //! Bounds: QoS 1/2 deliveries are bounded by the broker's in-flight window (Mosquitto's
 //! `max_inflight_messages`); QoS 0 ones beyond `max_inflight` are dropped as `overflow`.
 //! Not every broker honours its window: Mosquitto 2.0.11 sends a persistent session's whole
-//! queue at once. So the loop also stops reading while `max_inflight` QoS 1/2 messages are
-//! unacked ("held back"): the rest waits in the socket and the broker (TCP backpressure)
-//! instead of in our memory. Keep-alive is not starved by that pause: around each PINGREQ
-//! the loop polls until the PINGRESP arrived, taking what it reads meanwhile (a small,
-//! time-bounded overshoot). A QoS 1/2 message is never dropped for want of room.
+//! queue at once. So while `max_inflight` QoS 1/2 messages are unacked ("held back") the
+//! loop tells rumqttc to read nothing (our patch, `EventLoop::pause_reading`): the rest waits
+//! in the socket and the broker (TCP backpressure) instead of in our memory, while acks,
+//! forwards and keep-alive pings still go out. The loop keeps polling all along; the acks
+//! that make room are requests, so they wake it. At most one read batch (10 packets) beyond
+//! the bound is taken. A QoS 1/2 message is never dropped for want of room. QoS 0 messages
+//! behind the held-back ones wait in the broker too (which may drop them as its queue limits
+//! say), rather than reaching us as `overflow`.
 //! Subscribing and disconnecting go through the client from *other* tasks: awaiting the
 //! client on this task could deadlock it against its own request channel.
 //!
@@ -122,8 +125,6 @@ pub struct MqttSource {
     status: watch::Receiver<MqttStatus>,
     stats: Arc<MqttStats>,
     receiving: Arc<AtomicBool>,
-    /// Wakes a held-back loop (see the module doc) when receiving stops.
-    wake: Arc<Notify>,
     stop: Arc<Notify>,
     task: JoinHandle<()>,
     tracker: Arc<Mutex<Tracker>>,
@@ -164,48 +165,6 @@ struct Loop {
     tracker: Arc<Mutex<Tracker>>,
     updates: watch::Receiver<SubscriptionSet>,
     heartbeat: Heartbeat,
-    keepalive: KeepAlive,
-}
-
-/// When rumqttc will ping next, so a held-back loop polls in time (see the module doc).
-/// rumqttc's timer starts at each connection and restarts at each PINGREQ.
-struct KeepAlive {
-    period: Duration,
-    next_ping: tokio::time::Instant,
-    awaiting_response: bool,
-}
-
-impl KeepAlive {
-    /// How early before the expected PINGREQ a held-back loop resumes polling.
-    fn margin(&self) -> Duration {
-        (self.period / 10).min(Duration::from_secs(1))
-    }
-
-    fn observe(&mut self, event: &Result<Event, rumqttc::ConnectionError>) {
-        let now = tokio::time::Instant::now();
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                self.next_ping = now + self.period;
-                self.awaiting_response = false;
-            }
-            Ok(Event::Outgoing(Outgoing::PingReq)) => {
-                self.next_ping = now + self.period;
-                self.awaiting_response = true;
-            }
-            Ok(Event::Incoming(Packet::PingResp)) => self.awaiting_response = false,
-            _ => {}
-        }
-    }
-
-    /// The loop must poll now even when held back: a ping is due or unanswered.
-    fn must_poll(&self) -> bool {
-        self.awaiting_response || tokio::time::Instant::now() + self.margin() >= self.next_ping
-    }
-
-    /// When a held-back loop must resume polling.
-    fn resume_at(&self) -> tokio::time::Instant {
-        self.next_ping - self.margin()
-    }
 }
 
 /// The largest packet MQTT can carry: the remaining length is at most 268,435,455 bytes.
@@ -273,12 +232,10 @@ impl MqttSource {
         let acks = Arc::new(AckForwarder::spawn(client.clone(), capacity));
         let sink: Arc<dyn super::acks::AckSink> = acks.clone();
         let tracker = Arc::new(Mutex::new(Tracker::default()));
-        let sequencer = AckSequencer::new(sink);
-        let wake = sequencer.room_waker();
         let run = Loop {
             eventloop,
             client: client.clone(),
-            sequencer,
+            sequencer: AckSequencer::new(sink),
             inbound: tx,
             subscriptions: filters,
             status: status_tx,
@@ -293,11 +250,6 @@ impl MqttSource {
             tracker: tracker.clone(),
             updates: updates_rx,
             heartbeat: heartbeat.clone(),
-            keepalive: KeepAlive {
-                period: config.keep_alive.max(Duration::from_secs(1)),
-                next_ping: tokio::time::Instant::now(),
-                awaiting_response: false,
-            },
         };
         let task = tokio::spawn(async move {
             let tracker = run.tracker.clone();
@@ -311,7 +263,6 @@ impl MqttSource {
                 status: status_rx,
                 stats,
                 receiving,
-                wake,
                 stop,
                 task,
                 tracker,
@@ -414,7 +365,6 @@ impl MqttSource {
     /// the broker redelivers it after we are back; the connection (and its acks) goes on.
     pub fn stop_receiving(&self) {
         self.receiving.store(false, Ordering::Relaxed);
-        self.wake.notify_one();
     }
 
     /// Sends DISCONNECT after every queued ack and waits (bounded) for the loop to end.
@@ -436,21 +386,13 @@ impl Loop {
     async fn run(mut self) {
         let mut first_connection = true;
         loop {
-            if self.held_back() {
-                tokio::select! {
-                    _ = self.stop.notified() => return,
-                    _ = self.sequencer.room() => {}
-                    _ = tokio::time::sleep_until(self.keepalive.resume_at()) => {}
-                }
-                self.heartbeat.beat();
-                continue;
-            }
+            let held_back = self.held_back();
+            self.eventloop.pause_reading(held_back);
             let event = tokio::select! {
                 _ = self.stop.notified() => return,
                 event = self.eventloop.poll() => event,
             };
             lock(&self.tracker).observe(&event, &self.eventloop.pending);
-            self.keepalive.observe(&event);
             self.heartbeat.beat();
             self.take_subscription_update();
             match event {
@@ -566,15 +508,16 @@ impl Loop {
         self.pending_subacks += update.subacks;
     }
 
-    /// Connected, and `max_inflight` QoS 1/2 messages are unacked: read nothing more until
-    /// some are acked, unless keep-alive needs a poll (see the module doc). Never while
-    /// shutting down: what arrives then is not taken anyway, and the acks of what finished
-    /// and the DISCONNECT must go out.
+    /// `max_inflight` QoS 1/2 messages are unacked: read nothing more until some are acked
+    /// (see the module doc). Not while shutting down (what arrives then is not taken
+    /// anyway), nor while our own publishes fill rumqttc's outgoing window or collide: only
+    /// reading their PUBACKs lets rumqttc write requests — our acks among them — again.
     fn held_back(&self) -> bool {
-        self.status.borrow().connected
-            && self.receiving.load(Ordering::Relaxed)
+        let state = &self.eventloop.state;
+        self.receiving.load(Ordering::Relaxed)
+            && state.collision.is_none()
+            && state.inflight() < self.eventloop.mqtt_options.inflight()
             && self.sequencer.pending() >= self.max_inflight.load(Ordering::Relaxed).max(1)
-            && !self.keepalive.must_poll()
     }
 
     async fn receive(&mut self, publish: Publish) {

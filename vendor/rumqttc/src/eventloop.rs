@@ -85,7 +85,13 @@ pub struct EventLoop {
     /// Keep alive time
     keepalive_timeout: Option<Pin<Box<Sleep>>>,
     pub network_options: NetworkOptions,
+    /// routemq-bridge patch: read nothing from the network (see `pause_reading`).
+    read_paused: bool,
 }
+
+/// routemq-bridge patch: bytes a request batch may buffer before it stops (below
+/// tokio-util's 8 KiB backpressure boundary, where `feed` would flush on its own).
+const BATCH_BYTES: usize = 4096;
 
 /// Events which can be yielded by the event loop
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,6 +120,7 @@ impl EventLoop {
             network: None,
             keepalive_timeout: None,
             network_options: NetworkOptions::new(),
+            read_paused: false,
         }
     }
 
@@ -140,6 +147,16 @@ impl EventLoop {
         });
 
         self.pending.extend(requests_in_channel);
+    }
+
+    /// routemq-bridge patch: while paused, `poll` reads nothing from the network (the
+    /// broker's further packets wait in the socket: TCP backpressure) but still writes
+    /// requests (acks, publishes, DISCONNECT) and keep-alive pings. A paused connection does
+    /// not wait for PINGRESP (it may sit behind unread publishes): the broker hears from us
+    /// every keep-alive, and a dead connection shows as a write error or flush timeout.
+    /// Packets already read and buffered are still returned. Takes effect at the next poll.
+    pub fn pause_reading(&mut self, paused: bool) {
+        self.read_paused = paused;
     }
 
     /// Yields Next notification or outgoing request and periodically pings
@@ -188,6 +205,7 @@ impl EventLoop {
         let inflight_full = self.state.inflight >= self.mqtt_options.inflight;
         let collision = self.state.collision.is_some();
         let network_timeout = Duration::from_secs(self.network_options.connection_timeout());
+        let read_paused = self.read_paused;
 
         // Read buffered events from previous polls before calling a new poll
         if let Some(event) = self.state.events.pop_front() {
@@ -199,7 +217,7 @@ impl EventLoop {
         // instead of returning a None event, we try again.
         select! {
             // Pull a bunch of packets from network, reply in bunch and yield the first item
-            o = network.readb(&mut self.state) => {
+            o = network.readb(&mut self.state), if !read_paused => {
                 o?;
                 // flush all the acks and return first incoming packet
                 match time::timeout(network_timeout, network.flush()).await {
@@ -242,31 +260,31 @@ impl EventLoop {
                 self.mqtt_options.pending_throttle
             ), if !self.pending.is_empty() || (!inflight_full && !collision) => match o {
                 Ok(request) => {
-                    let mut last = matches!(request, Request::Disconnect(_));
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
                     }
-                    // routemq-bridge patch: write the requests already queued behind this
-                    // one (up to `max_request_batch`, under the same flow control as the
-                    // branch guard, never past a DISCONNECT) before one flush, so a burst
-                    // of acks leaves in one write instead of one system call and one TCP
-                    // segment each.
-                    for _ in 1..self.mqtt_options.max_request_batch {
-                        if last
-                            || !self.pending.is_empty()
-                            || self.state.inflight >= self.mqtt_options.inflight
-                            || self.state.collision.is_some()
-                        {
-                            break;
-                        }
+                    // routemq-bridge patch: the acks (PUBACK, PUBREC) queued right behind
+                    // this request go into the same write, up to `max_request_batch`
+                    // requests and a few KiB (so the codec never flushes inside the batch,
+                    // outside the flush timeout). The first other request ends the batch:
+                    // it is written too, and only acks are ever written ahead of a flush
+                    // that may fail (their `Outgoing` events name nothing to retransmit).
+                    let mut batch = 1;
+                    while batch < self.mqtt_options.max_request_batch
+                        && network.buffered() < BATCH_BYTES
+                    {
                         let request = match self.requests_rx.try_recv() {
                             Ok(request) => request,
                             Err(_) => break,
                         };
-                        last = matches!(request, Request::Disconnect(_));
+                        let ack = matches!(request, Request::PubAck(_) | Request::PubRec(_));
                         if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                             network.write(outgoing).await?;
                         }
+                        if !ack {
+                            break;
+                        }
+                        batch += 1;
                     }
                     match time::timeout(network_timeout, network.flush()).await {
                         Ok(inner) => inner?,
@@ -282,6 +300,10 @@ impl EventLoop {
                 if self.keepalive_timeout.is_some() && !self.mqtt_options.keep_alive.is_zero() => {
                 let timeout = self.keepalive_timeout.as_mut().unwrap();
                 timeout.as_mut().reset(Instant::now() + self.mqtt_options.keep_alive);
+                if read_paused {
+                    // routemq-bridge patch: the PINGRESP may be unread behind publishes.
+                    self.state.await_pingresp = false;
+                }
 
                 if let Some(outgoing) = self.state.handle_outgoing_packet(Request::PingReq(PingReq))? {
                     network.write(outgoing).await?;
