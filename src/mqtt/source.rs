@@ -14,7 +14,7 @@
 //! loop tells rumqttc to read nothing (our patch, `EventLoop::pause_reading`): the rest waits
 //! in the socket and the broker (TCP backpressure) instead of in our memory, while acks,
 //! forwards and keep-alive pings still go out. The loop keeps polling all along; the acks
-//! that make room are requests, so they wake it. At most one read batch (10 packets) beyond
+//! that make room are requests, so they wake it. At most one read batch (9 packets) beyond
 //! the bound is taken. A QoS 1/2 message is never dropped for want of room. QoS 0 messages
 //! behind the held-back ones wait in the broker too (which may drop them as its queue limits
 //! say), rather than reaching us as `overflow`.
@@ -414,9 +414,12 @@ impl Loop {
                     // hold another route set than this config's.
                     let subscribe = first_connection || !ack.session_present;
                     first_connection = false;
+                    // With a session present the broker already delivers to us: ready now. Its
+                    // SUBACK (for a changed cover) may sit behind the session's backlog, unread
+                    // while we are held back, e.g. while Redis is down at start-up.
                     self.status.send_modify(|s| {
                         s.connected = true;
-                        s.subscribed = !subscribe || self.subscriptions.is_empty();
+                        s.subscribed = ack.session_present || self.subscriptions.is_empty();
                     });
                     if subscribe && !self.subscriptions.is_empty() {
                         self.pending_subacks = 1;

@@ -87,6 +87,8 @@ pub struct EventLoop {
     pub network_options: NetworkOptions,
     /// routemq-bridge patch: read nothing from the network (see `pause_reading`).
     read_paused: bool,
+    /// routemq-bridge patch: reading was paused at some point since the last PINGREQ.
+    paused_since_ping: bool,
 }
 
 /// routemq-bridge patch: bytes a request batch may buffer before it stops (below
@@ -121,6 +123,7 @@ impl EventLoop {
             keepalive_timeout: None,
             network_options: NetworkOptions::new(),
             read_paused: false,
+            paused_since_ping: false,
         }
     }
 
@@ -205,7 +208,13 @@ impl EventLoop {
         let inflight_full = self.state.inflight >= self.mqtt_options.inflight;
         let collision = self.state.collision.is_some();
         let network_timeout = Duration::from_secs(self.network_options.connection_timeout());
-        let read_paused = self.read_paused;
+        // routemq-bridge patch: never pause with every other branch disabled too (select!
+        // would have nothing to wait for).
+        let requests_enabled = !self.pending.is_empty() || (!inflight_full && !collision);
+        let pings_enabled =
+            self.keepalive_timeout.is_some() && !self.mqtt_options.keep_alive.is_zero();
+        let read_paused = self.read_paused && (requests_enabled || pings_enabled);
+        self.paused_since_ping |= read_paused;
 
         // Read buffered events from previous polls before calling a new poll
         if let Some(event) = self.state.events.pop_front() {
@@ -272,6 +281,10 @@ impl EventLoop {
                     let mut batch = 1;
                     while batch < self.mqtt_options.max_request_batch
                         && network.buffered() < BATCH_BYTES
+                        // the branch guard's flow control, for the request that may end it
+                        && self.pending.is_empty()
+                        && self.state.inflight < self.mqtt_options.inflight
+                        && self.state.collision.is_none()
                     {
                         let request = match self.requests_rx.try_recv() {
                             Ok(request) => request,
@@ -300,10 +313,12 @@ impl EventLoop {
                 if self.keepalive_timeout.is_some() && !self.mqtt_options.keep_alive.is_zero() => {
                 let timeout = self.keepalive_timeout.as_mut().unwrap();
                 timeout.as_mut().reset(Instant::now() + self.mqtt_options.keep_alive);
-                if read_paused {
-                    // routemq-bridge patch: the PINGRESP may be unread behind publishes.
+                if self.paused_since_ping {
+                    // routemq-bridge patch: the last PINGRESP may be unread behind publishes
+                    // that arrived while reading was paused.
                     self.state.await_pingresp = false;
                 }
+                self.paused_since_ping = read_paused;
 
                 if let Some(outgoing) = self.state.handle_outgoing_packet(Request::PingReq(PingReq))? {
                     network.write(outgoing).await?;

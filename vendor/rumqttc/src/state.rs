@@ -269,8 +269,11 @@ impl MqttState {
 
     fn handle_incoming_pubrel(&mut self, pubrel: &PubRel) -> Result<Option<Packet>, StateError> {
         if !self.incoming_pub.contains(pubrel.pkid as usize) {
-            error!("Unsolicited pubrel packet: {:?}", pubrel.pkid);
-            return Err(StateError::Unsolicited(pubrel.pkid));
+            // routemq-bridge patch: a PUBREL we hold no state for is the broker resending it
+            // after a reconnect (`clean` forgets incoming QoS 2 ids). MQTT 3.1.1 §4.3.3: the
+            // receiver answers every PUBREL with PUBCOMP. Upstream dropped the connection
+            // here, which the redelivered PUBREL then did again on every reconnect.
+            warn!("PUBREL for an unknown packet id {}: answering PUBCOMP", pubrel.pkid);
         }
 
         self.incoming_pub.set(pubrel.pkid as usize, false);
