@@ -112,23 +112,26 @@ fn status_line(observed: &Observed, routes: &RouteTable) -> String {
 
 /// Gives the heap a burst left behind back to the system once traffic stops (spec §11: a
 /// few MiB idle). glibc keeps freed memory at its high-water mark; one `malloc_trim` per
-/// quiet period — a main-loop tick with no new message and nothing in flight — returns it.
+/// quiet period — two main-loop ticks in a row with no new message and nothing in flight,
+/// so the dispatcher's idle lanes (`LANE_IDLE`) have exited and freed theirs — returns it.
 #[derive(Default)]
 struct IdleTrim {
     last_seen: u64,
-    trimmed: bool,
+    quiet_ticks: u8,
 }
 
 impl IdleTrim {
     fn tick(&mut self, inflight: usize) {
         let seen = events::TOTALS.received.load(Ordering::Relaxed)
             + events::TOTALS.unrouted.load(Ordering::Relaxed);
-        if seen != self.last_seen {
+        if seen != self.last_seen || inflight != 0 {
             self.last_seen = seen;
-            self.trimmed = false;
-        } else if !self.trimmed && inflight == 0 {
-            self.trimmed = true;
-            release_free_heap();
+            self.quiet_ticks = 0;
+        } else if self.quiet_ticks < 2 {
+            self.quiet_ticks += 1;
+            if self.quiet_ticks == 2 {
+                release_free_heap();
+            }
         }
     }
 }

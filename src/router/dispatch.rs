@@ -2,17 +2,25 @@
 //!
 //! Two messages on one topic are applied in arrival order (so a "latest" key holds the
 //! latest), while different topics proceed at once and a topic stuck waiting for Redis holds
-//! up only itself. Each topic with work gets one task that drains that topic's queue and
-//! exits when it is empty, so idle topics cost nothing and the number of tasks is bounded by
-//! the in-flight bound. The map's lock is never held across an await.
+//! up only itself. A topic with work has one lane: a task that drains that topic's queue.
+//! A lane whose queue ran dry waits a moment ([`LANE_IDLE`]) for another topic to take up
+//! before it exits, so a steady stream of messages over many topics reuses lanes instead of
+//! spawning a task (and moving its multi-KiB future into a fresh allocation) per message.
+//! Idle topics cost nothing, and the number of lanes is bounded by the in-flight bound. The
+//! lock is never held across an await.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use futures_util::FutureExt;
+use tokio::sync::oneshot;
 use tokio_util::task::TaskTracker;
+
+/// How long a lane without work waits for another topic before it exits.
+pub const LANE_IDLE: Duration = Duration::from_millis(250);
 
 /// A message with the topic its order is kept within.
 pub trait Ordered: Send + 'static {
@@ -30,12 +38,28 @@ pub trait Handler<M>: Send + Sync + 'static {
     fn handle(&self, message: M) -> impl Future<Output = ()> + Send;
 }
 
-type Queues<M> = Arc<Mutex<HashMap<String, VecDeque<M>>>>;
+/// A topic and its first message, handed to a lane.
+type Work<M> = (String, M);
+
+struct Lanes<M> {
+    /// The queue of every topic that has a lane, behind the message the lane is handling.
+    queues: HashMap<String, VecDeque<M>>,
+    /// Lanes waiting for a topic, the most recently idle last.
+    idle: Vec<oneshot::Sender<Work<M>>>,
+    /// Shutting down: lanes exit when their topic is done instead of waiting for another.
+    closing: bool,
+}
+
+type Shared<M> = Arc<Mutex<Lanes<M>>>;
+
+fn lock<M>(shared: &Shared<M>) -> MutexGuard<'_, Lanes<M>> {
+    shared.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Hands each message to its topic's lane.
 pub struct Dispatcher<M, H> {
     handler: Arc<H>,
-    queues: Queues<M>,
+    lanes: Shared<M>,
     tasks: TaskTracker,
 }
 
@@ -43,59 +67,116 @@ impl<M: Ordered, H: Handler<M>> Dispatcher<M, H> {
     pub fn new(handler: Arc<H>) -> Self {
         Dispatcher {
             handler,
-            queues: Arc::new(Mutex::new(HashMap::new())),
+            lanes: Arc::new(Mutex::new(Lanes {
+                queues: HashMap::new(),
+                idle: Vec::new(),
+                closing: false,
+            })),
             tasks: TaskTracker::new(),
         }
     }
 
-    /// Queues `message` behind its topic's earlier messages, or starts a lane for it.
+    /// Queues `message` behind its topic's earlier messages, or gives the topic a lane: an
+    /// idle one if there is one, else a new task.
     pub fn dispatch(&self, message: M) {
-        let key = {
-            let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
-            // Looked up by `&str`: the key is copied only when a lane starts, not for every
-            // message queued behind a running one.
-            if let Some(queue) = queues.get_mut(message.order_key()) {
+        let work = {
+            let mut lanes = lock(&self.lanes);
+            // Looked up by `&str`: the key is copied only when a lane takes the topic, not
+            // for every message queued behind a running one.
+            if let Some(queue) = lanes.queues.get_mut(message.order_key()) {
                 queue.push_back(message);
                 return;
             }
             let key = message.order_key().to_string();
-            queues.insert(key.clone(), VecDeque::new());
-            key
-        };
-        let handler = self.handler.clone();
-        let queues = self.queues.clone();
-        self.tasks.spawn(async move {
-            let mut next = Some(message);
-            while let Some(message) = next {
-                // A panic is a bug, but it must not silence the topic: the lane goes on with
-                // the next message. The panicking message is left unacked (the broker
-                // redelivers it after a reconnect), which holds back later acks until then.
-                if AssertUnwindSafe(handler.handle(message))
-                    .catch_unwind()
-                    .await
-                    .is_err()
-                {
-                    tracing::error!(topic = %key, "BUG: message handler panicked; the topic goes on");
-                }
-                let mut queues = queues.lock().unwrap_or_else(|p| p.into_inner());
-                next = queues.get_mut(&key).and_then(VecDeque::pop_front);
-                if next.is_none() {
-                    queues.remove(&key);
+            lanes.queues.insert(key.clone(), VecDeque::new());
+            let mut work = (key, message);
+            while let Some(lane) = lanes.idle.pop() {
+                // A lane that gave up waiting has closed its end: the work comes back.
+                match lane.send(work) {
+                    Ok(()) => return,
+                    Err(back) => work = back,
                 }
             }
-        });
+            work
+        };
+        let handler = self.handler.clone();
+        let lanes = self.lanes.clone();
+        self.tasks.spawn(lane(handler, lanes, work));
     }
 
     /// Topics with work right now.
     pub fn active_topics(&self) -> usize {
-        self.queues.lock().map(|q| q.len()).unwrap_or(0)
+        lock(&self.lanes).queues.len()
+    }
+
+    /// Lanes running, busy or idle.
+    pub fn lanes(&self) -> usize {
+        self.tasks.len()
     }
 
     /// Waits until every lane has drained (after the source stopped receiving).
     pub async fn drained(&self) {
+        {
+            let mut lanes = lock(&self.lanes);
+            lanes.closing = true;
+            // Dropping their senders ends the idle lanes' wait.
+            lanes.idle.clear();
+        }
         self.tasks.close();
         self.tasks.wait().await;
         self.tasks.reopen();
+        lock(&self.lanes).closing = false;
+    }
+}
+
+/// One lane: drains its topic's queue, then waits up to [`LANE_IDLE`] for another topic.
+async fn lane<M: Ordered, H: Handler<M>>(handler: Arc<H>, lanes: Shared<M>, work: Work<M>) {
+    let (mut key, first) = work;
+    let mut next = Some(first);
+    loop {
+        while let Some(message) = next {
+            // A panic is a bug, but it must not silence the topic: the lane goes on with
+            // the next message. The panicking message is left unacked (the broker
+            // redelivers it after a reconnect), which holds back later acks until then.
+            if AssertUnwindSafe(handler.handle(message))
+                .catch_unwind()
+                .await
+                .is_err()
+            {
+                tracing::error!(topic = %key, "BUG: message handler panicked; the topic goes on");
+            }
+            let mut lanes = lock(&lanes);
+            next = lanes.queues.get_mut(&key).and_then(VecDeque::pop_front);
+            if next.is_none() {
+                lanes.queues.remove(&key);
+            }
+        }
+        let (give, mut take) = oneshot::channel();
+        {
+            let mut lanes = lock(&lanes);
+            if lanes.closing {
+                return;
+            }
+            lanes.idle.push(give);
+        }
+        let work = match tokio::time::timeout(LANE_IDLE, &mut take).await {
+            Ok(Ok(work)) => work,
+            Ok(Err(_)) => return, // shutting down
+            Err(_) => {
+                // Work sent just as the wait ended is in the channel: take it, else no
+                // sender can succeed any more (it gets its work back and looks elsewhere).
+                take.close();
+                match take.try_recv() {
+                    Ok(work) => work,
+                    Err(_) => {
+                        lock(&lanes).idle.retain(|lane| !lane.is_closed());
+                        return;
+                    }
+                }
+            }
+        };
+        key = work.0;
+        next = Some(work.1);
     }
 }
 
@@ -168,6 +249,31 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), d.drained())
             .await
             .unwrap();
+        assert_eq!(d.active_topics(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_lane_takes_up_the_next_topic_then_exits_when_none_comes() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let d = Dispatcher::new(Arc::new(Recorder(tx)));
+        for (topic, n) in [("a", 1), ("b", 2), ("c", 3)] {
+            d.dispatch(Msg {
+                topic,
+                n,
+                gate: None,
+            });
+            let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap();
+            assert_eq!(got, Some((topic, n)));
+            // Let the lane finish: it stays, idle, and handles "b" and "c" too.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+            assert_eq!(d.lanes(), 1);
+        }
+        tokio::time::sleep(LANE_IDLE * 2).await;
+        assert_eq!(d.lanes(), 0, "an idle lane exits after LANE_IDLE");
         assert_eq!(d.active_topics(), 0);
     }
 
