@@ -184,3 +184,21 @@ fn client_key_error(e: &rustls::Error) -> String {
         e => format!("cannot be used with cert_file: {e}"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rumqttc::{Incoming, MqttState, Packet, PubComp, PubRel};
+
+    /// Our rumqttc patch (vendor/rumqttc/PATCHED.md, change 3): after a reconnect the broker
+    /// redelivers PUBRELs whose QoS 2 state `clean` forgot; upstream dropped the connection
+    /// on each, again after every reconnect.
+    #[test]
+    fn an_unknown_pubrel_is_answered_with_pubcomp() {
+        let mut state = MqttState::new(10, true);
+        let reply = state.handle_incoming_packet(Incoming::PubRel(PubRel::new(7)));
+        assert!(
+            matches!(reply, Ok(Some(Packet::PubComp(PubComp { pkid: 7 })))),
+            "{reply:?}"
+        );
+    }
+}
