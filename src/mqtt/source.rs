@@ -388,6 +388,13 @@ impl Loop {
         loop {
             let held_back = self.held_back();
             self.eventloop.pause_reading(held_back);
+            if held_back && self.pending_subacks > 0 && !self.status.borrow().subscribed {
+                // Our SUBACK sits unread behind the session's backlog (e.g. Redis is down at
+                // start-up). The broker is delivering to us: that is ready enough, and
+                // waiting would keep us unready until Redis is back.
+                tracing::info!("ready: the SUBACK waits behind messages held back");
+                self.status.send_modify(|s| s.subscribed = true);
+            }
             let event = tokio::select! {
                 _ = self.stop.notified() => return,
                 event = self.eventloop.poll() => event,
@@ -414,12 +421,9 @@ impl Loop {
                     // hold another route set than this config's.
                     let subscribe = first_connection || !ack.session_present;
                     first_connection = false;
-                    // With a session present the broker already delivers to us: ready now. Its
-                    // SUBACK (for a changed cover) may sit behind the session's backlog, unread
-                    // while we are held back, e.g. while Redis is down at start-up.
                     self.status.send_modify(|s| {
                         s.connected = true;
-                        s.subscribed = ack.session_present || self.subscriptions.is_empty();
+                        s.subscribed = !subscribe || self.subscriptions.is_empty();
                     });
                     if subscribe && !self.subscriptions.is_empty() {
                         self.pending_subacks = 1;

@@ -581,6 +581,44 @@ async fn a_backlog_beyond_max_inflight_waits_in_the_broker_not_in_the_bridge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_into_a_backlog_with_redis_down_becomes_ready_while_held_back() {
+    let mut redis = Redis::start();
+    let broker = Mosquitto::start();
+    let mut bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "bridge-ready-held-back",
+        &format!("[limits]\nmax_inflight = 5\n{NUMBERED_ROUTE}"),
+    ));
+    assert!(bridge.terminate(Duration::from_secs(20)).success());
+    // A backlog in the stored session, and no Redis when the bridge comes back: the
+    // session's messages arrive before the SUBACK of the bridge's start-up SUBSCRIBE, and
+    // reading stops at max_inflight with the SUBACK still unread.
+    let mut client = Client::connect(&broker, "ready-held-back-publisher").await;
+    client.publish_all(numbered(0..100)).await;
+    redis.kill();
+    bridge.spawn_unready();
+    assert!(
+        bridge.wait_for_log(
+            "ready: the SUBACK waits behind messages held back",
+            Duration::from_secs(30)
+        ),
+        "the bridge stayed unready; log:\n{}",
+        bridge.log_text()
+    );
+
+    redis.start_again();
+    let mut conn = connection(&redis);
+    assert_all_written(
+        &mut conn,
+        100,
+        &bridge,
+        "the backlog is written once Redis is back",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_stalled_longer_than_keep_alive_does_not_cost_the_mqtt_connection() {
     let mut redis = Redis::start();
     let broker = Mosquitto::start();
