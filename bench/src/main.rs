@@ -71,6 +71,11 @@ struct Args {
     /// Where the JSON goes.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/out"))]
     out: PathBuf,
+    /// The rate-limit strategy of route (c). §11's figure is for sliding_window (exact, the
+    /// default); the others show what a cheaper limiter changes.
+    #[arg(long, default_value = "sliding_window",
+          value_parser = ["sliding_window", "fixed_window", "token_bucket"])]
+    rate_limit: String,
 }
 
 /// The two bridge configurations measured.
@@ -106,8 +111,9 @@ impl RouteKind {
         }
     }
 
-    fn route_toml(self) -> &'static str {
-        match self {
+    /// The route, with `strategy` as (c)'s rate-limit strategy.
+    fn route_toml(self, strategy: &str) -> String {
+        let toml = match self {
             RouteKind::OneSet => {
                 r#"
 [[routes]]
@@ -152,16 +158,19 @@ payload = "json"
   key = "bench:count:{device_id}"
 "#
             }
-        }
+        };
+        toml.replace(r#"strategy = "sliding_window""#, &format!("strategy = {strategy:?}"))
     }
 
-    /// Keys in Redis once `messages` over `devices` were all processed.
-    fn expected_keys(self, messages: u64, devices: u64) -> u64 {
+    /// Keys in Redis once `messages` over `devices` were all processed, not counting the
+    /// rate-limit keys of strategies whose keys come and go (`exact_limiter`: the sliding
+    /// window keeps one set per device for the whole run).
+    fn expected_keys(self, messages: u64, devices: u64, exact_limiter: bool) -> u64 {
         let used = devices.min(messages);
         match self {
             RouteKind::OneSet => messages,
-            // message keys + dedup marks + sessions + counters + rate-limit sets
-            RouteKind::Full => 2 * messages + devices + 2 * used,
+            // message keys + dedup marks + sessions + counters (+ rate-limit sets)
+            RouteKind::Full => 2 * messages + devices + used + u64::from(exact_limiter) * used,
         }
     }
 }
@@ -200,7 +209,7 @@ format = "text"
 {routes}"#,
             mqtt = self.broker.port,
             redis = self.store.url,
-            routes = route.route_toml(),
+            routes = route.route_toml(&self.args.rate_limit),
         );
         let path = self.dir.path().join(format!("{client_id}.toml"));
         std::fs::write(&path, text)?;
@@ -303,11 +312,20 @@ format = "text"
         let others0 = self.others_cpu(0);
         self.store.reset_stats().await?;
         let n = self.args.messages;
-        let expected = route.expected_keys(n, self.args.devices);
-        let waited = self
+        let exact_limiter = self.args.rate_limit == "sliding_window";
+        let expected = route.expected_keys(n, self.args.devices, exact_limiter);
+        let mut waited = self
             .store
             .wait_for_keys(expected, Duration::from_secs(10))
             .await;
+        if waited.is_ok() && route == RouteKind::Full && !exact_limiter {
+            // The limiter's keys come and go (token bucket) or roll over (fixed window): the
+            // key count is only a lower bound; the message keys themselves say when.
+            waited = self
+                .store
+                .wait_for_count(&format!("{MSG_PREFIX}*"), n, Duration::from_secs(10))
+                .await;
+        }
         let end = sample(pid).unwrap_or_default();
         let others = self.others_cpu(0).since(&others0);
         let redis_commands = self.store.command_stats().await?;
@@ -337,7 +355,11 @@ format = "text"
         let status = bridge.terminate(Duration::from_secs(20))?;
         let left = self.leftover(&client_id).await?;
         Ok(DrainRow {
-            name: route.label().into(),
+            name: if route == RouteKind::Full && !exact_limiter {
+                format!("{}, {}", route.label(), self.args.rate_limit)
+            } else {
+                route.label().into()
+            },
             short: route.short().into(),
             messages: n,
             preload_rate,
