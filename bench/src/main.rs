@@ -159,7 +159,10 @@ payload = "json"
 "#
             }
         };
-        toml.replace(r#"strategy = "sliding_window""#, &format!("strategy = {strategy:?}"))
+        toml.replace(
+            r#"strategy = "sliding_window""#,
+            &format!("strategy = {strategy:?}"),
+        )
     }
 
     /// Keys in Redis once `messages` over `devices` were all processed, not counting the

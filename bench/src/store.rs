@@ -135,6 +135,10 @@ impl Store {
 
     /// Polls DBSIZE until it reaches `expected`; gives up when it has not moved for
     /// `stall`. Returns when it was reached (or the error with how far it got).
+    pub async fn wait_for_keys(&mut self, expected: u64, stall: Duration) -> Res<Instant> {
+        self.wait_for(None, expected, stall).await
+    }
+
     /// Like [`Store::wait_for_keys`], counting only the keys matching `pattern` (a SCAN per
     /// check: slower, for when other keys come and go).
     pub async fn wait_for_count(
@@ -143,37 +147,33 @@ impl Store {
         expected: u64,
         stall: Duration,
     ) -> Res<Instant> {
-        let mut last = (0, Instant::now());
-        loop {
-            let n = self.count(pattern).await?;
-            if n >= expected {
-                return Ok(Instant::now());
-            }
-            if n != last.0 {
-                last = (n, Instant::now());
-            } else if last.1.elapsed() > stall {
-                return Err(format!(
-                    "Redis holds {n} keys matching {pattern} of the {expected} expected and \
-                     has not moved for {stall:?}"
-                )
-                .into());
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        self.wait_for(Some(pattern), expected, stall).await
     }
 
-    pub async fn wait_for_keys(&mut self, expected: u64, stall: Duration) -> Res<Instant> {
+    async fn wait_for(
+        &mut self,
+        pattern: Option<&str>,
+        expected: u64,
+        stall: Duration,
+    ) -> Res<Instant> {
         let mut last = (0, Instant::now());
         loop {
-            let n = self.dbsize().await?;
+            let n = match pattern {
+                Some(pattern) => self.count(pattern).await?,
+                None => self.dbsize().await?,
+            };
             if n >= expected {
                 return Ok(Instant::now());
             }
             if n != last.0 {
                 last = (n, Instant::now());
             } else if last.1.elapsed() > stall {
+                let which = pattern
+                    .map(|p| format!(" matching {p}"))
+                    .unwrap_or_default();
                 return Err(format!(
-                    "Redis holds {n} keys of the {expected} expected and has not moved for {stall:?}"
+                    "Redis holds {n} keys{which} of the {expected} expected and has not moved \
+                     for {stall:?}"
                 )
                 .into());
             }
