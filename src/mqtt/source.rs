@@ -561,7 +561,7 @@ impl Loop {
             ticket,
             slot,
         };
-        // Waits only when the channel is full, which the hold-back above makes rare: its
+        // Waits only when the channel is full, which `held_back` makes rare: its
         // reader never waits on Redis, so room comes soon. Never dropped: a QoS 1/2 message
         // dropped here would hold back every later ack until a reconnect.
         if self.inbound.send(inbound).await.is_err() {
