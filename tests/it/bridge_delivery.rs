@@ -91,6 +91,34 @@ async fn assert_all_written(conn: &mut redis::Connection, count: u32, bridge: &B
     );
 }
 
+/// [`assert_all_written`] on a fresh connection to `redis`, then that the bridge never lost
+/// its MQTT connection meanwhile (`why` says what must not cost it).
+async fn assert_all_written_without_reconnecting(
+    redis: &Redis,
+    count: u32,
+    bridge: &Bridge,
+    why: &str,
+) {
+    let mut conn = connection(redis);
+    assert_all_written(
+        &mut conn,
+        count,
+        bridge,
+        &format!("every message is written ({why})"),
+    )
+    .await;
+    assert!(
+        !bridge.log_text().contains(CONNECTION_LOST),
+        "{why} must not cost the MQTT connection; log:\n{}",
+        bridge.log_text()
+    );
+}
+
+/// [`NUMBERED_ROUTE`] with `[limits] max_inflight = max`.
+fn numbered_route_holding(max: usize) -> String {
+    format!("[limits]\nmax_inflight = {max}\n{NUMBERED_ROUTE}")
+}
+
 fn connection(redis: &Redis) -> redis::Connection {
     redis
         .client()
@@ -131,19 +159,7 @@ async fn messages_arriving_while_redis_is_down_are_all_written_once_it_is_back()
     );
     redis.start_again();
 
-    let mut conn = connection(&redis);
-    assert_all_written(
-        &mut conn,
-        200,
-        &bridge,
-        "every message is written after Redis is back",
-    )
-    .await;
-    assert!(
-        !bridge.log_text().contains(CONNECTION_LOST),
-        "Redis going down must not cost the MQTT connection; log:\n{}",
-        bridge.log_text()
-    );
+    assert_all_written_without_reconnecting(&redis, 200, &bridge, "Redis going down").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -530,7 +546,7 @@ async fn a_backlog_beyond_max_inflight_waits_in_the_broker_not_in_the_bridge() {
         &redis,
         &broker,
         "bridge-held-back",
-        &format!("[limits]\nmax_inflight = 5\n{NUMBERED_ROUTE}"),
+        &numbered_route_holding(5),
     ));
     let mut client = Client::connect(&broker, "held-back-publisher").await;
 
@@ -565,19 +581,7 @@ async fn a_backlog_beyond_max_inflight_waits_in_the_broker_not_in_the_bridge() {
     );
 
     redis.start_again();
-    let mut conn = connection(&redis);
-    assert_all_written(
-        &mut conn,
-        300,
-        &bridge,
-        "the held-back backlog is all written once Redis is back",
-    )
-    .await;
-    assert!(
-        !bridge.log_text().contains(CONNECTION_LOST),
-        "holding back must not cost the MQTT connection; log:\n{}",
-        bridge.log_text()
-    );
+    assert_all_written_without_reconnecting(&redis, 300, &bridge, "holding back").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -588,7 +592,7 @@ async fn a_restart_into_a_backlog_with_redis_down_becomes_ready_while_held_back(
         &redis,
         &broker,
         "bridge-ready-held-back",
-        &format!("[limits]\nmax_inflight = 5\n{NUMBERED_ROUTE}"),
+        &numbered_route_holding(5),
     ));
     assert!(bridge.terminate(Duration::from_secs(20)).success());
     // A backlog in the stored session, and no Redis when the bridge comes back: the
@@ -628,7 +632,7 @@ async fn a_redis_stalled_longer_than_keep_alive_does_not_cost_the_mqtt_connectio
         &redis,
         &broker,
         "bridge-slow-redis",
-        &format!("[limits]\nmax_inflight = 10\n{NUMBERED_ROUTE}"),
+        &numbered_route_holding(10),
     ));
     let mut client = Client::connect(&broker, "slow-redis-publisher").await;
 
@@ -645,19 +649,7 @@ async fn a_redis_stalled_longer_than_keep_alive_does_not_cost_the_mqtt_connectio
     tokio::time::sleep(Duration::from_secs(11)).await;
     redis.resume();
 
-    let mut conn = connection(&redis);
-    assert_all_written(
-        &mut conn,
-        100,
-        &bridge,
-        "every message is written after Redis resumes",
-    )
-    .await;
-    assert!(
-        !bridge.log_text().contains(CONNECTION_LOST),
-        "keep-alive must not starve while Redis stalls; log:\n{}",
-        bridge.log_text()
-    );
+    assert_all_written_without_reconnecting(&redis, 100, &bridge, "a Redis stall").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
