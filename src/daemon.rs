@@ -25,6 +25,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
 use crate::config::BridgeConfig;
+use crate::dead_letter::DeadLetter;
 use crate::events;
 use crate::liveness::{Heartbeat, Liveness};
 use crate::metrics::{Metrics, Observed};
@@ -32,7 +33,7 @@ use crate::mqtt::{Inbound, MqttConfig, MqttSource};
 use crate::redis::{RedisConfig, RedisManager};
 use crate::republish::RepublishService;
 use crate::router::dispatch::Dispatcher;
-use crate::router::engine::{DeadLetter, Engine};
+use crate::router::engine::Engine;
 use crate::router::route::RouteTable;
 use crate::systemd::Notifier;
 
@@ -63,6 +64,7 @@ fn dead_letter(config: &BridgeConfig) -> DeadLetter {
     DeadLetter {
         list: config.dead_letter.redis_list.clone(),
         max_len: config.dead_letter.max_len,
+        max_payload: usize::try_from(config.dead_letter.max_payload).unwrap_or(usize::MAX),
     }
 }
 

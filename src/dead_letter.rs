@@ -1,6 +1,11 @@
 //! The dead letter (spec §5.3): `invalid` and `failed` messages are kept in a Redis list,
 //! newest first, one JSON record per route, so nothing fails silently and an operator can
 //! look at what was refused and why.
+//!
+//! A record is written before its message is acked (the engine retries a refused or failed
+//! write like any other), and keeps at most `[dead_letter] max_payload` bytes of the
+//! payload, so a flood of large bad messages cannot fill Redis — which would then refuse
+//! every write (`OOM`).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -12,15 +17,60 @@ use crate::outcome::Reason;
 /// Payloads above this are cut in the record (`"truncated": true`) for `payload_too_large`.
 pub const TRUNCATE_AT: usize = 1024;
 
-/// The record for one refused message on one route.
-pub fn record(topic: &str, route: &str, reason: Reason, detail: &str, payload: &[u8]) -> String {
+/// The default of `[dead_letter] max_payload`.
+pub const DEFAULT_MAX_PAYLOAD: usize = 64 * 1024;
+
+/// Where refused messages are recorded (`[dead_letter]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub list: String,
+    /// How many records the list keeps, newest first.
+    pub max_len: u64,
+    /// How much of a payload a record keeps.
+    pub max_payload: usize,
+}
+
+impl DeadLetter {
+    /// The record for one refused message on one route.
+    pub fn record(
+        &self,
+        topic: &str,
+        route: &str,
+        reason: Reason,
+        detail: &str,
+        payload: &[u8],
+    ) -> String {
+        record(topic, route, reason, detail, payload, self.max_payload)
+    }
+
+    /// Adds the LPUSH + LTRIM of `record` to `pipe`.
+    pub fn push(&self, pipe: &mut ::redis::Pipeline, record: &str) {
+        push(pipe, &self.list, self.max_len, record);
+    }
+}
+
+/// The record for one refused message on one route, keeping at most `max_payload` bytes of
+/// its payload (at most [`TRUNCATE_AT`] for `payload_too_large`).
+pub fn record(
+    topic: &str,
+    route: &str,
+    reason: Reason,
+    detail: &str,
+    payload: &[u8],
+    max_payload: usize,
+) -> String {
     let ts_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let truncated = reason == Reason::PayloadTooLarge && payload.len() > TRUNCATE_AT;
+    let limit = if reason == Reason::PayloadTooLarge {
+        TRUNCATE_AT.min(max_payload)
+    } else {
+        max_payload
+    };
+    let truncated = payload.len() > limit;
     let payload = if truncated {
-        &payload[..cut_at(payload)]
+        &payload[..cut_at(payload, limit)]
     } else {
         payload
     };
@@ -46,15 +96,15 @@ pub fn record(topic: &str, route: &str, reason: Reason, detail: &str, payload: &
     record.to_string()
 }
 
-/// Where to cut a payload over [`TRUNCATE_AT`]: a text payload on the last character
-/// boundary at or before it, so the record still shows text rather than base64 of a cut
-/// character; other bytes at exactly [`TRUNCATE_AT`].
-fn cut_at(payload: &[u8]) -> usize {
+/// Where to cut a payload over `limit`: a text payload on the last character boundary at or
+/// before it, so the record still shows text rather than base64 of a cut character; other
+/// bytes at exactly `limit`.
+fn cut_at(payload: &[u8], limit: usize) -> usize {
     if std::str::from_utf8(payload).is_err() {
-        return TRUNCATE_AT;
+        return limit;
     }
     // A UTF-8 character starts at any byte that is not a continuation byte (0b10xx_xxxx).
-    (0..=TRUNCATE_AT)
+    (0..=limit)
         .rev()
         .find(|&i| payload.get(i).is_none_or(|b| (*b as i8) >= -0x40))
         .unwrap_or(0)
@@ -73,14 +123,27 @@ mod tests {
 
     #[test]
     fn binary_payloads_are_base64_and_large_ones_truncated() {
-        let rec: Value =
-            serde_json::from_str(&record("t", "r", Reason::InvalidUtf8, "d", &[0xff, 0xfe]))
-                .unwrap();
+        let rec: Value = serde_json::from_str(&record(
+            "t",
+            "r",
+            Reason::InvalidUtf8,
+            "d",
+            &[0xff, 0xfe],
+            64,
+        ))
+        .unwrap();
         assert_eq!(rec["payload_b64"], "//4=");
         assert_eq!(rec["reason"], "invalid_utf8");
         let big = vec![b'x'; 5000];
-        let rec: Value =
-            serde_json::from_str(&record("t", "r", Reason::PayloadTooLarge, "d", &big)).unwrap();
+        let rec: Value = serde_json::from_str(&record(
+            "t",
+            "r",
+            Reason::PayloadTooLarge,
+            "d",
+            &big,
+            64 * 1024,
+        ))
+        .unwrap();
         assert_eq!(rec["payload"].as_str().unwrap().len(), TRUNCATE_AT);
         assert_eq!(rec["truncated"], true);
     }
@@ -95,11 +158,30 @@ mod tests {
             Reason::PayloadTooLarge,
             "d",
             text.as_bytes(),
+            DEFAULT_MAX_PAYLOAD,
         ))
         .unwrap();
         let cut = rec["payload"].as_str().expect("still text");
         assert_eq!(cut.len(), TRUNCATE_AT - 1);
         assert!(text.starts_with(cut));
         assert_eq!(rec["truncated"], true);
+    }
+
+    #[test]
+    fn any_record_keeps_at_most_max_payload() {
+        let big = vec![b'x'; 5000];
+        let rec: Value =
+            serde_json::from_str(&record("t", "r", Reason::InvalidJson, "d", &big, 100)).unwrap();
+        assert_eq!(rec["payload"].as_str().unwrap().len(), 100);
+        assert_eq!(rec["truncated"], true);
+        let binary = vec![0xff; 5000];
+        let rec: Value =
+            serde_json::from_str(&record("t", "r", Reason::InvalidUtf8, "d", &binary, 100))
+                .unwrap();
+        assert_eq!(rec["payload_b64"].as_str().unwrap().len(), 136); // 100 bytes in base64
+        let small: Value =
+            serde_json::from_str(&record("t", "r", Reason::InvalidJson, "d", b"abc", 100)).unwrap();
+        assert_eq!(small["payload"], "abc");
+        assert!(small.get("truncated").is_none());
     }
 }

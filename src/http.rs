@@ -6,8 +6,9 @@
 //!   stuck loops otherwise. Says nothing about Redis or the broker: a restart would not fix
 //!   those.
 //! - `GET /readyz`: 200 only when MQTT is connected and subscribed and Redis is reachable
-//!   (or disabled); otherwise 503. The JSON body says which side is down:
-//!   `{"ready":false,"mqtt":"up","redis":"down"}`.
+//!   and takes writes (or is disabled); otherwise 503. The JSON body says which side is
+//!   down: `{"ready":false,"mqtt":"up","redis":"down"}`, or `"redis":"refusing"` while Redis
+//!   answers but refuses writes (`OOM`, `READONLY`, `MISCONF`, …).
 //!
 //! Three read-only routes do not need a framework: plain hyper 1 with HTTP/1.1, a bound on
 //! concurrent connections, a header read timeout, and a graceful shutdown that lets
@@ -65,10 +66,11 @@ impl Readiness {
     }
 
     pub fn ready(&self) -> bool {
-        self.mqtt_up && self.redis != ConnectionState::Down
+        self.mqtt_up && matches!(self.redis, ConnectionState::Up | ConnectionState::Disabled)
     }
 
-    /// `{"ready":bool,"mqtt":"up"|"down","redis":"up"|"down"|"disabled"}`, in that order.
+    /// `{"ready":bool,"mqtt":"up"|"down","redis":"up"|"down"|"refusing"|"disabled"}`, in
+    /// that order.
     pub fn body(&self) -> String {
         format!(
             r#"{{"ready":{},"mqtt":"{}","redis":"{}"}}"#,
@@ -227,6 +229,15 @@ mod tests {
             redis: ConnectionState::Disabled,
         };
         assert!(disabled.ready());
+        let refusing = Readiness {
+            mqtt_up: true,
+            redis: ConnectionState::Refusing,
+        };
+        assert!(!refusing.ready());
+        assert_eq!(
+            refusing.body(),
+            r#"{"ready":false,"mqtt":"up","redis":"refusing"}"#
+        );
         let mqtt_down = Readiness {
             mqtt_up: false,
             redis: ConnectionState::Up,

@@ -162,6 +162,8 @@ pub struct DeadLetterConfig {
     pub redis_list: String,
     /// How many records are kept, newest first.
     pub max_len: u64,
+    /// How much of a payload a record keeps (spec §5.3).
+    pub max_payload: u64,
 }
 
 impl Default for DeadLetterConfig {
@@ -169,6 +171,7 @@ impl Default for DeadLetterConfig {
         DeadLetterConfig {
             redis_list: "routemq-bridge:dead_letter".to_string(),
             max_len: 10_000,
+            max_payload: crate::dead_letter::DEFAULT_MAX_PAYLOAD as u64,
         }
     }
 }
@@ -178,10 +181,14 @@ impl DeadLetterConfig {
         let d = DeadLetterConfig::default();
         let redis_list = t.non_empty_string("redis_list", &d.redis_list);
         let max_len = t.at_least("max_len", 1, d.max_len);
+        let max_payload = t
+            .parse("max_payload", |n: Size| Ok::<_, String>(n.0))
+            .unwrap_or(d.max_payload);
         t.finish();
         DeadLetterConfig {
             redis_list,
             max_len,
+            max_payload,
         }
     }
 }

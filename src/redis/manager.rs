@@ -13,6 +13,11 @@
 //!   exponential backoff ([`RECONNECT_MIN_DELAY`] doubling to [`RECONNECT_MAX_DELAY`]); the
 //!   first one that answers PING replaces the old one and the manager is up again.
 //!
+//! - while Redis **refuses** (connected, but answering `OOM`, `READONLY`, `MISCONF`, …) the
+//!   state is [`ConnectionState::Refusing`]: commands still go out (callers wait and retry,
+//!   spec §5.3), and the task probes every [`REFUSAL_PROBE_INTERVAL`] with a write that
+//!   changes nothing ([`REFUSAL_PROBE_KEY`]) until Redis takes it.
+//!
 //! So unlike RouteMQ, `initialize()` returning false (Redis down at start-up) is not final:
 //! [`RedisManager::is_enabled`] turns true when Redis comes back, without another call.
 //! [`RedisManager::disconnect`] stops the task and drops the connection. The up/down state is
@@ -63,6 +68,12 @@ pub const RECONNECT_MIN_DELAY: Duration = Duration::from_millis(100);
 /// Cap of the delay between reconnection attempts.
 pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
 
+/// How often the health task tries a write while Redis refuses, to notice its recovery.
+pub const REFUSAL_PROBE_INTERVAL: Duration = Duration::from_millis(250);
+/// The key of that probe: `SET <key> "" XX` on a key that does not exist is refused exactly
+/// when writes are (`OOM`, `READONLY`, `MISCONF`, …) and otherwise changes nothing.
+pub const REFUSAL_PROBE_KEY: &str = "routemq-bridge:probe:never-set";
+
 /// Whether the manager can talk to Redis right now (for `redis_up` and `/readyz`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionState {
@@ -70,16 +81,21 @@ pub enum ConnectionState {
     Disabled,
     /// Not initialized, disconnected, or Redis is not answering (reconnecting).
     Down,
+    /// Connected, but Redis refuses writes for now (`OOM`, `READONLY`, `MISCONF`, …: spec
+    /// §5.3). Commands are still sent — reads work, and a write may pass again any moment —
+    /// and the health task probes with a harmless write until one is accepted.
+    Refusing,
     /// Connected and answering.
     Up,
 }
 
 impl ConnectionState {
-    /// `"up"`, `"down"` or `"disabled"`, as `/readyz` reports it.
+    /// `"up"`, `"down"`, `"refusing"` or `"disabled"`, as `/readyz` reports it.
     pub fn as_str(self) -> &'static str {
         match self {
             ConnectionState::Disabled => "disabled",
             ConnectionState::Down => "down",
+            ConnectionState::Refusing => "refusing",
             ConnectionState::Up => "up",
         }
     }
@@ -364,13 +380,18 @@ impl RedisManager {
         read_slot(&inner.slot).ok_or_else(|| Error::Unavailable("not connected".into()))
     }
 
-    /// Converts a library result, marking the connection down when it was lost.
+    /// Converts a library result, marking the connection down when it was lost, or
+    /// refusing when Redis refused.
     fn settle<T>(&self, epoch: u64, result: RedisResult<T>) -> Result<T> {
         result.map_err(|e| {
             if connection::is_connection_loss(&e) {
                 self.inner.mark_down(epoch, &e);
             }
-            Error::from(e)
+            let e = Error::from(e);
+            if let Error::Refused(why) = &e {
+                self.inner.mark_refusing(epoch, why);
+            }
+            e
         })
     }
 
@@ -467,8 +488,11 @@ fn read_slot(slot: &RwLock<Option<Slot>>) -> Option<(u64, RedisConnection)> {
 
 impl Inner {
     fn set_state(&self, state: ConnectionState) {
-        self.up
-            .store(state == ConnectionState::Up, Ordering::Release);
+        // A refusing Redis is connected: commands are sent, not failed fast.
+        self.up.store(
+            matches!(state, ConnectionState::Up | ConnectionState::Refusing),
+            Ordering::Release,
+        );
         self.state.send_if_modified(|current| {
             let changed = *current != state;
             *current = state;
@@ -505,6 +529,33 @@ impl Inner {
         self.wake.notify_one();
     }
 
+    /// The connection of `epoch` got a refusal: Redis is up but does not take writes.
+    fn mark_refusing(&self, epoch: u64, why: &str) {
+        if self.current_epoch.load(Ordering::Acquire) != epoch {
+            return;
+        }
+        let changed = self.state.send_if_modified(|current| {
+            let refusing = *current == ConnectionState::Up;
+            if refusing {
+                *current = ConnectionState::Refusing;
+            }
+            refusing
+        });
+        if changed {
+            self.warnings.warn(
+                "refused",
+                format_args!(
+                    "redis refuses writes ({why}); messages wait unacked until it takes them again"
+                ),
+            );
+            self.wake.notify_one();
+        }
+    }
+
+    fn is_refusing(&self) -> bool {
+        *self.state.borrow() == ConnectionState::Refusing
+    }
+
     fn clear(&self) {
         self.current_epoch.store(0, Ordering::Release);
         self.set_state(ConnectionState::Down);
@@ -523,8 +574,13 @@ async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
         };
         if up {
             backoff.reset();
+            let wait = match inner.upgrade() {
+                Some(inner) if inner.is_refusing() => REFUSAL_PROBE_INTERVAL,
+                Some(_) => HEALTH_INTERVAL,
+                None => return,
+            };
             tokio::select! {
-                _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = wake.notified() => {}
             }
         } else {
@@ -534,11 +590,17 @@ async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
         inner.heartbeat.beat();
         if inner.up.load(Ordering::Acquire) {
             if let Some((epoch, mut conn)) = read_slot(&inner.slot) {
+                if inner.is_refusing() {
+                    probe_writes(&inner, epoch, &mut conn).await;
+                    continue;
+                }
                 let ping = ::redis::cmd("PING").query_async::<String>(&mut conn).await;
-                // Any failure of PING (lost, stuck, or a server that is LOADING) means
-                // commands will not work either.
-                if let Err(e) = ping {
-                    inner.mark_down(epoch, &e);
+                match ping.map_err(Error::from) {
+                    Ok(_) => {}
+                    // Loading a dataset, a busy script: connected, but not answering.
+                    Err(Error::Refused(why)) => inner.mark_refusing(epoch, &why),
+                    // Lost or stuck: commands will not work either.
+                    Err(e) => inner.mark_down(epoch, &e),
                 }
             }
         } else {
@@ -548,6 +610,27 @@ async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
                     "connection",
                     format_args!("redis still unavailable: {e}; retrying"),
                 ),
+            }
+        }
+    }
+}
+
+/// While refusing: a write that changes nothing. Accepted (or refused for any reason that is
+/// not a refusal, such as an ACL without that key) → up again.
+async fn probe_writes(inner: &Inner, epoch: u64, conn: &mut RedisConnection) {
+    let probe = ::redis::cmd("SET")
+        .arg(REFUSAL_PROBE_KEY)
+        .arg("")
+        .arg("XX")
+        .query_async::<::redis::Value>(conn)
+        .await;
+    match probe.map_err(Error::from) {
+        Err(Error::Refused(_)) => {}
+        Err(e @ (Error::Unavailable(_) | Error::Timeout)) => inner.mark_down(epoch, &e),
+        _ => {
+            if inner.current_epoch.load(Ordering::Acquire) == epoch && inner.is_refusing() {
+                tracing::info!("redis takes writes again");
+                inner.set_state(ConnectionState::Up);
             }
         }
     }

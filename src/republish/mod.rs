@@ -41,13 +41,13 @@ pub use config::{read_republish, RepublishRule, Source};
 
 use crate::backoff::Backoff;
 use crate::config::BridgeConfig;
+use crate::dead_letter::DeadLetter;
 use crate::mqtt::client::OptionsError;
 use crate::mqtt::source::MqttPublisher;
 use crate::mqtt::{MqttConfig, MqttSource};
 use crate::outcome::Reason;
 use crate::redis::pubsub::Monitor;
 use crate::redis::{Error as RedisError, RedisManager};
-use crate::router::engine::DeadLetter;
 use crate::router::pattern::filter_covers;
 use crate::router::template::Context;
 

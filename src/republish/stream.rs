@@ -25,7 +25,6 @@ use tokio::sync::watch;
 
 use super::{pause, until_redis, RepublishRule, Shared, Source, FAILED, INVALID, PUBLISHED};
 use crate::backoff::Backoff;
-use crate::dead_letter;
 use crate::mqtt::source::PublishError;
 use crate::outcome::Reason;
 use crate::redis::Error as RedisError;
@@ -477,9 +476,8 @@ impl Worker {
         let mut pipe = ::redis::pipe();
         pipe.atomic();
         for (id, reason, detail, payload) in &refused {
-            let record =
-                dead_letter::record(&self.stream, &self.rule.name, *reason, detail, payload);
-            dead_letter::push(&mut pipe, &target.list, target.max_len, &record);
+            let record = target.record(&self.stream, &self.rule.name, *reason, detail, payload);
+            target.push(&mut pipe, &record);
             pipe.cmd("XACK")
                 .arg(&self.stream)
                 .arg(&self.group)

@@ -26,7 +26,7 @@ use super::route::{PayloadKind, Route, RouteTable};
 use super::template::Context;
 use crate::actions::{ApplyError, MqttOut};
 use crate::backoff::Backoff;
-use crate::dead_letter;
+use crate::dead_letter::DeadLetter;
 use crate::events;
 use crate::middleware::dedup::{self, Claim};
 use crate::middleware::rate_limit::{reply_payload, OnExceed, RateLimitRule};
@@ -35,13 +35,6 @@ use crate::outcome::{Outcome, Reason};
 use crate::redis::lock::compare_and_delete;
 use crate::redis::rate_limit::{Decision, PreparedCheck, RateLimiter};
 use crate::redis::{Error as RedisError, RedisManager};
-
-/// Where refused messages are recorded.
-#[derive(Clone, Debug)]
-pub struct DeadLetter {
-    pub list: String,
-    pub max_len: u64,
-}
 
 /// What a message writes, rendered: the pipeline (actions, then the `done` mark), the MQTT
 /// forwards, and the dedup claim.
@@ -510,9 +503,9 @@ impl Engine {
         detail: &str,
     ) {
         let target = self.dead_letter.load_full();
-        let record = dead_letter::record(topic, &route.name, reason, detail, payload);
+        let record = target.record(topic, &route.name, reason, detail, payload);
         let mut pipe = ::redis::pipe();
-        dead_letter::push(&mut pipe, &target.list, target.max_len, &record);
+        target.push(&mut pipe, &record);
         let result = self
             .until_redis(&route.name, || self.redis.query_pipeline::<()>(&pipe))
             .await;

@@ -17,6 +17,7 @@ mod ops;
 mod pubsub;
 mod rate_limit;
 mod redis_manager;
+mod redis_refusals;
 mod redis_tls;
 mod republish;
 mod session;

@@ -64,7 +64,7 @@ pub(crate) async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
 }
 
 /// Polls `path` until its status is `status`; the last body.
-async fn get_until(addr: SocketAddr, path: &str, status: u16) -> String {
+pub(crate) async fn get_until(addr: SocketAddr, path: &str, status: u16) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let (code, body) = get(addr, path).await;

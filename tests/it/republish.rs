@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use redis::Commands;
 use routemq_bridge::config::BridgeConfig;
+use routemq_bridge::dead_letter::DeadLetter;
 use routemq_bridge::redis::RedisManager;
 use routemq_bridge::republish::{RepublishService, Republisher};
-use routemq_bridge::router::engine::DeadLetter;
 use rumqttc::QoS;
 
 use crate::bridge::{config, eventually, Bridge, Client};
@@ -51,6 +51,7 @@ impl Running {
                 DeadLetter {
                     list: "dead_letter".into(),
                     max_len: 100,
+                    max_payload: routemq_bridge::dead_letter::DEFAULT_MAX_PAYLOAD,
                 },
             )
             .await
