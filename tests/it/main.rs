@@ -20,3 +20,4 @@ mod redis_manager;
 mod redis_tls;
 mod republish;
 mod session;
+mod vendored_rumqttc;
