@@ -21,3 +21,4 @@ mod redis_refusals;
 mod redis_tls;
 mod republish;
 mod session;
+mod vendored_rumqttc;
