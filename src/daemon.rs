@@ -197,8 +197,19 @@ impl Running {
         crate::metrics::register_routes(&routes);
         let (added, removed) = self.source.update_subscriptions(&routes.subscriptions);
         self.source.set_max_inflight(new.limits.max_inflight);
+        let publisher = if routes.publishes() {
+            match self.republish.publisher() {
+                Ok(publisher) => Some(publisher),
+                Err(e) => {
+                    tracing::error!(error = %e, "could not open the outgoing MQTT connection; forwards fail");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         self.engine
-            .reload(routes, max_payload(&new), dead_letter(&new));
+            .reload(routes, publisher, max_payload(&new), dead_letter(&new));
         crate::logging::set_level(&new.log.level);
         if let Err(e) = self
             .republish
@@ -266,17 +277,23 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         crate::VERSION
     );
     crate::metrics::register_routes(&routes);
+    // Redis → MQTT (spec §7) and the routes' forwards, on an MQTT connection of its own.
+    let mut republish = RepublishService::new(&config, &redis);
+    let publisher = if routes.publishes() {
+        Some(republish.publisher()?)
+    } else {
+        None
+    };
     let engine = Arc::new(Engine::new(
         routes,
         redis.clone(),
-        source.client().clone(),
+        publisher,
         &config.mqtt.client_id,
+        usize::try_from(config.mqtt.max_packet_size).unwrap_or(usize::MAX),
         max_payload(&config),
         dead_letter(&config),
     ));
     let dispatcher = Dispatcher::new(engine.clone());
-    // Redis → MQTT (spec §7), on an MQTT connection of its own.
-    let mut republish = RepublishService::new(&config, &redis);
     republish
         .apply(&config.republish_rules, dead_letter(&config))
         .await?;
@@ -376,11 +393,13 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     while let Ok(message) = inbound.try_recv() {
         hand_over(&dispatcher, &engine, message);
     }
-    // The republisher stops (its unacked stream entries stay pending) while the lanes
-    // drain, so a stop takes one `shutdown_timeout`, not the sum of both.
+    // The republish rules stop (their unacked stream entries stay pending) while the lanes
+    // drain, so a stop takes one `shutdown_timeout`, not the sum of both; the outgoing
+    // connection closes after the lanes, whose forwards it carries.
     let timeout = config.limits.shutdown_timeout;
+    let mut republish = republish;
     let ((), drained) = tokio::join!(
-        republish.shutdown(),
+        republish.stop_rules(),
         tokio::time::timeout(timeout, dispatcher.drained())
     );
     if drained.is_err() {
@@ -390,7 +409,10 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
             "shutdown_timeout reached; unfinished messages stay unacked for redelivery"
         );
     }
-    source.disconnect(Duration::from_secs(5)).await;
+    tokio::join!(
+        source.disconnect(Duration::from_secs(5)),
+        republish.shutdown()
+    );
     redis.disconnect().await;
     let _ = stop_tx.send(true);
     for task in [Some(http), supervisor, upkeep].into_iter().flatten() {

@@ -138,6 +138,14 @@ pub fn redis_retry(route: &str, error: &crate::redis::Error) {
     tracing::debug!(route, %error, "redis unavailable; message waits and retries");
 }
 
+/// A forward (`mqtt_publish`) was lost with the broker's session and is sent again.
+pub fn forward_retry(topic: &str) {
+    tracing::debug!(
+        topic,
+        "forward lost with the broker's session; sending it again"
+    );
+}
+
 /// A republish rule (spec §7) finished with one Redis message or stream entry: `outcome` is
 /// `published`, `invalid`, `overflow` or `failed`; `detail` says why for the last three.
 pub fn republished(rule: &str, outcome: &'static str, detail: &str) {

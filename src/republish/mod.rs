@@ -308,8 +308,12 @@ impl Republisher {
     }
 }
 
-/// The daemon's republish: the MQTT connection of its own (opened with the first rule, so
-/// a bridge without `[[republish]]` opens none) and the [`Republisher`] on it.
+/// The daemon's outgoing MQTT connection (client id `<client_id>-republish`, opened when
+/// the first republish rule or publishing route needs it, so a bridge that publishes
+/// nothing opens none) and the [`Republisher`] on it. The routes' forwards and rate-limit
+/// replies go out on it too: every publish on it is tracked, and it never pauses reading,
+/// so a PUBACK is read as soon as it arrives (the route connection pauses at
+/// `max_inflight`, and a forward waiting there for its PUBACK could wait forever).
 pub struct RepublishService {
     mqtt: MqttConfig,
     redis: RedisManager,
@@ -325,16 +329,9 @@ impl RepublishService {
         }
     }
 
-    /// Runs `rules` (at start-up, and again on SIGHUP with the new set).
-    pub async fn apply(
-        &mut self,
-        rules: &[RepublishRule],
-        dead_letter: DeadLetter,
-    ) -> Result<(), OptionsError> {
+    /// The outgoing connection's publisher, opening the connection if it is not open yet.
+    pub fn publisher(&mut self) -> Result<MqttPublisher, OptionsError> {
         if self.running.is_none() {
-            if rules.is_empty() {
-                return Ok(());
-            }
             let mut config = self.mqtt.clone();
             config.client_id = format!("{}-republish", self.mqtt.client_id);
             // No subscriptions: nothing arrives on the inbound channel.
@@ -348,6 +345,22 @@ impl RepublishService {
             );
             self.running = Some((source, republisher));
         }
+        match &self.running {
+            Some((source, _)) => Ok(source.publisher()),
+            None => unreachable!("opened above"),
+        }
+    }
+
+    /// Runs `rules` (at start-up, and again on SIGHUP with the new set).
+    pub async fn apply(
+        &mut self,
+        rules: &[RepublishRule],
+        dead_letter: DeadLetter,
+    ) -> Result<(), OptionsError> {
+        if self.running.is_none() && rules.is_empty() {
+            return Ok(());
+        }
+        self.publisher()?;
         if let Some((_, republisher)) = &mut self.running {
             republisher.reload(rules, dead_letter).await;
         }
@@ -359,10 +372,18 @@ impl RepublishService {
         self.running.as_ref().map(|(_, r)| r)
     }
 
-    /// Stops the rules, then disconnects cleanly (publishes already queued go out first).
-    pub async fn shutdown(self) {
-        if let Some((source, mut republisher)) = self.running {
+    /// Stops the rules (their unacked stream entries stay pending); the connection stays
+    /// open for the forwards of messages still in flight.
+    pub async fn stop_rules(&mut self) {
+        if let Some((_, republisher)) = &mut self.running {
             republisher.stop().await;
+        }
+    }
+
+    /// Stops the rules, then disconnects cleanly (publishes already queued go out first).
+    pub async fn shutdown(mut self) {
+        self.stop_rules().await;
+        if let Some((source, _)) = self.running {
             source.disconnect(Duration::from_secs(5)).await;
         }
     }

@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use arc_swap::ArcSwap;
-use rumqttc::AsyncClient;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use serde_json::Value;
 
 use super::dispatch::Handler;
@@ -30,6 +29,7 @@ use crate::dead_letter::DeadLetter;
 use crate::events;
 use crate::middleware::dedup::{self, Claim};
 use crate::middleware::rate_limit::{reply_payload, OnExceed, RateLimitRule};
+use crate::mqtt::source::{MqttPublisher, PublishError};
 use crate::mqtt::{qos, Inbound};
 use crate::outcome::{Outcome, Reason};
 use crate::redis::lock::compare_and_delete;
@@ -70,7 +70,11 @@ pub struct Engine {
     table: ArcSwap<RouteTable>,
     redis: RedisManager,
     limiter: RateLimiter,
-    mqtt: AsyncClient,
+    /// The outgoing MQTT connection that forwards and rate-limit replies go out on; `None`
+    /// while no route publishes.
+    publisher: ArcSwapOption<MqttPublisher>,
+    /// `mqtt.max_packet_size`: a forward larger than this could never be sent.
+    max_packet_size: usize,
     max_payload: ArcSwap<usize>,
     dead_letter: ArcSwap<DeadLetter>,
     /// `lease:<client_id>:`; a nonce per message completes a dedup lease value.
@@ -81,8 +85,9 @@ impl Engine {
     pub fn new(
         table: RouteTable,
         redis: RedisManager,
-        mqtt: AsyncClient,
+        publisher: Option<MqttPublisher>,
         client_id: &str,
+        max_packet_size: usize,
         max_payload: usize,
         dead_letter: DeadLetter,
     ) -> Engine {
@@ -90,7 +95,8 @@ impl Engine {
             table: ArcSwap::from_pointee(table),
             limiter: RateLimiter::new(redis.clone()),
             redis,
-            mqtt,
+            publisher: ArcSwapOption::new(publisher.map(Arc::new)),
+            max_packet_size,
             max_payload: ArcSwap::from_pointee(max_payload),
             dead_letter: ArcSwap::from_pointee(dead_letter),
             lease_prefix: format!("lease:{client_id}:"),
@@ -98,8 +104,18 @@ impl Engine {
     }
 
     /// Swaps in a new route table and limits (SIGHUP); messages in flight finish on the
-    /// table they started with.
-    pub fn reload(&self, table: RouteTable, max_payload: usize, dead_letter: DeadLetter) {
+    /// table they started with. `publisher` is the outgoing connection, when the new routes
+    /// publish.
+    pub fn reload(
+        &self,
+        table: RouteTable,
+        publisher: Option<MqttPublisher>,
+        max_payload: usize,
+        dead_letter: DeadLetter,
+    ) {
+        if let Some(publisher) = publisher {
+            self.publisher.store(Some(Arc::new(publisher)));
+        }
         self.table.store(Arc::new(table));
         self.max_payload.store(Arc::new(max_payload));
         self.dead_letter.store(Arc::new(dead_letter));
@@ -286,13 +302,16 @@ impl Engine {
                     {
                         match reply.render(&ctx) {
                             Ok(reply_topic) => {
-                                self.forward(MqttOut {
+                                let reply = MqttOut {
                                     topic: reply_topic,
                                     payload: reply_payload(&decision).into_bytes(),
                                     qos: *reply_qos,
                                     retain: false,
-                                })
-                                .await;
+                                };
+                                // The message's outcome is `rate_limited` either way.
+                                if let Err(e) = self.forward(reply).await {
+                                    tracing::warn!(route = %route.name, error = %e, "rate-limit reply not sent");
+                                }
                             }
                             Err(e) => {
                                 tracing::warn!(route = %route.name, error = %e, "rate-limit reply topic")
@@ -386,7 +405,9 @@ impl Engine {
             }
         }
         for out in forwards {
-            self.forward(out).await;
+            if let Err(detail) = self.forward(out).await {
+                return Outcome::Failed { detail };
+            }
         }
         Outcome::Written
     }
@@ -482,15 +503,44 @@ impl Engine {
         }
     }
 
-    /// Publishes through the bridge's MQTT client (queued; rumqttc retransmits QoS 1/2
-    /// across reconnects of the persistent session).
-    async fn forward(&self, out: MqttOut) {
-        if let Err(e) = self
-            .mqtt
-            .publish(out.topic, qos(out.qos), out.retain, out.payload)
-            .await
-        {
-            tracing::warn!(error = %e, "could not queue an MQTT publish");
+    /// Publishes `out` on the outgoing connection and, at QoS 1/2, waits until the broker
+    /// acknowledged it (spec §6: the incoming message is acked only after its forwards
+    /// were). A publish lost with the broker's session, or not taken while rumqttc's queue
+    /// is full, is sent again with backoff, for as long as it takes (shutdown is bounded by
+    /// `shutdown_timeout`: the message then stays unacked and is redelivered). `Err` only
+    /// for a forward that can never be sent: it is the message's outcome (`failed`).
+    async fn forward(&self, out: MqttOut) -> Result<(), String> {
+        let Some(publisher) = self.publisher.load_full() else {
+            return Err("no outgoing MQTT connection for mqtt_publish".to_string());
+        };
+        // A PUBLISH is its topic, its payload and at most 9 bytes of header and packet id.
+        let size = out.topic.len() + out.payload.len() + 9;
+        if size > self.max_packet_size {
+            return Err(format!(
+                "forward to {:?} is {size} bytes, over mqtt.max_packet_size ({})",
+                out.topic, self.max_packet_size
+            ));
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        loop {
+            let queued = publisher.publish_tracked(
+                &out.topic,
+                qos(out.qos),
+                out.retain,
+                out.payload.clone(),
+            );
+            match queued {
+                Ok(acked) => {
+                    if acked.await.is_ok() {
+                        return Ok(());
+                    }
+                    // Lost with the broker's session (or the loop restarted): send again.
+                    events::forward_retry(&out.topic);
+                }
+                Err(PublishError::Full) => {}
+                Err(PublishError::Refused(why)) => return Err(why),
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 

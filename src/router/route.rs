@@ -47,6 +47,18 @@ impl Route {
     pub fn needs_redis(&self) -> bool {
         self.dedup.is_some() || self.actions.iter().any(Action::needs_redis)
     }
+
+    /// Whether this route publishes to MQTT (an `mqtt_publish` action or a rate-limit
+    /// reply), so it needs the outgoing connection.
+    pub fn publishes(&self) -> bool {
+        self.actions.iter().any(|a| !a.needs_redis())
+            || self.rate_limit.as_ref().is_some_and(|r| {
+                matches!(
+                    r.on_exceed,
+                    crate::middleware::rate_limit::OnExceed::Reply { .. }
+                )
+            })
+    }
 }
 
 /// Every route, in file order, and the subscriptions that cover them.
@@ -57,6 +69,11 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// Whether any route publishes to MQTT (see [`Route::publishes`]).
+    pub fn publishes(&self) -> bool {
+        self.routes.iter().any(Route::publishes)
+    }
+
     pub fn new(routes: Vec<Route>) -> RouteTable {
         let filters: Vec<(String, u8)> =
             routes.iter().map(|r| (r.pattern.filter(), r.qos)).collect();
