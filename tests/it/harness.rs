@@ -528,10 +528,17 @@ struct ProxyShared {
     connections: Mutex<Vec<(TcpStream, TcpStream)>>,
     blackhole: AtomicBool,
     stopping: AtomicBool,
-    /// Armed by [`FaultProxy::drop_after_request`]: the request pattern to wait for.
-    trigger: Mutex<Option<Vec<u8>>>,
+    /// Armed by [`FaultProxy::drop_after_request`]: the request to wait for.
+    trigger: Mutex<Option<Trigger>>,
     /// How many times the trigger fired.
     fired: AtomicUsize,
+}
+
+/// A one-shot fault: after a request containing `pattern`, hold the reply for `stall`, then
+/// drop every connection instead of forwarding it.
+struct Trigger {
+    pattern: Vec<u8>,
+    stall: Duration,
 }
 
 impl ProxyShared {
@@ -585,7 +592,7 @@ impl FaultProxy {
                 std::thread::spawn(move || {
                     pump(client, server, &up, |chunk| {
                         let armed = up.trigger.lock().expect("proxy lock");
-                        if armed.as_deref().is_some_and(|p| contains(chunk, p)) {
+                        if armed.as_ref().is_some_and(|t| contains(chunk, &t.pattern)) {
                             seen.store(true, Ordering::SeqCst);
                         }
                         true
@@ -597,7 +604,10 @@ impl FaultProxy {
                             return true;
                         }
                         // The first reply after the request: lost with the connection.
-                        if down.trigger.lock().expect("proxy lock").take().is_some() {
+                        let fired = down.trigger.lock().expect("proxy lock").take();
+                        if let Some(trigger) = fired {
+                            // Held back here, so is every later reply on this connection.
+                            std::thread::sleep(trigger.stall);
                             down.fired.fetch_add(1, Ordering::SeqCst);
                             down.drop_all();
                             return false;
@@ -638,7 +648,16 @@ impl FaultProxy {
     /// forwarded, and every connection is dropped instead. The server got the request and
     /// acted on it; the client never hears the reply.
     pub fn drop_after_request(&self, pattern: &[u8]) {
-        *self.shared.trigger.lock().expect("proxy lock") = Some(pattern.to_vec());
+        self.stall_then_drop_after_request(pattern, Duration::ZERO);
+    }
+
+    /// Like [`FaultProxy::drop_after_request`], but the reply is first held for `stall`
+    /// (longer than the client's timeout: the client sees a timeout, then the drop).
+    pub fn stall_then_drop_after_request(&self, pattern: &[u8], stall: Duration) {
+        *self.shared.trigger.lock().expect("proxy lock") = Some(Trigger {
+            pattern: pattern.to_vec(),
+            stall,
+        });
     }
 
     /// How many times [`FaultProxy::drop_after_request`] fired.
