@@ -8,10 +8,10 @@ use redis::Commands;
 use routemq_bridge::middleware::dedup::Marks;
 use serde_json::Value;
 
-use crate::bridge::{config, Bridge, Client};
+use crate::bridge::{config, eventually, Bridge, Client};
 use crate::bridge_actions::{subscribed, witness, Rig, WAIT};
 use crate::harness::{FaultProxy, Mosquitto, Redis};
-use crate::ops::{get, http_addr, sample};
+use crate::ops::{get, sample};
 
 /// A route on `d/{id}` with `middleware` (TOML lines of the route) that counts each message
 /// it lets through in `out:{id}` and remembers the last payload in `last:{id}`; then the
@@ -657,7 +657,7 @@ async fn behind_a_proxy(
 /// Polls /metrics until route `route` shows each (outcome, value) or WAIT passes; the
 /// values last seen, in order.
 async fn outcomes_until(rig: &Rig, route: &str, expected: &[(&str, f64)]) -> Vec<Option<f64>> {
-    let addr = http_addr(&rig.bridge);
+    let addr = latest_http_addr(&rig.bridge);
     let deadline = Instant::now() + WAIT;
     loop {
         let (_, metrics) = get(addr, "/metrics").await;
@@ -678,6 +678,21 @@ async fn outcomes_until(rig: &Rig, route: &str, expected: &[(&str, f64)]) -> Vec
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The HTTP address of the process last started (after a restart the log holds both).
+fn latest_http_addr(bridge: &Bridge) -> std::net::SocketAddr {
+    let log = bridge.log_text();
+    let needle = "http listening on ";
+    let start = log
+        .rfind(needle)
+        .expect("the bridge logged its HTTP address")
+        + needle.len();
+    let addr: String = log[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace())
+        .collect();
+    addr.parse().expect("an address")
 }
 
 /// The next forward's payload, or a failure naming what was expected.
@@ -728,7 +743,7 @@ async fn a_dedup_transaction_whose_reply_timed_out_is_written_and_forwarded() {
     assert_eq!(len, 1, "written once");
     let outcomes = outcomes_until(&rig, "tested", &[("written", 1.0)]).await;
     assert_eq!(outcomes, vec![Some(1.0)]);
-    let (_, metrics) = get(http_addr(&rig.bridge), "/metrics").await;
+    let (_, metrics) = get(latest_http_addr(&rig.bridge), "/metrics").await;
     let timeouts = sample(
         &metrics,
         r#"routemq_bridge_redis_errors_total{kind="timeout"}"#,
@@ -771,6 +786,32 @@ async fn a_redelivery_after_a_crash_between_the_write_and_the_forwards_sends_the
         mark.starts_with("done:bridge-under-test:") && !mark.contains(":fwd:"),
         "finished once the forwards are out: {mark}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_killed_between_the_write_and_the_forwards_forwards_after_the_restart() {
+    let (mut rig, proxy, mut listener) = behind_a_proxy(&dedup_and_forward(), |_| {}).await;
+    // The transaction is applied; its reply is held while the bridge waits for it…
+    proxy.stall_then_drop_after_request(b"EXEC", Duration::from_secs(60));
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    let conn = &mut rig.conn;
+    let applied = eventually(WAIT, || {
+        conn.llen::<_, i64>("list:a")
+            .ok()
+            .filter(|n| *n == 1)
+            .filter(|_| proxy.fired() == 1)
+    })
+    .await;
+    assert_eq!(applied, Some(1), "the transaction reached Redis");
+    // …and the bridge dies before its forward. The broker redelivers to the new process.
+    rig.bridge.kill();
+    rig.bridge.spawn();
+    rig.settle(1).await;
+    assert_eq!(next_forward(&mut listener, "seq 1").await, r#"{"seq":1}"#);
+    let len: i64 = rig.conn.llen("list:a").expect("LLEN");
+    assert_eq!(len, 1, "not written again");
+    let outcomes = outcomes_until(&rig, "tested", &[("written", 1.0)]).await;
+    assert_eq!(outcomes, vec![Some(1.0)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

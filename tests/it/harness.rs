@@ -587,8 +587,10 @@ impl FaultProxy {
                 // Set by the upstream pump when the armed request went through on this
                 // connection; read by the downstream pump.
                 let requested = Arc::new(AtomicBool::new(false));
+                // Set when the client side ends (e.g. the client was killed).
+                let closed = Arc::new(AtomicBool::new(false));
                 let (up, down) = (accepting.clone(), accepting.clone());
-                let seen = requested.clone();
+                let (seen, closing) = (requested.clone(), closed.clone());
                 std::thread::spawn(move || {
                     pump(client, server, &up, |chunk| {
                         let armed = up.trigger.lock().expect("proxy lock");
@@ -596,7 +598,8 @@ impl FaultProxy {
                             seen.store(true, Ordering::SeqCst);
                         }
                         true
-                    })
+                    });
+                    closing.store(true, Ordering::SeqCst);
                 });
                 std::thread::spawn(move || {
                     pump(server2, client2, &down, |_| {
@@ -606,10 +609,17 @@ impl FaultProxy {
                         // The first reply after the request: lost with the connection.
                         let fired = down.trigger.lock().expect("proxy lock").take();
                         if let Some(trigger) = fired {
-                            // Held back here, so is every later reply on this connection.
-                            std::thread::sleep(trigger.stall);
                             down.fired.fetch_add(1, Ordering::SeqCst);
-                            down.drop_all();
+                            // Held back here, so is every later reply on this connection —
+                            // until the stall ends or the client goes away (then the others
+                            // are left alone).
+                            let until = Instant::now() + trigger.stall;
+                            while Instant::now() < until && !closed.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            if !closed.load(Ordering::SeqCst) {
+                                down.drop_all();
+                            }
                             return false;
                         }
                         true
@@ -652,7 +662,9 @@ impl FaultProxy {
     }
 
     /// Like [`FaultProxy::drop_after_request`], but the reply is first held for `stall`
-    /// (longer than the client's timeout: the client sees a timeout, then the drop).
+    /// (longer than the client's timeout: the client sees a timeout, then the drop). A
+    /// client that goes away meanwhile (killed while it waits) ends the stall, and then
+    /// only its own connection is closed.
     pub fn stall_then_drop_after_request(&self, pattern: &[u8], stall: Duration) {
         *self.shared.trigger.lock().expect("proxy lock") = Some(Trigger {
             pattern: pattern.to_vec(),
@@ -660,7 +672,8 @@ impl FaultProxy {
         });
     }
 
-    /// How many times [`FaultProxy::drop_after_request`] fired.
+    /// How many times [`FaultProxy::drop_after_request`] fired (counted as soon as the
+    /// reply is held back).
     pub fn fired(&self) -> usize {
         self.shared.fired.load(Ordering::SeqCst)
     }
