@@ -1,22 +1,58 @@
 //! De-duplication (spec §5.2): a lock that is safe under at-least-once delivery.
 //!
 //! The first delivery claims `key` with a lease (`SET NX PX`, value
-//! `lease:<client_id>:<nonce>`); its actions and the `done` mark go into one MULTI/EXEC, so
+//! `lease:<client_id>:<nonce>`); its actions and the done mark go into one MULTI/EXEC, so
 //! "written" and "marked done" cannot part. If that transaction fails, the claim is deleted
-//! again (compare-and-delete, only if it is still ours), so the broker's redelivery is
-//! processed rather than dropped as a duplicate. A key another worker holds is waited for
-//! until it is `done` (duplicate) or its lease lapses (we claim it); a value without expiry
-//! is no lease and fails the message (`redis_error`) rather than holding the topic forever.
+//! again (compare-and-delete, only on our own lease or our own done mark), so the broker's
+//! redelivery is processed rather than dropped as a duplicate.
+//!
+//! **Whose done mark is it?** The mark is `done:<client_id>:<nonce>`, the nonce of this
+//! attempt's lease, so a transaction whose reply was lost — a timeout *or* a dropped
+//! connection — is resolved exactly when the retry meets the key: our own mark means our
+//! write landed ([`Claim::Written`]: not written again, outcome `written`, the forwards go
+//! out, spec §6); any other mark means somebody else's write ([`Claim::Duplicate`]). Any
+//! value starting with `done` is a done mark; a plain `done` (older bridges) is accepted.
+//!
+//! **A crash between EXEC and the forwards** (`kill -9`, power loss): the redelivery is a new
+//! attempt with a new nonce, so the nonce alone cannot tell it from a true duplicate (the
+//! device sending the same message twice, usually with the same payload). A route with
+//! `mqtt_publish` forwards therefore writes its mark in two steps: the transaction writes
+//! `done:<client_id>:<nonce>:fwd:<digest>` ("written, forwards not yet out", the digest a
+//! hash of route, topic and payload), and once the forwards are out [`finish`] rewrites it
+//! to the plain mark, before the message is acked. A delivery that meets a `:fwd:` mark with
+//! its own digest is the same message whose first attempt died before its forwards went
+//! out: `written` again, without writing Redis again, and the forwards are sent (a second
+//! copy is what at-least-once allows; a lost forward is not). A finished mark, or another
+//! message's digest, is a duplicate, so a device's retransmission is still counted as
+//! `duplicate` and not forwarded twice. The price is one more round trip per message, only
+//! on routes that have both dedup and forwards. A route without forwards has nothing left
+//! to do after EXEC: its redelivery after a crash is reported `duplicate` (its write is in
+//! Redis; nothing is lost).
+//!
+//! **Foreign values.** A key held by another worker's lease (`lease:…`, with an expiry) is
+//! waited for until it is done (duplicate) or its lease lapses (we claim it). Anything else —
+//! neither a lease nor a done mark, with or without a TTL, or a lease without expiry — is
+//! not ours to wait for: it fails the message at once (`redis_error`, naming the key) rather
+//! than holding the topic, and with it every later ack, for hours.
 
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
+
 use crate::backoff::Backoff;
 use crate::redis::lock::{acquire_cmd, compare_and_delete};
-use crate::redis::{RedisManager, Result};
+use crate::redis::{Error, RedisManager, Result};
 use crate::router::template::Template;
 
-/// The value of a key whose message was processed.
+/// The value of a key whose message was processed, as older bridges wrote it; every done
+/// mark starts with it.
 pub const DONE: &str = "done";
+
+/// What a lease value starts with.
+const LEASE_PREFIX: &str = "lease:";
+
+/// Separates a done mark from the digest of a message whose forwards are not out yet.
+const FORWARDS_PENDING: &str = ":fwd:";
 
 /// A route's `[routes.dedup]`.
 #[derive(Clone, Debug)]
@@ -31,79 +67,269 @@ pub struct DedupRule {
 /// Whether this message should be processed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Claim {
+    /// The key is ours: run the actions.
     Ours,
+    /// This message's write is already in Redis (a lost reply, or an attempt that died
+    /// before its forwards went out): do not write again, but send the forwards.
+    Written,
+    /// Another message's write: outcome `duplicate`.
     Duplicate,
 }
 
-/// Claims `key` for `lease_value`, waiting (with backoff, up to a lease and a bit) while
-/// another worker holds it.
+/// The values one attempt at one message puts at its dedup key.
+#[derive(Clone, Debug)]
+pub struct Marks {
+    /// `lease:<client_id>:<nonce>`.
+    pub lease: String,
+    /// `done:<client_id>:<nonce>`: the finished mark.
+    done: String,
+    /// What the transaction writes: `done`, or with forwards `done…:fwd:<digest>`.
+    written: String,
+    /// With forwards: the message's digest, to recognise its own unfinished mark.
+    digest: Option<String>,
+}
+
+impl Marks {
+    /// The marks for the lease value `lease` (`lease:<client_id>:<nonce>`); `forwards`
+    /// (route, topic, payload) when the message has `mqtt_publish` forwards.
+    pub fn new(lease: String, forwards: Option<(&str, &str, &[u8])>) -> Marks {
+        let done = format!(
+            "{DONE}:{}",
+            lease.strip_prefix(LEASE_PREFIX).unwrap_or(&lease)
+        );
+        let digest = forwards.map(|(route, topic, payload)| digest(route, topic, payload));
+        let written = match &digest {
+            Some(d) => format!("{done}{FORWARDS_PENDING}{d}"),
+            None => done.clone(),
+        };
+        Marks {
+            lease,
+            done,
+            written,
+            digest,
+        }
+    }
+
+    /// The mark this attempt's transaction writes.
+    pub fn written(&self) -> &str {
+        &self.written
+    }
+
+    /// Whether the transaction's mark must be rewritten by [`finish`] once the forwards are
+    /// out.
+    pub fn pending(&self) -> bool {
+        self.digest.is_some()
+    }
+
+    /// What a value found at the key means for this message, if it is a done mark.
+    fn judge_done(&self, value: &str) -> Option<Claim> {
+        if value == self.written || value == self.done {
+            return Some(Claim::Written);
+        }
+        if value != DONE && !value.starts_with("done:") {
+            return None;
+        }
+        let unfinished = value
+            .rsplit_once(FORWARDS_PENDING)
+            .map(|(_, digest)| digest);
+        Some(match (unfinished, &self.digest) {
+            (Some(theirs), Some(ours)) if theirs == ours => Claim::Written,
+            _ => Claim::Duplicate,
+        })
+    }
+}
+
+/// A digest of the message for one route: the same for every delivery of it, different for
+/// another payload, topic or route (two routes may share a dedup key).
+fn digest(route: &str, topic: &str, payload: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    for part in [route.as_bytes(), topic.as_bytes(), payload] {
+        // Length-prefixed, so no two (route, topic, payload) splits hash alike.
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    let hash = hasher.finalize();
+    // 128 bits tell messages apart well enough, at half the bytes in Redis.
+    hash[..16].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Claims `key` for this attempt, waiting (with backoff, up to a lease and a bit) while
+/// another worker's lease holds it.
 pub async fn claim(
     redis: &RedisManager,
     key: &str,
-    lease_value: &str,
+    marks: &Marks,
     lease: Duration,
 ) -> Result<Claim> {
     let mut backoff = Backoff::new(Duration::from_millis(5), Duration::from_millis(250));
     let started = Instant::now();
     loop {
-        let set: Option<String> = redis.query(&claim_cmd(key, lease_value, lease)).await?;
+        let set: Option<String> = redis.query(&claim_cmd(key, &marks.lease, lease)).await?;
         if set.is_some() {
             return Ok(Claim::Ours);
         }
         let current: Option<String> = redis.query(::redis::cmd("GET").arg(key)).await?;
-        match current.as_deref() {
-            Some(DONE) => return Ok(Claim::Duplicate),
-            // Our own claim from an earlier attempt at this same message.
-            Some(v) if v == lease_value => return Ok(Claim::Ours),
-            // Freed between our SET and GET: try again at once.
-            None => continue,
-            Some(other) => {
-                // A lease always expires; a value without expiry is not a lease and will
-                // never free itself: waiting would hold the topic forever, silently.
-                let pttl: i64 = redis.query(::redis::cmd("PTTL").arg(key)).await?;
-                if pttl == -2 {
-                    continue; // freed meanwhile
-                }
-                if pttl == -1 {
-                    return Err(crate::redis::Error::Invalid(format!(
-                        "dedup key {key} holds {:?} without expiry: neither a lease nor `done`",
-                        other.chars().take(64).collect::<String>()
-                    )));
-                }
-                if started.elapsed() > lease * 2 {
-                    // The holder keeps renewing or the clock is off: treat it as a
-                    // transient condition so the message waits and is retried, not dropped.
-                    return Err(crate::redis::Error::Unavailable(format!(
-                        "dedup key {key} held by another worker for over {lease:?}"
-                    )));
-                }
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
+        let Some(current) = current else {
+            continue; // freed between our SET and GET: try again at once
+        };
+        // Our own claim from an earlier attempt at this same message.
+        if current == marks.lease {
+            return Ok(Claim::Ours);
         }
+        if let Some(judged) = marks.judge_done(&current) {
+            return Ok(judged);
+        }
+        if !current.starts_with(LEASE_PREFIX) {
+            return Err(Error::Invalid(format!(
+                "dedup key {key} holds {:?}: neither a lease nor a done mark",
+                current.chars().take(64).collect::<String>()
+            )));
+        }
+        // A lease always expires; one without expiry will never free itself: waiting would
+        // hold the topic forever, silently.
+        let pttl: i64 = redis.query(::redis::cmd("PTTL").arg(key)).await?;
+        if pttl == -2 {
+            continue; // freed meanwhile
+        }
+        if pttl == -1 {
+            return Err(Error::Invalid(format!(
+                "dedup key {key} holds the lease {:?} without expiry",
+                current.chars().take(64).collect::<String>()
+            )));
+        }
+        if started.elapsed() > lease * 2 {
+            // The holder keeps renewing or the clock is off: treat it as a transient
+            // condition so the message waits and is retried, not dropped.
+            return Err(Error::Unavailable(format!(
+                "dedup key {key} held by another worker for over {lease:?}"
+            )));
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
-/// The claim itself: `SET key lease_value NX PX lease`; a reply of nil means the key is
-/// already set (`done`, or a lease). Also sent in one pipeline with the rate-limit check.
+/// The claim itself: `SET key lease NX PX lease_ms`; a reply of nil means the key is
+/// already set (a done mark, or a lease). Also sent in one pipeline with the rate-limit
+/// check.
 pub fn claim_cmd(key: &str, lease_value: &str, lease: Duration) -> ::redis::Cmd {
     acquire_cmd(key, lease_value, (lease.as_millis() as u64).max(1))
 }
 
-/// Adds the `done` mark to the message's transaction.
-pub fn mark_done(pipe: &mut ::redis::Pipeline, key: &str, ttl: Duration) {
+/// Adds this attempt's done mark to the message's transaction.
+pub fn mark_done(pipe: &mut ::redis::Pipeline, key: &str, marks: &Marks, ttl: Duration) {
     pipe.cmd("SET")
         .arg(key)
-        .arg(DONE)
+        .arg(&marks.written)
         .arg("PX")
-        .arg((ttl.as_millis() as u64).max(1))
+        .arg(ttl_ms(ttl))
         .ignore();
 }
 
-/// After a failed transaction: delete the key if it still holds our lease or the `done` our
-/// transaction may have written, so a redelivery gets processed.
-pub async fn release(redis: &RedisManager, key: &str, lease_value: &str) -> Result<()> {
-    if !compare_and_delete(redis, key, lease_value).await? {
-        compare_and_delete(redis, key, DONE).await?;
+/// Once the forwards are out: rewrites a `:fwd:` mark to the finished one, so a later
+/// delivery of the same payload is a duplicate. `XX`, not compare-and-set: the key changes
+/// under us only if its `ttl` ran out in between. If this fails the mark stays unfinished
+/// and a retransmission within `ttl` is forwarded once more — at-least-once, not a loss.
+pub async fn finish(redis: &RedisManager, key: &str, marks: &Marks, ttl: Duration) -> Result<()> {
+    if !marks.pending() {
+        return Ok(());
+    }
+    let _: Option<String> = redis
+        .query(
+            ::redis::cmd("SET")
+                .arg(key)
+                .arg(&marks.done)
+                .arg("PX")
+                .arg(ttl_ms(ttl))
+                .arg("XX"),
+        )
+        .await?;
+    Ok(())
+}
+
+/// After a failed transaction: delete the key if it still holds our lease or the done mark
+/// our transaction may have written, so a redelivery gets processed. Never anybody else's.
+pub async fn release(redis: &RedisManager, key: &str, marks: &Marks) -> Result<()> {
+    if !compare_and_delete(redis, key, &marks.lease).await? {
+        compare_and_delete(redis, key, &marks.written).await?;
     }
     Ok(())
+}
+
+/// Redis refuses `PX 0`.
+fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marks(forwards: Option<(&str, &str, &[u8])>) -> Marks {
+        Marks::new("lease:bridge-1:abc".into(), forwards)
+    }
+
+    #[test]
+    fn the_done_mark_carries_the_lease_nonce() {
+        let m = marks(None);
+        assert_eq!(m.written, "done:bridge-1:abc");
+        assert!(!m.pending());
+    }
+
+    #[test]
+    fn our_own_mark_is_our_write() {
+        let m = marks(None);
+        assert_eq!(m.judge_done("done:bridge-1:abc"), Some(Claim::Written));
+        let f = marks(Some(("r", "t", b"p")));
+        assert_eq!(f.judge_done(&f.written.clone()), Some(Claim::Written));
+        assert_eq!(f.judge_done("done:bridge-1:abc"), Some(Claim::Written));
+    }
+
+    #[test]
+    fn another_mark_or_a_plain_done_is_a_duplicate() {
+        let m = marks(Some(("r", "t", b"p")));
+        assert_eq!(m.judge_done("done"), Some(Claim::Duplicate));
+        assert_eq!(m.judge_done("done:bridge-2:xyz"), Some(Claim::Duplicate));
+        let other = marks(Some(("r", "t", b"another payload")));
+        assert_eq!(m.judge_done(&other.written), Some(Claim::Duplicate));
+    }
+
+    #[test]
+    fn an_unfinished_mark_of_the_same_message_is_written_again_with_its_forwards() {
+        let m = marks(Some(("r", "t", b"p")));
+        let before_crash = Marks::new("lease:bridge-1:old".into(), Some(("r", "t", b"p")));
+        assert_eq!(m.judge_done(&before_crash.written), Some(Claim::Written));
+        // Without forwards there is nothing left to do: a duplicate.
+        assert_eq!(
+            marks(None).judge_done(&before_crash.written),
+            Some(Claim::Duplicate)
+        );
+    }
+
+    #[test]
+    fn the_digest_tells_routes_topics_and_payloads_apart() {
+        let d = digest("r", "t", b"p");
+        assert_eq!(d.len(), 32);
+        assert_eq!(d, digest("r", "t", b"p"));
+        assert_ne!(d, digest("r2", "t", b"p"));
+        assert_ne!(d, digest("r", "t2", b"p"));
+        assert_ne!(d, digest("r", "t", b"p2"));
+        assert_ne!(digest("ab", "c", b""), digest("a", "bc", b""));
+    }
+
+    #[test]
+    fn the_digest_is_stable_across_versions() {
+        // A redelivery after an upgrade must still recognise the mark the old binary wrote.
+        assert_eq!(
+            digest("tested", "d/a", br#"{"seq":1}"#),
+            "348c84092b107a4dd9e8b6bf7546e4ee"
+        );
+    }
+
+    #[test]
+    fn neither_a_lease_nor_a_done_mark_is_not_judged_done() {
+        let m = marks(None);
+        assert_eq!(m.judge_done("something else"), None);
+        assert_eq!(m.judge_done("lease:other:1"), None);
+        assert_eq!(m.judge_done("doner"), None);
+    }
 }

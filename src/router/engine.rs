@@ -13,7 +13,6 @@
 //! (WRONGTYPE, a bad payload) becomes `failed`/`invalid` and a dead-letter record.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -44,11 +43,13 @@ struct Writes {
     dedup: Option<DedupClaim>,
 }
 
-/// This message's dedup claim: the key, our lease value, the lease.
+/// This message's dedup claim: the key, this attempt's lease and done mark, the lease and
+/// how long the mark is kept.
 struct DedupClaim {
     key: String,
-    lease_value: String,
+    marks: dedup::Marks,
     lease: Duration,
+    ttl: Duration,
 }
 
 /// What became of a claim sent with the rate-limit check.
@@ -345,53 +346,35 @@ impl Engine {
             let (dedup_ref, pipe_ref) = (&dedup, &pipe);
             // The claim made with the rate-limit check counts for the first attempt only: a
             // retry (after Redis trouble) claims again, which finds our own lease if it is
-            // still there.
+            // still there — or our own done mark if the transaction was applied and only
+            // its reply was lost (timeout or dropped connection): then the message is
+            // written, not a duplicate, and its forwards go out (spec §6).
             let mut holding = claimed;
-            // A transaction whose reply timed out may have been applied: if the retry then
-            // finds the key `done`, that is most likely our own write, so the message counts
-            // as written and its forwards go out (at-least-once allows the rare duplicate
-            // forward; dropping them does not).
-            let maybe_applied = AtomicBool::new(false);
-            let maybe_applied = &maybe_applied;
             let written = self
                 .until_redis(&route.name, || {
                     let skip_claim = std::mem::take(&mut holding);
                     async move {
                         if let (false, Some(claim)) = (skip_claim, dedup_ref) {
-                            if dedup::claim(
-                                &self.redis,
-                                &claim.key,
-                                &claim.lease_value,
-                                claim.lease,
-                            )
-                            .await?
-                                == Claim::Duplicate
-                            {
-                                return Ok(if maybe_applied.load(Ordering::Relaxed) {
-                                    Claim::Ours
-                                } else {
-                                    Claim::Duplicate
-                                });
+                            let claimed =
+                                dedup::claim(&self.redis, &claim.key, &claim.marks, claim.lease)
+                                    .await?;
+                            if claimed != Claim::Ours {
+                                return Ok(claimed);
                             }
                         }
-                        match self.redis.query_pipeline::<()>(pipe_ref).await {
-                            Err(RedisError::Timeout) => {
-                                maybe_applied.store(true, Ordering::Relaxed);
-                                Err(RedisError::Timeout)
-                            }
-                            other => other.map(|()| Claim::Ours),
-                        }
+                        self.redis.query_pipeline::<()>(pipe_ref).await?;
+                        Ok(Claim::Ours)
                     }
                 })
                 .await;
             match written {
                 Ok(Claim::Duplicate) => return Outcome::Duplicate,
-                Ok(Claim::Ours) => {}
+                Ok(Claim::Ours | Claim::Written) => {}
                 Err(e) => {
                     if let Some(claim) = &dedup {
                         let released = self
                             .until_redis(&route.name, || {
-                                dedup::release(&self.redis, &claim.key, &claim.lease_value)
+                                dedup::release(&self.redis, &claim.key, &claim.marks)
                             })
                             .await;
                         if let Err(e) = released {
@@ -407,6 +390,13 @@ impl Engine {
         for out in forwards {
             if let Err(detail) = self.forward(out).await {
                 return Outcome::Failed { detail };
+            }
+        }
+        // Only now may a later delivery of this payload count as a duplicate (see
+        // `middleware::dedup`). One attempt: if it fails, the worst is a forward sent twice.
+        if let Some(claim) = dedup.as_ref().filter(|c| c.marks.pending()) {
+            if let Err(e) = dedup::finish(&self.redis, &claim.key, &claim.marks, claim.ttl).await {
+                tracing::warn!(route = %route.name, error = %e, "could not finish a dedup mark; a retransmission may be forwarded again");
             }
         }
         Outcome::Written
@@ -432,15 +422,21 @@ impl Engine {
         let dedup = match &route.dedup {
             Some(rule) => match rule.key.render(ctx) {
                 Ok(key) => {
-                    dedup::mark_done(&mut pipe, &key, rule.ttl);
                     // A random nonce from the thread-local generator: `Uuid::new_v4` asks
                     // the kernel (a getrandom syscall) for every message.
                     let lease_value =
                         format!("{}{:032x}", self.lease_prefix, rand::random::<u128>());
+                    // With forwards, the mark also names the message, so a redelivery after
+                    // a crash before the forwards still sends them.
+                    let forwarding =
+                        (!forwards.is_empty()).then_some((&*route.name, ctx.topic, ctx.payload));
+                    let marks = dedup::Marks::new(lease_value, forwarding);
+                    dedup::mark_done(&mut pipe, &key, &marks, rule.ttl);
                     Some(DedupClaim {
                         key,
-                        lease_value,
+                        marks,
                         lease: rule.lease,
+                        ttl: rule.ttl,
                     })
                 }
                 Err(e) => return Err(Outcome::invalid(Reason::from_render(&e), e.to_string())),
@@ -472,7 +468,7 @@ impl Engine {
         let mut pipe = ::redis::pipe();
         pipe.add_command(dedup::claim_cmd(
             &claim.key,
-            &claim.lease_value,
+            &claim.marks.lease,
             claim.lease,
         ));
         check.add_to(&mut pipe);
@@ -498,7 +494,7 @@ impl Engine {
     /// deleted, never a `done`. One attempt: if Redis does not answer, the lease expires by
     /// itself, and a limited message must not wait for Redis.
     async fn drop_claim(&self, route: &Route, claim: &DedupClaim) {
-        if let Err(e) = compare_and_delete(&self.redis, &claim.key, &claim.lease_value).await {
+        if let Err(e) = compare_and_delete(&self.redis, &claim.key, &claim.marks.lease).await {
             tracing::debug!(route = %route.name, error = %e, "could not release a dedup claim; it expires with its lease");
         }
     }

@@ -5,10 +5,13 @@
 use std::time::{Duration, Instant};
 
 use redis::Commands;
+use routemq_bridge::middleware::dedup::Marks;
 use serde_json::Value;
 
-use crate::bridge::Client;
+use crate::bridge::{config, eventually, Bridge, Client};
 use crate::bridge_actions::{subscribed, witness, Rig, WAIT};
+use crate::harness::{FaultProxy, Mosquitto, Redis};
+use crate::ops::{get, sample};
 
 /// A route on `d/{id}` with `middleware` (TOML lines of the route) that counts each message
 /// it lets through in `out:{id}` and remembers the last payload in `last:{id}`; then the
@@ -379,6 +382,16 @@ async fn with_redis_down_fallback_deny_forwards_nothing() {
 
 // ---- dedup ----------------------------------------------------------------------------
 
+/// Waits for `key` to hold a done mark of the bridge under test (`done:<client_id>:<nonce>`,
+/// so a retry can tell its own write from another's).
+pub async fn assert_done(rig: &mut Rig, key: &str) {
+    let mark = rig.text(key).await;
+    assert!(
+        mark.starts_with("done:bridge-under-test:"),
+        "{key} holds {mark:?}, not our done mark"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_dedup_key_twice_is_a_duplicate_written_once() {
     let mut rig = Rig::start(&counted(
@@ -390,7 +403,7 @@ async fn the_same_dedup_key_twice_is_a_duplicate_written_once() {
     rig.publish("d/a", r#"{"seq":2}"#).await;
     rig.settle(3).await;
     assert_eq!(count(&mut rig, "out:a"), 2, "seq 1 once, seq 2 once");
-    assert_eq!(rig.text("dedup:a:1").await, "done");
+    assert_done(&mut rig, "dedup:a:1").await;
     let pttl: i64 = rig.conn.pttl("dedup:a:1").expect("PTTL");
     assert!(
         (500_000..=600_000).contains(&pttl),
@@ -416,7 +429,7 @@ async fn with_rate_limit_and_dedup_a_duplicate_is_written_once() {
     rig.publish("d/a", r#"{"seq":1}"#).await;
     rig.settle(2).await;
     assert_eq!(count(&mut rig, "out:a"), 1, "seq 1 written once");
-    assert_eq!(rig.text("dedup:a:1").await, "done");
+    assert_done(&mut rig, "dedup:a:1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -427,7 +440,7 @@ async fn a_message_refused_by_the_rate_limit_leaves_no_dedup_claim_behind() {
     }
     rig.settle(3).await;
     assert_eq!(count(&mut rig, "out:a"), 2, "max = 2 of 3 written");
-    assert_eq!(rig.text("dedup:a:2").await, "done");
+    assert_done(&mut rig, "dedup:a:2").await;
     assert!(
         !rig.exists("dedup:a:3"),
         "the limited message's claim is given back, so a redelivery is not held up"
@@ -447,7 +460,7 @@ async fn with_rate_limit_and_dedup_messages_still_flow_after_redis_forgets_its_s
     rig.publish("d/a", r#"{"seq":2}"#).await;
     rig.settle(2).await;
     assert_eq!(count(&mut rig, "out:a"), 2, "seq 2 written after the flush");
-    assert_eq!(rig.text("dedup:a:2").await, "done");
+    assert_done(&mut rig, "dedup:a:2").await;
     assert!(rig.dead_letters().is_empty(), "nothing failed");
 }
 
@@ -473,7 +486,7 @@ async fn a_dedup_key_leased_by_another_is_claimed_once_the_lease_expires() {
         1,
         "processed after the lease lapsed"
     );
-    assert_eq!(rig.text("dedup:a:1").await, "done");
+    assert_done(&mut rig, "dedup:a:1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -548,4 +561,277 @@ async fn a_dedup_key_holding_a_foreign_value_without_expiry_fails_instead_of_wai
         "something else",
         "a foreign value is left alone"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_key_holding_a_foreign_value_with_a_ttl_fails_at_once_and_the_topic_flows() {
+    let mut rig = Rig::start_with(
+        &counted("dedup = { key = \"dedup:{id}:{json.seq}\" }"),
+        |c| {
+            let () = redis::cmd("SET")
+                .arg("dedup:a:1")
+                .arg("something else")
+                .arg("PX")
+                .arg(3_600_000)
+                .query(c)
+                .expect("SET");
+        },
+    )
+    .await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.publish("d/a", r#"{"seq":2}"#).await;
+    // Within WAIT, not the hour the value has left.
+    rig.settle(2).await;
+    assert_eq!(count(&mut rig, "out:a"), 1, "seq 2 went through");
+    let records = rig.dead_letters();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["reason"], "redis_error");
+    assert!(
+        records[0]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("dedup:a:1")),
+        "{}",
+        records[0]
+    );
+    assert_eq!(
+        rig.text("dedup:a:1").await,
+        "something else",
+        "a foreign value is left alone"
+    );
+    let outcomes = outcomes_until(&rig, "tested", &[("written", 1.0), ("failed", 1.0)]).await;
+    assert_eq!(outcomes, vec![Some(1.0), Some(1.0)]);
+}
+
+// ---- dedup and forwards under faults (spec §6: a write whose reply was lost counts as
+// written and its forwards go out) ---------------------------------------------------------
+
+/// A dedup route on `d/{id}` that appends each message to `list:{id}` and forwards it to
+/// `out/{id}`, then the witness.
+fn dedup_and_forward() -> String {
+    format!(
+        r#"
+[[routes]]
+name = "tested"
+topic = "d/{{id}}"
+qos = 1
+dedup = {{ key = "dedup:{{id}}:{{json.seq}}", ttl = "10m" }}
+[[routes.actions]]
+op = "rpush"
+key = "list:{{id}}"
+[[routes.actions]]
+op = "mqtt_publish"
+topic = "out/{{id}}"
+{witness}"#,
+        witness = witness("d/{id}")
+    )
+}
+
+/// A [`Rig`] whose daemon reaches Redis through a [`FaultProxy`], with `prepare` run on
+/// Redis first, and a listener subscribed to `out/#`.
+async fn behind_a_proxy(
+    routes: &str,
+    prepare: impl FnOnce(&mut redis::Connection),
+) -> (Rig, FaultProxy, Client) {
+    let redis = Redis::start();
+    let broker = Mosquitto::start();
+    let proxy = FaultProxy::start(redis.port());
+    let mut conn = redis.client().get_connection().expect("redis connection");
+    prepare(&mut conn);
+    let through_proxy = config(&redis, &broker, "bridge-under-test", routes)
+        .replace(&redis.url(), &proxy.redis_url());
+    let bridge = Bridge::start(&through_proxy);
+    let client = Client::connect(&broker, "test-publisher").await;
+    let mut rig = Rig {
+        redis,
+        broker,
+        bridge,
+        conn,
+        client,
+    };
+    let mut listener = Client::connect(&rig.broker, "listener").await;
+    listener.subscribe("out/#").await;
+    subscribed(&mut rig, &mut listener, "out/probe").await;
+    (rig, proxy, listener)
+}
+
+/// Polls /metrics until route `route` shows each (outcome, value) or WAIT passes; the
+/// values last seen, in order.
+async fn outcomes_until(rig: &Rig, route: &str, expected: &[(&str, f64)]) -> Vec<Option<f64>> {
+    let addr = latest_http_addr(&rig.bridge);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, metrics) = get(addr, "/metrics").await;
+        let seen: Vec<Option<f64>> = expected
+            .iter()
+            .map(|(outcome, _)| {
+                sample(
+                    &metrics,
+                    &format!(
+                        r#"routemq_bridge_messages_total{{route="{route}",outcome="{outcome}"}}"#
+                    ),
+                )
+            })
+            .collect();
+        let wanted: Vec<Option<f64>> = expected.iter().map(|(_, v)| Some(*v)).collect();
+        if seen == wanted || Instant::now() > deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The HTTP address of the process last started (after a restart the log holds both).
+fn latest_http_addr(bridge: &Bridge) -> std::net::SocketAddr {
+    let log = bridge.log_text();
+    let needle = "http listening on ";
+    let start = log
+        .rfind(needle)
+        .expect("the bridge logged its HTTP address")
+        + needle.len();
+    let addr: String = log[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace())
+        .collect();
+    addr.parse().expect("an address")
+}
+
+/// The next forward's payload, or a failure naming what was expected.
+async fn next_forward(listener: &mut Client, expected: &str) -> String {
+    let got = listener
+        .next_message(WAIT)
+        .await
+        .unwrap_or_else(|| panic!("no forward (expected {expected})"));
+    assert_eq!(got.topic, "out/a");
+    String::from_utf8(got.payload.to_vec()).expect("utf-8 forward")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_transaction_whose_reply_is_lost_with_the_connection_is_written_and_forwarded() {
+    let (mut rig, proxy, mut listener) = behind_a_proxy(&dedup_and_forward(), |_| {}).await;
+    // The transaction reaches Redis; its reply is lost with the connection.
+    proxy.drop_after_request(b"EXEC");
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.settle(1).await;
+    assert_eq!(proxy.fired(), 1, "the fault happened");
+    assert_eq!(next_forward(&mut listener, "seq 1").await, r#"{"seq":1}"#);
+    let list: Vec<String> = rig.conn.lrange("list:a", 0, -1).expect("LRANGE");
+    assert_eq!(list, vec![r#"{"seq":1}"#.to_string()], "written once");
+
+    // A retransmission of seq 1 is still a duplicate, not forwarded: the next forward the
+    // listener sees is seq 2's (forwards leave in order).
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.publish("d/a", r#"{"seq":2}"#).await;
+    rig.settle(3).await;
+    assert_eq!(next_forward(&mut listener, "seq 2").await, r#"{"seq":2}"#);
+    let len: i64 = rig.conn.llen("list:a").expect("LLEN");
+    assert_eq!(len, 2);
+    let outcomes = outcomes_until(&rig, "tested", &[("written", 2.0), ("duplicate", 1.0)]).await;
+    assert_eq!(outcomes, vec![Some(2.0), Some(1.0)]);
+    assert!(rig.dead_letters().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedup_transaction_whose_reply_timed_out_is_written_and_forwarded() {
+    let (mut rig, proxy, mut listener) = behind_a_proxy(&dedup_and_forward(), |_| {}).await;
+    // Held past the bridge's socket_timeout (2 s): a timeout first, then the drop.
+    proxy.stall_then_drop_after_request(b"EXEC", Duration::from_secs(3));
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.settle(1).await;
+    assert_eq!(proxy.fired(), 1, "the fault happened");
+    assert_eq!(next_forward(&mut listener, "seq 1").await, r#"{"seq":1}"#);
+    let len: i64 = rig.conn.llen("list:a").expect("LLEN");
+    assert_eq!(len, 1, "written once");
+    let outcomes = outcomes_until(&rig, "tested", &[("written", 1.0)]).await;
+    assert_eq!(outcomes, vec![Some(1.0)]);
+    let (_, metrics) = get(latest_http_addr(&rig.bridge), "/metrics").await;
+    let timeouts = sample(
+        &metrics,
+        r#"routemq_bridge_redis_errors_total{kind="timeout"}"#,
+    );
+    assert!(
+        timeouts.is_some_and(|n| n >= 1.0),
+        "the bridge saw a timeout: {timeouts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_after_a_crash_between_the_write_and_the_forwards_sends_the_forwards() {
+    let message = r#"{"seq":1}"#;
+    // What `kill -9` right after EXEC leaves behind: the write, and the mark of a
+    // transaction whose forwards had not gone out.
+    let before_crash = Marks::new(
+        "lease:bridge-under-test:dead".to_string(),
+        Some(("tested", "d/a", message.as_bytes())),
+    );
+    let (mut rig, _proxy, mut listener) = behind_a_proxy(&dedup_and_forward(), |c| {
+        let _: i64 = c.rpush("list:a", message).expect("RPUSH");
+        let () = redis::cmd("SET")
+            .arg("dedup:a:1")
+            .arg(before_crash.written())
+            .arg("PX")
+            .arg(600_000)
+            .query(c)
+            .expect("SET");
+    })
+    .await;
+    rig.publish("d/a", message).await;
+    rig.settle(1).await;
+    assert_eq!(next_forward(&mut listener, "seq 1").await, message);
+    let len: i64 = rig.conn.llen("list:a").expect("LLEN");
+    assert_eq!(len, 1, "not written again");
+    let outcomes = outcomes_until(&rig, "tested", &[("written", 1.0)]).await;
+    assert_eq!(outcomes, vec![Some(1.0)]);
+    let mark = rig.text("dedup:a:1").await;
+    assert!(
+        mark.starts_with("done:bridge-under-test:") && !mark.contains(":fwd:"),
+        "finished once the forwards are out: {mark}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_killed_between_the_write_and_the_forwards_forwards_after_the_restart() {
+    let (mut rig, proxy, mut listener) = behind_a_proxy(&dedup_and_forward(), |_| {}).await;
+    // The transaction is applied; its reply is held while the bridge waits for it…
+    proxy.stall_then_drop_after_request(b"EXEC", Duration::from_secs(60));
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    let conn = &mut rig.conn;
+    let applied = eventually(WAIT, || {
+        conn.llen::<_, i64>("list:a")
+            .ok()
+            .filter(|n| *n == 1)
+            .filter(|_| proxy.fired() == 1)
+    })
+    .await;
+    assert_eq!(applied, Some(1), "the transaction reached Redis");
+    // …and the bridge dies before its forward. The broker redelivers to the new process.
+    rig.bridge.kill();
+    rig.bridge.spawn();
+    rig.settle(1).await;
+    assert_eq!(next_forward(&mut listener, "seq 1").await, r#"{"seq":1}"#);
+    let len: i64 = rig.conn.llen("list:a").expect("LLEN");
+    assert_eq!(len, 1, "not written again");
+    let outcomes = outcomes_until(&rig, "tested", &[("written", 1.0)]).await;
+    assert_eq!(outcomes, vec![Some(1.0)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_mark_of_the_same_message_is_a_duplicate_and_not_forwarded() {
+    let (mut rig, _proxy, mut listener) = behind_a_proxy(&dedup_and_forward(), |c| {
+        let () = redis::cmd("SET")
+            .arg("dedup:a:1")
+            .arg("done:other-bridge:abc")
+            .arg("PX")
+            .arg(600_000)
+            .query(c)
+            .expect("SET");
+    })
+    .await;
+    rig.publish("d/a", r#"{"seq":1}"#).await;
+    rig.publish("d/a", r#"{"seq":2}"#).await;
+    rig.settle(2).await;
+    assert_eq!(next_forward(&mut listener, "seq 2").await, r#"{"seq":2}"#);
+    let list: Vec<String> = rig.conn.lrange("list:a", 0, -1).expect("LRANGE");
+    assert_eq!(list, vec![r#"{"seq":2}"#.to_string()]);
+    let outcomes = outcomes_until(&rig, "tested", &[("written", 1.0), ("duplicate", 1.0)]).await;
+    assert_eq!(outcomes, vec![Some(1.0), Some(1.0)]);
 }

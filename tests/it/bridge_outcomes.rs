@@ -8,6 +8,7 @@ use redis::Commands;
 use serde_json::Value;
 
 use crate::bridge_actions::{Rig, WAIT};
+use crate::bridge_middleware::assert_done;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -242,7 +243,7 @@ key = "list:{id}"
     })
     .await;
     assert_eq!(list, Some(vec![message.to_string()]));
-    assert_eq!(rig.text("dedup:a:1").await, "done");
+    assert_done(&mut rig, "dedup:a:1").await;
     // And now it is a duplicate.
     rig.publish("d/a", message).await;
     rig.publish("d/a", r#"{"seq":2}"#).await;

@@ -7,9 +7,12 @@
 #![allow(dead_code)] // each test module uses a different part of the harness
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -505,4 +508,215 @@ impl Pki {
             key = self.server_key().display(),
         )
     }
+}
+
+/// A TCP forwarder on a free loopback port in front of a real server (usually Redis), that a
+/// test can tell to fail the way networks fail: drop every connection now, drop them right
+/// after a chosen request got through (so the server acted but the client never hears the
+/// reply), or swallow everything both ways (a black hole: no RST, no answer). Plain threads,
+/// so it works under any test runtime; every socket closes when it drops.
+pub struct FaultProxy {
+    port: u16,
+    shared: Arc<ProxyShared>,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+/// What the proxy's threads share.
+#[derive(Default)]
+struct ProxyShared {
+    /// Both sockets of every open connection, to shut them down from outside.
+    connections: Mutex<Vec<(TcpStream, TcpStream)>>,
+    blackhole: AtomicBool,
+    stopping: AtomicBool,
+    /// Armed by [`FaultProxy::drop_after_request`]: the request to wait for.
+    trigger: Mutex<Option<Trigger>>,
+    /// How many times the trigger fired.
+    fired: AtomicUsize,
+}
+
+/// A one-shot fault: after a request containing `pattern`, hold the reply for `stall`, then
+/// drop every connection instead of forwarding it.
+struct Trigger {
+    pattern: Vec<u8>,
+    stall: Duration,
+}
+
+impl ProxyShared {
+    fn drop_all(&self) {
+        let connections = std::mem::take(&mut *self.connections.lock().expect("proxy lock"));
+        for (client, server) in connections {
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = server.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+impl FaultProxy {
+    /// Starts forwarding a free loopback port to `127.0.0.1:target_port`.
+    pub fn start(target_port: u16) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the proxy port");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let shared = Arc::new(ProxyShared::default());
+        let accepting = shared.clone();
+        let acceptor = std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if accepting.stopping.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(client) = client else { continue };
+                // The target down: the client sees its connection closed, as it would.
+                let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                // One handle per pump direction and one for `drop_all`.
+                let (Ok(client2), Ok(server2), Ok(client3), Ok(server3)) = (
+                    client.try_clone(),
+                    server.try_clone(),
+                    client.try_clone(),
+                    server.try_clone(),
+                ) else {
+                    continue;
+                };
+                accepting
+                    .connections
+                    .lock()
+                    .expect("proxy lock")
+                    .push((client3, server3));
+                // Set by the upstream pump when the armed request went through on this
+                // connection; read by the downstream pump.
+                let requested = Arc::new(AtomicBool::new(false));
+                // Set when the client side ends (e.g. the client was killed).
+                let closed = Arc::new(AtomicBool::new(false));
+                let (up, down) = (accepting.clone(), accepting.clone());
+                let (seen, closing) = (requested.clone(), closed.clone());
+                std::thread::spawn(move || {
+                    pump(client, server, &up, |chunk| {
+                        let armed = up.trigger.lock().expect("proxy lock");
+                        if armed.as_ref().is_some_and(|t| contains(chunk, &t.pattern)) {
+                            seen.store(true, Ordering::SeqCst);
+                        }
+                        true
+                    });
+                    closing.store(true, Ordering::SeqCst);
+                });
+                std::thread::spawn(move || {
+                    pump(server2, client2, &down, |_| {
+                        if !requested.load(Ordering::SeqCst) {
+                            return true;
+                        }
+                        // The first reply after the request: lost with the connection.
+                        let fired = down.trigger.lock().expect("proxy lock").take();
+                        if let Some(trigger) = fired {
+                            down.fired.fetch_add(1, Ordering::SeqCst);
+                            // Held back here, so is every later reply on this connection —
+                            // until the stall ends or the client goes away (then the others
+                            // are left alone).
+                            let until = Instant::now() + trigger.stall;
+                            while Instant::now() < until && !closed.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            if !closed.load(Ordering::SeqCst) {
+                                down.drop_all();
+                            }
+                            return false;
+                        }
+                        true
+                    })
+                });
+            }
+        });
+        FaultProxy {
+            port,
+            shared,
+            acceptor: Some(acceptor),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://` URL of the proxy.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every open connection now (both sides); new ones are still accepted.
+    pub fn drop_connections(&self) {
+        self.shared.drop_all();
+    }
+
+    /// While on, the proxy accepts and reads but forwards nothing either way.
+    pub fn blackhole(&self, on: bool) {
+        self.shared.blackhole.store(on, Ordering::SeqCst);
+    }
+
+    /// Arms a one-shot fault: once a client→server chunk containing `pattern` (e.g.
+    /// `b"EXEC"`) was forwarded, the next server→client chunk on that connection is not
+    /// forwarded, and every connection is dropped instead. The server got the request and
+    /// acted on it; the client never hears the reply.
+    pub fn drop_after_request(&self, pattern: &[u8]) {
+        self.stall_then_drop_after_request(pattern, Duration::ZERO);
+    }
+
+    /// Like [`FaultProxy::drop_after_request`], but the reply is first held for `stall`
+    /// (longer than the client's timeout: the client sees a timeout, then the drop). A
+    /// client that goes away meanwhile (killed while it waits) ends the stall, and then
+    /// only its own connection is closed.
+    pub fn stall_then_drop_after_request(&self, pattern: &[u8], stall: Duration) {
+        *self.shared.trigger.lock().expect("proxy lock") = Some(Trigger {
+            pattern: pattern.to_vec(),
+            stall,
+        });
+    }
+
+    /// How many times [`FaultProxy::drop_after_request`] fired (counted as soon as the
+    /// reply is held back).
+    pub fn fired(&self) -> usize {
+        self.shared.fired.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::SeqCst);
+        // Wakes the blocking accept so the thread sees `stopping`.
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        self.shared.drop_all();
+    }
+}
+
+/// Copies `from` to `to` chunk by chunk while `pass(chunk)` says so (false: the chunk is
+/// not forwarded and the pump ends); black-holed chunks are read and discarded. Ends with
+/// either side, closing both.
+fn pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    shared: &ProxyShared,
+    mut pass: impl FnMut(&[u8]) -> bool,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if shared.blackhole.load(Ordering::SeqCst) {
+            continue;
+        }
+        if !pass(&buf[..n]) || to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }

@@ -1,6 +1,7 @@
-//! The harness itself: services start on private ports and come back on the same port.
+//! The harness itself: services start on private ports and come back on the same port; the
+//! fault proxy forwards, drops and black-holes on demand.
 
-use crate::harness::{Mosquitto, Redis};
+use crate::harness::{FaultProxy, Mosquitto, Redis};
 
 #[test]
 fn redis_restarts_on_the_same_port() {
@@ -26,4 +27,82 @@ fn mosquitto_starts_and_restarts() {
     broker.stop();
     broker.start_again();
     assert!(std::net::TcpStream::connect(("127.0.0.1", broker.port())).is_ok());
+}
+
+/// One raw RESP exchange on `stream`: the reply's first chunk, or the error (a dropped
+/// connection reads as end of file or a reset).
+fn exchange(stream: &mut std::net::TcpStream, request: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    stream.write_all(request)?;
+    let mut buf = [0u8; 1024];
+    let n = stream.read(&mut buf)?;
+    if n == 0 {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(buf[..n].to_vec())
+}
+
+fn connect(proxy: &FaultProxy) -> std::net::TcpStream {
+    let stream = std::net::TcpStream::connect(("127.0.0.1", proxy.port())).expect("connect");
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .expect("read timeout");
+    stream
+}
+
+#[test]
+fn the_fault_proxy_forwards_and_drops_a_reply_after_the_armed_request() {
+    let redis = Redis::start();
+    let proxy = FaultProxy::start(redis.port());
+    let mut stream = connect(&proxy);
+    assert_eq!(
+        exchange(&mut stream, b"PING\r\n").expect("ping"),
+        b"+PONG\r\n"
+    );
+
+    proxy.drop_after_request(b"EXEC");
+    let reply = exchange(&mut stream, b"MULTI\r\nSET k v\r\nEXEC\r\n");
+    assert!(reply.is_err(), "the EXEC reply must not arrive: {reply:?}");
+    assert_eq!(proxy.fired(), 1);
+    // The server acted on it.
+    let mut direct = redis.client().get_connection().expect("direct");
+    let v: String = redis::cmd("GET").arg("k").query(&mut direct).expect("GET");
+    assert_eq!(v, "v");
+    // One-shot: a new connection works, EXEC and all.
+    let mut again = connect(&proxy);
+    let reply = exchange(&mut again, b"MULTI\r\nSET k w\r\nEXEC\r\n").expect("MULTI");
+    assert!(reply.starts_with(b"+OK"), "{reply:?}");
+}
+
+#[test]
+fn the_fault_proxy_drops_connections_and_black_holes_on_demand() {
+    let redis = Redis::start();
+    let proxy = FaultProxy::start(redis.port());
+    let mut stream = connect(&proxy);
+    assert_eq!(
+        exchange(&mut stream, b"PING\r\n").expect("ping"),
+        b"+PONG\r\n"
+    );
+    proxy.drop_connections();
+    assert!(exchange(&mut stream, b"PING\r\n").is_err(), "dropped");
+
+    let mut stream = connect(&proxy);
+    proxy.blackhole(true);
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .expect("read timeout");
+    let err = exchange(&mut stream, b"PING\r\n").expect_err("no answer in a black hole");
+    assert!(
+        matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "silence, not a reset: {err:?}"
+    );
+    proxy.blackhole(false);
+    let mut stream = connect(&proxy);
+    assert_eq!(
+        exchange(&mut stream, b"PING\r\n").expect("ping"),
+        b"+PONG\r\n"
+    );
 }
