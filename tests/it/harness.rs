@@ -338,6 +338,14 @@ impl Mosquitto {
         self.0.spawn();
     }
 
+    /// Sends `sig` to the running broker (SIGSTOP to freeze it with its connections open,
+    /// SIGCONT, SIGHUP to reload its password file).
+    pub fn signal(&self, sig: libc::c_int) {
+        if let Some(child) = &self.0.child {
+            signal(child.id(), sig);
+        }
+    }
+
     pub fn log(&self) -> String {
         self.0.log()
     }

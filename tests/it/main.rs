@@ -10,6 +10,7 @@ mod bridge_mqtt;
 mod bridge_outcomes;
 mod bridge_smoke;
 mod cache;
+mod forwards;
 mod harness;
 mod harness_selftest;
 mod lock;
