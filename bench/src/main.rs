@@ -65,7 +65,8 @@ struct Args {
     /// What to run: drain, live (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "drain,live")]
     parts: Vec<String>,
-    /// Routes for the live runs: b (one set), c (the full route).
+    /// Routes for the live runs: b (one set), c (the full route), f (one set and an
+    /// `mqtt_publish` forward, to measure what confirming forwards costs).
     #[arg(long, value_delimiter = ',', default_value = "b,c")]
     live_routes: Vec<String>,
     /// Where the JSON goes.
@@ -86,6 +87,8 @@ enum RouteKind {
     /// (c): session (required) + sliding-window rate limit that is never hit + dedup +
     /// `set` and `incr`.
     Full,
+    /// (f): (b) plus an `mqtt_publish` forward at QoS 1 (live runs only).
+    Forward,
 }
 
 impl RouteKind {
@@ -93,7 +96,8 @@ impl RouteKind {
         match name {
             "b" => Ok(RouteKind::OneSet),
             "c" => Ok(RouteKind::Full),
-            other => Err(format!("unknown route {other:?}: b or c").into()),
+            "f" => Ok(RouteKind::Forward),
+            other => Err(format!("unknown route {other:?}: b, c or f").into()),
         }
     }
 
@@ -101,6 +105,7 @@ impl RouteKind {
         match self {
             RouteKind::OneSet => "(b) bridge, one set",
             RouteKind::Full => "(c) bridge, session+rate_limit+dedup+2 actions",
+            RouteKind::Forward => "(f) bridge, one set + mqtt_publish",
         }
     }
 
@@ -108,6 +113,7 @@ impl RouteKind {
         match self {
             RouteKind::OneSet => "b",
             RouteKind::Full => "c",
+            RouteKind::Forward => "f",
         }
     }
 
@@ -125,6 +131,23 @@ payload = "json"
   [[routes.actions]]
   op = "set"
   key = "bench:msg:{device_id}:{json.seq}"
+"#
+            }
+            RouteKind::Forward => {
+                r#"
+[[routes]]
+name = "bench"
+topic = "bench/{device_id}/data"
+qos = 1
+payload = "json"
+
+  [[routes.actions]]
+  op = "set"
+  key = "bench:msg:{device_id}:{json.seq}"
+
+  [[routes.actions]]
+  op = "mqtt_publish"
+  topic = "bench-forward/{device_id}"
 "#
             }
             RouteKind::Full => {
@@ -171,7 +194,7 @@ payload = "json"
     fn expected_keys(self, messages: u64, devices: u64, exact_limiter: bool) -> u64 {
         let used = devices.min(messages);
         match self {
-            RouteKind::OneSet => messages,
+            RouteKind::OneSet | RouteKind::Forward => messages,
             // message keys + dedup marks + sessions + counters (+ rate-limit sets)
             RouteKind::Full => 2 * messages + devices + used + u64::from(exact_limiter) * used,
         }
