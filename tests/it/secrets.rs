@@ -296,9 +296,12 @@ cluster = ["redis://:{SECRET}@127.0.0.1:7000"]
     }
 
     // `Debug` of what the library loads, good and bad.
-    let env: HashMap<String, String> = HashMap::new();
-    for Case { label, .. } in &cases {
+    for Case { label, env, .. } in &cases {
         let path = dir.join(format!("{label}.toml"));
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         let loaded = routemq_bridge::config::BridgeConfig::compile(&path, &env);
         match loaded {
             Ok((config, _)) => {
