@@ -104,7 +104,8 @@ impl Bridge {
         Self::start_unready_with_env(config, &[])
     }
 
-    fn start_unready_with_env(config: &str, env: &[(&str, &str)]) -> Bridge {
+    /// Like [`Bridge::start_unready`], with extra environment variables.
+    pub fn start_unready_with_env(config: &str, env: &[(&str, &str)]) -> Bridge {
         let dir = tempfile::Builder::new()
             .prefix("routemq-bridge-test-")
             .tempdir()

@@ -539,6 +539,34 @@ async fn daemon_outputs(seen: &mut Seen) {
     let run = start_run(seen, "credentials", &broker, &mut conn, &toml, &env).await;
     run.finish(seen, &mut conn).await;
 
+    // Wrong passwords (holding the secret): Redis and the broker refuse them, and the
+    // refusals are logged, retried, and shown by /readyz and /metrics.
+    let wrong = format!("{SECRET}-wrong");
+    let toml = base(
+        "secrets-refused",
+        &format!("username = \"bridge\"\npassword = \"{wrong}\""),
+    )
+    .replacen(
+        "[redis]\n",
+        &format!("[redis]\npassword = \"{wrong}\"\n"),
+        1,
+    );
+    let mut bridge = Bridge::start_unready_with_env(&toml, &[("RUST_LOG", "trace")]);
+    for needle in ["NotAuthorized", "AuthenticationFailed"] {
+        assert!(
+            bridge.wait_for_log(needle, WAIT),
+            "refused: no {needle:?} in the log:\n{}",
+            bridge.log_text()
+        );
+    }
+    let addr = http_addr(&bridge);
+    for path in ["/readyz", "/metrics"] {
+        let (_, body) = get(addr, path).await;
+        seen.add(format!("refused: {path}"), body);
+    }
+    assert!(bridge.terminate(WAIT).success(), "refused: exit status");
+    seen.add("refused: log (stdout and stderr)", bridge.log_text());
+
     // A Redis Cluster (one node holding every slot) whose seed URL carries the password:
     // the cluster client of redis-rs logs at debug and trace.
     let cluster = Redis::start_with(&["--requirepass", SECRET, "--cluster-enabled", "yes"]);
