@@ -30,7 +30,9 @@ const PAYLOAD_MARK: &str = "Pay10ad-Mark";
 const WAIT: Duration = Duration::from_secs(20);
 
 /// A JSON route: a payload that is not JSON is `invalid` and dead-lettered; a key of the
-/// wrong type makes the write `failed`, with Redis' error as the record's detail.
+/// wrong type makes the write `failed`, with Redis' error as the record's detail. The
+/// forward and the republish rule open the bridge's second MQTT connection and a dedicated
+/// Redis connection, both with the credentials.
 const ROUTE: &str = r#"
 [[routes]]
 name = "secret-route"
@@ -39,6 +41,17 @@ payload = "json"
 [[routes.actions]]
 op = "rpush"
 key = "k:{device}"
+[[routes.actions]]
+op = "mqtt_publish"
+topic = "fwd/{device}"
+payload = "{payload}"
+qos = 1
+
+[[republish]]
+name = "secret-republish"
+source = "pubsub"
+channel = "events"
+topic = "out/events"
 "#;
 
 /// Everything the bridge said, labelled by where it came from.
@@ -374,6 +387,17 @@ async fn start_run(
         addr,
         publisher,
     };
+    // A written message and its forward, over the second connection.
+    run.publisher.subscribe("fwd/#").await;
+    run.publisher
+        .publish("s/d1/data", b"{\"v\":1}".to_vec())
+        .await;
+    let forward = run.publisher.next_message(WAIT).await;
+    assert!(
+        forward.is_some_and(|p| p.topic == "fwd/d1"),
+        "{label}: no forward; log:\n{}",
+        run.bridge.log_text()
+    );
     run.dead_letter(conn, "s/d1/data", b"not json").await;
     run
 }
