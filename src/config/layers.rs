@@ -215,10 +215,27 @@ pub(crate) fn seed_layer(
     let mut ok = true;
     let host = match broker {
         Some(b) if b.contains("://") => {
+            // Redacted: a URL may carry a password (spec §8).
             errors.push(var_error(
                 "MQTT_BROKER",
                 "mqtt.url",
-                format!("expected a host name, found a URL {b:?}; put URLs in {PREFIX}MQTT__URL"),
+                format!(
+                    "expected a host name, found a URL {:?}; put URLs in {PREFIX}MQTT__URL",
+                    super::redact_url(b)
+                ),
+            ));
+            ok = false;
+            String::new()
+        }
+        Some(b) if b.contains('@') => {
+            errors.push(var_error(
+                "MQTT_BROKER",
+                "mqtt.url",
+                format!(
+                    "expected a host name, found user info {:?}; set MQTT_USERNAME and \
+                     MQTT_PASSWORD instead",
+                    super::redact_url(b)
+                ),
             ));
             ok = false;
             String::new()

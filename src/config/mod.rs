@@ -23,7 +23,7 @@ use figment::Figment;
 pub use error::{ConfigError, ConfigErrors};
 pub use layers::{CONFIG_VAR, CREDENTIALS_DIRECTORY, PREFIX};
 pub use reader::RawTable;
-pub use secret::Secret;
+pub use secret::{is_scheme, redact_url, Secret};
 pub use sections::{DeadLetterConfig, HttpConfig, LimitsConfig, LogConfig, LogFormat};
 
 use crate::mqtt::MqttConfig;

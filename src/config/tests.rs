@@ -558,7 +558,8 @@ fn cluster_nodes_come_from_an_array_or_a_comma_list() {
             "redis://n1:7000, redis://n2:7000",
         )],
     );
-    assert_eq!(c.redis.cluster, ["redis://n1:7000", "redis://n2:7000"]);
+    let nodes: Vec<&str> = c.redis.cluster.iter().map(|n| n.expose()).collect();
+    assert_eq!(nodes, ["redis://n1:7000", "redis://n2:7000"]);
 }
 
 // --- secrets --------------------------------------------------------------------------
@@ -650,6 +651,57 @@ fn debug_output_never_contains_passwords() {
     );
     let debug = format!("{c:?}");
     assert!(!debug.contains("hunter2"), "{debug}");
+}
+
+#[test]
+fn cluster_node_urls_print_redacted() {
+    let c = load("[redis]\ncluster = [\"redis://:hunter2@n1:7000\"]\n", &[]);
+    let debug = format!("{:?}", c.redis);
+    assert!(
+        debug.contains("<redacted>") && !debug.contains("hunter2"),
+        "{debug}"
+    );
+}
+
+/// Every error about a URL that carries a password, from every place a URL comes from.
+#[test]
+fn url_errors_never_print_the_password() {
+    let bad_file = [
+        "[mqtt]\nurl = \"mqtt://u:hunter2@h:notaport\"\n",
+        "[mqtt]\nurl = \"mqtts://u:hunter2@h:8883\"\n",
+        "[mqtt]\nurl = \"u:hunter2@h:1883\"\n",
+        "[redis]\nurl = \"redis://:hunter2@h:notaport\"\n",
+        "[redis]\nurl = \"redis:hunter2@h://x\"\n",
+        "[redis]\ncluster = [\"redis://:hunter2@h:notaport\"]\n",
+        "[redis]\ncluster = [\"redis:hunter2@h://x\"]\n",
+    ];
+    let bad_env = [
+        ("MQTT_BROKER", "mqtt://u:hunter2@h"),
+        ("MQTT_BROKER", "u:hunter2@h"),
+        ("ROUTEMQ_BRIDGE_MQTT__URL", "mqtt://u:hunter2@h:notaport"),
+        ("REDIS_URL", "redis://:hunter2@h:notaport"),
+        ("ROUTEMQ_BRIDGE_REDIS__URL", "redis://:hunter2@h:notaport"),
+        (
+            "ROUTEMQ_BRIDGE_REDIS__CLUSTER",
+            "redis://:hunter2@h:notaport",
+        ),
+    ];
+    let cases = bad_file
+        .iter()
+        .map(|toml| errors(toml, &[]))
+        .chain(bad_env.iter().map(|var| errors("", &[*var])));
+    for (errs, _) in cases {
+        let text = format!("{errs:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+    // The operator still learns which URL it was, and what to do.
+    let (errs, _) = errors("[mqtt]\nurl = \"mqtt://u:hunter2@h:1883\"\n", &[]);
+    assert!(
+        errs[0].message.contains("\"mqtt://<redacted>@h:1883\"")
+            && errs[0].message.contains("mqtt.username"),
+        "{}",
+        errs[0].message
+    );
 }
 
 // --- routes and the example ------------------------------------------------------------

@@ -6,7 +6,7 @@ use std::time::Duration;
 use figment::value::Value;
 
 use crate::config::reader::{found, FromValue, Table};
-use crate::config::Secret;
+use crate::config::{redact_url, Secret};
 
 /// MQTT protocol version spoken to the broker.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -195,32 +195,40 @@ impl Default for BrokerAddress {
 }
 
 impl BrokerAddress {
+    /// Messages name the URL with its userinfo redacted: a URL with a password is refused,
+    /// and the refusal must not print the password (spec §8).
     pub fn parse(url: &str) -> Result<BrokerAddress, String> {
+        let shown = redact_url(url);
         let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtt://") {
             (false, rest)
         } else if let Some(rest) = url.strip_prefix("mqtts://") {
             (true, rest)
         } else {
             return Err(format!(
-                "expected a URL starting with mqtt:// or mqtts://, found {url:?}"
+                "expected a URL starting with mqtt:// or mqtts://, found {shown:?}"
             ));
         };
         let rest = rest.strip_suffix('/').unwrap_or(rest);
-        if rest.contains(['/', '?', '@', '#']) {
+        if rest.contains('@') {
             return Err(format!(
-                "expected mqtt[s]://host[:port] without path, query or credentials (use \
-                 username and password), found {url:?}"
+                "credentials do not go in the URL: set mqtt.username and mqtt.password (or \
+                 password_file), found {shown:?}"
+            ));
+        }
+        if rest.contains(['/', '?', '#']) {
+            return Err(format!(
+                "expected mqtt[s]://host[:port] without path or query, found {shown:?}"
             ));
         }
         let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
             let (host, after) = bracketed
                 .split_once(']')
-                .ok_or_else(|| format!("unclosed '[' in {url:?}"))?;
+                .ok_or_else(|| format!("unclosed '[' in {shown:?}"))?;
             match after {
                 "" => (host, None),
                 _ => match after.strip_prefix(':') {
                     Some(port) => (host, Some(port)),
-                    None => return Err(format!("unexpected {after:?} after ']' in {url:?}")),
+                    None => return Err(format!("unexpected {after:?} after ']' in {shown:?}")),
                 },
             }
         } else {
@@ -230,7 +238,7 @@ impl BrokerAddress {
             }
         };
         if host.is_empty() {
-            return Err(format!("no host in {url:?}"));
+            return Err(format!("no host in {shown:?}"));
         }
         let port = match port {
             None if tls => 8883,
@@ -239,7 +247,7 @@ impl BrokerAddress {
                 Ok(n) if n > 0 => n,
                 _ => {
                     return Err(format!(
-                        "expected a port number 1..=65535, found {p:?} in {url:?}"
+                        "expected a port number 1..=65535, found {p:?} in {shown:?}"
                     ))
                 }
             },

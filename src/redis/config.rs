@@ -31,8 +31,8 @@ pub struct RedisConfig {
     /// Timeout of one connection attempt (`REDIS_SOCKET_CONNECT_TIMEOUT`).
     pub socket_connect_timeout: Duration,
     /// Redis Cluster seed nodes (`redis.cluster = ["redis://n1:7000", ...]`); empty for a
-    /// single server.
-    pub cluster: Vec<String>,
+    /// single server. Kept secret like `url`: a node URL may hold a password.
+    pub cluster: Vec<Secret>,
 }
 
 impl Default for RedisConfig {
@@ -86,7 +86,7 @@ impl RedisConfig {
                 for (i, node) in nodes.iter().enumerate() {
                     check_url(node).map_err(|e| format!("node {i}: {e}"))?;
                 }
-                Ok(nodes)
+                Ok(nodes.into_iter().map(Secret::new).collect())
             })
             .unwrap_or(d.cluster);
         t.finish();
@@ -114,12 +114,13 @@ fn check_url(url: &str) -> Result<(), String> {
     }
     match url.split_once("://") {
         Some(("redis" | "rediss", _)) => {}
-        Some((scheme, _)) => {
+        // Only a scheme is quoted: what stands before a stray `://` may be a password.
+        Some((scheme, _)) if crate::config::is_scheme(scheme) => {
             return Err(format!(
                 "expected a URL starting with redis:// or rediss://, found scheme {scheme:?}"
             ))
         }
-        None => return Err("expected a URL starting with redis:// or rediss://".to_string()),
+        _ => return Err("expected a URL starting with redis:// or rediss://".to_string()),
     }
     ::redis::IntoConnectionInfo::into_connection_info(url)
         .map(|_| ())

@@ -98,7 +98,7 @@ impl Target {
                 .cluster
                 .iter()
                 .map(|node| {
-                    node.as_str()
+                    node.expose()
                         .into_connection_info()
                         .map_err(|e| Error::Invalid(format!("redis cluster node: {e}")))
                 })

@@ -329,7 +329,7 @@ impl RedisManager {
         let info = match config.cluster.first() {
             Some(first) => {
                 let single = RedisConfig {
-                    url: Some(crate::config::Secret::new(first.clone())),
+                    url: Some(first.clone()),
                     cluster: Vec::new(),
                     ..config.clone()
                 };

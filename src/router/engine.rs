@@ -558,7 +558,8 @@ impl Engine {
         match result {
             Ok(()) => events::dead_lettered(reason),
             Err(e) => {
-                tracing::error!(route = %route.name, error = %e, record, "could not write the dead letter")
+                // Not the record: it holds the device's payload, which is no log's business.
+                tracing::error!(route = %route.name, reason = reason.as_str(), error = %e, "could not write the dead letter")
             }
         }
     }

@@ -56,6 +56,22 @@ struct Log {
     grew: Condvar,
 }
 
+impl Log {
+    /// Appends every line `pipe` yields, from a thread of its own.
+    fn collect(self: &Arc<Self>, pipe: impl std::io::Read + Send + 'static) {
+        let log = self.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                let mut text = log.text.lock().unwrap_or_else(|p| p.into_inner());
+                text.push_str(&line);
+                text.push('\n');
+                log.grew.notify_all();
+            }
+        });
+    }
+}
+
 /// A running daemon.
 pub struct Bridge {
     child: Option<Child>,
@@ -88,7 +104,8 @@ impl Bridge {
         Self::start_unready_with_env(config, &[])
     }
 
-    fn start_unready_with_env(config: &str, env: &[(&str, &str)]) -> Bridge {
+    /// Like [`Bridge::start_unready`], with extra environment variables.
+    pub fn start_unready_with_env(config: &str, env: &[(&str, &str)]) -> Bridge {
         let dir = tempfile::Builder::new()
             .prefix("routemq-bridge-test-")
             .tempdir()
@@ -127,21 +144,16 @@ impl Bridge {
             .env_remove("JOURNAL_STREAM")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start routemq-bridge");
+        // The daemon logs to stderr and prints nothing on stdout; stdout is kept anyway,
+        // so a test that greps "everything it said" (secrets) sees both.
+        let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
-        let log = self.log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let mut text = log.text.lock().unwrap_or_else(|p| p.into_inner());
-                text.push_str(&line);
-                text.push('\n');
-                log.grew.notify_all();
-            }
-        });
+        self.log.collect(stdout);
+        self.log.collect(stderr);
         self.spawned_at = self.log_text().len();
         self.child = Some(child);
     }

@@ -21,5 +21,6 @@ mod redis_manager;
 mod redis_refusals;
 mod redis_tls;
 mod republish;
+mod secrets;
 mod session;
 mod vendored_rumqttc;
