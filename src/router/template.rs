@@ -16,6 +16,8 @@ use regex::Regex;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::json::push_json_text;
+
 /// Where a template's output goes: decides what it may contain and what gets checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -529,25 +531,6 @@ fn unix(now: SystemTime) -> std::time::Duration {
     now.duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
-/// Strings as they are, everything else as compact JSON (spec §5.1); actions spread JSON
-/// the same way.
-pub(crate) fn json_text(value: &Value) -> Cow<'_, str> {
-    match value {
-        Value::String(s) => Cow::Borrowed(s),
-        other => Cow::Owned(other.to_string()),
-    }
-}
-
-/// [`json_text`], appended to `out` without an intermediate copy.
-fn push_json_text(out: &mut String, value: &Value) {
-    match value {
-        Value::String(s) => out.push_str(s),
-        other => {
-            let _ = write!(out, "{other}");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -643,6 +626,41 @@ mod tests {
         assert!(Constraint::new("(?x)[a-z]+ # letters\n").is_ok());
         let err = Constraint::new("[a-z").unwrap_err();
         assert!(err.contains("[a-z") && !err.contains("(?:"), "{err}");
+    }
+
+    #[test]
+    fn json_values_keep_their_digits_and_key_order() {
+        let s = scope(&[], &[]);
+        let key = Template::compile("dev:{json.id}", Target::Key, &s).unwrap();
+        let value =
+            Template::compile("{json.id}|{json.f}|{json.o}|{json.l}", Target::Value, &s).unwrap();
+        let render = |t: &Template, payload: &str| {
+            let json: Value = serde_json::from_str(payload).unwrap();
+            let mut ctx = Context::new("t", payload.as_bytes());
+            ctx.json = Some(&json);
+            t.render(&ctx).unwrap()
+        };
+        // Two devices whose ids differ beyond f64's 17 digits must not share a key.
+        assert_eq!(
+            render(&key, r#"{"id": 123456789012345678901}"#),
+            "dev:123456789012345678901"
+        );
+        assert_eq!(
+            render(&key, r#"{"id": 123456789012345678902}"#),
+            "dev:123456789012345678902"
+        );
+        assert_eq!(
+            render(&key, r#"{"id": -123456789012345678901234567890}"#),
+            "dev:-123456789012345678901234567890"
+        );
+        assert_eq!(
+            render(
+                &value,
+                r#"{"id": 18446744073709551616, "f": 1.10,
+                    "o": { "z" : 1 , "a" : [ 2.50 , -0.0 ] , "m" : { } }, "l": [ 1.0, "x" ]}"#
+            ),
+            r#"18446744073709551616|1.10|{"z":1,"a":[2.50,-0.0],"m":{}}|[1.0,"x"]"#
+        );
     }
 
     #[test]
