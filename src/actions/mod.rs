@@ -14,7 +14,8 @@ use std::time::Duration;
 use ::redis::Pipeline;
 use serde_json::{Map, Value};
 
-use crate::router::template::{json_text, Context, RenderError, Template};
+use crate::router::json::{compact, json_text};
+use crate::router::template::{Context, RenderError, Template};
 
 /// A value for `set_json`: a TOML table (or array) whose string leaves are templates.
 #[derive(Clone, Debug)]
@@ -85,7 +86,7 @@ pub enum Op {
         nx: bool,
         xx: bool,
     },
-    /// `None`: the payload itself, as compact JSON.
+    /// `None`: the payload itself, as received without whitespace.
     SetJson {
         value: Option<JsonTemplate>,
     },
@@ -187,13 +188,13 @@ impl Action {
             }
             Op::SetJson { value } => {
                 let text = match value {
-                    Some(t) => t.render(ctx)?.to_string(),
-                    None => match ctx.json {
-                        Some(json) => json.to_string(),
-                        None => {
-                            return Err(ApplyError::NotJson("set_json needs a JSON payload".into()))
-                        }
-                    },
+                    Some(t) => t.render(ctx)?.to_string().into_bytes(),
+                    // The payload parsed, so its bytes are JSON: stored as received, only
+                    // without whitespace (see `router::json` for why not re-serialised).
+                    None if ctx.json.is_some() => compact(ctx.payload),
+                    None => {
+                        return Err(ApplyError::NotJson("set_json needs a JSON payload".into()))
+                    }
                 };
                 let cmd = pipe.cmd("SET").arg(&key).arg(text);
                 match self.expiry {
@@ -316,5 +317,134 @@ impl Action {
     /// Whether this action writes to Redis (a route of only `mqtt_publish` needs no Redis).
     pub fn needs_redis(&self) -> bool {
         !matches!(self.op, Op::MqttPublish { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::template::{Scope, Target};
+
+    /// Awkward JSON as a device might send it, and the text `set_json` must store: the
+    /// same bytes without insignificant whitespace (spec §5.2).
+    const CORPUS: &[(&str, &str)] = &[
+        (
+            r#"{"z":1,"a":2,"big":123456789012345678901234567890,"f":1.10}"#,
+            r#"{"z":1,"a":2,"big":123456789012345678901234567890,"f":1.10}"#,
+        ),
+        (
+            "[ 123456789012345678901234567890 , -123456789012345678901234567890,\n 18446744073709551616 , -9223372036854775809 ]",
+            "[123456789012345678901234567890,-123456789012345678901234567890,18446744073709551616,-9223372036854775809]",
+        ),
+        (
+            r#"{ "e1" : 1e5 , "e2" : 1E-7 , "e3" : -0.0 , "e4" : 2.5E+10 , "d" : 1.10 , "n" : -0 }"#,
+            r#"{"e1":1e5,"e2":1E-7,"e3":-0.0,"e4":2.5E+10,"d":1.10,"n":-0}"#,
+        ),
+        (
+            r#"{ "s" : "caf\u00e9 \ud83d\ude00" , "q" : "say \"hi\"  \\ back\\slash \/ \t" , "raw" : "é 😀" }"#,
+            r#"{"s":"caf\u00e9 \ud83d\ude00","q":"say \"hi\"  \\ back\\slash \/ \t","raw":"é 😀"}"#,
+        ),
+        (
+            r#"{"tricky": "\\", "next" : "a \" b", "k\"ey" : [ "\\\"" , " " ] }"#,
+            r#"{"tricky":"\\","next":"a \" b","k\"ey":["\\\""," "]}"#,
+        ),
+        (
+            r#"{"a":{"b":{"c":[1,[2,[3,{"d":null}]]]}} , "t" : true , "f" : false}"#,
+            r#"{"a":{"b":{"c":[1,[2,[3,{"d":null}]]]}},"t":true,"f":false}"#,
+        ),
+        (
+            r#"{ "o" : { } , "l" : [ ] , "lo" : [ { } , [ ] ] }"#,
+            r#"{"o":{},"l":[],"lo":[{},[]]}"#,
+        ),
+        (
+            "\n\t{ \r\n \"k\" :\t[ 1 ,\n 2 ,\r\n\t3 ] , \"b\" : 1 , \"a\" : { \"y\" : 1 , \"x\" : 2 } }\n ",
+            r#"{"k":[1,2,3],"b":1,"a":{"y":1,"x":2}}"#,
+        ),
+        ("  \"just a string\"  ", r#""just a string""#),
+        (" 42 ", "42"),
+        ("[]", "[]"),
+    ];
+
+    fn action(op: Op) -> Action {
+        let scope = Scope {
+            params: &[],
+            rest_param: None,
+            json: true,
+            session: false,
+            fields: false,
+            constraints: &[],
+        };
+        Action {
+            op,
+            key: Some(Template::compile("k", Target::Key, &scope).expect("template")),
+            expiry: None,
+        }
+    }
+
+    /// The arguments of every command `action` puts in a pipeline for `payload`.
+    fn commands(action: &Action, payload: &str) -> Vec<Vec<Vec<u8>>> {
+        let json: Value = serde_json::from_str(payload).expect("corpus is JSON");
+        let mut ctx = Context::new("t", payload.as_bytes());
+        ctx.json = Some(&json);
+        let mut pipe = ::redis::pipe();
+        action.apply(&mut pipe, &ctx).expect("applies");
+        pipe.cmd_iter()
+            .map(|cmd| {
+                cmd.args_iter()
+                    .map(|arg| match arg {
+                        ::redis::Arg::Simple(bytes) => bytes.to_vec(),
+                        _ => b"<not simple>".to_vec(),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn set_json_stores_the_payload_as_received_without_whitespace() {
+        let set_json = action(Op::SetJson { value: None });
+        for (payload, stored) in CORPUS {
+            let cmds = commands(&set_json, payload);
+            assert_eq!(cmds.len(), 1, "{payload}");
+            assert_eq!(cmds[0][0], b"SET");
+            assert_eq!(
+                String::from_utf8_lossy(&cmds[0][2]),
+                *stored,
+                "payload {payload:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn hset_json_keeps_numbers_digits_and_nested_key_order() {
+        let hset = action(Op::Hset {
+            fields: HashFields::Json,
+        });
+        let cmds = commands(
+            &hset,
+            r#"{ "z" : 123456789012345678901234567890, "f" : 1.10, "neg" : -123456789012345678901,
+                 "nested" : { "y" : [ 1.10 , -0.0 ], "x" : 18446744073709551616 }, "s" : "é" }"#,
+        );
+        let args: Vec<String> = cmds[0]
+            .iter()
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "HSET",
+                "k",
+                "z",
+                "123456789012345678901234567890",
+                "f",
+                "1.10",
+                "neg",
+                "-123456789012345678901",
+                "nested",
+                r#"{"y":[1.10,-0.0],"x":18446744073709551616}"#,
+                "s",
+                "é",
+            ]
+        );
     }
 }

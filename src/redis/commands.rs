@@ -16,6 +16,10 @@
 //! accepts what RouteMQ's `json.dumps` writes (`", "`/`": "` separators, `\uXXXX` escapes).
 //! Python may also write `NaN`/`Infinity`, which are not JSON: those fail with
 //! [`Error::Decode`].
+//!
+//! serde_json is built with `arbitrary_precision` (numbers keep their digits; see
+//! `router/json.rs`): a number inside an `#[serde(untagged)]`, internally tagged or
+//! `#[serde(flatten)]` type does not decode; give such a field the type `serde_json::Number`.
 
 use std::time::Duration;
 

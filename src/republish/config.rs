@@ -6,13 +6,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use regex::Regex;
-
 use super::channel::ChannelPattern;
 use crate::config::reader::{Errors, Table};
 use crate::config::RawTable;
 use crate::router::config::template;
-use crate::router::template::{Scope, Target, Template};
+use crate::router::template::{Constraint, Scope, Target, Template};
 
 /// Default consumer group of stream rules.
 pub const DEFAULT_GROUP: &str = "routemq-bridge";
@@ -178,9 +176,9 @@ fn read_rule(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Republish
                 p.error(&key, what);
                 continue;
             }
-            match Regex::new(&source) {
+            match Constraint::new(&source) {
                 Ok(re) => constraints.push((key, Arc::new(re))),
-                Err(e) => p.error(&key, format!("not a valid regex: {e}")),
+                Err(e) => p.error(&key, e),
             }
         }
         p.finish();
@@ -420,6 +418,29 @@ topic = "t"
         assert!(has("republish[1].params.device_id", "field"), "{errors:#?}");
         assert!(has("republish[2].name", "required"), "{errors:#?}");
         assert!(has("republish[2].source", "kafka"), "{errors:#?}");
+    }
+
+    #[test]
+    fn a_channel_param_constraint_matches_the_whole_value() {
+        let rules = compile(
+            r#"
+[[republish]]
+name = "commands"
+source = "pubsub"
+channel = "commands:{device_id}"
+params.device_id = "[a-z0-9]+"
+topic = "devices/{device_id}/commands"
+"#,
+        )
+        .expect("valid");
+        let mut ctx = crate::router::template::Context::new("", b"");
+        ctx.params = &["ab/other"];
+        assert!(rules[0].topic.render(&ctx).is_err(), "a `/` got through");
+        ctx.params = &["ab1"];
+        assert_eq!(
+            rules[0].topic.render(&ctx).as_deref(),
+            Ok("devices/ab1/commands")
+        );
     }
 
     #[test]

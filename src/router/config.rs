@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use figment::value::Value;
-use regex::Regex;
 
 use super::pattern::TopicPattern;
 use super::route::{PayloadKind, Route, RouteTable};
-use super::template::{Scope, Target, Template};
+use super::template::{Constraint, Scope, Target, Template};
 use crate::actions::{Action, Expiry, HashFields, JsonTemplate, Op};
 use crate::config::reader::{found, Errors, Table};
 use crate::config::RawTable;
@@ -27,7 +26,7 @@ struct RouteScope {
     rest_param: Option<String>,
     json: bool,
     session: bool,
-    constraints: Vec<(String, Arc<Regex>)>,
+    constraints: Vec<(String, Arc<Constraint>)>,
 }
 
 impl RouteScope {
@@ -184,7 +183,7 @@ fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
                 );
                 continue;
             }
-            match Regex::new(&source) {
+            match Constraint::new(&source) {
                 Ok(re) => {
                     let re = Arc::new(re);
                     if let Some(index) = params.iter().position(|n| *n == key) {
@@ -192,7 +191,7 @@ fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
                     }
                     constraints.push((key, re));
                 }
-                Err(e) => p.error(&key, format!("not a valid regex: {e}")),
+                Err(e) => p.error(&key, e),
             }
         }
         p.finish();
@@ -606,4 +605,96 @@ fn json_template(
             JsonTemplate::Object(out)
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BridgeConfig;
+    use crate::router::template::{Context, RenderError};
+
+    /// Compiles `toml`; the `(path, message)` of every error, or the routes.
+    fn compile(toml: &str) -> Result<RouteTable, Vec<(String, String)>> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bridge.toml");
+        std::fs::write(&path, toml).expect("write config");
+        BridgeConfig::compile(&path, &Default::default())
+            .map(|(_, routes)| routes)
+            .map_err(|e| {
+                e.into_vec()
+                    .into_iter()
+                    .map(|e| (e.path, e.message))
+                    .collect()
+            })
+    }
+
+    const UNANCHORED: &str = r#"
+[[routes]]
+name = "sensor-data"
+topic = "sensors/{device_id}/data"
+params.device_id = "[a-z0-9]+"
+params."json.id" = "[0-9]+"
+[[routes.actions]]
+op = "set"
+key = "sensor:{device_id}:latest"
+[[routes.actions]]
+op = "set"
+key = "id:{json.id}"
+"#;
+
+    #[test]
+    fn a_constraint_matches_the_whole_param_as_if_anchored() {
+        let routes = compile(UNANCHORED).expect("valid");
+        let route = &routes.routes[0];
+        let (_, name, re) = &route.param_checks[0];
+        assert_eq!(name, "device_id");
+        assert!(re.is_match("abc1"));
+        for bad in ["ab:c*", ":abc", "abc*", "a b", ""] {
+            assert!(!re.is_match(bad), "{bad:?} passed the constraint");
+        }
+
+        // The same constraint guards the templates: a key never holds `ab:c*`.
+        let key = route.actions[0].key.as_ref().expect("key");
+        let mut ctx = Context::new("sensors/ab:c*/data", b"{}");
+        ctx.params = &["ab:c*"];
+        assert!(matches!(
+            key.render(&ctx),
+            Err(RenderError::InvalidParam { .. })
+        ));
+        ctx.params = &["abc1"];
+        assert_eq!(key.render(&ctx).as_deref(), Ok("sensor:abc1:latest"));
+
+        // And `params."json.*"` constraints on payload values.
+        let key = route.actions[1].key.as_ref().expect("key");
+        for (id, ok) in [("12", true), ("1:2", false), ("x12", false)] {
+            let json = serde_json::json!({ "id": id });
+            let mut ctx = Context::new("sensors/abc1/data", b"{}");
+            ctx.json = Some(&json);
+            assert_eq!(key.render(&ctx).is_ok(), ok, "{id:?}");
+        }
+    }
+
+    #[test]
+    fn a_constraint_shows_as_the_operator_wrote_it() {
+        let routes = compile(UNANCHORED).expect("valid");
+        assert_eq!(routes.routes[0].param_checks[0].2.as_str(), "[a-z0-9]+");
+
+        let errors = compile(
+            r#"
+[[routes]]
+name = "r"
+topic = "d/{id}"
+params.id = "[a-z"
+[[routes.actions]]
+op = "incr"
+key = "c:{id}"
+"#,
+        )
+        .err()
+        .expect("invalid");
+        let (path, message) = &errors[0];
+        assert_eq!(path, "routes[0].params.id");
+        assert!(message.contains("[a-z"), "{message}");
+        assert!(!message.contains("(?:"), "{message}");
+    }
 }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod dispatch;
 pub mod engine;
+pub mod json;
 pub mod pattern;
 pub mod route;
 pub mod template;

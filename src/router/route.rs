@@ -3,9 +3,8 @@
 
 use std::sync::Arc;
 
-use regex::Regex;
-
 use super::pattern::{cover, Subscription, TopicPattern};
+use super::template::Constraint;
 use crate::actions::Action;
 use crate::middleware::dedup::DedupRule;
 use crate::middleware::rate_limit::RateLimitRule;
@@ -30,7 +29,7 @@ pub struct Route {
     pub qos: u8,
     pub payload: PayloadKind,
     /// `params.<name>` constraints on captured params, checked on every match.
-    pub param_checks: Vec<(usize, String, Arc<Regex>)>,
+    pub param_checks: Vec<(usize, String, Arc<Constraint>)>,
     pub session: Option<Sessions>,
     pub rate_limit: Option<RateLimitRule>,
     pub dedup: Option<DedupRule>,

@@ -16,6 +16,8 @@ use regex::Regex;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::json::push_json_text;
+
 /// Where a template's output goes: decides what it may contain and what gets checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Target {
@@ -35,6 +37,59 @@ impl Target {
     }
 }
 
+/// An operator's `params.<name>` regex, matching the **whole** value (spec §5.1).
+///
+/// The regex crate finds a match anywhere in the text, so `[a-z0-9]+` alone would accept
+/// `ab:c*` (it matches `ab`) and let a device into other devices' keys. The pattern is
+/// compiled as `^(?:…)$`; the operator's text is kept for errors, `check` and logs, where
+/// the added anchors would only confuse.
+pub struct Constraint {
+    source: String,
+    whole: Regex,
+}
+
+impl Constraint {
+    /// Compiles `source` to match whole values. The error quotes the operator's pattern.
+    pub fn new(source: &str) -> Result<Constraint, String> {
+        // Checked alone first, so a mistake is reported against what the operator wrote.
+        Regex::new(source).map_err(|e| format!("not a valid regex: {e}"))?;
+        // A pattern that compiles alone has balanced groups, so it cannot close ours early;
+        // only a trailing `(?x)` comment can swallow the closing `)$`.
+        let whole = Regex::new(&format!("^(?:{source})$")).map_err(|_| {
+            format!(
+                "{source:?} cannot be anchored to match whole values \
+                 (does it end in an `(?x)` comment? end it with a newline)"
+            )
+        })?;
+        Ok(Constraint {
+            source: source.to_string(),
+            whole,
+        })
+    }
+
+    /// Whether `value` matches the pattern from its first to its last character.
+    pub fn is_match(&self, value: &str) -> bool {
+        self.whole.is_match(value)
+    }
+
+    /// The pattern as the operator wrote it.
+    pub fn as_str(&self) -> &str {
+        &self.source
+    }
+}
+
+impl fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Constraint({:?})", self.source)
+    }
+}
+
+impl fmt::Display for Constraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.source)
+    }
+}
+
 /// The rule a message-controlled value must follow before it lands in a key, channel or topic.
 #[derive(Clone, Debug)]
 pub enum Check {
@@ -42,8 +97,8 @@ pub enum Check {
     Default,
     /// The default plus `/`, up to 512 (for `{name...}`).
     DefaultRest,
-    /// The operator's `params.<name>` regex.
-    Custom(Arc<Regex>),
+    /// The operator's `params.<name>` regex, matching the whole value.
+    Custom(Arc<Constraint>),
     /// Not checked (values).
     None,
 }
@@ -128,7 +183,7 @@ pub struct Scope<'a> {
     pub fields: bool,
     /// `params.<name>` constraints: `(name, regex)` with names like `device_id`,
     /// `json.a.b`, `session.user`, `field.site`.
-    pub constraints: &'a [(String, Arc<Regex>)],
+    pub constraints: &'a [(String, Arc<Constraint>)],
 }
 
 impl Scope<'_> {
@@ -476,30 +531,11 @@ fn unix(now: SystemTime) -> std::time::Duration {
     now.duration_since(UNIX_EPOCH).unwrap_or_default()
 }
 
-/// Strings as they are, everything else as compact JSON (spec §5.1); actions spread JSON
-/// the same way.
-pub(crate) fn json_text(value: &Value) -> Cow<'_, str> {
-    match value {
-        Value::String(s) => Cow::Borrowed(s),
-        other => Cow::Owned(other.to_string()),
-    }
-}
-
-/// [`json_text`], appended to `out` without an intermediate copy.
-fn push_json_text(out: &mut String, value: &Value) {
-    match value {
-        Value::String(s) => out.push_str(s),
-        other => {
-            let _ = write!(out, "{other}");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn scope<'a>(params: &'a [String], constraints: &'a [(String, Arc<Regex>)]) -> Scope<'a> {
+    fn scope<'a>(params: &'a [String], constraints: &'a [(String, Arc<Constraint>)]) -> Scope<'a> {
         Scope {
             params,
             rest_param: None,
@@ -562,7 +598,7 @@ mod tests {
         let params = vec!["id".to_string()];
         let constraints = vec![(
             "id".to_string(),
-            Arc::new(Regex::new("^[a-z]{1,3}$").unwrap()),
+            Arc::new(Constraint::new("^[a-z]{1,3}$").unwrap()),
         )];
         let s = scope(&params, &constraints);
         let key = Template::compile("k:{id}", Target::Key, &s).unwrap();
@@ -571,6 +607,60 @@ mod tests {
         assert!(key.render(&ctx).is_err());
         ctx.params = &["abc"];
         assert_eq!(key.render(&ctx).unwrap(), "k:abc");
+    }
+
+    #[test]
+    fn a_constraint_matches_whole_values_whatever_its_anchors() {
+        for source in ["[a-z0-9]+", "^[a-z0-9]+$", "(?i)[A-Z0-9]+", "ab|[0-9]+"] {
+            let c = Constraint::new(source).unwrap();
+            assert_eq!(c.as_str(), source);
+            assert!(c.is_match("ab"), "{source}");
+            assert!(!c.is_match("ab:c*"), "{source}");
+        }
+        // Alternatives are anchored together, not just the first and the last.
+        let c = Constraint::new("ab|[0-9]+").unwrap();
+        assert!(!c.is_match("abx") && !c.is_match("x1"));
+        // A trailing comment in verbose mode would swallow the anchors: refused, not loosened.
+        let err = Constraint::new("(?x)[a-z]+ # letters").unwrap_err();
+        assert!(err.contains("comment"), "{err}");
+        assert!(Constraint::new("(?x)[a-z]+ # letters\n").is_ok());
+        let err = Constraint::new("[a-z").unwrap_err();
+        assert!(err.contains("[a-z") && !err.contains("(?:"), "{err}");
+    }
+
+    #[test]
+    fn json_values_keep_their_digits_and_key_order() {
+        let s = scope(&[], &[]);
+        let key = Template::compile("dev:{json.id}", Target::Key, &s).unwrap();
+        let value =
+            Template::compile("{json.id}|{json.f}|{json.o}|{json.l}", Target::Value, &s).unwrap();
+        let render = |t: &Template, payload: &str| {
+            let json: Value = serde_json::from_str(payload).unwrap();
+            let mut ctx = Context::new("t", payload.as_bytes());
+            ctx.json = Some(&json);
+            t.render(&ctx).unwrap()
+        };
+        // Two devices whose ids differ beyond f64's 17 digits must not share a key.
+        assert_eq!(
+            render(&key, r#"{"id": 123456789012345678901}"#),
+            "dev:123456789012345678901"
+        );
+        assert_eq!(
+            render(&key, r#"{"id": 123456789012345678902}"#),
+            "dev:123456789012345678902"
+        );
+        assert_eq!(
+            render(&key, r#"{"id": -123456789012345678901234567890}"#),
+            "dev:-123456789012345678901234567890"
+        );
+        assert_eq!(
+            render(
+                &value,
+                r#"{"id": 18446744073709551616, "f": 1.10,
+                    "o": { "z" : 1 , "a" : [ 2.50 , -0.0 ] , "m" : { } }, "l": [ 1.0, "x" ]}"#
+            ),
+            r#"18446744073709551616|1.10|{"z":1,"a":[2.50,-0.0],"m":{}}|[1.0,"x"]"#
+        );
     }
 
     #[test]

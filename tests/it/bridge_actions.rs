@@ -235,6 +235,40 @@ async fn set_json_writes_the_payload_as_compact_json() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_json_and_json_templates_keep_numbers_digits_escapes_and_key_order() {
+    let mut rig = Rig::start(&route(
+        "d/{id}",
+        "",
+        r#"op = "set_json"
+key = "v:{id}"
+[[routes.actions]]
+op = "set"
+key = "big:{json.big}"
+value = "{json.neg}|{json.f}|{json.o}""#,
+    ))
+    .await;
+    let payload = "{ \"z\" : 1 , \"a\" : [ 1.10 , -0.0 , 1E-7 , 1e5 , 2.5E+10 ] ,\n\t\
+                   \"big\" : 123456789012345678901234567890 ,\r\n \
+                   \"neg\" : -123456789012345678901234567891 , \"f\" : 1.10 ,\n \
+                   \"s\" : \"caf\\u00e9 \\ud83d\\ude00 \\\"q\\\" \\\\ \\/  two  spaces\" ,\n \
+                   \"o\" : { \"y\" : { } , \"x\" : [ ] , \"w\" : [ { \"v\" : null } ] } }\n";
+    rig.publish("d/a", payload).await;
+    rig.settle(1).await;
+    assert_eq!(
+        rig.text("v:a").await,
+        "{\"z\":1,\"a\":[1.10,-0.0,1E-7,1e5,2.5E+10],\
+         \"big\":123456789012345678901234567890,\
+         \"neg\":-123456789012345678901234567891,\"f\":1.10,\
+         \"s\":\"caf\\u00e9 \\ud83d\\ude00 \\\"q\\\" \\\\ \\/  two  spaces\",\
+         \"o\":{\"y\":{},\"x\":[],\"w\":[{\"v\":null}]}}"
+    );
+    assert_eq!(
+        rig.text("big:123456789012345678901234567890").await,
+        r#"-123456789012345678901234567891|1.10|{"y":{},"x":[],"w":[{"v":null}]}"#
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_json_value_table_renders_template_leaves() {
     let mut rig = Rig::start(&route(
         "d/{id}",

@@ -137,6 +137,37 @@ async fn a_param_breaking_its_constraint_is_dead_lettered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanchored_constraint_still_refuses_a_param_it_matches_only_in_part() {
+    let mut rig = Rig::start(
+        r#"
+[[routes]]
+name = "tested"
+topic = "sensors/{device_id}/data"
+params.device_id = "[a-z0-9]+"
+[[routes.actions]]
+op = "set"
+key = "sensor:{device_id}:latest"
+"#,
+    )
+    .await;
+    let since = now_ms();
+    // `*` is an ordinary character in a published topic level.
+    rig.publish("sensors/ab:c*/data", "{}").await;
+    rig.publish("sensors/abc1/data", "{}").await;
+    assert_eq!(rig.text("sensor:abc1:latest").await, "{}");
+    let record = the_dead_letter(&mut rig, "sensors/ab:c*/data", "invalid_param", since).await;
+    assert!(
+        record["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("[a-z0-9]+") && !d.contains("(?:")),
+        "the operator's pattern, as written: {record}"
+    );
+    assert!(!rig.exists("sensor:ab:c*:latest"));
+    let keys: Vec<String> = rig.conn.keys("sensor:*").expect("KEYS");
+    assert_eq!(keys, ["sensor:abc1:latest"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsafe_json_value_in_a_key_is_dead_lettered_as_invalid_param() {
     let mut rig = Rig::start(
         r#"
