@@ -515,16 +515,19 @@ impl Loop {
         self.pending_subacks += update.subacks;
     }
 
-    /// `max_inflight` QoS 1/2 messages are unacked: read nothing more until some are acked
-    /// (see the module doc). Not while shutting down (what arrives then is not taken
-    /// anyway), nor while our own publishes fill rumqttc's outgoing window or collide: only
-    /// reading their PUBACKs lets rumqttc write requests — our acks among them — again.
+    /// The bridge holds `max_inflight` messages: read nothing more until some are finished
+    /// (see the module doc). Counted over every message held, from this connection or an
+    /// earlier one (a message still in its lane after a reconnect holds memory all the
+    /// same, and the broker redelivers it on top). Not while shutting down (what arrives
+    /// then is not taken anyway), nor while our own publishes fill rumqttc's outgoing
+    /// window or collide: only reading their PUBACKs lets rumqttc write requests — our acks
+    /// among them — again.
     fn held_back(&self) -> bool {
         let state = &self.eventloop.state;
         self.receiving.load(Ordering::Relaxed)
             && state.collision.is_none()
             && state.inflight() < self.eventloop.mqtt_options.inflight()
-            && self.sequencer.pending() >= self.max_inflight.load(Ordering::Relaxed).max(1)
+            && self.stats.inflight() >= self.max_inflight.load(Ordering::Relaxed).max(1)
     }
 
     async fn receive(&mut self, publish: Publish) {

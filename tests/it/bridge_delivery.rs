@@ -585,6 +585,58 @@ async fn a_backlog_beyond_max_inflight_waits_in_the_broker_not_in_the_bridge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inflight_bound_holds_across_broker_restarts() {
+    let mut redis = Redis::start();
+    let mut broker = Mosquitto::start();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "bridge-held-across-restarts",
+        &numbered_route_holding(10),
+    ));
+    let mut client = Client::connect(&broker, "held-across-restarts-publisher").await;
+    redis.kill();
+    client.publish_all(numbered(0..300)).await;
+    drop(client);
+    // max_inflight plus at most the rest of one read batch (see the test above).
+    const BOUND: f64 = 10.0 + 9.0;
+    let mut most = 0.0f64;
+    for _ in 0..600 {
+        most = most.max(inflight(&bridge).await);
+        if most >= 10.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(most >= 10.0, "the bridge took max_inflight messages");
+    const CONNECTED: &str = "connected to the MQTT broker";
+    for restart in 1..=3 {
+        let offset = bridge.log_text().len();
+        broker.stop();
+        broker.start_again();
+        assert!(
+            bridge.wait_for_log_after(offset, CONNECTED, Duration::from_secs(20)),
+            "reconnected after restart {restart}; log:\n{}",
+            bridge.log_text()
+        );
+        // Time is the condition: the broker redelivers what the bridge still holds from
+        // the old connection; none of it may be taken on top.
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            most = most.max(inflight(&bridge).await);
+        }
+    }
+    assert!(
+        most <= BOUND,
+        "the bridge held {most} messages across reconnects, more than max_inflight = 10 plus \
+         one read batch"
+    );
+    redis.start_again();
+    let mut conn = connection(&redis);
+    assert_all_written(&mut conn, 300, &bridge, "after the restarts").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_into_a_backlog_with_redis_down_becomes_ready_while_held_back() {
     let mut redis = Redis::start();
     let broker = Mosquitto::start();
