@@ -817,6 +817,7 @@ mod test {
                     topic: "test".to_string(),
                     pkid: 1,
                     payload: "".into(),
+                    oversized: None,
                 }),
                 Some(Publish {
                     dup: false,
@@ -825,6 +826,7 @@ mod test {
                     topic: "test".to_string(),
                     pkid: 2,
                     payload: "".into(),
+                    oversized: None,
                 }),
                 Some(Publish {
                     dup: false,
@@ -833,6 +835,7 @@ mod test {
                     topic: "test".to_string(),
                     pkid: 3,
                     payload: "".into(),
+                    oversized: None,
                 }),
                 None,
                 None,
@@ -843,6 +846,7 @@ mod test {
                     topic: "test".to_string(),
                     pkid: 6,
                     payload: "".into(),
+                    oversized: None,
                 }),
             ]
         }

@@ -10,7 +10,16 @@ pub struct Publish {
     pub topic: String,
     pub pkid: u16,
     pub payload: Bytes,
+    /// routemq-bridge patch (PATCHED.md, Change 5): an incoming PUBLISH over the incoming
+    /// max packet size is not refused but skipped as it streams in: this is the length of
+    /// its payload, of which `payload` holds only the first [`KEPT_OF_OVERSIZED`] bytes.
+    /// `None` for every other publish.
+    pub oversized: Option<usize>,
 }
+
+/// routemq-bridge patch (PATCHED.md, Change 5): how much of an oversized PUBLISH's payload
+/// is kept.
+pub const KEPT_OF_OVERSIZED: usize = 1024;
 
 impl Publish {
     pub fn new<S: Into<String>, P: Into<Vec<u8>>>(topic: S, qos: QoS, payload: P) -> Publish {
@@ -21,6 +30,7 @@ impl Publish {
             pkid: 0,
             topic: topic.into(),
             payload: Bytes::from(payload.into()),
+            oversized: None,
         }
     }
 
@@ -32,6 +42,7 @@ impl Publish {
             pkid: 0,
             topic: topic.into(),
             payload,
+            oversized: None,
         }
     }
 
@@ -77,6 +88,7 @@ impl Publish {
             pkid,
             topic,
             payload: bytes,
+            oversized: None,
         };
 
         Ok(publish)
@@ -165,6 +177,7 @@ mod test {
                 topic: "a/b".to_owned(),
                 pkid: 10,
                 payload: Bytes::from(&payload[..]),
+                oversized: None,
             }
         );
     }
@@ -201,6 +214,7 @@ mod test {
                 topic: "a/b".to_owned(),
                 pkid: 0,
                 payload: Bytes::from(&[0x01, 0x02][..]),
+                oversized: None,
             }
         );
     }
@@ -214,6 +228,7 @@ mod test {
             topic: "a/b".to_owned(),
             pkid: 10,
             payload: Bytes::from(vec![0xF1, 0xF2, 0xF3, 0xF4]),
+            oversized: None,
         };
 
         let mut buf = BytesMut::new();
@@ -248,6 +263,7 @@ mod test {
             topic: "a/b".to_owned(),
             pkid: 0,
             payload: Bytes::from(vec![0xE1, 0xE2, 0xE3, 0xE4]),
+            oversized: None,
         };
 
         let mut buf = BytesMut::new();
