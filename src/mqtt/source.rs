@@ -45,20 +45,23 @@
 //!
 //! # Packets the decoder cannot take as they are
 //!
-//! To upstream rumqttc, a publish over `max_packet_size` is a decode error: the connection
-//! drops, and the broker sends the same packet first again after every reconnect (MQTT
-//! 3.1.1 cannot tell it our limit), for ever. Our rumqttc patch (vendor/rumqttc/PATCHED.md,
-//! Change 5) delivers such a publish marked instead, with only its first 1 KiB, the rest
-//! dropped as it streams in, so it never sits in memory whole. It goes the way of every
-//! message (its in-flight slot, its ack in arrival order), carrying its
-//! [`Inbound::refusal`]: every route it matches ends `invalid` without running, with a
-//! dead-letter record, and then it is acked.
+//! To upstream rumqttc, a publish over `max_packet_size`, or with a topic that is not UTF-8,
+//! is a decode error: the connection drops, and the broker sends the same packet first
+//! again after every reconnect (MQTT 3.1.1 cannot tell it our limit), for ever. Our
+//! rumqttc patches (vendor/rumqttc/PATCHED.md, Changes 5 and 6) deliver such a publish
+//! marked instead: an oversized one with only its first 1 KiB, the rest dropped as it
+//! streams in, so it never sits in memory whole; one with a bad topic under a lossy
+//! rendering of it (U+FFFD; the levels stay as they were, so it matches the routes the
+//! broker delivered it for). It goes the way of every message (its in-flight slot, its ack
+//! in arrival order), carrying its [`Inbound::refusal`]: every route it matches ends
+//! `invalid` without running, with a dead-letter record, and then it is acked.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use rumqttc::{
     AsyncClient, ClientError, Event, EventLoop, Outgoing, Packet, Publish, QoS, Request,
     SubscribeFilter,
@@ -136,22 +139,30 @@ impl Inbound {
 
 /// What [`Inbound::refusal`] says of `publish`, as our rumqttc patches marked it.
 fn refusal(publish: &Publish, max_packet_size: usize) -> Option<(Reason, String)> {
-    let size = publish.oversized?;
-    tracing::warn!(
-        topic = %publish.topic,
-        size,
-        max_packet_size,
-        "the broker sent a message larger than mqtt.max_packet_size; skipped as it \
-         arrived, refused as payload_too_large (limit the broker's message_size_limit \
-         to spare the network)"
-    );
+    if let Some(size) = publish.oversized {
+        tracing::warn!(
+            topic = %publish.topic,
+            size,
+            max_packet_size,
+            "the broker sent a message larger than mqtt.max_packet_size; skipped as it \
+             arrived, refused as payload_too_large (limit the broker's message_size_limit \
+             to spare the network)"
+        );
+        return Some((
+            Reason::PayloadTooLarge,
+            format!(
+                "{size} bytes, over mqtt.max_packet_size ({max_packet_size}); skipped as it \
+                 arrived, only the first {} kept",
+                publish.payload.len()
+            ),
+        ));
+    }
+    let raw = publish.raw_topic.as_ref()?;
+    let raw = base64::engine::general_purpose::STANDARD.encode(raw);
+    tracing::warn!(topic_b64 = %raw, "the broker sent a topic that is not UTF-8; refused");
     Some((
-        Reason::PayloadTooLarge,
-        format!(
-            "{size} bytes, over mqtt.max_packet_size ({max_packet_size}); skipped as it \
-             arrived, only the first {} kept",
-            publish.payload.len()
-        ),
+        Reason::InvalidUtf8,
+        format!("the topic is not UTF-8 (shown with U+FFFD); as received, in base64: {raw}"),
     ))
 }
 

@@ -166,8 +166,8 @@ impl Engine {
         }
     }
 
-    /// A message the MQTT source already knows is `invalid` (over `max_packet_size`;
-    /// [`Inbound::refusal`]): every route it matches ends so, with
+    /// A message the MQTT source already knows is `invalid` (over `max_packet_size`, or a
+    /// topic that is not UTF-8; [`Inbound::refusal`]): every route it matches ends so, with
     /// its dead-letter record, without running. An oversized message's `payload` is its
     /// first 1 KiB only: its record says `"truncated": true`.
     pub async fn refuse(

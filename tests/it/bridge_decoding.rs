@@ -1,13 +1,16 @@
 //! Packets the bridge's MQTT decoder cannot take as they are (spec §6, "bounds hold"): a
-//! publish over `max_packet_size`. It is refused as one message — outcome `invalid`, a
-//! dead-letter record, an ack — and the session moves on, in bounded memory: nothing here
-//! may cost a reconnect or the whole packet in RAM.
+//! publish over `max_packet_size`, and a topic that is not UTF-8. Each is refused as one
+//! message — outcome `invalid`, a dead-letter record, an ack — and the session moves on, in
+//! bounded memory: nothing here may cost a reconnect or the whole packet in RAM.
 
+use std::io::ErrorKind;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use redis::Commands;
 use rumqttc::{Codec, Packet, Publish, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Decoder;
 
 use crate::bridge::{config, eventually, Bridge, Client};
@@ -213,4 +216,161 @@ async fn an_oversized_qos2_message_is_acked_and_not_redelivered_after_a_restart(
     let records = dead_letters(&mut conn);
     assert_eq!(records.len(), 1, "dead-lettered once: {records:?}");
     assert_eq!(records[0]["reason"], "payload_too_large", "{}", records[0]);
+}
+
+// A fake broker, speaking just enough MQTT 3.1.1 on loopback for the bridge to subscribe and
+// receive: real brokers refuse to forward a topic that is not UTF-8 (Mosquitto rejects such
+// a PUBLISH from its client), so only raw bytes can put one in front of the bridge's decoder,
+// which is what is tested here.
+
+/// One MQTT packet: its first byte and its body (after the remaining length).
+async fn read_packet(stream: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let first = stream.read_u8().await?;
+    let mut len = 0usize;
+    for shift in [0, 7, 14, 21] {
+        let byte = stream.read_u8().await?;
+        len |= usize::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            let mut body = vec![0; len];
+            stream.read_exact(&mut body).await?;
+            return Ok((first, body));
+        }
+    }
+    Err(ErrorKind::InvalidData.into())
+}
+
+fn packet(first: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first];
+    let mut len = body.len();
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        out.push(if len > 0 { byte | 0x80 } else { byte });
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
+fn publish_qos1(topic: &[u8], pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic);
+    body.extend_from_slice(&pkid.to_be_bytes());
+    body.extend_from_slice(payload);
+    packet(0x32, &body)
+}
+
+/// The next packet that is not a PINGREQ (answered), within [`WAIT`].
+async fn next_packet(stream: &mut TcpStream, bridge: &Bridge) -> (u8, Vec<u8>) {
+    loop {
+        let read = tokio::time::timeout(WAIT, read_packet(stream)).await;
+        match read {
+            Ok(Ok((0xc0, _))) => stream
+                .write_all(&[0xd0, 0x00])
+                .await
+                .expect("write PINGRESP"),
+            Ok(Ok(packet)) => return packet,
+            Ok(Err(e)) => panic!(
+                "the bridge dropped the connection ({e}); log:\n{}",
+                bridge.log_text()
+            ),
+            Err(_) => panic!("nothing from the bridge; log:\n{}", bridge.log_text()),
+        }
+    }
+}
+
+/// A lax broker passes on a topic that is not UTF-8 (MQTT-1.5.3-1 forbids it). The broker
+/// here is the fake one above, on purpose: Mosquitto drops a client that publishes such a
+/// topic, so only raw bytes can put one in front of the bridge's decoder — which is what is
+/// under test, not the integration. It must get a PUBACK for that message and for the valid
+/// one behind it, on the same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_that_is_not_utf8_is_acked_and_dead_lettered() {
+    let redis = Redis::start();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("address").port();
+    // The bridge's config, pointing at the fake broker instead of a Mosquitto.
+    let text = format!(
+        r#"[mqtt]
+url = "mqtt://127.0.0.1:{port}"
+client_id = "bridge-not-utf8"
+keep_alive = "5s"
+reconnect_max_delay = "1s"
+
+[redis]
+url = "{redis}"
+socket_timeout = "2s"
+
+[http]
+listen = "127.0.0.1:0"
+
+[dead_letter]
+redis_list = "dead_letter"
+
+{ROUTE}
+"#,
+        redis = redis.url()
+    );
+    let bridge = Bridge::start_unready(&text);
+    let (mut stream, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("the bridge connects in time")
+        .expect("accept");
+
+    let (first, _) = next_packet(&mut stream, &bridge).await;
+    assert_eq!(first >> 4, 1, "CONNECT first");
+    stream
+        .write_all(&[0x20, 0x02, 0x00, 0x00])
+        .await
+        .expect("CONNACK");
+    let (first, body) = next_packet(&mut stream, &bridge).await;
+    assert_eq!(first, 0x82, "SUBSCRIBE next");
+    // SUBACK granting QoS 1 to each filter (2-byte length, filter, QoS byte).
+    let mut suback = body[..2].to_vec();
+    let mut at = 2;
+    while at + 2 <= body.len() {
+        let len = usize::from(u16::from_be_bytes([body[at], body[at + 1]]));
+        at += 2 + len + 1;
+        suback.push(0x01);
+    }
+    stream
+        .write_all(&packet(0x90, &suback))
+        .await
+        .expect("SUBACK");
+
+    let mut both = publish_qos1(b"big/\xff\xfe", 1, br#"{"n":98}"#);
+    both.extend(publish_qos1(b"big/ok", 2, br#"{"n":1}"#));
+    stream.write_all(&both).await.expect("PUBLISH");
+
+    for pkid in [1u16, 2] {
+        let (first, body) = next_packet(&mut stream, &bridge).await;
+        assert_eq!(
+            (first, body),
+            (0x40, pkid.to_be_bytes().to_vec()),
+            "PUBACK {pkid}, in arrival order; log:\n{}",
+            bridge.log_text()
+        );
+    }
+    let mut conn = connection(&redis);
+    wait_for_key(&mut conn, "msg:1", &bridge).await;
+    assert!(
+        !conn.exists::<_, bool>("msg:98").expect("exists"),
+        "the message was not processed"
+    );
+    let records = dead_letters(&mut conn);
+    assert_eq!(records.len(), 1, "one dead letter: {records:?}");
+    let record = &records[0];
+    assert_eq!(record["reason"], "invalid_utf8", "{record}");
+    assert_eq!(record["route"], "numbered", "{record}");
+    assert_eq!(record["topic"], "big/\u{fffd}\u{fffd}", "{record}");
+    assert_eq!(record["payload"], r#"{"n":98}"#, "{record}");
+    assert!(
+        record["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("YmlnL//+")),
+        "the detail holds the topic as received, in base64: {record}"
+    );
 }

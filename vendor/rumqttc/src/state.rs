@@ -818,6 +818,7 @@ mod test {
                     pkid: 1,
                     payload: "".into(),
                     oversized: None,
+                    raw_topic: None,
                 }),
                 Some(Publish {
                     dup: false,
@@ -827,6 +828,7 @@ mod test {
                     pkid: 2,
                     payload: "".into(),
                     oversized: None,
+                    raw_topic: None,
                 }),
                 Some(Publish {
                     dup: false,
@@ -836,6 +838,7 @@ mod test {
                     pkid: 3,
                     payload: "".into(),
                     oversized: None,
+                    raw_topic: None,
                 }),
                 None,
                 None,
@@ -847,6 +850,7 @@ mod test {
                     pkid: 6,
                     payload: "".into(),
                     oversized: None,
+                    raw_topic: None,
                 }),
             ]
         }

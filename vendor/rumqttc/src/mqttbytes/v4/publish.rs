@@ -15,6 +15,10 @@ pub struct Publish {
     /// its payload, of which `payload` holds only the first [`KEPT_OF_OVERSIZED`] bytes.
     /// `None` for every other publish.
     pub oversized: Option<usize>,
+    /// routemq-bridge patch (PATCHED.md, Change 6): the topic as received, when it is not
+    /// UTF-8 (`topic` is then its lossy form, U+FFFD for each invalid sequence); `None` for
+    /// every other publish.
+    pub raw_topic: Option<Bytes>,
 }
 
 /// routemq-bridge patch (PATCHED.md, Change 5): how much of an oversized PUBLISH's payload
@@ -31,6 +35,7 @@ impl Publish {
             topic: topic.into(),
             payload: Bytes::from(payload.into()),
             oversized: None,
+            raw_topic: None,
         }
     }
 
@@ -43,6 +48,7 @@ impl Publish {
             topic: topic.into(),
             payload,
             oversized: None,
+            raw_topic: None,
         }
     }
 
@@ -69,7 +75,14 @@ impl Publish {
 
         let variable_header_index = fixed_header.fixed_header_len;
         bytes.advance(variable_header_index);
-        let topic = read_mqtt_string(&mut bytes)?;
+        // routemq-bridge patch (PATCHED.md, Change 6): upstream refused the whole packet
+        // (`Error::TopicNotUtf8`), which drops the connection, and the broker redelivers the
+        // packet first on every reconnect. The receiver decides what to do with it instead.
+        let raw = read_mqtt_bytes(&mut bytes)?;
+        let (topic, raw_topic) = match std::str::from_utf8(&raw) {
+            Ok(topic) => (topic.to_owned(), None),
+            Err(_) => (String::from_utf8_lossy(&raw).into_owned(), Some(raw)),
+        };
 
         // Packet identifier exists where QoS > 0
         let pkid = match qos {
@@ -89,6 +102,7 @@ impl Publish {
             topic,
             payload: bytes,
             oversized: None,
+            raw_topic,
         };
 
         Ok(publish)
@@ -178,6 +192,7 @@ mod test {
                 pkid: 10,
                 payload: Bytes::from(&payload[..]),
                 oversized: None,
+                raw_topic: None,
             }
         );
     }
@@ -215,6 +230,7 @@ mod test {
                 pkid: 0,
                 payload: Bytes::from(&[0x01, 0x02][..]),
                 oversized: None,
+                raw_topic: None,
             }
         );
     }
@@ -229,6 +245,7 @@ mod test {
             pkid: 10,
             payload: Bytes::from(vec![0xF1, 0xF2, 0xF3, 0xF4]),
             oversized: None,
+            raw_topic: None,
         };
 
         let mut buf = BytesMut::new();
@@ -264,6 +281,7 @@ mod test {
             pkid: 0,
             payload: Bytes::from(vec![0xE1, 0xE2, 0xE3, 0xE4]),
             oversized: None,
+            raw_topic: None,
         };
 
         let mut buf = BytesMut::new();
