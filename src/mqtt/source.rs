@@ -42,12 +42,26 @@
 //! unsubscribes the ones no route needs any more (in that order, so no message falls into
 //! a gap), and hands the new set to the loop for later resubscriptions. The loop beats a
 //! [`Heartbeat`] on every event, so a stuck loop can be noticed (systemd watchdog).
+//!
+//! # Packets the decoder cannot take as they are
+//!
+//! To upstream rumqttc, a publish over `max_packet_size`, or with a topic that is not UTF-8,
+//! is a decode error: the connection drops, and the broker sends the same packet first
+//! again after every reconnect (MQTT 3.1.1 cannot tell it our limit), for ever. Our
+//! rumqttc patches (vendor/rumqttc/PATCHED.md, Changes 5 and 6) deliver such a publish
+//! marked instead: an oversized one with only its first 1 KiB, the rest dropped as it
+//! streams in, so it never sits in memory whole; one with a bad topic under a lossy
+//! rendering of it (U+FFFD; the levels stay as they were, so it matches the routes the
+//! broker delivered it for). It goes the way of every message (its in-flight slot, its ack
+//! in arrival order), carrying its [`Inbound::refusal`]: every route it matches ends
+//! `invalid` without running, with a dead-letter record, and then it is acked.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine as _;
 use rumqttc::{
     AsyncClient, ClientError, Event, EventLoop, Outgoing, Packet, Publish, QoS, Request,
     SubscribeFilter,
@@ -60,6 +74,7 @@ use super::client::{options, OptionsError};
 use super::config::MqttConfig;
 use crate::backoff::Backoff;
 use crate::liveness::Heartbeat;
+use crate::outcome::Reason;
 use crate::router::pattern::Subscription;
 
 /// What the bridge knows about its broker connection, for `/readyz` and systemd.
@@ -94,6 +109,8 @@ pub struct Inbound {
     ticket: Option<Ticket>,
     /// `None` for an overflowed message: it holds no in-flight slot.
     slot: Option<InflightSlot>,
+    /// See [`Inbound::refusal`].
+    refusal: Option<(Reason, String)>,
 }
 
 impl Inbound {
@@ -109,6 +126,44 @@ impl Inbound {
     pub fn is_overflow(&self) -> bool {
         self.slot.is_none()
     }
+
+    /// The message is `invalid` before any route sees it, and why (dead-letter reason and
+    /// detail): the decoder could not take it as it is (see the module doc). Its payload
+    /// is then at most the first 1 KiB, and its topic possibly a lossy rendering.
+    pub fn refusal(&self) -> Option<(Reason, &str)> {
+        self.refusal
+            .as_ref()
+            .map(|(reason, detail)| (*reason, detail.as_str()))
+    }
+}
+
+/// What [`Inbound::refusal`] says of `publish`, as our rumqttc patches marked it.
+fn refusal(publish: &Publish, max_packet_size: usize) -> Option<(Reason, String)> {
+    if let Some(size) = publish.oversized {
+        tracing::warn!(
+            topic = %publish.topic,
+            size,
+            max_packet_size,
+            "the broker sent a message larger than mqtt.max_packet_size; skipped as it \
+             arrived, refused as payload_too_large (limit the broker's message_size_limit \
+             to spare the network)"
+        );
+        return Some((
+            Reason::PayloadTooLarge,
+            format!(
+                "{size} bytes, over mqtt.max_packet_size ({max_packet_size}); skipped as it \
+                 arrived, only the first {} kept",
+                publish.payload.len()
+            ),
+        ));
+    }
+    let raw = publish.raw_topic.as_ref()?;
+    let raw = base64::engine::general_purpose::STANDARD.encode(raw);
+    tracing::warn!(topic_b64 = %raw, "the broker sent a topic that is not UTF-8; refused");
+    Some((
+        Reason::InvalidUtf8,
+        format!("the topic is not UTF-8 (shown with U+FFFD); as received, in base64: {raw}"),
+    ))
 }
 
 struct InflightSlot(Arc<MqttStats>);
@@ -160,24 +215,9 @@ struct Loop {
     pending_subacks: usize,
     /// `[mqtt] max_packet_size`, in bytes (rumqttc's incoming and outgoing limit).
     max_packet_size: usize,
-    /// The incoming limit was raised to read one oversized message (see `oversized`).
-    limit_raised: bool,
     tracker: Arc<Mutex<Tracker>>,
     updates: watch::Receiver<SubscriptionSet>,
     heartbeat: Heartbeat,
-}
-
-/// The largest packet MQTT can carry: the remaining length is at most 268,435,455 bytes.
-const MQTT_MAX_PACKET: usize = 268_435_455;
-
-/// The size of an incoming packet rumqttc refused for exceeding the incoming limit.
-fn oversized(error: &rumqttc::ConnectionError) -> Option<usize> {
-    match error {
-        rumqttc::ConnectionError::MqttState(rumqttc::StateError::Deserialization(
-            rumqttc::Error::PayloadSizeLimitExceeded(size),
-        )) => Some(*size),
-        _ => None,
-    }
 }
 
 /// The cover as SUBSCRIBE filters, with `$share/<group>/` when scaling out.
@@ -246,7 +286,6 @@ impl MqttSource {
             backoff: Backoff::new(Duration::from_millis(100), config.reconnect_max_delay),
             pending_subacks: 0,
             max_packet_size: usize::try_from(config.max_packet_size).unwrap_or(usize::MAX),
-            limit_raised: false,
             tracker: tracker.clone(),
             updates: updates_rx,
             heartbeat: heartbeat.clone(),
@@ -405,14 +444,6 @@ impl Loop {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     self.backoff.reset();
-                    if self.limit_raised {
-                        // This connection reads with the raised limit (rumqttc takes it at
-                        // connect); the next one goes back to the configured limit.
-                        self.limit_raised = false;
-                        self.eventloop
-                            .mqtt_options
-                            .set_max_packet_size(self.max_packet_size, self.max_packet_size);
-                    }
                     tracing::info!(
                         session_present = ack.session_present,
                         "connected to the MQTT broker"
@@ -469,9 +500,6 @@ impl Loop {
                     if !self.receiving.load(Ordering::Relaxed) && !was_connected {
                         return;
                     }
-                    if let Some(size) = oversized(&e) {
-                        self.raise_limit_for(size);
-                    }
                     let delay = self.backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?delay, "MQTT connection lost");
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -482,26 +510,6 @@ impl Loop {
                 }
             }
         }
-    }
-
-    /// A message larger than `max_packet_size` arrived. rumqttc cannot skip it, and under
-    /// MQTT 3.1.1 the broker cannot be told our limit, so it would redeliver that message
-    /// first on every reconnect and wedge the session for good. Instead the next connection
-    /// reads packets up to its size, once: the engine refuses the message as
-    /// `payload_too_large` (it exceeds `max_payload` too), dead-letters it and acks it.
-    fn raise_limit_for(&mut self, size: usize) {
-        tracing::error!(
-            size,
-            max_packet_size = self.max_packet_size,
-            "the broker sent a message larger than mqtt.max_packet_size; reading it once to \
-             refuse it as payload_too_large (limit the broker's max_packet_size / \
-             message_size_limit to avoid this)"
-        );
-        let incoming = size.min(MQTT_MAX_PACKET).max(self.max_packet_size);
-        self.eventloop
-            .mqtt_options
-            .set_max_packet_size(incoming, self.max_packet_size);
-        self.limit_raised = true;
     }
 
     /// A reload changed the cover: resubscribe to the new set from now on, and count the
@@ -547,6 +555,7 @@ impl Loop {
                 received: Instant::now(),
                 ticket: None,
                 slot: None,
+                refusal: None,
             });
             return;
         }
@@ -559,6 +568,7 @@ impl Loop {
             self.sequencer.register(ack)
         });
         let inbound = Inbound {
+            refusal: refusal(&publish, self.max_packet_size),
             publish,
             received: Instant::now(),
             ticket,

@@ -166,6 +166,35 @@ impl Engine {
         }
     }
 
+    /// A message the MQTT source already knows is `invalid` (over `max_packet_size`, or a
+    /// topic that is not UTF-8; [`Inbound::refusal`]): every route it matches ends so, with
+    /// its dead-letter record, without running. An oversized message's `payload` is its
+    /// first 1 KiB only: its record says `"truncated": true`.
+    pub async fn refuse(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        (reason, detail): (Reason, &str),
+        received: Instant,
+    ) {
+        let table = self.table.load_full();
+        let mut matched = false;
+        for (route, _) in table.matches(topic) {
+            matched = true;
+            events::message_received(route);
+            let target = self.dead_letter.load_full();
+            let mut record = target.record(topic, &route.name, reason, detail, payload);
+            if reason == Reason::PayloadTooLarge {
+                record = marked_truncated(record);
+            }
+            self.write_dead_letter(route, &target, reason, record).await;
+            events::message_outcome(route, topic, &Outcome::invalid(reason, detail), received);
+        }
+        if !matched {
+            events::unrouted(topic);
+        }
+    }
+
     /// A QoS 0 message dropped beyond `max_inflight`: outcome `overflow` on every route it
     /// matches, so the drop shows in `messages_total` like any other outcome.
     pub fn overflow(&self, topic: &str, received: Instant) {
@@ -550,6 +579,16 @@ impl Engine {
     ) {
         let target = self.dead_letter.load_full();
         let record = target.record(topic, &route.name, reason, detail, payload);
+        self.write_dead_letter(route, &target, reason, record).await;
+    }
+
+    async fn write_dead_letter(
+        &self,
+        route: &Route,
+        target: &DeadLetter,
+        reason: Reason,
+        record: String,
+    ) {
         let mut pipe = ::redis::pipe();
         target.push(&mut pipe, &record);
         let result = self
@@ -565,14 +604,31 @@ impl Engine {
     }
 }
 
+/// `record` with `"truncated": true`: for a payload the record keeps whole only because it
+/// was already cut before (an oversized message's first 1 KiB).
+fn marked_truncated(record: String) -> String {
+    match serde_json::from_str::<Value>(&record) {
+        Ok(Value::Object(mut map)) => {
+            map.insert("truncated".into(), Value::Bool(true));
+            Value::Object(map).to_string()
+        }
+        _ => record,
+    }
+}
+
 impl Handler<Inbound> for Engine {
     async fn handle(&self, inbound: Inbound) {
-        self.process(
-            &inbound.publish.topic,
-            &inbound.publish.payload,
-            inbound.received,
-        )
-        .await;
+        let publish = &inbound.publish;
+        match inbound.refusal() {
+            Some(refusal) => {
+                self.refuse(&publish.topic, &publish.payload, refusal, inbound.received)
+                    .await
+            }
+            None => {
+                self.process(&publish.topic, &publish.payload, inbound.received)
+                    .await
+            }
+        }
         inbound.finish();
     }
 }

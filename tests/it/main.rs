@@ -4,6 +4,7 @@
 mod bridge;
 mod bridge_actions;
 mod bridge_cli;
+mod bridge_decoding;
 mod bridge_delivery;
 mod bridge_middleware;
 mod bridge_mqtt;

@@ -22,10 +22,8 @@ impl Network {
         max_outgoing_size: usize,
     ) -> Network {
         let socket = Box::new(socket) as Box<dyn AsyncReadWrite>;
-        let codec = Codec {
-            max_incoming_size,
-            max_outgoing_size,
-        };
+        // routemq-bridge patch (PATCHED.md, Change 5): the codec now keeps state.
+        let codec = Codec::new(max_incoming_size, max_outgoing_size);
         let framed = Framed::new(socket, codec);
 
         Network {

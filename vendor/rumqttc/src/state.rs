@@ -817,6 +817,8 @@ mod test {
                     topic: "test".to_string(),
                     pkid: 1,
                     payload: "".into(),
+                    oversized: None,
+                    raw_topic: None,
                 }),
                 Some(Publish {
                     dup: false,
@@ -825,6 +827,8 @@ mod test {
                     topic: "test".to_string(),
                     pkid: 2,
                     payload: "".into(),
+                    oversized: None,
+                    raw_topic: None,
                 }),
                 Some(Publish {
                     dup: false,
@@ -833,6 +837,8 @@ mod test {
                     topic: "test".to_string(),
                     pkid: 3,
                     payload: "".into(),
+                    oversized: None,
+                    raw_topic: None,
                 }),
                 None,
                 None,
@@ -843,6 +849,8 @@ mod test {
                     topic: "test".to_string(),
                     pkid: 6,
                     payload: "".into(),
+                    oversized: None,
+                    raw_topic: None,
                 }),
             ]
         }

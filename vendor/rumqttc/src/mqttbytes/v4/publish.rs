@@ -10,7 +10,20 @@ pub struct Publish {
     pub topic: String,
     pub pkid: u16,
     pub payload: Bytes,
+    /// routemq-bridge patch (PATCHED.md, Change 5): an incoming PUBLISH over the incoming
+    /// max packet size is not refused but skipped as it streams in: this is the length of
+    /// its payload, of which `payload` holds only the first [`KEPT_OF_OVERSIZED`] bytes.
+    /// `None` for every other publish.
+    pub oversized: Option<usize>,
+    /// routemq-bridge patch (PATCHED.md, Change 6): the topic as received, when it is not
+    /// UTF-8 (`topic` is then its lossy form, U+FFFD for each invalid sequence); `None` for
+    /// every other publish.
+    pub raw_topic: Option<Bytes>,
 }
+
+/// routemq-bridge patch (PATCHED.md, Change 5): how much of an oversized PUBLISH's payload
+/// is kept.
+pub const KEPT_OF_OVERSIZED: usize = 1024;
 
 impl Publish {
     pub fn new<S: Into<String>, P: Into<Vec<u8>>>(topic: S, qos: QoS, payload: P) -> Publish {
@@ -21,6 +34,8 @@ impl Publish {
             pkid: 0,
             topic: topic.into(),
             payload: Bytes::from(payload.into()),
+            oversized: None,
+            raw_topic: None,
         }
     }
 
@@ -32,6 +47,8 @@ impl Publish {
             pkid: 0,
             topic: topic.into(),
             payload,
+            oversized: None,
+            raw_topic: None,
         }
     }
 
@@ -58,7 +75,14 @@ impl Publish {
 
         let variable_header_index = fixed_header.fixed_header_len;
         bytes.advance(variable_header_index);
-        let topic = read_mqtt_string(&mut bytes)?;
+        // routemq-bridge patch (PATCHED.md, Change 6): upstream refused the whole packet
+        // (`Error::TopicNotUtf8`), which drops the connection, and the broker redelivers the
+        // packet first on every reconnect. The receiver decides what to do with it instead.
+        let raw = read_mqtt_bytes(&mut bytes)?;
+        let (topic, raw_topic) = match std::str::from_utf8(&raw) {
+            Ok(topic) => (topic.to_owned(), None),
+            Err(_) => (String::from_utf8_lossy(&raw).into_owned(), Some(raw)),
+        };
 
         // Packet identifier exists where QoS > 0
         let pkid = match qos {
@@ -77,6 +101,8 @@ impl Publish {
             pkid,
             topic,
             payload: bytes,
+            oversized: None,
+            raw_topic,
         };
 
         Ok(publish)
@@ -165,6 +191,8 @@ mod test {
                 topic: "a/b".to_owned(),
                 pkid: 10,
                 payload: Bytes::from(&payload[..]),
+                oversized: None,
+                raw_topic: None,
             }
         );
     }
@@ -201,6 +229,8 @@ mod test {
                 topic: "a/b".to_owned(),
                 pkid: 0,
                 payload: Bytes::from(&[0x01, 0x02][..]),
+                oversized: None,
+                raw_topic: None,
             }
         );
     }
@@ -214,6 +244,8 @@ mod test {
             topic: "a/b".to_owned(),
             pkid: 10,
             payload: Bytes::from(vec![0xF1, 0xF2, 0xF3, 0xF4]),
+            oversized: None,
+            raw_topic: None,
         };
 
         let mut buf = BytesMut::new();
@@ -248,6 +280,8 @@ mod test {
             topic: "a/b".to_owned(),
             pkid: 0,
             payload: Bytes::from(vec![0xE1, 0xE2, 0xE3, 0xE4]),
+            oversized: None,
+            raw_topic: None,
         };
 
         let mut buf = BytesMut::new();
