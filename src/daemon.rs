@@ -15,11 +15,16 @@
 //! (the MQTT connection stays up so acks can go out), let every lane finish what it holds —
 //! bounded by `shutdown_timeout`; what does not finish stays unacked and the broker
 //! redelivers it — then DISCONNECT cleanly, close Redis and stop the HTTP endpoint.
+//!
+//! The process never lingers broken (spec §6): a task that moves messages (the MQTT loop,
+//! a lane, the ack path, a republish worker) ending unexpectedly takes the same shutdown
+//! path and then exits 1, so `Restart=on-failure` brings it back; and the watchdog is fed
+//! only while messages move or have a reason to wait ([`lanes_stuck`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -30,7 +35,7 @@ use crate::events;
 use crate::liveness::{Heartbeat, Liveness};
 use crate::metrics::{Metrics, Observed};
 use crate::mqtt::{Inbound, MqttConfig, MqttSource};
-use crate::redis::{RedisConfig, RedisManager};
+use crate::redis::{ConnectionState, RedisConfig, RedisManager};
 use crate::republish::RepublishService;
 use crate::router::dispatch::Dispatcher;
 use crate::router::engine::Engine;
@@ -44,6 +49,10 @@ const MAIN_LOOP_MAX_SILENCE: Duration = Duration::from_secs(10);
 /// Slack on top of what a loop's own timeouts allow (a slow TLS handshake, a busy CPU).
 const LOOP_SLACK: Duration = Duration::from_secs(15);
 
+/// However short the other bounds, a message may wait this long with Redis and the
+/// broker up before the message path counts as stuck.
+const MESSAGE_MIN_STALL: Duration = Duration::from_secs(5);
+
 /// Why the daemon stopped with an error (exit code 1).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -51,6 +60,8 @@ pub enum DaemonError {
     Mqtt(#[from] crate::mqtt::client::OptionsError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("the {0} ended unexpectedly; exiting so that systemd restarts the bridge")]
+    TaskEnded(&'static str),
 }
 
 /// Everything the daemon runs with: the loaded config and its compiled routes.
@@ -76,17 +87,81 @@ fn max_payload(config: &BridgeConfig) -> usize {
 /// connected, and one per connection attempt (at most `reconnect_max_delay` apart)
 /// otherwise. `None` when keep-alive is off: then an idle loop is silent forever.
 fn mqtt_max_silence(config: &MqttConfig) -> Option<Duration> {
-    (!config.keep_alive.is_zero())
-        .then(|| config.keep_alive + config.reconnect_max_delay + LOOP_SLACK)
+    (!config.keep_alive.is_zero()).then(|| {
+        config
+            .keep_alive
+            .saturating_add(config.reconnect_max_delay)
+            .saturating_add(LOOP_SLACK)
+    })
 }
 
 /// How long the Redis health task may go without a round: a pause, then one PING or one
 /// connection attempt.
 fn redis_max_silence(config: &RedisConfig) -> Duration {
-    crate::redis::manager::HEALTH_INTERVAL.max(crate::redis::manager::RECONNECT_MAX_DELAY)
-        + config.socket_timeout
-        + config.socket_connect_timeout
-        + LOOP_SLACK
+    crate::redis::manager::HEALTH_INTERVAL
+        .max(crate::redis::manager::RECONNECT_MAX_DELAY)
+        .saturating_add(config.socket_timeout)
+        .saturating_add(config.socket_connect_timeout)
+        .saturating_add(LOOP_SLACK)
+}
+
+/// How long one message may be held while Redis and the broker are up before the message
+/// path counts as stuck: longer than anything that legitimately holds it then — a command
+/// timing out and its reconnect, another worker's dedup lease (waited for up to twice its
+/// length), the drain of a shutdown, two watchdog periods.
+fn message_max_wait(
+    limits: &crate::config::LimitsConfig,
+    redis: &RedisConfig,
+    routes: &RouteTable,
+    watchdog: Option<Duration>,
+) -> Duration {
+    let lease = routes
+        .routes
+        .iter()
+        .filter_map(|r| r.dedup.as_ref().map(|d| d.lease))
+        .max()
+        .unwrap_or(Duration::ZERO);
+    let redis_round = redis
+        .socket_timeout
+        .saturating_add(redis.socket_connect_timeout);
+    [
+        MESSAGE_MIN_STALL,
+        limits.shutdown_timeout,
+        // `watchdog_interval` is half of WatchdogSec.
+        watchdog.unwrap_or_default().saturating_mul(4),
+        redis_round.saturating_mul(2),
+        lease.saturating_mul(2).saturating_add(redis_round),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(MESSAGE_MIN_STALL)
+}
+
+/// The progress check of the message path (the lanes, and so the ack order behind them):
+/// stuck when the oldest message held has waited longer than `max_wait` while Redis and the
+/// broker were up. Time while either was down does not count — messages wait for them by
+/// design (spec §6), so an outage never stops the watchdog — and a message held since
+/// before the outage counts from when both were last seen up again.
+fn lanes_stuck(
+    oldest: impl Fn() -> Option<Instant> + Send + Sync + 'static,
+    observed: Observed,
+    max_wait: impl Fn() -> Duration + Send + Sync + 'static,
+) -> impl Fn() -> bool + Send + Sync + 'static {
+    let last_outage = std::sync::Mutex::new(Instant::now());
+    move || {
+        let now = Instant::now();
+        let mut last_outage = last_outage.lock().unwrap_or_else(|p| p.into_inner());
+        let redis_up = matches!(
+            observed.redis_state(),
+            ConnectionState::Up | ConnectionState::Disabled
+        );
+        if !redis_up || !observed.mqtt().connected {
+            *last_outage = now;
+            return false;
+        }
+        oldest()
+            .is_some_and(|held| now.saturating_duration_since(held.max(*last_outage)) > max_wait())
+    }
 }
 
 /// The `STATUS=` line: connection states and counts since start.
@@ -275,6 +350,9 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         dead_letter(&config),
     ));
     let dispatcher = Dispatcher::new(engine.clone());
+    // Subscribed before anything can die, so no death goes unheard.
+    let died = crate::liveness::task_died();
+    tokio::pin!(died);
     // Redis → MQTT (spec §7), on an MQTT connection of its own.
     let mut republish = RepublishService::new(&config, &redis);
     republish
@@ -297,6 +375,17 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     if redis.heartbeat().age().is_some() {
         liveness.watch("redis", redis.heartbeat(), redis_max_silence(&config.redis));
     }
+    // And the messages that must keep moving.
+    let max_wait = {
+        let (limits, redis_config) = (config.limits.clone(), config.redis.clone());
+        let engine = engine.clone();
+        let watchdog = crate::systemd::watchdog_interval();
+        move || message_max_wait(&limits, &redis_config, &engine.routes(), watchdog)
+    };
+    liveness.watch_with(
+        "lanes",
+        lanes_stuck(dispatcher.oldest(), observed.clone(), max_wait),
+    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = prometheus.map(|handle| Metrics::new(handle, observed.clone()));
@@ -330,12 +419,21 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     let mut tick = tokio::time::interval(MAIN_LOOP_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let mut failure = None;
     loop {
         tokio::select! {
             message = inbound.recv() => match message {
                 Some(message) => hand_over(&dispatcher, &running.engine, message),
-                None => break,
+                // Only the MQTT loop closes it, and only once told to stop.
+                None => {
+                    failure = Some(DaemonError::TaskEnded("MQTT loop"));
+                    break;
+                }
             },
+            task = &mut died => {
+                failure = Some(DaemonError::TaskEnded(task));
+                break;
+            }
             _ = tick.tick() => {
                 main_beat.beat();
                 idle_trim.tick(running.observed.mqtt_stats.inflight());
@@ -362,6 +460,9 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         }
     }
 
+    if let Some(e) = &failure {
+        tracing::error!(error = %e, "a task that moves messages is gone; shutting down");
+    }
     notifier.stopping();
     tracing::info!("shutting down: finishing in-flight messages");
     let Running {
@@ -397,5 +498,8 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
     }
     tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

@@ -52,6 +52,7 @@ impl AckForwarder {
         let epoch = Arc::new(AtomicU64::new(0));
         let current = epoch.clone();
         tokio::spawn(async move {
+            let _lifeline = crate::liveness::Lifeline::new("ack path");
             while let Some(forward) = rx.recv().await {
                 match forward {
                     Forward::Ack(publish, epoch) => {

@@ -252,6 +252,7 @@ impl MqttSource {
             heartbeat: heartbeat.clone(),
         };
         let task = tokio::spawn(async move {
+            let _lifeline = crate::liveness::Lifeline::new("mqtt loop");
             let tracker = run.tracker.clone();
             run.run().await;
             // Nothing will be acked any more: waiters see an error instead of hanging.
@@ -528,6 +529,7 @@ impl Loop {
     }
 
     async fn receive(&mut self, publish: Publish) {
+        crate::fault::in_mqtt_loop(&publish.payload);
         if !self.receiving.load(Ordering::Relaxed) {
             return; // shutting down: unacked, redelivered later
         }
