@@ -19,7 +19,7 @@
 //! The process never lingers broken (spec §6): a task that moves messages (the MQTT loop,
 //! a lane, the ack path, a republish worker) ending unexpectedly takes the same shutdown
 //! path and then exits 1, so `Restart=on-failure` brings it back; and the watchdog is fed
-//! only while messages move or have a reason to wait ([`lanes_stuck`]).
+//! only while messages move or have a reason to wait ([`stuck_while_up`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -137,12 +137,13 @@ fn message_max_wait(
     .unwrap_or(MESSAGE_MIN_STALL)
 }
 
-/// The progress check of the message path (the lanes, and so the ack order behind them):
-/// stuck when the oldest message held has waited longer than `max_wait` while Redis and the
-/// broker were up. Time while either was down does not count — messages wait for them by
-/// design (spec §6), so an outage never stops the watchdog — and a message held since
-/// before the outage counts from when both were last seen up again.
-fn lanes_stuck(
+/// A progress check of the message path: stuck when the oldest work `oldest` reports (the
+/// message held longest by the lanes, the ack being handed over) has waited longer than
+/// `max_wait` while Redis and the broker were up. Time while either was down does not
+/// count — messages wait for them by design (spec §6), so an outage never stops the
+/// watchdog — and work held since before an outage counts from when both were last seen
+/// up again.
+fn stuck_while_up(
     oldest: impl Fn() -> Option<Instant> + Send + Sync + 'static,
     observed: Observed,
     max_wait: impl Fn() -> Duration + Send + Sync + 'static,
@@ -384,7 +385,12 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     };
     liveness.watch_with(
         "lanes",
-        lanes_stuck(dispatcher.oldest(), observed.clone(), max_wait),
+        stuck_while_up(dispatcher.oldest(), observed.clone(), max_wait.clone()),
+    );
+    let ack_path = source.ack_path();
+    liveness.watch_with(
+        "ack path",
+        stuck_while_up(move || ack_path.since(), observed.clone(), max_wait),
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);

@@ -53,6 +53,39 @@ impl Heartbeat {
     }
 }
 
+/// Set while a task is on one unit of work (e.g. the ack path handing one ack to the
+/// client), so a task blocked inside one can be told from one idle between them. Two
+/// atomic stores per unit.
+#[derive(Clone, Debug, Default)]
+pub struct Busy(Arc<AtomicU64>);
+
+impl Busy {
+    pub fn new() -> Busy {
+        Busy::default()
+    }
+
+    /// A unit of work begins.
+    pub fn start(&self) {
+        self.0.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// It ended.
+    pub fn done(&self) {
+        self.0.store(0, Ordering::Relaxed);
+    }
+
+    /// Since when the task is on its current unit; `None` while idle.
+    pub fn since(&self) -> Option<Instant> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            started => {
+                let age = Duration::from_millis(now_ms().saturating_sub(started));
+                Instant::now().checked_sub(age)
+            }
+        }
+    }
+}
+
 struct Watched {
     name: &'static str,
     heartbeat: Heartbeat,
@@ -188,6 +221,18 @@ mod tests {
         assert!(liveness.stuck().is_empty());
         stalled.store(true, Ordering::Relaxed);
         assert_eq!(liveness.stuck(), vec!["lanes"]);
+    }
+
+    #[test]
+    fn busy_tells_since_when_and_idle() {
+        let busy = Busy::new();
+        assert_eq!(busy.since(), None);
+        let before = Instant::now();
+        busy.start();
+        let since = busy.since().expect("busy");
+        assert!(since <= Instant::now() && since + Duration::from_millis(5) >= before);
+        busy.done();
+        assert_eq!(busy.since(), None);
     }
 
     #[tokio::test]

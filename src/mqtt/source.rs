@@ -287,6 +287,11 @@ impl MqttSource {
         self.heartbeat.clone()
     }
 
+    /// The ack path's [`Busy`](crate::liveness::Busy), for the watchdog.
+    pub fn ack_path(&self) -> crate::liveness::Busy {
+        self.acks.busy()
+    }
+
     /// Reload: makes `subscriptions` the cover, keeping the session. New filters (or new
     /// QoS levels) are subscribed before filters no longer needed are unsubscribed, so no
     /// message falls into a gap; the loop logs "subscribed" when the broker granted them.
