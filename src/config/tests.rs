@@ -564,6 +564,17 @@ key = "k:{id}"
 }
 
 #[test]
+fn cluster_nodes_the_client_would_refuse_are_a_config_error() {
+    let (errs, _) = errors(
+        "[redis]\ncluster = [\"redis://n1:7000\", \"rediss://n2:7000\"]\n",
+        &[],
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].path, "redis.cluster");
+    assert!(errs[0].message.contains("TLS"), "{}", errs[0].message);
+}
+
+#[test]
 fn mqtt_5_is_refused_at_load_naming_mqtt_protocol() {
     for (toml, env) in [
         ("[mqtt]\nprotocol = \"5\"\n", &[][..]),
