@@ -351,7 +351,7 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         dead_letter(&config),
     ));
     let dispatcher = Dispatcher::new(engine.clone());
-    // Subscribed before anything can die, so no death goes unheard.
+    // The first death is kept: one before this point is heard too.
     let died = crate::liveness::task_died();
     tokio::pin!(died);
     // Redis → MQTT (spec §7), on an MQTT connection of its own.
