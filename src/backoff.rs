@@ -31,9 +31,12 @@ impl Backoff {
     /// The delay to wait before the next attempt.
     pub fn next_delay(&mut self) -> Duration {
         let window = self.current;
-        self.current = (self.current * 2).min(self.max);
+        // Saturating: a `max` read from config can be long (it is capped there, but the
+        // doubling must not be what panics).
+        self.current = self.current.saturating_mul(2).min(self.max);
         let half = window / 2;
-        let jitter_nanos = rand::rng().random_range(0..=half.as_nanos() as u64);
+        let half_nanos = u64::try_from(half.as_nanos()).unwrap_or(u64::MAX);
+        let jitter_nanos = rand::rng().random_range(0..=half_nanos);
         half + Duration::from_nanos(jitter_nanos)
     }
 
@@ -59,6 +62,15 @@ mod tests {
             );
             window = (window * 2).min(Duration::from_secs(2));
         }
+    }
+
+    #[test]
+    fn the_longest_max_never_overflows() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::MAX);
+        for _ in 0..200 {
+            b.next_delay();
+        }
+        assert!(b.next_delay() <= Duration::MAX);
     }
 
     #[test]

@@ -15,11 +15,16 @@
 //! (the MQTT connection stays up so acks can go out), let every lane finish what it holds —
 //! bounded by `shutdown_timeout`; what does not finish stays unacked and the broker
 //! redelivers it — then DISCONNECT cleanly, close Redis and stop the HTTP endpoint.
+//!
+//! The process never lingers broken (spec §6): a task that moves messages (the MQTT loop,
+//! a lane, the ack path, a republish worker) ending unexpectedly takes the same shutdown
+//! path and then exits 1, so `Restart=on-failure` brings it back; and the watchdog is fed
+//! only while messages move or have a reason to wait ([`stuck_while_up`]).
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
@@ -30,7 +35,7 @@ use crate::events;
 use crate::liveness::{Heartbeat, Liveness};
 use crate::metrics::{Metrics, Observed};
 use crate::mqtt::{Inbound, MqttConfig, MqttSource};
-use crate::redis::{RedisConfig, RedisManager};
+use crate::redis::{ConnectionState, RedisConfig, RedisManager};
 use crate::republish::RepublishService;
 use crate::router::dispatch::Dispatcher;
 use crate::router::engine::Engine;
@@ -44,6 +49,10 @@ const MAIN_LOOP_MAX_SILENCE: Duration = Duration::from_secs(10);
 /// Slack on top of what a loop's own timeouts allow (a slow TLS handshake, a busy CPU).
 const LOOP_SLACK: Duration = Duration::from_secs(15);
 
+/// However short the other bounds, a message may wait this long with Redis and the
+/// broker up before the message path counts as stuck.
+const MESSAGE_MIN_STALL: Duration = Duration::from_secs(5);
+
 /// Why the daemon stopped with an error (exit code 1).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -51,6 +60,8 @@ pub enum DaemonError {
     Mqtt(#[from] crate::mqtt::client::OptionsError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("the {0} ended unexpectedly; exiting so that systemd restarts the bridge")]
+    TaskEnded(&'static str),
 }
 
 /// Everything the daemon runs with: the loaded config and its compiled routes.
@@ -76,17 +87,82 @@ fn max_payload(config: &BridgeConfig) -> usize {
 /// connected, and one per connection attempt (at most `reconnect_max_delay` apart)
 /// otherwise. `None` when keep-alive is off: then an idle loop is silent forever.
 fn mqtt_max_silence(config: &MqttConfig) -> Option<Duration> {
-    (!config.keep_alive.is_zero())
-        .then(|| config.keep_alive + config.reconnect_max_delay + LOOP_SLACK)
+    (!config.keep_alive.is_zero()).then(|| {
+        config
+            .keep_alive
+            .saturating_add(config.reconnect_max_delay)
+            .saturating_add(LOOP_SLACK)
+    })
 }
 
 /// How long the Redis health task may go without a round: a pause, then one PING or one
 /// connection attempt.
 fn redis_max_silence(config: &RedisConfig) -> Duration {
-    crate::redis::manager::HEALTH_INTERVAL.max(crate::redis::manager::RECONNECT_MAX_DELAY)
-        + config.socket_timeout
-        + config.socket_connect_timeout
-        + LOOP_SLACK
+    crate::redis::manager::HEALTH_INTERVAL
+        .max(crate::redis::manager::RECONNECT_MAX_DELAY)
+        .saturating_add(config.socket_timeout)
+        .saturating_add(config.socket_connect_timeout)
+        .saturating_add(LOOP_SLACK)
+}
+
+/// How long one message may be held while Redis and the broker are up before the message
+/// path counts as stuck: longer than anything that legitimately holds it then — a command
+/// timing out and its reconnect, another worker's dedup lease (waited for up to twice its
+/// length), the drain of a shutdown, two watchdog periods.
+fn message_max_wait(
+    limits: &crate::config::LimitsConfig,
+    redis: &RedisConfig,
+    routes: &RouteTable,
+    watchdog: Option<Duration>,
+) -> Duration {
+    let lease = routes
+        .routes
+        .iter()
+        .filter_map(|r| r.dedup.as_ref().map(|d| d.lease))
+        .max()
+        .unwrap_or(Duration::ZERO);
+    let redis_round = redis
+        .socket_timeout
+        .saturating_add(redis.socket_connect_timeout);
+    [
+        MESSAGE_MIN_STALL,
+        limits.shutdown_timeout,
+        // `watchdog_interval` is half of WatchdogSec.
+        watchdog.unwrap_or_default().saturating_mul(4),
+        redis_round.saturating_mul(2),
+        lease.saturating_mul(2).saturating_add(redis_round),
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(MESSAGE_MIN_STALL)
+}
+
+/// A progress check of the message path: stuck when the oldest work `oldest` reports (the
+/// message held longest by the lanes, the ack being handed over) has waited longer than
+/// `max_wait` while Redis and the broker were up. Time while either was down does not
+/// count — messages wait for them by design (spec §6), so an outage never stops the
+/// watchdog — and work held since before an outage counts from when both were last seen
+/// up again.
+fn stuck_while_up(
+    oldest: impl Fn() -> Option<Instant> + Send + Sync + 'static,
+    observed: Observed,
+    max_wait: impl Fn() -> Duration + Send + Sync + 'static,
+) -> impl Fn() -> bool + Send + Sync + 'static {
+    let last_outage = std::sync::Mutex::new(Instant::now());
+    move || {
+        let now = Instant::now();
+        let mut last_outage = last_outage.lock().unwrap_or_else(|p| p.into_inner());
+        let redis_up = matches!(
+            observed.redis_state(),
+            ConnectionState::Up | ConnectionState::Disabled
+        );
+        if !redis_up || !observed.mqtt().connected {
+            *last_outage = now;
+            return false;
+        }
+        oldest()
+            .is_some_and(|held| now.saturating_duration_since(held.max(*last_outage)) > max_wait())
+    }
 }
 
 /// The `STATUS=` line: connection states and counts since start.
@@ -294,6 +370,9 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         dead_letter(&config),
     ));
     let dispatcher = Dispatcher::new(engine.clone());
+    // The first death is kept: one before this point is heard too.
+    let died = crate::liveness::task_died();
+    tokio::pin!(died);
     republish
         .apply(&config.republish_rules, dead_letter(&config))
         .await?;
@@ -314,6 +393,22 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     if redis.heartbeat().age().is_some() {
         liveness.watch("redis", redis.heartbeat(), redis_max_silence(&config.redis));
     }
+    // And the messages that must keep moving.
+    let max_wait = {
+        let (limits, redis_config) = (config.limits.clone(), config.redis.clone());
+        let engine = engine.clone();
+        let watchdog = crate::systemd::watchdog_interval();
+        move || message_max_wait(&limits, &redis_config, &engine.routes(), watchdog)
+    };
+    liveness.watch_with(
+        "lanes",
+        stuck_while_up(dispatcher.oldest(), observed.clone(), max_wait.clone()),
+    );
+    let ack_path = source.ack_path();
+    liveness.watch_with(
+        "ack path",
+        stuck_while_up(move || ack_path.since(), observed.clone(), max_wait),
+    );
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let metrics = prometheus.map(|handle| Metrics::new(handle, observed.clone()));
@@ -347,12 +442,21 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     let mut tick = tokio::time::interval(MAIN_LOOP_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let mut failure = None;
     loop {
         tokio::select! {
             message = inbound.recv() => match message {
                 Some(message) => hand_over(&dispatcher, &running.engine, message),
-                None => break,
+                // Only the MQTT loop closes it, and only once told to stop.
+                None => {
+                    failure = Some(DaemonError::TaskEnded("MQTT loop"));
+                    break;
+                }
             },
+            task = &mut died => {
+                failure = Some(DaemonError::TaskEnded(task));
+                break;
+            }
             _ = tick.tick() => {
                 main_beat.beat();
                 idle_trim.tick(running.observed.mqtt_stats.inflight());
@@ -379,6 +483,9 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         }
     }
 
+    if let Some(e) = &failure {
+        tracing::error!(error = %e, "a task that moves messages is gone; shutting down");
+    }
     notifier.stopping();
     tracing::info!("shutting down: finishing in-flight messages");
     let Running {
@@ -419,5 +526,8 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
     }
     tracing::info!("stopped");
-    Ok(())
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

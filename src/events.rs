@@ -60,7 +60,8 @@ fn outcome_index(outcome: &Outcome) -> usize {
         Outcome::Duplicate => 2,
         Outcome::Unauthorized => 3,
         Outcome::Invalid { .. } => 4,
-        Outcome::Failed { .. } => 5,
+        // Both are labelled `failed`: one counter.
+        Outcome::Failed { .. } | Outcome::Internal { .. } => 5,
         Outcome::Overflow => 6,
     }
 }
@@ -97,6 +98,9 @@ pub fn message_outcome(route: &Route, topic: &str, outcome: &Outcome, received: 
     let route = route.name.as_str();
     match outcome {
         Outcome::Failed { .. } => tracing::warn!(route, topic, %outcome, "message failed"),
+        Outcome::Internal { .. } => {
+            tracing::error!(route, topic, %outcome, "BUG: handling this message panicked; it is dead-lettered and the next one goes on")
+        }
         Outcome::Invalid { .. } => tracing::info!(route, topic, %outcome, "message refused"),
         _ => tracing::trace!(route, topic, %outcome, "message done"),
     }

@@ -10,9 +10,17 @@
 //!   down: `{"ready":false,"mqtt":"up","redis":"down"}`, or `"redis":"refusing"` while Redis
 //!   answers but refuses writes (`OOM`, `READONLY`, `MISCONF`, …).
 //!
-//! Three read-only routes do not need a framework: plain hyper 1 with HTTP/1.1, a bound on
-//! concurrent connections, a header read timeout, and a graceful shutdown that lets
-//! in-flight requests finish when the daemon stops.
+//! Three read-only routes do not need a framework: plain hyper 1 with HTTP/1.1, a header
+//! read timeout, and a graceful shutdown that lets in-flight requests finish when the daemon
+//! stops.
+//!
+//! A client that sends requests and never reads the answers (or keeps an idle connection)
+//! must not hold a connection forever, nor crowd out `/healthz`. So every connection has an
+//! overall deadline ([`CONNECTION_DEADLINE`], a keep-alive scraper simply reconnects), and
+//! the accept loop never waits: up to [`MAX_CONNECTIONS`] connections get that deadline,
+//! those beyond it are still served but cut after [`BUSY_DEADLINE`] — long enough to answer
+//! a health check on loopback, too short to hold the endpoint — and beyond
+//! [`MAX_BUSY_CONNECTIONS`] more a connection is closed at once.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -34,8 +42,15 @@ use crate::liveness::Liveness;
 use crate::metrics::{Metrics, Observed};
 use crate::redis::ConnectionState;
 
-/// At most this many connections at once: Prometheus and a health checker need a few.
+/// Connections with the full deadline at once: Prometheus and a health checker need a few.
 const MAX_CONNECTIONS: usize = 64;
+/// Connections beyond [`MAX_CONNECTIONS`] served with the short deadline at once.
+const MAX_BUSY_CONNECTIONS: usize = 192;
+/// A connection is closed this long after it was accepted, whatever it is doing: the bound
+/// on a client that never reads (hyper has no write timeout) or idles on keep-alive.
+const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
+/// The deadline of a connection accepted while [`MAX_CONNECTIONS`] are open.
+const BUSY_DEADLINE: Duration = Duration::from_secs(1);
 /// A client that does not send its request headers in time is dropped.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long requests in flight may take once the daemon stops.
@@ -100,14 +115,8 @@ pub fn serve(
     tokio::spawn(async move {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let busy_permits = Arc::new(Semaphore::new(MAX_BUSY_CONNECTIONS));
         loop {
-            let permit = tokio::select! {
-                permit = permits.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break,
-                },
-                _ = crate::liveness::stopped(&mut stop) => break,
-            };
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
@@ -120,6 +129,18 @@ pub fn serve(
                 },
                 _ = crate::liveness::stopped(&mut stop) => break,
             };
+            // Never waiting for a permit: a connection waiting to be accepted could be the
+            // health check, queued behind a flood.
+            let (permit, deadline) = match permits.clone().try_acquire_owned() {
+                Ok(permit) => (permit, CONNECTION_DEADLINE),
+                Err(_) => match busy_permits.clone().try_acquire_owned() {
+                    Ok(permit) => (permit, BUSY_DEADLINE),
+                    Err(_) => {
+                        tracing::debug!("http: too many connections; closing a new one");
+                        continue;
+                    }
+                },
+            };
             let state = state.clone();
             let service = hyper::service::service_fn(move |request| {
                 let state = state.clone();
@@ -131,8 +152,9 @@ pub fn serve(
                 .serve_connection(TokioIo::new(stream), service);
             let connection = graceful.watch(connection);
             tokio::spawn(async move {
-                // A client going away mid-request is its business, not an error of ours.
-                let _ = connection.await;
+                // A client going away mid-request is its business, not an error of ours;
+                // one still there at the deadline is cut.
+                let _ = tokio::time::timeout(deadline, connection).await;
                 drop(permit);
             });
         }

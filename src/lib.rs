@@ -18,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod dead_letter;
 pub mod events;
+pub mod fault;
 pub mod http;
 pub mod liveness;
 pub mod logging;

@@ -11,6 +11,9 @@ pub enum Reason {
     InvalidParam,
     MissingField,
     RedisError,
+    /// A bug in the bridge while handling this message (a panic): the message is
+    /// dead-lettered and the next one goes on.
+    InternalError,
 }
 
 impl Reason {
@@ -22,6 +25,7 @@ impl Reason {
             Reason::InvalidParam => "invalid_param",
             Reason::MissingField => "missing_field",
             Reason::RedisError => "redis_error",
+            Reason::InternalError => "internal_error",
         }
     }
 
@@ -52,6 +56,11 @@ pub enum Outcome {
     },
     /// A QoS 0 message beyond `max_inflight`.
     Overflow,
+    /// A bug of ours (a panic) while handling the message on this route: counted as
+    /// `failed`, dead-lettered as `internal_error`.
+    Internal {
+        detail: String,
+    },
 }
 
 impl Outcome {
@@ -70,7 +79,7 @@ impl Outcome {
             Outcome::Duplicate => "duplicate",
             Outcome::Unauthorized => "unauthorized",
             Outcome::Invalid { .. } => "invalid",
-            Outcome::Failed { .. } => "failed",
+            Outcome::Failed { .. } | Outcome::Internal { .. } => "failed",
             Outcome::Overflow => "overflow",
         }
     }
@@ -80,6 +89,7 @@ impl Outcome {
         match self {
             Outcome::Invalid { reason, detail } => Some((*reason, detail)),
             Outcome::Failed { detail } => Some((Reason::RedisError, detail)),
+            Outcome::Internal { detail } => Some((Reason::InternalError, detail)),
             _ => None,
         }
     }

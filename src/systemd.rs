@@ -5,8 +5,9 @@
 //!   messages flow; `STATUS=` with counts, refreshed while running (`systemctl status`).
 //! - `RELOADING=1` … `READY=1` around a SIGHUP reload; `STOPPING=1` when shutdown begins.
 //! - `WATCHDOG=1` every half `WatchdogSec`, but only while every loop's heartbeat is fresh
-//!   ([`Liveness`]): a stuck loop stops the pings and systemd restarts the service, while a
-//!   merely idle daemon keeps pinging.
+//!   and the message path makes progress ([`Liveness`]): a stuck loop or a message stuck
+//!   with Redis and the broker up stops the pings and systemd restarts the service, while a
+//!   merely idle daemon, or one whose messages wait out an outage, keeps pinging.
 //!
 //! The protocol is one datagram of `KEY=value` lines to the socket in `NOTIFY_SOCKET`
 //! (a path, or `@name` in the abstract namespace), small enough to write here. Outside

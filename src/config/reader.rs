@@ -760,31 +760,48 @@ impl FromValue for f64 {
     }
 }
 
+/// The longest duration any key takes. Far beyond any sane timeout, TTL or lease, and far
+/// below what overflows where durations are used: doubled in backoff, added to `Instant`s,
+/// sent to Redis as milliseconds (`PX`) in a `u64`.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 impl FromValue for Duration {
     fn from_value(value: &Value) -> Result<Self, String> {
-        let expected = || {
-            format!(
-                "expected a duration such as \"250ms\", \"30s\", \"1h 30m\" or a number of \
-                 seconds, found {}",
-                found(value)
-            )
-        };
-        let seconds = |s: f64| Duration::try_from_secs_f64(s).map_err(|_| expected());
-        match value {
-            Value::Num(_, n) => match (num_int(n), n.to_f64()) {
-                (Some(i), _) => seconds(i as f64),
-                (None, Some(f)) => seconds(f),
-                (None, None) => Err(expected()),
-            },
-            Value::String(_, s) => {
-                let s = s.trim();
-                match s.parse::<f64>() {
-                    Ok(f) => seconds(f),
-                    Err(_) => humantime::parse_duration(s).map_err(|_| expected()),
-                }
-            }
-            _ => Err(expected()),
+        let duration = duration_from_value(value)?;
+        if duration > MAX_DURATION {
+            return Err(format!(
+                "must be at most 10 years ({}), found {}",
+                humantime::format_duration(MAX_DURATION),
+                humantime::format_duration(duration)
+            ));
         }
+        Ok(duration)
+    }
+}
+
+fn duration_from_value(value: &Value) -> Result<Duration, String> {
+    let expected = || {
+        format!(
+            "expected a duration such as \"250ms\", \"30s\", \"1h 30m\" or a number of \
+             seconds, found {}",
+            found(value)
+        )
+    };
+    let seconds = |s: f64| Duration::try_from_secs_f64(s).map_err(|_| expected());
+    match value {
+        Value::Num(_, n) => match (num_int(n), n.to_f64()) {
+            (Some(i), _) => seconds(i as f64),
+            (None, Some(f)) => seconds(f),
+            (None, None) => Err(expected()),
+        },
+        Value::String(_, s) => {
+            let s = s.trim();
+            match s.parse::<f64>() {
+                Ok(f) => seconds(f),
+                Err(_) => humantime::parse_duration(s).map_err(|_| expected()),
+            }
+        }
+        _ => Err(expected()),
     }
 }
 

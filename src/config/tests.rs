@@ -506,6 +506,92 @@ fn durations_are_humane_strings_or_seconds() {
 }
 
 #[test]
+fn a_duration_beyond_ten_years_is_an_error_naming_its_key() {
+    for (toml, path) in [
+        (
+            "[limits]\nshutdown_timeout = \"11y\"\n",
+            "limits.shutdown_timeout",
+        ),
+        ("[redis]\nsocket_timeout = 1e12\n", "redis.socket_timeout"),
+        (
+            "[mqtt]\nreconnect_max_delay = \"100000d\"\n",
+            "mqtt.reconnect_max_delay",
+        ),
+    ] {
+        let (errs, _) = errors(toml, &[]);
+        assert_eq!(errs.len(), 1, "{toml}: {errs:?}");
+        assert_eq!(errs[0].path, path);
+        assert!(
+            errs[0].message.contains("at most 10 years"),
+            "{}",
+            errs[0].message
+        );
+    }
+    let c = load("[limits]\nshutdown_timeout = \"3650d\"\n", &[]);
+    assert_eq!(
+        c.limits.shutdown_timeout,
+        crate::config::reader::MAX_DURATION,
+        "the cap itself is allowed"
+    );
+}
+
+#[test]
+fn a_dedup_lease_beyond_the_cap_is_an_error_naming_its_key() {
+    let (_dir, path) = file(
+        r#"
+[[routes]]
+name = "r"
+topic = "t/{id}"
+[routes.dedup]
+key = "d:{id}"
+lease = "20y"
+[[routes.actions]]
+op = "set"
+key = "k:{id}"
+"#,
+    );
+    let errs = match BridgeConfig::compile(&path, &env(&[])) {
+        Ok(_) => panic!("a 20-year lease compiled"),
+        Err(e) => e.into_vec(),
+    };
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(errs[0].path.ends_with("dedup.lease"), "{}", errs[0].path);
+    assert!(
+        errs[0].message.contains("at most 10 years"),
+        "{}",
+        errs[0].message
+    );
+}
+
+#[test]
+fn cluster_nodes_the_client_would_refuse_are_a_config_error() {
+    let (errs, _) = errors(
+        "[redis]\ncluster = [\"redis://n1:7000\", \"rediss://n2:7000\"]\n",
+        &[],
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].path, "redis.cluster");
+    assert!(errs[0].message.contains("TLS"), "{}", errs[0].message);
+}
+
+#[test]
+fn mqtt_5_is_refused_at_load_naming_mqtt_protocol() {
+    for (toml, env) in [
+        ("[mqtt]\nprotocol = \"5\"\n", &[][..]),
+        ("", &[("ROUTEMQ_BRIDGE_MQTT__PROTOCOL", "5")][..]),
+    ] {
+        let (errs, _) = errors(toml, env);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].path, "mqtt.protocol");
+        assert!(
+            errs[0].message.contains("not supported"),
+            "{}",
+            errs[0].message
+        );
+    }
+}
+
+#[test]
 fn sizes_are_unit_strings_or_bytes() {
     let c = load(
         "[mqtt]\nmax_packet_size = \"2MiB\"\n[limits]\nmax_payload = \"256KiB\"\n",
@@ -535,13 +621,13 @@ fn numbers_from_prefixed_variables_parse() {
             ("ROUTEMQ_BRIDGE_DEAD_LETTER__MAX_LEN", "500"),
             ("ROUTEMQ_BRIDGE_HTTP__LISTEN", "[::]:9000"),
             ("ROUTEMQ_BRIDGE_LOG__FORMAT", "json"),
-            ("ROUTEMQ_BRIDGE_MQTT__PROTOCOL", "5"),
+            ("ROUTEMQ_BRIDGE_MQTT__PROTOCOL", "4"),
         ],
     );
     assert_eq!(c.dead_letter.max_len, 500);
     assert_eq!(c.http.listen.to_string(), "[::]:9000");
     assert_eq!(c.log.format, LogFormat::Json);
-    assert_eq!(c.mqtt.protocol, Protocol::V5);
+    assert_eq!(c.mqtt.protocol, Protocol::V311);
 }
 
 #[test]

@@ -18,6 +18,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rumqttc::Publish;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::liveness::Busy;
+
 /// Where acks go: the [`AckForwarder`] in the daemon; tests record them.
 pub trait AckSink: Send + Sync + 'static {
     /// Called in ack order, under the sequencer's lock: must not block.
@@ -43,6 +45,8 @@ enum Forward {
 pub struct AckForwarder {
     tx: mpsc::Sender<Forward>,
     epoch: Arc<AtomicU64>,
+    /// Set while one ack is being handed to rumqttc: the watchdog's view of the ack path.
+    busy: Busy,
 }
 
 impl AckForwarder {
@@ -51,17 +55,22 @@ impl AckForwarder {
         let (tx, mut rx) = mpsc::channel::<Forward>(capacity.max(1));
         let epoch = Arc::new(AtomicU64::new(0));
         let current = epoch.clone();
+        let busy = Busy::new();
+        let on_ack = busy.clone();
         tokio::spawn(async move {
+            let _lifeline = crate::liveness::Lifeline::new("ack path");
             while let Some(forward) = rx.recv().await {
                 match forward {
                     Forward::Ack(publish, epoch) => {
                         if epoch != current.load(Ordering::Acquire) {
                             continue;
                         }
+                        on_ack.start();
                         if let Err(e) = client.ack(&publish).await {
                             // The event loop is gone (shutdown): redelivered later.
                             tracing::debug!(error = %e, pkid = publish.pkid, "MQTT ack not sent");
                         }
+                        on_ack.done();
                     }
                     Forward::Flush(done) => {
                         let _ = done.send(());
@@ -69,7 +78,13 @@ impl AckForwarder {
                 }
             }
         });
-        AckForwarder { tx, epoch }
+        AckForwarder { tx, epoch, busy }
+    }
+
+    /// Set while an ack is on its way into rumqttc's request queue; one stuck there for long
+    /// while the broker is connected means the ack path is stuck.
+    pub fn busy(&self) -> Busy {
+        self.busy.clone()
     }
 
     /// Waits until every ack handed over before this call is in the client's request

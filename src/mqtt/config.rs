@@ -96,6 +96,14 @@ impl MqttConfig {
             .unwrap_or(d.share_group);
         let reconnect_max_delay = t.positive_duration("reconnect_max_delay", d.reconnect_max_delay);
         let protocol = t.get("protocol").unwrap_or(d.protocol);
+        // Refused here, not at start: `check` must catch what `run` would fail on (exit 2,
+        // which the unit does not restart), instead of a restart loop.
+        if protocol == Protocol::V5 {
+            t.error(
+                "protocol",
+                "MQTT 5 is not supported yet; use \"3.1.1\" (the default)",
+            );
+        }
         let username = t.opt_string("username").filter(|u| !u.is_empty());
         let password = t.password("mqtt_password");
         let ca_file = t.path_buf("ca_file");

@@ -291,6 +291,7 @@ impl MqttSource {
             heartbeat: heartbeat.clone(),
         };
         let task = tokio::spawn(async move {
+            let _lifeline = crate::liveness::Lifeline::new("mqtt loop");
             let tracker = run.tracker.clone();
             run.run().await;
             // Nothing will be acked any more: waiters see an error instead of hanging.
@@ -323,6 +324,11 @@ impl MqttSource {
     /// `keep_alive` while connected, and once per connection attempt otherwise.
     pub fn heartbeat(&self) -> Heartbeat {
         self.heartbeat.clone()
+    }
+
+    /// The ack path's [`Busy`](crate::liveness::Busy), for the watchdog.
+    pub fn ack_path(&self) -> crate::liveness::Busy {
+        self.acks.busy()
     }
 
     /// Reload: makes `subscriptions` the cover, keeping the session. New filters (or new
@@ -539,6 +545,7 @@ impl Loop {
     }
 
     async fn receive(&mut self, publish: Publish) {
+        crate::fault::in_mqtt_loop(&publish.payload);
         if !self.receiving.load(Ordering::Relaxed) {
             return; // shutting down: unacked, redelivered later
         }

@@ -89,8 +89,7 @@ impl RedisConfig {
                 Ok(nodes.into_iter().map(Secret::new).collect())
             })
             .unwrap_or(d.cluster);
-        t.finish();
-        RedisConfig {
+        let config = RedisConfig {
             enabled,
             url,
             host,
@@ -102,7 +101,27 @@ impl RedisConfig {
             socket_timeout,
             socket_connect_timeout,
             cluster,
+        };
+        // What the manager builds its client from, built once here without connecting: a
+        // combination the client refuses (cluster nodes with different TLS modes, users or
+        // databases) is a config error `check` finds, not a daemon that starts and never
+        // connects. The messages never quote a URL or password.
+        if config.enabled {
+            if let Err(e) = super::connection::Target::from_config(&config) {
+                let key = if config.cluster.is_empty() {
+                    "url"
+                } else {
+                    "cluster"
+                };
+                let message = match e {
+                    super::Error::Invalid(message) => message,
+                    other => other.to_string(),
+                };
+                t.error(key, message);
+            }
         }
+        t.finish();
+        config
     }
 }
 

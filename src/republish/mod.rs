@@ -204,7 +204,7 @@ struct Running {
     pubsub: Option<Monitor>,
 }
 
-/// How long [`Republisher::stop`] lets workers finish their current step.
+/// How long [`Republisher::stop`] lets the workers (all together) finish their current step.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Republisher {
@@ -289,9 +289,12 @@ impl Republisher {
             return;
         };
         let _ = running.stop.send(true);
-        for task in running.tasks {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(STOP_TIMEOUT, task).await.is_err() {
+        // All at once, within one STOP_TIMEOUT: one after the other, a reload (on the main
+        // loop) could take STOP_TIMEOUT per worker and starve the watchdog.
+        let aborts: Vec<_> = running.tasks.iter().map(|t| t.abort_handle()).collect();
+        let all = futures_util::future::join_all(running.tasks);
+        if tokio::time::timeout(STOP_TIMEOUT, all).await.is_err() {
+            for abort in aborts {
                 abort.abort();
             }
         }

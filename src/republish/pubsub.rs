@@ -104,6 +104,7 @@ pub(super) fn spawn(
     }
     let mut stop_rx = stop;
     tasks.push(tokio::spawn(async move {
+        let _lifeline = crate::liveness::Lifeline::new("republish worker");
         let mut subscription = subscription;
         loop {
             let message = tokio::select! {
@@ -166,6 +167,8 @@ async fn send(
     outbox: Arc<Outbox>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // A worker dying by a panic stops the daemon (exit 1): its queue would go unsent.
+    let _lifeline = crate::liveness::Lifeline::new("republish worker");
     let mut status = shared.mqtt.status();
     let mut inflight = FuturesUnordered::new();
     loop {

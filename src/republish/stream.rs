@@ -66,6 +66,8 @@ pub(super) async fn run(
     rule: Arc<RepublishRule>,
     stop: watch::Receiver<bool>,
 ) {
+    // A worker dying by a panic stops the daemon (exit 1): its stream would go unread.
+    let _lifeline = crate::liveness::Lifeline::new("republish worker");
     let Source::Stream {
         stream,
         group,

@@ -8,12 +8,17 @@
 //! spawning a task (and moving its multi-KiB future into a fresh allocation) per message.
 //! Idle topics cost nothing, and the number of lanes is bounded by the in-flight bound. The
 //! lock is never held across an await.
+//!
+//! Each topic with work remembers when the message its lane is on arrived, under the lock
+//! the lane takes anyway between messages, so [`Dispatcher::oldest`] tells the watchdog how
+//! long the oldest message held has waited: a lane hung on one message shows there, while
+//! every loop still turns (spec §6).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
@@ -25,12 +30,25 @@ pub const LANE_IDLE: Duration = Duration::from_millis(250);
 /// A message with the topic its order is kept within.
 pub trait Ordered: Send + 'static {
     fn order_key(&self) -> &str;
+    /// When it arrived: how long it has been held.
+    fn received(&self) -> Instant;
 }
 
 impl Ordered for crate::mqtt::Inbound {
     fn order_key(&self) -> &str {
         &self.publish.topic
     }
+
+    fn received(&self) -> Instant {
+        self.received
+    }
+}
+
+/// A topic with work: when the message its lane is on arrived, and what waits behind it
+/// (younger, so the lane's message is the topic's oldest).
+struct Topic<M> {
+    since: Instant,
+    queue: VecDeque<M>,
 }
 
 /// Processes one message; messages of one topic are never handled concurrently.
@@ -42,8 +60,8 @@ pub trait Handler<M>: Send + Sync + 'static {
 type Work<M> = (String, M);
 
 struct Lanes<M> {
-    /// The queue of every topic that has a lane, behind the message the lane is handling.
-    queues: HashMap<String, VecDeque<M>>,
+    /// Every topic that has a lane, with the queue behind the message the lane is handling.
+    queues: HashMap<String, Topic<M>>,
     /// Lanes waiting for a topic, the most recently idle last.
     idle: Vec<oneshot::Sender<Work<M>>>,
     /// Shutting down: lanes exit when their topic is done instead of waiting for another.
@@ -83,12 +101,18 @@ impl<M: Ordered, H: Handler<M>> Dispatcher<M, H> {
             let mut lanes = lock(&self.lanes);
             // Looked up by `&str`: the key is copied only when a lane takes the topic, not
             // for every message queued behind a running one.
-            if let Some(queue) = lanes.queues.get_mut(message.order_key()) {
-                queue.push_back(message);
+            if let Some(topic) = lanes.queues.get_mut(message.order_key()) {
+                topic.queue.push_back(message);
                 return;
             }
             let key = message.order_key().to_string();
-            lanes.queues.insert(key.clone(), VecDeque::new());
+            lanes.queues.insert(
+                key.clone(),
+                Topic {
+                    since: message.received(),
+                    queue: VecDeque::new(),
+                },
+            );
             let mut work = (key, message);
             while let Some(lane) = lanes.idle.pop() {
                 // A lane that gave up waiting has closed its end: the work comes back.
@@ -114,6 +138,13 @@ impl<M: Ordered, H: Handler<M>> Dispatcher<M, H> {
         self.tasks.len()
     }
 
+    /// A handle telling when the oldest message held arrived (`None`: nothing held), for
+    /// the watchdog. Walks the topics with work, at most `max_inflight` of them.
+    pub fn oldest(&self) -> impl Fn() -> Option<Instant> + Send + Sync + 'static {
+        let lanes = self.lanes.clone();
+        move || lock(&lanes).queues.values().map(|t| t.since).min()
+    }
+
     /// Waits until every lane has drained (after the source stopped receiving).
     pub async fn drained(&self) {
         {
@@ -131,13 +162,15 @@ impl<M: Ordered, H: Handler<M>> Dispatcher<M, H> {
 
 /// One lane: drains its topic's queue, then waits up to [`LANE_IDLE`] for another topic.
 async fn lane<M: Ordered, H: Handler<M>>(handler: Arc<H>, lanes: Shared<M>, work: Work<M>) {
+    // Lanes move messages: one dying by a panic of its own code stops the daemon (exit 1).
+    let _lifeline = crate::liveness::Lifeline::new("lane");
     let (mut key, first) = work;
     let mut next = Some(first);
     loop {
         while let Some(message) = next {
             // A panic is a bug, but it must not silence the topic: the lane goes on with
-            // the next message. The panicking message is left unacked (the broker
-            // redelivers it after a reconnect), which holds back later acks until then.
+            // the next message. (The engine catches its own panics and finishes the
+            // message as `internal_error`; this is for any other handler.)
             if AssertUnwindSafe(handler.handle(message))
                 .catch_unwind()
                 .await
@@ -146,7 +179,16 @@ async fn lane<M: Ordered, H: Handler<M>>(handler: Arc<H>, lanes: Shared<M>, work
                 tracing::error!(topic = %key, "BUG: message handler panicked; the topic goes on");
             }
             let mut lanes = lock(&lanes);
-            next = lanes.queues.get_mut(&key).and_then(VecDeque::pop_front);
+            next = match lanes.queues.get_mut(&key) {
+                Some(topic) => {
+                    let next = topic.queue.pop_front();
+                    if let Some(message) = &next {
+                        topic.since = message.received();
+                    }
+                    next
+                }
+                None => None,
+            };
             if next.is_none() {
                 lanes.queues.remove(&key);
             }
@@ -190,11 +232,16 @@ mod tests {
         topic: &'static str,
         n: u32,
         gate: Option<Arc<Notify>>,
+        at: Instant,
     }
 
     impl Ordered for Msg {
         fn order_key(&self) -> &str {
             self.topic
+        }
+
+        fn received(&self) -> Instant {
+            self.at
         }
     }
 
@@ -221,18 +268,21 @@ mod tests {
             topic: "a",
             n: 1,
             gate: Some(gate.clone()),
+            at: Instant::now(),
         });
         for n in 2..=50 {
             d.dispatch(Msg {
                 topic: "a",
                 n,
                 gate: None,
+                at: Instant::now(),
             });
         }
         d.dispatch(Msg {
             topic: "b",
             n: 1,
             gate: None,
+            at: Instant::now(),
         });
         // "b" finishes while "a" is still blocked on its first message.
         let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
@@ -261,6 +311,7 @@ mod tests {
                 topic,
                 n,
                 gate: None,
+                at: Instant::now(),
             });
             let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
                 .await
@@ -278,6 +329,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_oldest_message_held_is_the_one_a_hung_lane_is_on() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let d = Dispatcher::new(Arc::new(Recorder(tx)));
+        let oldest = d.oldest();
+        assert_eq!(oldest(), None, "nothing held");
+        let gate = Arc::new(Notify::new());
+        let hung_since = Instant::now();
+        d.dispatch(Msg {
+            topic: "a",
+            n: 1,
+            gate: Some(gate.clone()),
+            at: hung_since,
+        });
+        d.dispatch(Msg {
+            topic: "b",
+            n: 2,
+            gate: None,
+            at: Instant::now(),
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert_eq!(got, Some(("b", 2)));
+        assert_eq!(
+            oldest(),
+            Some(hung_since),
+            "the hung message, not the ones that flow"
+        );
+        gate.notify_one();
+        tokio::time::timeout(Duration::from_secs(5), d.drained())
+            .await
+            .unwrap();
+        assert_eq!(oldest(), None);
+    }
+
+    #[tokio::test]
     async fn a_panicking_handler_does_not_silence_its_topic() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let d = Dispatcher::new(Arc::new(Recorder(tx)));
@@ -285,11 +372,13 @@ mod tests {
             topic: "a",
             n: 0,
             gate: None,
+            at: Instant::now(),
         });
         d.dispatch(Msg {
             topic: "a",
             n: 1,
             gate: None,
+            at: Instant::now(),
         });
         let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await

@@ -13,10 +13,12 @@
 //! (WRONGTYPE, a bad payload) becomes `failed`/`invalid` and a dead-letter record.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
+use futures_util::FutureExt;
 use serde_json::Value;
 
 use super::dispatch::Handler;
@@ -152,9 +154,19 @@ impl Engine {
         for (route, captures) in table.matches(topic) {
             matched = true;
             events::message_received(route);
-            let outcome = self
-                .run_route(route, topic, payload, &captures, &mut json)
-                .await;
+            // A panic is a bug of ours; caught per route, it is this route's outcome
+            // (`internal_error`, dead-lettered) and the message still finishes and is acked,
+            // instead of holding back every later ack (spec §5.3).
+            let outcome = AssertUnwindSafe(async {
+                crate::fault::in_handler(payload).await;
+                self.run_route(route, topic, payload, &captures, &mut json)
+                    .await
+            })
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Outcome::Internal {
+                detail: panic_message(panic.as_ref()),
+            });
             if let Some((reason, detail)) = outcome.dead_letter() {
                 self.record_dead_letter(route, topic, payload, reason, detail)
                     .await;
@@ -616,18 +628,45 @@ fn marked_truncated(record: String) -> String {
     }
 }
 
+/// What a caught panic said, for the dead-letter record's `detail`.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let message = panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    format!("the bridge panicked while handling this message: {message}")
+}
+
 impl Handler<Inbound> for Engine {
     async fn handle(&self, inbound: Inbound) {
+        // `process` catches a panic per route; one outside a route (in its dead-letter
+        // write, say) is caught here, so the message is still finished and acked rather
+        // than holding back every later ack until a reconnect.
         let publish = &inbound.publish;
-        match inbound.refusal() {
+        let handled = match inbound.refusal() {
             Some(refusal) => {
-                self.refuse(&publish.topic, &publish.payload, refusal, inbound.received)
-                    .await
+                AssertUnwindSafe(self.refuse(
+                    &publish.topic,
+                    &publish.payload,
+                    refusal,
+                    inbound.received,
+                ))
+                .catch_unwind()
+                .await
             }
             None => {
-                self.process(&publish.topic, &publish.payload, inbound.received)
+                AssertUnwindSafe(self.process(&publish.topic, &publish.payload, inbound.received))
+                    .catch_unwind()
                     .await
             }
+        };
+        if let Err(panic) = handled {
+            tracing::error!(
+                topic = %inbound.publish.topic,
+                error = %panic_message(panic.as_ref()),
+                "BUG: a panic outside a route's handling; the message is acked without its outcome"
+            );
         }
         inbound.finish();
     }

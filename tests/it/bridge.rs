@@ -222,6 +222,13 @@ impl Bridge {
         })
     }
 
+    /// Waits (bounded) for the process to exit by itself: its status, or `None` if it was
+    /// still running at the deadline (it is killed then).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.take().expect("running");
+        wait_with_timeout(&mut child, timeout)
+    }
+
     /// `kill -9`.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

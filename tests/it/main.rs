@@ -1,6 +1,7 @@
 //! Integration tests against real Redis and Mosquitto, started by [`harness`] on free loopback
 //! ports. One binary with one module per area keeps linking cheap.
 
+mod alive;
 mod bridge;
 mod bridge_actions;
 mod bridge_cli;
