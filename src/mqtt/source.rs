@@ -253,6 +253,13 @@ impl MqttSource {
         // (`client::MAX_REQUEST_BATCH`, see docs/benchmarks.md).
         let mut network = eventloop.network_options();
         network.set_tcp_nodelay(true);
+        // A broker gone without FIN or RST (a pulled cable, a NAT that forgot the flow):
+        // what we send (a ping every keep-alive) unacknowledged by its TCP for half a
+        // keep-alive ends the connection, so it is noticed within ~1.5 × keep_alive, also
+        // while reading is paused. A broker process that hangs with its kernel alive is
+        // caught by the PINGRESP deadline in the event loop (vendor/rumqttc, Change 7).
+        let keep_alive = config.keep_alive.max(Duration::from_secs(1));
+        network.set_dead_peer_timeout(keep_alive / 2);
         eventloop.set_network_options(network);
         // Big enough for everything the bounds allow (QoS 0 up to max_inflight, QoS 1/2 up
         // to the broker's window, at most 65535 packet ids), so the loop never finds it full.

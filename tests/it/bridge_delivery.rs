@@ -13,7 +13,7 @@ use std::time::Duration;
 use redis::Commands;
 
 use crate::bridge::{config, eventually, Bridge, Client, SUBSCRIBED};
-use crate::harness::{Mosquitto, Redis};
+use crate::harness::{FaultProxy, Mosquitto, Redis};
 
 /// How long the bridge may take to catch up with a backlog (debug build, shared CPU).
 const CATCH_UP: Duration = Duration::from_secs(90);
@@ -582,6 +582,60 @@ async fn a_backlog_beyond_max_inflight_waits_in_the_broker_not_in_the_bridge() {
 
     redis.start_again();
     assert_all_written_without_reconnecting(&redis, 300, &bridge, "holding back").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_gone_silent_while_held_back_is_noticed_and_nothing_is_lost() {
+    let mut redis = Redis::start();
+    let broker = Mosquitto::start();
+    // The bridge reaches the broker through a proxy that can go silent: no FIN, no RST, no
+    // answer — a broker that hangs, a network that stops carrying data.
+    let proxy = FaultProxy::start(broker.port());
+    let bridge = Bridge::start(
+        &config(
+            &redis,
+            &broker,
+            "bridge-silent-broker",
+            &numbered_route_holding(5),
+        )
+        .replace(&broker.url(), &format!("mqtt://127.0.0.1:{}", proxy.port()))
+        .replace("keep_alive = \"5s\"", "keep_alive = \"2s\""),
+    );
+    let mut client = Client::connect(&broker, "silent-broker-publisher").await;
+    redis.kill();
+    client.publish_all(numbered(0..100)).await;
+    let mut held = 0.0;
+    for _ in 0..600 {
+        held = inflight(&bridge).await;
+        if held >= 5.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(held >= 5.0, "held back at max_inflight");
+
+    let offset = bridge.log_text().len();
+    proxy.blackhole(true);
+    let silent_since = std::time::Instant::now();
+    // Spec §6: noticed within about 1.5 × keep_alive (3 s) while reading is paused; the
+    // bound leaves room for a loaded machine. Before, only TCP's retransmission timeout
+    // (~15 min) would have noticed.
+    assert!(
+        bridge.wait_for_log_after(offset, CONNECTION_LOST, Duration::from_secs(8)),
+        "a silent broker was not noticed within 8 s while held back; log:\n{}",
+        bridge.log_text()
+    );
+    let noticed = silent_since.elapsed();
+    proxy.blackhole(false);
+    redis.start_again();
+    let mut conn = connection(&redis);
+    assert_all_written(
+        &mut conn,
+        100,
+        &bridge,
+        &format!("after a silent broker (noticed in {noticed:?})"),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

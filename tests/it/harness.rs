@@ -701,7 +701,8 @@ impl Drop for FaultProxy {
 
 /// Copies `from` to `to` chunk by chunk while `pass(chunk)` says so (false: the chunk is
 /// not forwarded and the pump ends); black-holed chunks are read and discarded. Ends with
-/// either side, closing both.
+/// either side, closing both — except in a black hole, which lets no close through either
+/// (a server that gives up on a silent client must not tell the client so).
 fn pump(
     mut from: TcpStream,
     mut to: TcpStream,
@@ -722,7 +723,9 @@ fn pump(
         }
     }
     let _ = from.shutdown(Shutdown::Both);
-    let _ = to.shutdown(Shutdown::Both);
+    if !shared.blackhole.load(Ordering::SeqCst) {
+        let _ = to.shutdown(Shutdown::Both);
+    }
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {

@@ -89,6 +89,19 @@ pub struct EventLoop {
     read_paused: bool,
     /// routemq-bridge patch: reading was paused at some point since the last PINGREQ.
     paused_since_ping: bool,
+    /// routemq-bridge patch (PATCHED.md, Change 7): the PINGRESP deadline of the last PINGREQ.
+    ping_check: Option<PingCheck>,
+}
+
+/// routemq-bridge patch (PATCHED.md, Change 7): half a keep-alive after each PINGREQ, whether
+/// the broker answered — or, while reading is paused (the PINGRESP may sit unread behind
+/// publishes), whether it sent anything at all.
+struct PingCheck {
+    deadline: Pin<Box<Sleep>>,
+    /// Reading was paused when the PINGREQ went out.
+    paused: bool,
+    /// Bytes waiting unread in the socket then (`None`: not a socket we can ask).
+    unread: Option<usize>,
 }
 
 /// routemq-bridge patch: bytes a request batch may buffer before it stops (below
@@ -124,6 +137,7 @@ impl EventLoop {
             network_options: NetworkOptions::new(),
             read_paused: false,
             paused_since_ping: false,
+            ping_check: None,
         }
     }
 
@@ -137,6 +151,7 @@ impl EventLoop {
     pub fn clean(&mut self) {
         self.network = None;
         self.keepalive_timeout = None;
+        self.ping_check = None;
         self.pending.extend(self.state.clean());
 
         // drain requests from channel which weren't yet received
@@ -203,6 +218,37 @@ impl EventLoop {
 
     /// Select on network and requests and generate keepalive pings when necessary
     async fn select(&mut self) -> Result<Event, ConnectionError> {
+        // routemq-bridge patch (PATCHED.md, Change 7): a PINGRESP check that finds the
+        // broker alive yields no event; select again.
+        loop {
+            if let Some(event) = self.select_once().await? {
+                return Ok(event);
+            }
+        }
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 7): whether the broker missed the deadline of
+    /// the last PINGREQ. Not paused: no PINGRESP within half a keep-alive. Paused since the
+    /// PINGREQ: not a byte arrived although our receive window was open (a closed window
+    /// means the broker may well be sending — we are not reading — and is left to TCP's
+    /// user timeout and keepalive). Paused at one end only: no verdict.
+    fn ping_overdue(&self, check: &PingCheck) -> bool {
+        if check.paused != self.read_paused {
+            return false;
+        }
+        if !check.paused {
+            return self.state.await_pingresp;
+        }
+        let Some(network) = &self.network else {
+            return false;
+        };
+        match (check.unread, network.unread_bytes(), network.recv_buffer_size()) {
+            (Some(then), Some(now), Some(buffer)) => now == then && now < buffer / 8,
+            _ => false,
+        }
+    }
+
+    async fn select_once(&mut self) -> Result<Option<Event>, ConnectionError> {
         let network = self.network.as_mut().unwrap();
         // let await_acks = self.state.await_acks;
         let inflight_full = self.state.inflight >= self.mqtt_options.inflight;
@@ -218,7 +264,7 @@ impl EventLoop {
 
         // Read buffered events from previous polls before calling a new poll
         if let Some(event) = self.state.events.pop_front() {
-            return Ok(event);
+            return Ok(Some(event));
         }
 
         let mut no_sleep = Box::pin(time::sleep(Duration::ZERO));
@@ -233,7 +279,7 @@ impl EventLoop {
                     Ok(inner) => inner?,
                     Err(_)=> return Err(ConnectionError::FlushTimeout),
                 };
-                Ok(self.state.events.pop_front().unwrap())
+                Ok(self.state.events.pop_front())
             },
              // Handles pending and new requests.
             // If available, prioritises pending requests from previous session.
@@ -303,7 +349,7 @@ impl EventLoop {
                         Ok(inner) => inner?,
                         Err(_)=> return Err(ConnectionError::FlushTimeout),
                     };
-                    Ok(self.state.events.pop_front().unwrap())
+                    Ok(self.state.events.pop_front())
                 }
                 Err(_) => Err(ConnectionError::RequestsDone),
             },
@@ -327,7 +373,23 @@ impl EventLoop {
                     Ok(inner) => inner?,
                     Err(_)=> return Err(ConnectionError::FlushTimeout),
                 };
-                Ok(self.state.events.pop_front().unwrap())
+                // routemq-bridge patch (PATCHED.md, Change 7): judge the broker's answer
+                // half a keep-alive from now.
+                self.ping_check = Some(PingCheck {
+                    deadline: Box::pin(time::sleep(self.mqtt_options.keep_alive / 2)),
+                    paused: read_paused,
+                    unread: network.unread_bytes(),
+                });
+                Ok(self.state.events.pop_front())
+            },
+            // routemq-bridge patch (PATCHED.md, Change 7): the PINGRESP deadline.
+            _ = async { self.ping_check.as_mut().unwrap().deadline.as_mut().await },
+                if self.ping_check.is_some() => {
+                let check = self.ping_check.take().unwrap();
+                if self.ping_overdue(&check) {
+                    return Err(ConnectionError::MqttState(StateError::AwaitPingResp));
+                }
+                Ok(None)
             }
         }
     }
@@ -393,6 +455,18 @@ pub(crate) async fn socket_connect(
 
         socket.set_nodelay(network_options.tcp_nodelay)?;
 
+        // routemq-bridge patch (PATCHED.md, Change 7): keepalive probes and a user timeout.
+        if let Some(timeout) = network_options.dead_peer_timeout {
+            let sock = socket2::SockRef::from(&socket);
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(timeout.max(Duration::from_secs(1)))
+                .with_interval((timeout / 3).max(Duration::from_secs(1)))
+                .with_retries(3);
+            sock.set_tcp_keepalive(&keepalive)?;
+            #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+            sock.set_tcp_user_timeout(Some(timeout))?;
+        }
+
         if let Some(send_buff_size) = network_options.tcp_send_buffer_size {
             socket.set_send_buffer_size(send_buff_size).unwrap();
         }
@@ -452,6 +526,9 @@ async fn network_connect(
         _ => options.broker_address(),
     };
 
+    #[cfg(unix)]
+    #[allow(unused_mut, unused_assignments)]
+    let mut raw_fd: Option<std::os::fd::RawFd> = None;
     let tcp_stream: Box<dyn AsyncReadWrite> = {
         #[cfg(feature = "proxy")]
         match options.proxy() {
@@ -466,11 +543,16 @@ async fn network_connect(
         {
             let addr = format!("{domain}:{port}");
             let tcp = socket_connect(addr, network_options).await?;
+            // routemq-bridge patch (PATCHED.md, Change 7): the socket, to ask what waits unread.
+            #[cfg(unix)]
+            {
+                raw_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&tcp));
+            }
             Box::new(tcp)
         }
     };
 
-    let network = match options.transport() {
+    let mut network = match options.transport() {
         Transport::Tcp => Network::new(
             tcp_stream,
             options.max_incoming_packet_size,
@@ -538,6 +620,9 @@ async fn network_connect(
             )
         }
     };
+    // routemq-bridge patch (PATCHED.md, Change 7).
+    #[cfg(unix)]
+    network.set_raw_fd(raw_fd);
 
     Ok(network)
 }

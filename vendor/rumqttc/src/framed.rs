@@ -13,6 +13,9 @@ pub struct Network {
     framed: Framed<Box<dyn AsyncReadWrite>, Codec>,
     /// Maximum readv count
     max_readb_count: usize,
+    /// routemq-bridge patch (PATCHED.md, Change 7): the TCP socket underneath, if any.
+    #[cfg(unix)]
+    raw_fd: Option<std::os::fd::RawFd>,
 }
 
 impl Network {
@@ -29,7 +32,42 @@ impl Network {
         Network {
             framed,
             max_readb_count: 10,
+            #[cfg(unix)]
+            raw_fd: None,
         }
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 7): the TCP socket this network reads.
+    #[cfg(unix)]
+    pub(crate) fn set_raw_fd(&mut self, fd: Option<std::os::fd::RawFd>) {
+        self.raw_fd = fd;
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 7): bytes received by the kernel and not
+    /// read yet (FIONREAD); `None` without a TCP socket.
+    pub(crate) fn unread_bytes(&self) -> Option<usize> {
+        #[cfg(unix)]
+        if let Some(fd) = self.raw_fd {
+            let mut n: libc::c_int = 0;
+            // SAFETY: `fd` is the socket `framed` owns, open for as long as `self` lives;
+            // FIONREAD writes one c_int.
+            if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } == 0 {
+                return usize::try_from(n).ok();
+            }
+        }
+        None
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 7): the socket's receive buffer (SO_RCVBUF,
+    /// as the kernel reports it); `None` without a TCP socket.
+    pub(crate) fn recv_buffer_size(&self) -> Option<usize> {
+        #[cfg(unix)]
+        if let Some(fd) = self.raw_fd {
+            // SAFETY: as in `unread_bytes`; the fd is open while `self` lives.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            return socket2::SockRef::from(&fd).recv_buffer_size().ok();
+        }
+        None
     }
 
     /// Reads and returns a single packet from network

@@ -400,6 +400,9 @@ pub struct NetworkOptions {
     conn_timeout: u64,
     #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
     bind_device: Option<String>,
+    /// routemq-bridge patch (PATCHED.md, Change 7): TCP keepalive and TCP_USER_TIMEOUT, so a
+    /// peer gone without FIN or RST is noticed by the kernel.
+    dead_peer_timeout: Option<Duration>,
 }
 
 impl NetworkOptions {
@@ -411,7 +414,16 @@ impl NetworkOptions {
             conn_timeout: 5,
             #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
             bind_device: None,
+            dead_peer_timeout: None,
         }
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 7): data we sent that the peer's TCP has not
+    /// acknowledged after `timeout` (TCP_USER_TIMEOUT), or an idle connection whose keepalive
+    /// probes go unanswered for about that long, ends the connection.
+    pub fn set_dead_peer_timeout(&mut self, timeout: Duration) -> &mut Self {
+        self.dead_peer_timeout = Some(timeout);
+        self
     }
 
     pub fn set_tcp_nodelay(&mut self, nodelay: bool) {
