@@ -30,6 +30,7 @@ pub mod redis;
 pub mod republish;
 pub mod router;
 pub mod systemd;
+pub mod template;
 pub mod tls;
 
 /// `routemq-bridge X.Y.Z`, as `--version` prints it and `build_info` reports it.

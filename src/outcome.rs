@@ -29,7 +29,7 @@ impl Reason {
         }
     }
 
-    pub fn from_render(e: &crate::router::template::RenderError) -> Reason {
+    pub fn from_render(e: &crate::template::RenderError) -> Reason {
         match e.reason() {
             "invalid_utf8" => Reason::InvalidUtf8,
             "missing_field" => Reason::MissingField,

@@ -9,13 +9,16 @@
 //! To add an action: a variant in [`Op`], its reading in `config.rs`, its commands in
 //! [`Action::apply`].
 
+mod read;
+pub(crate) use read::read_action;
+
 use std::time::Duration;
 
 use ::redis::Pipeline;
 use serde_json::{Map, Value};
 
-use crate::router::json::{compact, json_text};
-use crate::router::template::{Context, RenderError, Template};
+use crate::template::json::{compact, json_text};
+use crate::template::{Context, RenderError, Template};
 
 /// A value for `set_json`: a TOML table (or array) whose string leaves are templates.
 #[derive(Clone, Debug)]
@@ -323,7 +326,7 @@ impl Action {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::template::{Scope, Target};
+    use crate::template::{Scope, Target};
 
     /// Awkward JSON as a device might send it, and the text `set_json` must store: the
     /// same bytes without insignificant whitespace (spec §5.2).

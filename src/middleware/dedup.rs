@@ -40,9 +40,10 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 use crate::backoff::Backoff;
+use crate::config::reader::Table;
 use crate::redis::lock::{acquire_cmd, compare_and_delete};
 use crate::redis::{Error, RedisManager, Result};
-use crate::router::template::Template;
+use crate::template::{read as template, Scope, Target, Template};
 
 /// The value of a key whose message was processed, as older bridges wrote it; every done
 /// mark starts with it.
@@ -62,6 +63,21 @@ pub struct DedupRule {
     pub ttl: Duration,
     /// How long a claim holds before another worker may take over.
     pub lease: Duration,
+}
+
+impl DedupRule {
+    /// Reads `[routes.dedup]`; `None` (errors recorded) when it is unusable.
+    pub(crate) fn read(mut d: Table<'_>, scope: &Scope<'_>) -> Option<DedupRule> {
+        let key = template(&mut d, "key", Target::Key, scope, None);
+        let ttl = d.positive_duration("ttl", Duration::from_secs(3600));
+        let lease = d.positive_duration("lease", Duration::from_secs(30));
+        d.finish();
+        Some(DedupRule {
+            key: key?,
+            ttl,
+            lease,
+        })
+    }
 }
 
 /// Whether this message should be processed.

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
+use crate::config::reader::Table;
 use crate::redis::{RedisManager, Result};
-use crate::router::template::Template;
+use crate::template::{read as template, Scope, Target, Template};
 
 /// How the session is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -53,6 +54,30 @@ impl CacheResult {
             CacheResult::Miss => "miss",
             CacheResult::NegativeHit => "negative_hit",
         }
+    }
+}
+
+impl Sessions {
+    /// Reads `[routes.session]`; `None` (errors recorded) when it is unusable. The key is
+    /// rendered before the session exists: `key_scope` has no `{session.*}`.
+    pub(crate) fn read(mut s: Table<'_>, key_scope: &Scope<'_>) -> Option<Sessions> {
+        let key = template(&mut s, "key", Target::Key, key_scope, None);
+        let required = s.bool("required", false);
+        let cache_ttl = s.duration("cache_ttl", Duration::from_secs(5));
+        let touch = s.opt_duration("touch");
+        let format = s.choice(
+            "format",
+            &[("json", SessionFormat::Json), ("hash", SessionFormat::Hash)],
+            SessionFormat::Json,
+        );
+        s.finish();
+        Some(Sessions::new(SessionRule {
+            key: key?,
+            required,
+            cache_ttl,
+            touch,
+            format,
+        }))
     }
 }
 

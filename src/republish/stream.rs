@@ -28,7 +28,7 @@ use crate::backoff::Backoff;
 use crate::mqtt::source::PublishError;
 use crate::outcome::Reason;
 use crate::redis::Error as RedisError;
-use crate::router::template::Context;
+use crate::template::Context;
 
 /// Entries read (or claimed) at once.
 const BATCH: usize = 100;

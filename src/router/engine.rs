@@ -23,7 +23,6 @@ use serde_json::Value;
 
 use super::dispatch::Handler;
 use super::route::{PayloadKind, Route, RouteTable};
-use super::template::Context;
 use crate::actions::{ApplyError, MqttOut};
 use crate::backoff::Backoff;
 use crate::dead_letter::DeadLetter;
@@ -36,6 +35,7 @@ use crate::outcome::{Outcome, Reason};
 use crate::redis::lock::compare_and_delete;
 use crate::redis::rate_limit::{Decision, PreparedCheck, RateLimiter};
 use crate::redis::{Error as RedisError, RedisManager};
+use crate::template::Context;
 
 /// What a message writes, rendered: the pipeline (actions, then the `done` mark), the MQTT
 /// forwards, and the dedup claim.

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use super::pattern::{cover, Subscription, TopicPattern};
-use super::template::Constraint;
 use crate::actions::Action;
 use crate::middleware::dedup::DedupRule;
 use crate::middleware::rate_limit::RateLimitRule;
 use crate::middleware::session::Sessions;
+use crate::template::Constraint;
 
 /// How a route reads its payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
