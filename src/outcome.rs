@@ -71,6 +71,11 @@ impl Outcome {
         }
     }
 
+    /// A template that could not be rendered for this message (`invalid`).
+    pub fn from_render(e: &crate::template::RenderError) -> Outcome {
+        Outcome::invalid(Reason::from_render(e), e.to_string())
+    }
+
     /// The `outcome` label of `messages_total`.
     pub fn label(&self) -> &'static str {
         match self {

@@ -6,9 +6,10 @@
 //! actions are rendered with the rest (so a bad template fails the message before anything
 //! is written) and published only after the Redis part succeeded.
 //!
-//! To add an action: a variant in [`Op`], its reading in `config.rs`, its commands in
-//! [`Action::apply`].
+//! To add an action: its name in `read.rs`'s `OPS` and its reading there, a variant in
+//! [`Op`], its commands in [`Action::apply`] — this folder alone.
 
+pub mod forward;
 mod read;
 pub(crate) use read::read_action;
 
@@ -17,6 +18,8 @@ use std::time::Duration;
 use ::redis::Pipeline;
 use serde_json::{Map, Value};
 
+use crate::middleware::{failed, Env, Step};
+use crate::outcome::{Outcome, Reason};
 use crate::template::json::{compact, json_text};
 use crate::template::{Context, RenderError, Template};
 
@@ -154,6 +157,59 @@ impl From<RenderError> for ApplyError {
     fn from(e: RenderError) -> Self {
         ApplyError::Render(e)
     }
+}
+
+/// A message's actions, rendered: the pipeline of its Redis commands and the forwards to
+/// publish once they are written.
+pub struct Writes {
+    pub pipe: Pipeline,
+    pub forwards: Vec<MqttOut>,
+}
+
+/// Renders `actions` for the message in `ctx`; a render error is the message's outcome
+/// (`invalid`), before anything is written.
+pub fn render(actions: &[Action], ctx: &Context<'_>) -> Step<Writes> {
+    let mut pipe = ::redis::pipe();
+    let mut forwards = Vec::new();
+    for action in actions {
+        match action.apply(&mut pipe, ctx) {
+            Ok(Some(out)) => forwards.push(out),
+            Ok(None) => {}
+            Err(ApplyError::Render(e)) => return Err(Outcome::from_render(&e)),
+            Err(ApplyError::NotJson(detail)) => {
+                return Err(Outcome::invalid(Reason::InvalidJson, detail))
+            }
+        }
+    }
+    Ok(Writes { pipe, forwards })
+}
+
+/// Makes `pipe` one MULTI/EXEC when `atomic` and it holds more than one command: one command
+/// is atomic by itself, and MULTI/EXEC around it would triple Redis's work and the bytes on
+/// the wire for nothing (the common one-`set` route).
+pub fn seal(pipe: &mut Pipeline, atomic: bool) {
+    if atomic && pipe.len() > 1 {
+        pipe.atomic();
+    }
+}
+
+/// Writes `pipe` (a route without dedup), waiting out Redis trouble; a permanent error is
+/// the message's outcome (`failed`).
+pub async fn write(env: &Env<'_>, pipe: &Pipeline) -> Step<()> {
+    env.until_redis(|| env.redis.query_pipeline::<()>(pipe))
+        .await
+        .map_err(failed)
+}
+
+/// Publishes the forwards of a written message, each confirmed by the broker.
+pub async fn forward(env: &Env<'_>, forwards: Vec<MqttOut>) -> Step<()> {
+    for out in forwards {
+        env.forwarder
+            .send(out)
+            .await
+            .map_err(|detail| Outcome::Failed { detail })?;
+    }
+    Ok(())
 }
 
 impl Action {

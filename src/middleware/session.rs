@@ -13,9 +13,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
+use super::{failed, Env, Step};
 use crate::config::reader::Table;
+use crate::events;
+use crate::outcome::Outcome;
 use crate::redis::{RedisManager, Result};
-use crate::template::{read as template, Scope, Target, Template};
+use crate::template::{read as template, Context, Scope, Target, Template};
 
 /// How the session is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -106,6 +109,25 @@ impl Sessions {
 
     pub fn rule(&self) -> &SessionRule {
         &self.rule
+    }
+
+    /// The stage: this message's session (`None` when there is none and it is not
+    /// required), or `unauthorized` when it is required and missing.
+    pub async fn step(&self, env: &Env<'_>, ctx: &Context<'_>) -> Step<Option<Fields>> {
+        let key = self
+            .rule
+            .key
+            .render(ctx)
+            .map_err(|e| Outcome::from_render(&e))?;
+        let (fields, result) = env
+            .until_redis(|| self.load(env.redis, &key))
+            .await
+            .map_err(failed)?;
+        events::session_cache(result.label());
+        if fields.is_none() && self.rule.required {
+            return Err(Outcome::Unauthorized);
+        }
+        Ok(fields)
     }
 
     /// The session at `key` (rendered by the caller), from the cache when fresh.
