@@ -13,6 +13,11 @@
 //!   exponential backoff ([`RECONNECT_MIN_DELAY`] doubling to [`RECONNECT_MAX_DELAY`]); the
 //!   first one that answers PING replaces the old one and the manager is up again.
 //!
+//! A connection is never kept once it timed out: a Redis gone silent (no FIN, no RST, or a
+//! frozen process) fails the commands in flight after `socket_timeout`, or the next PING
+//! does, so it is noticed within [`HEALTH_INTERVAL`] + `socket_timeout` (spec §6: about 2 ×
+//! `socket_timeout`) and a fresh connection replaces it.
+//!
 //! - while Redis **refuses** (connected, but answering `OOM`, `READONLY`, `MISCONF`, …) the
 //!   state is [`ConnectionState::Refusing`]: commands still go out (callers wait and retry,
 //!   spec §5.3), and the task probes every [`REFUSAL_PROBE_INTERVAL`] with a write that
@@ -356,7 +361,10 @@ impl RedisManager {
     }
 
     /// Connection settings for dedicated connections: the configured connect timeout and no
-    /// response timeout (a blocking read or a subscriber waits as long as it must).
+    /// response timeout (a blocking read or a subscriber waits as long as it must). Their
+    /// owners bound each wait themselves so a silent Redis is still noticed; the client
+    /// from [`RedisManager::dedicated_connection`] already sets TCP keepalive and
+    /// `TCP_USER_TIMEOUT`.
     pub fn dedicated_connection_config(&self) -> ::redis::AsyncConnectionConfig {
         ::redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.inner.config.socket_connect_timeout))
