@@ -13,15 +13,15 @@
 //!   exponential backoff ([`RECONNECT_MIN_DELAY`] doubling to [`RECONNECT_MAX_DELAY`]); the
 //!   first one that answers PING replaces the old one and the manager is up again.
 //!
-//! A connection is never kept once it timed out: a Redis gone silent (no FIN, no RST, or a
-//! frozen process) fails the commands in flight after `socket_timeout`, or the next PING
-//! does, so it is noticed within [`HEALTH_INTERVAL`] + `socket_timeout` (spec §6: about 2 ×
-//! `socket_timeout`) and a fresh connection replaces it.
-//!
 //! - while Redis **refuses** (connected, but answering `OOM`, `READONLY`, `MISCONF`, …) the
 //!   state is [`ConnectionState::Refusing`]: commands still go out (callers wait and retry,
 //!   spec §5.3), and the task probes every [`REFUSAL_PROBE_INTERVAL`] with a write that
 //!   changes nothing ([`REFUSAL_PROBE_KEY`]) until Redis takes it.
+//!
+//! A connection is never kept once it timed out: a Redis gone silent (no FIN, no RST, or a
+//! frozen process) fails the commands in flight after `socket_timeout`, or the next PING
+//! does, so it is noticed within [`HEALTH_INTERVAL`] + `socket_timeout` (spec §6: about 2 ×
+//! `socket_timeout`) and a fresh connection replaces it.
 //!
 //! So unlike RouteMQ, `initialize()` returning false (Redis down at start-up) is not final:
 //! [`RedisManager::is_enabled`] turns true when Redis comes back, without another call.
