@@ -114,6 +114,12 @@ pub enum Op {
         fields: Vec<(String, Template)>,
         max_len: Option<u64>,
     },
+    /// `ZADD key score member`; `max_len` keeps the highest-scored.
+    Zadd {
+        score: Template,
+        member: Template,
+        max_len: Option<u64>,
+    },
     Publish {
         channel: Template,
         message: Template,
@@ -151,6 +157,9 @@ pub enum ApplyError {
     Render(RenderError),
     /// `hset fields = "json"` or `set_json` on a payload that does not fit.
     NotJson(String),
+    /// A value the message controls that Redis would refuse (a `zadd` score that is no
+    /// number).
+    BadValue(String),
 }
 
 impl From<RenderError> for ApplyError {
@@ -178,6 +187,9 @@ pub fn render(actions: &[Action], ctx: &Context<'_>) -> Step<Writes> {
             Err(ApplyError::Render(e)) => return Err(Outcome::from_render(&e)),
             Err(ApplyError::NotJson(detail)) => {
                 return Err(Outcome::invalid(Reason::InvalidJson, detail))
+            }
+            Err(ApplyError::BadValue(detail)) => {
+                return Err(Outcome::invalid(Reason::InvalidParam, detail))
             }
         }
     }
@@ -317,6 +329,32 @@ impl Action {
                 }
                 cmd.ignore();
             }
+            Op::Zadd {
+                score,
+                member,
+                max_len,
+            } => {
+                let score = score.render(ctx)?;
+                if score.trim().parse::<f64>().map_or(true, f64::is_nan) {
+                    return Err(ApplyError::BadValue(format!(
+                        "zadd score {score:?} is not a number"
+                    )));
+                }
+                pipe.cmd("ZADD")
+                    .arg(&key)
+                    .arg(score.trim())
+                    .arg(member.render_bytes(ctx)?.as_ref())
+                    .ignore();
+                if let Some(n) = max_len {
+                    // Keep the n highest: drop ranks 0 ..= -(n + 1) (lowest scores first).
+                    let stop = -i64::try_from(*n).unwrap_or(i64::MAX) - 1;
+                    pipe.cmd("ZREMRANGEBYRANK")
+                        .arg(&key)
+                        .arg(0)
+                        .arg(stop)
+                        .ignore();
+                }
+            }
             Op::Publish { channel, message } => {
                 pipe.cmd("PUBLISH")
                     .arg(channel.render(ctx)?)
@@ -366,6 +404,7 @@ impl Action {
             Op::Lpush { .. } => "lpush",
             Op::Rpush { .. } => "rpush",
             Op::Xadd { .. } => "xadd",
+            Op::Zadd { .. } => "zadd",
             Op::Publish { .. } => "publish",
             Op::Expire => "expire",
             Op::MqttPublish { .. } => "mqtt_publish",

@@ -19,6 +19,7 @@ pub const OPS: &[&str] = &[
     "lpush",
     "rpush",
     "xadd",
+    "zadd",
     "publish",
     "expire",
     "mqtt_publish",
@@ -130,6 +131,16 @@ pub(crate) fn read_action(a: &mut Table<'_>, scope: &Scope<'_>, route_qos: u8) -
                 Op::Lpush { value, max_len }
             } else {
                 Op::Rpush { value, max_len }
+            }
+        }
+        "zadd" => {
+            let score = template(a, "score", Target::Value, scope, Some("{now_ms}"));
+            let member = value(a, "member");
+            let max_len = max_len(a);
+            Op::Zadd {
+                score: score?,
+                member: member?,
+                max_len,
             }
         }
         "xadd" => {
