@@ -3,7 +3,7 @@
 //! model). Labels never carry topics, payloads or device ids (spec §8); logs may name the
 //! topic at debug level.
 //!
-//! The metric names and their help texts live in [`crate::metrics`]; connection gauges
+//! The metric names live here ([`names`]), their help texts in `crate::metrics`; connection gauges
 //! (`redis_up`, `mqtt_connected`, `inflight_messages`) and reconnect counts are sampled from
 //! the Redis manager and the MQTT source when scraped, since those already log their own
 //! transitions.
@@ -15,9 +15,27 @@ use std::time::{Duration, Instant};
 
 use metrics::{counter, histogram, Counter, Histogram};
 
-use crate::metrics as m;
 use crate::outcome::{Outcome, Reason};
-use crate::router::route::Route;
+use names as m;
+
+/// The metric names of spec §8.
+pub mod names {
+    pub const MESSAGES_RECEIVED: &str = "routemq_bridge_messages_received_total";
+    pub const MESSAGES: &str = "routemq_bridge_messages_total";
+    pub const UNROUTED: &str = "routemq_bridge_unrouted_total";
+    pub const MESSAGE_DURATION: &str = "routemq_bridge_message_duration_seconds";
+    pub const REDIS_COMMAND_DURATION: &str = "routemq_bridge_redis_command_duration_seconds";
+    pub const REDIS_ERRORS: &str = "routemq_bridge_redis_errors_total";
+    pub const REDIS_UP: &str = "routemq_bridge_redis_up";
+    pub const MQTT_CONNECTED: &str = "routemq_bridge_mqtt_connected";
+    pub const RECONNECTS: &str = "routemq_bridge_reconnects_total";
+    pub const INFLIGHT: &str = "routemq_bridge_inflight_messages";
+    pub const REPUBLISHED: &str = "routemq_bridge_republished_total";
+    pub const SESSION_CACHE: &str = "routemq_bridge_session_cache_requests_total";
+    pub const DEAD_LETTERS: &str = "routemq_bridge_dead_letters_total";
+    pub const CONFIG_RELOADS: &str = "routemq_bridge_config_reloads_total";
+    pub const BUILD_INFO: &str = "routemq_bridge_build_info";
+}
 
 /// Process-wide totals for the systemd `STATUS=` line (the metrics keep the labelled detail).
 #[derive(Debug, Default)]
@@ -66,36 +84,39 @@ fn outcome_index(outcome: &Outcome) -> usize {
     }
 }
 
-/// A message matched `route`.
-pub fn message_received(route: &Route) {
+/// A message matched the route `route` (whose handles are `handles`).
+pub fn message_received(route: &str, handles: &RouteMetrics) {
     TOTALS.received.fetch_add(1, Ordering::Relaxed);
-    route
-        .metrics
+    handles
         .received
-        .get_or_init(|| counter!(m::MESSAGES_RECEIVED, "route" => route.name.clone()))
+        .get_or_init(|| counter!(m::MESSAGES_RECEIVED, "route" => route.to_string()))
         .increment(1);
 }
 
-/// `route` finished with `outcome`; `received` is when the message arrived.
-pub fn message_outcome(route: &Route, topic: &str, outcome: &Outcome, received: Instant) {
+/// The route `route` finished with `outcome`; `received` is when the message arrived.
+pub fn message_outcome(
+    route: &str,
+    handles: &RouteMetrics,
+    topic: &str,
+    outcome: &Outcome,
+    received: Instant,
+) {
     if *outcome == Outcome::Written {
         TOTALS.written.fetch_add(1, Ordering::Relaxed);
     }
-    let handles = &route.metrics;
     handles.outcomes[outcome_index(outcome)]
         .get_or_init(|| {
             counter!(
                 m::MESSAGES,
-                "route" => route.name.clone(),
+                "route" => route.to_string(),
                 "outcome" => outcome.label()
             )
         })
         .increment(1);
     handles
         .duration
-        .get_or_init(|| histogram!(m::MESSAGE_DURATION, "route" => route.name.clone()))
+        .get_or_init(|| histogram!(m::MESSAGE_DURATION, "route" => route.to_string()))
         .record(received.elapsed().as_secs_f64());
-    let route = route.name.as_str();
     match outcome {
         Outcome::Failed { .. } => tracing::warn!(route, topic, %outcome, "message failed"),
         Outcome::Internal { .. } => {

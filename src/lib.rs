@@ -29,6 +29,7 @@ pub mod outcome;
 pub mod redis;
 pub mod republish;
 pub mod router;
+pub mod stage;
 pub mod systemd;
 pub mod template;
 pub mod tls;

@@ -1,4 +1,5 @@
-//! Prometheus metrics (spec §8): the names, their help texts, and the recorder.
+//! Prometheus metrics (spec §8): the help texts, the recorder and the sampled gauges (the
+//! names live with the events that move them, `events::names`).
 //!
 //! Events ([`crate::events`]) move counters and histograms as things happen. Connection
 //! state — `redis_up`, `mqtt_connected`, `inflight_messages`, `reconnects_total` — is not an
@@ -23,21 +24,7 @@ use crate::outcome::Reason;
 use crate::redis::{ConnectionState, RedisManager};
 use crate::router::route::RouteTable;
 
-pub const MESSAGES_RECEIVED: &str = "routemq_bridge_messages_received_total";
-pub const MESSAGES: &str = "routemq_bridge_messages_total";
-pub const UNROUTED: &str = "routemq_bridge_unrouted_total";
-pub const MESSAGE_DURATION: &str = "routemq_bridge_message_duration_seconds";
-pub const REDIS_COMMAND_DURATION: &str = "routemq_bridge_redis_command_duration_seconds";
-pub const REDIS_ERRORS: &str = "routemq_bridge_redis_errors_total";
-pub const REDIS_UP: &str = "routemq_bridge_redis_up";
-pub const MQTT_CONNECTED: &str = "routemq_bridge_mqtt_connected";
-pub const RECONNECTS: &str = "routemq_bridge_reconnects_total";
-pub const INFLIGHT: &str = "routemq_bridge_inflight_messages";
-pub const REPUBLISHED: &str = "routemq_bridge_republished_total";
-pub const SESSION_CACHE: &str = "routemq_bridge_session_cache_requests_total";
-pub const DEAD_LETTERS: &str = "routemq_bridge_dead_letters_total";
-pub const CONFIG_RELOADS: &str = "routemq_bridge_config_reloads_total";
-pub const BUILD_INFO: &str = "routemq_bridge_build_info";
+pub use crate::events::names::*;
 
 /// Upper bounds of the histogram buckets, in seconds: 100 µs to 10 s.
 pub const BUCKETS: &[f64] = &[

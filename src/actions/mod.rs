@@ -9,7 +9,6 @@
 //! To add an action: its name in `read.rs`'s `OPS` and its reading there, a variant in
 //! [`Op`], its commands in [`Action::apply`] — this folder alone.
 
-pub mod forward;
 mod read;
 pub(crate) use read::read_action;
 
@@ -18,8 +17,9 @@ use std::time::Duration;
 use ::redis::Pipeline;
 use serde_json::{Map, Value};
 
-use crate::middleware::{failed, Env, Step};
+pub use crate::mqtt::forward::MqttOut;
 use crate::outcome::{Outcome, Reason};
+use crate::stage::{failed, Env, Step};
 use crate::template::json::{compact, json_text};
 use crate::template::{Context, RenderError, Template};
 
@@ -140,15 +140,6 @@ pub struct Action {
     /// The Redis key (absent for `publish` and `mqtt_publish`).
     pub key: Option<Template>,
     pub expiry: Option<Expiry>,
-}
-
-/// A forward rendered with the other actions, sent once Redis has the rest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MqttOut {
-    pub topic: String,
-    pub payload: Vec<u8>,
-    pub qos: u8,
-    pub retain: bool,
 }
 
 /// Why an action could not be rendered for this message.

@@ -39,12 +39,12 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::{failed, Env, Step};
 use crate::backoff::Backoff;
 use crate::config::reader::Table;
 use crate::outcome::Outcome;
 use crate::redis::lock::{acquire_cmd, compare_and_delete};
 use crate::redis::{Error, RedisManager, Result};
+use crate::stage::{failed, Env, Step};
 use crate::template::{read as template, Context, Scope, Target, Template};
 
 /// The value of a key whose message was processed, as older bridges wrote it; every done

@@ -8,13 +8,13 @@
 use std::time::Duration;
 
 use super::dedup::{claim_cmd, DedupClaim};
-use super::{failed, Env, Step};
-use crate::actions::MqttOut;
 use crate::config::reader::Table;
+use crate::mqtt::forward::MqttOut;
 use crate::outcome::Outcome;
 use crate::redis::lock::compare_and_delete;
 use crate::redis::rate_limit::{Decision, Fallback, Limit, PreparedCheck, Strategy};
 use crate::redis::Error as RedisError;
+use crate::stage::{failed, Env, Step};
 use crate::template::{read as template, Context, Scope, Target, Template};
 
 /// What happens to a message over the limit.

@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
-use super::{failed, Env, Step};
 use crate::config::reader::Table;
 use crate::events;
 use crate::outcome::Outcome;
 use crate::redis::{RedisManager, Result};
+use crate::stage::{failed, Env, Step};
 use crate::template::{read as template, Context, Scope, Target, Template};
 
 /// How the session is stored.

@@ -5,6 +5,8 @@ pub mod client;
 pub mod config;
 pub mod source;
 
+pub mod forward;
+
 pub use config::MqttConfig;
 pub use source::{Inbound, MqttSource, MqttStatus};
 
@@ -16,4 +18,12 @@ pub fn qos(level: u8) -> rumqttc::QoS {
         1 => rumqttc::QoS::AtLeastOnce,
         _ => rumqttc::QoS::ExactlyOnce,
     }
+}
+
+/// One subscription of the route table's cover: the filter and the highest QoS among the
+/// routes it serves (`router::pattern::cover` computes it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subscription {
+    pub filter: String,
+    pub qos: u8,
 }

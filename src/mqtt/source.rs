@@ -72,10 +72,10 @@ use tokio::task::JoinHandle;
 use super::acks::{AckForwarder, AckSequencer, Ticket};
 use super::client::{options, OptionsError};
 use super::config::MqttConfig;
+use super::Subscription;
 use crate::backoff::Backoff;
 use crate::liveness::Heartbeat;
 use crate::outcome::Reason;
-use crate::router::pattern::Subscription;
 
 /// What the bridge knows about its broker connection, for `/readyz` and systemd.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

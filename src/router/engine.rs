@@ -22,15 +22,16 @@ use serde_json::Value;
 
 use super::dispatch::Handler;
 use super::route::{ParsedJson, Route, RouteTable};
-use crate::actions::{self, forward::Forwarder};
+use crate::actions;
 use crate::dead_letter::DeadLetter;
 use crate::events;
-use crate::middleware::{Env, Step};
+use crate::mqtt::forward::Forwarder;
 use crate::mqtt::source::MqttPublisher;
 use crate::mqtt::Inbound;
 use crate::outcome::{Outcome, Reason};
 use crate::redis::rate_limit::RateLimiter;
 use crate::redis::RedisManager;
+use crate::stage::{Env, Step};
 use crate::template::Context;
 
 /// Processes messages; shared by every topic lane of the dispatcher.
@@ -106,7 +107,7 @@ impl Engine {
         let mut matched = false;
         for (route, captures) in table.matches(topic) {
             matched = true;
-            events::message_received(route);
+            events::message_received(&route.name, &route.metrics);
             // A panic is a bug of ours; caught per route, it is this route's outcome
             // (`internal_error`, dead-lettered) and the message still finishes and is acked,
             // instead of holding back every later ack (spec §5.3).
@@ -124,7 +125,7 @@ impl Engine {
                 self.record_dead_letter(route, topic, payload, reason, detail)
                     .await;
             }
-            events::message_outcome(route, topic, &outcome, received);
+            events::message_outcome(&route.name, &route.metrics, topic, &outcome, received);
         }
         if !matched {
             events::unrouted(topic);
@@ -146,14 +147,20 @@ impl Engine {
         let mut matched = false;
         for (route, _) in table.matches(topic) {
             matched = true;
-            events::message_received(route);
+            events::message_received(&route.name, &route.metrics);
             let target = self.dead_letter.load_full();
             let mut record = target.record(topic, &route.name, reason, detail, payload);
             if reason == Reason::PayloadTooLarge {
                 record = marked_truncated(record);
             }
             self.write_dead_letter(route, &target, reason, record).await;
-            events::message_outcome(route, topic, &Outcome::invalid(reason, detail), received);
+            events::message_outcome(
+                &route.name,
+                &route.metrics,
+                topic,
+                &Outcome::invalid(reason, detail),
+                received,
+            );
         }
         if !matched {
             events::unrouted(topic);
@@ -167,8 +174,14 @@ impl Engine {
         let mut matched = false;
         for (route, _) in table.matches(topic) {
             matched = true;
-            events::message_received(route);
-            events::message_outcome(route, topic, &Outcome::Overflow, received);
+            events::message_received(&route.name, &route.metrics);
+            events::message_outcome(
+                &route.name,
+                &route.metrics,
+                topic,
+                &Outcome::Overflow,
+                received,
+            );
         }
         if !matched {
             events::unrouted(topic);

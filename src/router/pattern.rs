@@ -9,6 +9,8 @@
 
 use std::fmt;
 
+use crate::mqtt::Subscription;
+
 /// One level of a pattern.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Segment {
@@ -230,13 +232,6 @@ pub fn filter_covers(wide: &str, narrow: &str) -> bool {
         }
     }
     wide_levels.len() == narrow_levels.len()
-}
-
-/// One subscription of the cover: the filter and the highest QoS among the routes it serves.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Subscription {
-    pub filter: String,
-    pub qos: u8,
 }
 
 /// The smallest set of filters that covers `routes` (each `(filter, qos)`), at the highest

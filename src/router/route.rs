@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use super::pattern::{cover, Subscription, TopicPattern};
+use super::pattern::{cover, TopicPattern};
 use crate::actions::Action;
 use crate::middleware::dedup::DedupRule;
 use crate::middleware::rate_limit::RateLimitRule;
 use crate::middleware::session::Sessions;
-use crate::middleware::Step;
+use crate::mqtt::Subscription;
 use crate::outcome::{Outcome, Reason};
+use crate::stage::Step;
 use crate::template::Constraint;
 
 /// A message's payload parsed as JSON, once for all the routes it matches (or why not).

@@ -1,17 +1,25 @@
-//! `mqtt_publish` (and the rate-limit reply): publishing on the bridge's outgoing MQTT
-//! connection, confirmed (spec §6: the incoming message is acked only after the broker
-//! acknowledged each QoS 1/2 forward).
+//! Forwards — `mqtt_publish` actions and rate-limit replies: publishing on the bridge's
+//! outgoing MQTT connection, confirmed (spec §6: the incoming message is acked only after
+//! the broker acknowledged each QoS 1/2 forward).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
-use super::MqttOut;
+use super::qos;
+use super::source::{MqttPublisher, PublishError};
 use crate::backoff::Backoff;
 use crate::events;
-use crate::mqtt::qos;
-use crate::mqtt::source::{MqttPublisher, PublishError};
+
+/// A forward rendered with a message's other actions, sent once Redis has the rest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MqttOut {
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+    pub retain: bool,
+}
 
 /// The outgoing connection forwards go out on. The publisher is swapped in when a reload
 /// brings the first publishing route.
