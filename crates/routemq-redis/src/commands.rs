@@ -17,8 +17,8 @@
 //! Python may also write `NaN`/`Infinity`, which are not JSON: those fail with
 //! [`Error::Decode`].
 //!
-//! serde_json is built with `arbitrary_precision` (numbers keep their digits; see
-//! `router/json.rs`): a number inside an `#[serde(untagged)]`, internally tagged or
+//! serde_json is built with `arbitrary_precision` (numbers keep their digits, which the
+//! bridge daemon relies on): a number inside an `#[serde(untagged)]`, internally tagged or
 //! `#[serde(flatten)]` type does not decode; give such a field the type `serde_json::Number`.
 
 use std::time::Duration;
@@ -36,7 +36,7 @@ use super::manager::RedisManager;
 ///
 /// ```
 /// use std::time::Duration;
-/// use routemq_bridge::redis::SetOptions;
+/// use routemq_redis::SetOptions;
 /// let create_only_for_a_minute = SetOptions::new().ex(Duration::from_secs(60)).nx();
 /// # let _ = create_only_for_a_minute;
 /// ```
