@@ -381,3 +381,143 @@ pub fn check_url(url: &str) -> Result<(), String> {
         .map(|_| ())
         .map_err(|e| format!("not a valid Redis URL ({e})"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn errors(pairs: &[(&str, &str)]) -> Vec<String> {
+        match RedisConfig::from_env_map(&env(pairs)) {
+            Ok(c) => panic!("expected errors, read {c:?}"),
+            Err(e) => e.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn without_variables_the_seed_defaults_apply() {
+        assert_eq!(
+            RedisConfig::from_env_map(&env(&[])),
+            Ok(RedisConfig::default())
+        );
+        let d = RedisConfig::default();
+        assert_eq!(
+            (d.host.as_str(), d.port, d.db, d.max_connections),
+            ("localhost", 6379, 0, 10)
+        );
+        assert_eq!(d.socket_timeout, Duration::from_secs(5));
+        assert_eq!(d.socket_connect_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn the_seed_variables_set_their_keys() {
+        let c = RedisConfig::from_env_map(&env(&[
+            ("REDIS_HOST", "redis.lan"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_DB", "2"),
+            ("REDIS_USERNAME", "bridge"),
+            ("REDIS_PASSWORD", "007"),
+            ("REDIS_MAX_CONNECTIONS", "4"),
+            ("REDIS_SOCKET_TIMEOUT", "2.5"),
+            ("REDIS_SOCKET_CONNECT_TIMEOUT", "250ms"),
+            ("REDIS_URL", "rediss://redis.lan:6380/2"),
+        ]))
+        .expect("valid");
+        assert_eq!((c.host.as_str(), c.port, c.db), ("redis.lan", 6380, 2));
+        assert_eq!(c.username.as_deref(), Some("bridge"));
+        // A password of digits stays a string, leading zero and all.
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("007"));
+        assert_eq!(c.max_connections, 4);
+        assert_eq!(c.socket_timeout, Duration::from_millis(2500));
+        assert_eq!(c.socket_connect_timeout, Duration::from_millis(250));
+        assert_eq!(
+            c.url.as_ref().map(Secret::expose),
+            Some("rediss://redis.lan:6380/2")
+        );
+    }
+
+    #[test]
+    fn enable_redis_accepts_the_seed_booleans_in_any_case() {
+        for (text, enabled) in [
+            ("true", true),
+            ("1", true),
+            ("YES", true),
+            ("On", true),
+            ("false", false),
+            ("0", false),
+            ("no", false),
+            ("OFF", false),
+        ] {
+            let c = RedisConfig::from_env_map(&env(&[("ENABLE_REDIS", text)])).expect(text);
+            assert_eq!(c.enabled, enabled, "{text}");
+        }
+    }
+
+    #[test]
+    fn empty_variables_count_as_unset() {
+        let c = RedisConfig::from_env_map(&env(&[("REDIS_PASSWORD", ""), ("REDIS_HOST", "")]))
+            .expect("valid");
+        assert_eq!(c, RedisConfig::default());
+    }
+
+    #[test]
+    fn every_bad_variable_is_reported_with_its_name() {
+        assert_eq!(
+            errors(&[
+                ("ENABLE_REDIS", "maybe"),
+                ("REDIS_PORT", "0"),
+                ("REDIS_MAX_CONNECTIONS", "0"),
+                ("REDIS_SOCKET_TIMEOUT", "soon"),
+            ]),
+            [
+                "environment variable ENABLE_REDIS: redis.enabled: expected a boolean \
+                 (true/false, yes/no, on/off, 1/0), found \"maybe\"",
+                "environment variable REDIS_PORT: redis.port: expected a port number \
+                 1..=65535, found 0",
+                "environment variable REDIS_MAX_CONNECTIONS: redis.max_connections: must be \
+                 at least 1, found 0",
+                "environment variable REDIS_SOCKET_TIMEOUT: redis.socket_timeout: expected a \
+                 duration such as \"250ms\", \"30s\", \"1h 30m\" or a number of seconds, \
+                 found \"soon\"",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_url_is_refused_without_quoting_it() {
+        let errors = errors(&[("REDIS_URL", "http://user:hunter2@h")]);
+        assert_eq!(
+            errors,
+            [
+                "environment variable REDIS_URL: redis.url: expected a URL starting with \
+              redis:// or rediss://, found scheme \"http\""
+            ]
+        );
+        let errors = self::errors(&[("REDIS_URL", "hunter2@h://x")]);
+        assert!(!errors[0].contains("hunter2"), "{errors:?}");
+    }
+
+    #[test]
+    fn the_password_comes_from_the_systemd_credential_when_no_variable_sets_it() {
+        let dir = std::env::temp_dir().join(format!("routemq-redis-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        std::fs::write(dir.join("redis_password"), "s3cret\n").expect("write");
+        let credentials = dir.display().to_string();
+        let c = RedisConfig::from_env_map(&env(&[("CREDENTIALS_DIRECTORY", &credentials)]))
+            .expect("valid");
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("s3cret"));
+        let c = RedisConfig::from_env_map(&env(&[
+            ("CREDENTIALS_DIRECTORY", &credentials),
+            ("REDIS_PASSWORD", "pw"),
+        ]))
+        .expect("valid");
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("pw"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -3,7 +3,7 @@
 //! [`RedisConnection`] wraps either a [`ConnectionManager`] (one multiplexed connection to
 //! one server) or an async [`ClusterConnection`] (one multiplexed connection per node, routed
 //! by slot), and implements `ConnectionLike`, so every command, pipeline and script in the
-//! crate is written once and runs on both. [`Target`] is the recipe for making one from a
+//! crate is written once and runs on both. `Target` is the recipe for making one from a
 //! [`RedisConfig`]; it is also where credentials and timeouts are applied, so there is one
 //! place that touches the password.
 //!

@@ -59,6 +59,11 @@ pub mod session;
 pub mod tls;
 pub mod warn;
 
+/// The README's examples, compiled with the doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 pub use commands::SetOptions;
 pub use config::RedisConfig;
 pub use connection::RedisConnection;
