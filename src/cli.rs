@@ -5,7 +5,7 @@ use std::path::Path;
 use crate::config::{BridgeConfig, ConfigErrors};
 use crate::republish::Source;
 use crate::router::route::RouteTable;
-use crate::router::template::Context;
+use crate::template::Context;
 
 /// Exit code: clean stop.
 pub const OK: u8 = 0;
@@ -177,7 +177,7 @@ pub fn matches(path: &Path, topic: &str, payload: Option<&str>) -> u8 {
         ctx.json = json.as_ref();
         // A key that cannot render here (a `{session.*}` field, a missing `{json.*}`) shows
         // why in angle brackets instead of hiding the route.
-        let render = |key: &crate::router::template::Template| match key.render(&ctx) {
+        let render = |key: &crate::template::Template| match key.render(&ctx) {
             Ok(k) => k,
             Err(e) => format!("<{e}>"),
         };

@@ -32,6 +32,7 @@ pub use routemq_redis as redis;
 pub mod republish;
 pub mod router;
 pub mod systemd;
+pub mod template;
 pub use routemq_redis::tls;
 
 /// `routemq-bridge X.Y.Z`, as `--version` prints it and `build_info` reports it.

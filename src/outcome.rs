@@ -29,7 +29,7 @@ impl Reason {
         }
     }
 
-    pub fn from_render(e: &crate::router::template::RenderError) -> Reason {
+    pub fn from_render(e: &crate::template::RenderError) -> Reason {
         match e.reason() {
             "invalid_utf8" => Reason::InvalidUtf8,
             "missing_field" => Reason::MissingField,
@@ -69,6 +69,11 @@ impl Outcome {
             reason,
             detail: detail.into(),
         }
+    }
+
+    /// A template that could not be rendered for this message (`invalid`).
+    pub fn from_render(e: &crate::template::RenderError) -> Outcome {
+        Outcome::invalid(Reason::from_render(e), e.to_string())
     }
 
     /// The `outcome` label of `messages_total`.

@@ -6,16 +6,22 @@
 //! actions are rendered with the rest (so a bad template fails the message before anything
 //! is written) and published only after the Redis part succeeded.
 //!
-//! To add an action: a variant in [`Op`], its reading in `config.rs`, its commands in
-//! [`Action::apply`].
+//! To add an action: its name in `read.rs`'s `OPS` and its reading there, a variant in
+//! [`Op`], its commands in [`Action::apply`] — this folder alone.
+
+pub mod forward;
+mod read;
+pub(crate) use read::read_action;
 
 use std::time::Duration;
 
 use ::redis::Pipeline;
 use serde_json::{Map, Value};
 
-use crate::router::json::{compact, json_text};
-use crate::router::template::{Context, RenderError, Template};
+use crate::middleware::{failed, Env, Step};
+use crate::outcome::{Outcome, Reason};
+use crate::template::json::{compact, json_text};
+use crate::template::{Context, RenderError, Template};
 
 /// A value for `set_json`: a TOML table (or array) whose string leaves are templates.
 #[derive(Clone, Debug)]
@@ -108,6 +114,12 @@ pub enum Op {
         fields: Vec<(String, Template)>,
         max_len: Option<u64>,
     },
+    /// `ZADD key score member`; `max_len` keeps the highest-scored.
+    Zadd {
+        score: Template,
+        member: Template,
+        max_len: Option<u64>,
+    },
     Publish {
         channel: Template,
         message: Template,
@@ -145,12 +157,71 @@ pub enum ApplyError {
     Render(RenderError),
     /// `hset fields = "json"` or `set_json` on a payload that does not fit.
     NotJson(String),
+    /// A value the message controls that Redis would refuse (a `zadd` score that is no
+    /// number).
+    BadValue(String),
 }
 
 impl From<RenderError> for ApplyError {
     fn from(e: RenderError) -> Self {
         ApplyError::Render(e)
     }
+}
+
+/// A message's actions, rendered: the pipeline of its Redis commands and the forwards to
+/// publish once they are written.
+pub struct Writes {
+    pub pipe: Pipeline,
+    pub forwards: Vec<MqttOut>,
+}
+
+/// Renders `actions` for the message in `ctx`; a render error is the message's outcome
+/// (`invalid`), before anything is written.
+pub fn render(actions: &[Action], ctx: &Context<'_>) -> Step<Writes> {
+    let mut pipe = ::redis::pipe();
+    let mut forwards = Vec::new();
+    for action in actions {
+        match action.apply(&mut pipe, ctx) {
+            Ok(Some(out)) => forwards.push(out),
+            Ok(None) => {}
+            Err(ApplyError::Render(e)) => return Err(Outcome::from_render(&e)),
+            Err(ApplyError::NotJson(detail)) => {
+                return Err(Outcome::invalid(Reason::InvalidJson, detail))
+            }
+            Err(ApplyError::BadValue(detail)) => {
+                return Err(Outcome::invalid(Reason::InvalidParam, detail))
+            }
+        }
+    }
+    Ok(Writes { pipe, forwards })
+}
+
+/// Makes `pipe` one MULTI/EXEC when `atomic` and it holds more than one command: one command
+/// is atomic by itself, and MULTI/EXEC around it would triple Redis's work and the bytes on
+/// the wire for nothing (the common one-`set` route).
+pub fn seal(pipe: &mut Pipeline, atomic: bool) {
+    if atomic && pipe.len() > 1 {
+        pipe.atomic();
+    }
+}
+
+/// Writes `pipe` (a route without dedup), waiting out Redis trouble; a permanent error is
+/// the message's outcome (`failed`).
+pub async fn write(env: &Env<'_>, pipe: &Pipeline) -> Step<()> {
+    env.until_redis(|| env.redis.query_pipeline::<()>(pipe))
+        .await
+        .map_err(failed)
+}
+
+/// Publishes the forwards of a written message, each confirmed by the broker.
+pub async fn forward(env: &Env<'_>, forwards: Vec<MqttOut>) -> Step<()> {
+    for out in forwards {
+        env.forwarder
+            .send(out)
+            .await
+            .map_err(|detail| Outcome::Failed { detail })?;
+    }
+    Ok(())
 }
 
 impl Action {
@@ -258,6 +329,32 @@ impl Action {
                 }
                 cmd.ignore();
             }
+            Op::Zadd {
+                score,
+                member,
+                max_len,
+            } => {
+                let score = score.render(ctx)?;
+                if score.trim().parse::<f64>().map_or(true, f64::is_nan) {
+                    return Err(ApplyError::BadValue(format!(
+                        "zadd score {score:?} is not a number"
+                    )));
+                }
+                pipe.cmd("ZADD")
+                    .arg(&key)
+                    .arg(score.trim())
+                    .arg(member.render_bytes(ctx)?.as_ref())
+                    .ignore();
+                if let Some(n) = max_len {
+                    // Keep the n highest: drop ranks 0 ..= -(n + 1) (lowest scores first).
+                    let stop = -i64::try_from(*n).unwrap_or(i64::MAX) - 1;
+                    pipe.cmd("ZREMRANGEBYRANK")
+                        .arg(&key)
+                        .arg(0)
+                        .arg(stop)
+                        .ignore();
+                }
+            }
             Op::Publish { channel, message } => {
                 pipe.cmd("PUBLISH")
                     .arg(channel.render(ctx)?)
@@ -307,6 +404,7 @@ impl Action {
             Op::Lpush { .. } => "lpush",
             Op::Rpush { .. } => "rpush",
             Op::Xadd { .. } => "xadd",
+            Op::Zadd { .. } => "zadd",
             Op::Publish { .. } => "publish",
             Op::Expire => "expire",
             Op::MqttPublish { .. } => "mqtt_publish",
@@ -323,7 +421,7 @@ impl Action {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::template::{Scope, Target};
+    use crate::template::{Scope, Target};
 
     /// Awkward JSON as a device might send it, and the text `set_json` must store: the
     /// same bytes without insignificant whitespace (spec §5.2).

@@ -368,6 +368,33 @@ impl<'a> Table<'a> {
     }
 
     /// A duration: `"250ms"`, `"30s"`, `"1h 30m"`, or a number of seconds.
+    /// An MQTT QoS: 0, 1 or 2.
+    pub fn qos(&mut self, key: &str, default: u8) -> u8 {
+        self.parse::<u64, _>(key, |q| {
+            u8::try_from(q)
+                .ok()
+                .filter(|q| *q <= 2)
+                .ok_or_else(|| format!("expected 0, 1 or 2, found {q}"))
+        })
+        .unwrap_or(default)
+    }
+
+    /// One of the named `options` (e.g. `strategy = "sliding_window"`).
+    pub fn choice<T: Copy>(&mut self, key: &str, options: &[(&str, T)], default: T) -> T {
+        self.parse::<String, _>(key, |s| {
+            options
+                .iter()
+                .find(|(name, _)| *name == s)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| {
+                    let names: Vec<String> =
+                        options.iter().map(|(n, _)| format!("{n:?}")).collect();
+                    format!("expected one of {}, found {s:?}", names.join(", "))
+                })
+        })
+        .unwrap_or(default)
+    }
+
     pub fn duration(&mut self, key: &str, default: Duration) -> Duration {
         self.get(key).unwrap_or(default)
     }

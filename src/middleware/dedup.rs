@@ -39,10 +39,13 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use super::{failed, Env, Step};
 use crate::backoff::Backoff;
+use crate::config::reader::Table;
+use crate::outcome::Outcome;
 use crate::redis::lock::{acquire_cmd, compare_and_delete};
 use crate::redis::{Error, RedisManager, Result};
-use crate::router::template::Template;
+use crate::template::{read as template, Context, Scope, Target, Template};
 
 /// The value of a key whose message was processed, as older bridges wrote it; every done
 /// mark starts with it.
@@ -62,6 +65,21 @@ pub struct DedupRule {
     pub ttl: Duration,
     /// How long a claim holds before another worker may take over.
     pub lease: Duration,
+}
+
+impl DedupRule {
+    /// Reads `[routes.dedup]`; `None` (errors recorded) when it is unusable.
+    pub(crate) fn read(mut d: Table<'_>, scope: &Scope<'_>) -> Option<DedupRule> {
+        let key = template(&mut d, "key", Target::Key, scope, None);
+        let ttl = d.positive_duration("ttl", Duration::from_secs(3600));
+        let lease = d.positive_duration("lease", Duration::from_secs(30));
+        d.finish();
+        Some(DedupRule {
+            key: key?,
+            ttl,
+            lease,
+        })
+    }
 }
 
 /// Whether this message should be processed.
@@ -253,6 +271,91 @@ pub async fn release(redis: &RedisManager, key: &str, marks: &Marks) -> Result<(
         compare_and_delete(redis, key, &marks.written).await?;
     }
     Ok(())
+}
+
+/// This message's dedup claim on one route: the key, this attempt's lease and done marks,
+/// the lease and how long the mark is kept.
+pub struct DedupClaim {
+    pub key: String,
+    pub marks: Marks,
+    pub lease: Duration,
+    pub ttl: Duration,
+}
+
+impl DedupRule {
+    /// Renders this message's claim and adds its done mark to the transaction `pipe` (the
+    /// actions are already in it). `lease_prefix` is `lease:<client_id>:`; `forwarding`
+    /// (route, topic, payload) when the message has forwards, so a redelivery after a crash
+    /// before they went out still sends them.
+    pub fn prepare(
+        &self,
+        ctx: &Context<'_>,
+        lease_prefix: &str,
+        forwarding: Option<(&str, &str, &[u8])>,
+        pipe: &mut ::redis::Pipeline,
+    ) -> Step<DedupClaim> {
+        let key = self.key.render(ctx).map_err(|e| Outcome::from_render(&e))?;
+        // A random nonce from the thread-local generator: `Uuid::new_v4` asks the kernel (a
+        // getrandom syscall) for every message.
+        let lease_value = format!("{lease_prefix}{:032x}", rand::random::<u128>());
+        let marks = Marks::new(lease_value, forwarding);
+        mark_done(pipe, &key, &marks, self.ttl);
+        Ok(DedupClaim {
+            key,
+            marks,
+            lease: self.lease,
+            ttl: self.ttl,
+        })
+    }
+}
+
+impl DedupClaim {
+    /// The stage: claims the key (unless `claimed` already, with the rate-limit check) and
+    /// writes the transaction with the done mark. `duplicate` when another message's write is
+    /// there. A retry after Redis trouble claims again, which finds our own lease if it is
+    /// still there — or our own done mark if the transaction was applied and only its reply
+    /// was lost (timeout or dropped connection): then the message is written, not a
+    /// duplicate, and its forwards go out (spec §6). A transaction that failed for good
+    /// gives the key back, so a redelivery is processed, not dropped.
+    pub async fn write(&self, env: &Env<'_>, claimed: bool, pipe: &::redis::Pipeline) -> Step<()> {
+        let mut holding = claimed;
+        let written = env
+            .until_redis(|| {
+                let skip_claim = std::mem::take(&mut holding);
+                async move {
+                    if !skip_claim {
+                        let claimed = claim(env.redis, &self.key, &self.marks, self.lease).await?;
+                        if claimed != Claim::Ours {
+                            return Ok(claimed);
+                        }
+                    }
+                    env.redis.query_pipeline::<()>(pipe).await?;
+                    Ok(Claim::Ours)
+                }
+            })
+            .await;
+        match written {
+            Ok(Claim::Duplicate) => Err(Outcome::Duplicate),
+            Ok(Claim::Ours | Claim::Written) => Ok(()),
+            Err(e) => {
+                let released = env
+                    .until_redis(|| release(env.redis, &self.key, &self.marks))
+                    .await;
+                if let Err(e) = released {
+                    tracing::warn!(route = env.route, error = %e, "could not release a dedup claim; it expires with its lease");
+                }
+                Err(failed(e))
+            }
+        }
+    }
+
+    /// After the forwards: only now may a later delivery of this payload count as a
+    /// duplicate. One attempt: if it fails, the worst is a forward sent twice.
+    pub async fn finish(&self, env: &Env<'_>) {
+        if let Err(e) = finish(env.redis, &self.key, &self.marks, self.ttl).await {
+            tracing::warn!(route = env.route, error = %e, "could not finish a dedup mark; a retransmission may be forwarded again");
+        }
+    }
 }
 
 /// Redis refuses `PX 0`.

@@ -13,8 +13,12 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Map, Value};
 
+use super::{failed, Env, Step};
+use crate::config::reader::Table;
+use crate::events;
+use crate::outcome::Outcome;
 use crate::redis::{RedisManager, Result};
-use crate::router::template::Template;
+use crate::template::{read as template, Context, Scope, Target, Template};
 
 /// How the session is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -56,6 +60,30 @@ impl CacheResult {
     }
 }
 
+impl Sessions {
+    /// Reads `[routes.session]`; `None` (errors recorded) when it is unusable. The key is
+    /// rendered before the session exists: `key_scope` has no `{session.*}`.
+    pub(crate) fn read(mut s: Table<'_>, key_scope: &Scope<'_>) -> Option<Sessions> {
+        let key = template(&mut s, "key", Target::Key, key_scope, None);
+        let required = s.bool("required", false);
+        let cache_ttl = s.duration("cache_ttl", Duration::from_secs(5));
+        let touch = s.opt_duration("touch");
+        let format = s.choice(
+            "format",
+            &[("json", SessionFormat::Json), ("hash", SessionFormat::Hash)],
+            SessionFormat::Json,
+        );
+        s.finish();
+        Some(Sessions::new(SessionRule {
+            key: key?,
+            required,
+            cache_ttl,
+            touch,
+            format,
+        }))
+    }
+}
+
 /// Sessions per cache at most; beyond it the least recently used go.
 const CACHE_CAPACITY: usize = 10_000;
 
@@ -81,6 +109,25 @@ impl Sessions {
 
     pub fn rule(&self) -> &SessionRule {
         &self.rule
+    }
+
+    /// The stage: this message's session (`None` when there is none and it is not
+    /// required), or `unauthorized` when it is required and missing.
+    pub async fn step(&self, env: &Env<'_>, ctx: &Context<'_>) -> Step<Option<Fields>> {
+        let key = self
+            .rule
+            .key
+            .render(ctx)
+            .map_err(|e| Outcome::from_render(&e))?;
+        let (fields, result) = env
+            .until_redis(|| self.load(env.redis, &key))
+            .await
+            .map_err(failed)?;
+        events::session_cache(result.label());
+        if fields.is_none() && self.rule.required {
+            return Err(Outcome::Unauthorized);
+        }
+        Ok(fields)
     }
 
     /// The session at `key` (rendered by the caller), from the cache when fresh.

@@ -91,12 +91,19 @@ pub struct MqttStats {
     pub reconnects: AtomicU64,
     pub overflow: AtomicU64,
     inflight: AtomicUsize,
+    /// The QoS 1/2 part of `inflight`: what reading holds back on.
+    unacked: AtomicUsize,
 }
 
 impl MqttStats {
     /// Messages received and not yet finished, all routes together.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// QoS 1/2 messages received and not yet finished, from any connection.
+    fn unacked(&self) -> usize {
+        self.unacked.load(Ordering::Relaxed)
     }
 }
 
@@ -166,11 +173,25 @@ fn refusal(publish: &Publish, max_packet_size: usize) -> Option<(Reason, String)
     ))
 }
 
-struct InflightSlot(Arc<MqttStats>);
+/// A held message's place in the counts; `true` for QoS 1/2.
+struct InflightSlot(Arc<MqttStats>, bool);
+
+impl InflightSlot {
+    fn take(stats: &Arc<MqttStats>, acked: bool) -> InflightSlot {
+        stats.inflight.fetch_add(1, Ordering::Relaxed);
+        if acked {
+            stats.unacked.fetch_add(1, Ordering::Relaxed);
+        }
+        InflightSlot(stats.clone(), acked)
+    }
+}
 
 impl Drop for InflightSlot {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+        if self.1 {
+            self.0.unacked.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -536,9 +557,9 @@ impl Loop {
         self.pending_subacks += update.subacks;
     }
 
-    /// The bridge holds `max_inflight` messages: read nothing more until some are finished
-    /// (see the module doc). Counted over every message held, from this connection or an
-    /// earlier one (a message still in its lane after a reconnect holds memory all the
+    /// The bridge holds `max_inflight` QoS 1/2 messages: read nothing more until some are
+    /// finished (see the module doc; QoS 0 beyond the bound is read and dropped as
+    /// `overflow`). Counted over every message held, from this connection or an earlier one (a message still in its lane after a reconnect holds memory all the
     /// same, and the broker redelivers it on top). Not while shutting down (what arrives
     /// then is not taken anyway), nor while our own publishes fill rumqttc's outgoing
     /// window or collide: only reading their PUBACKs lets rumqttc write requests — our acks
@@ -548,7 +569,7 @@ impl Loop {
         self.receiving.load(Ordering::Relaxed)
             && state.collision.is_none()
             && state.inflight() < self.eventloop.mqtt_options.inflight()
-            && self.stats.inflight() >= self.max_inflight.load(Ordering::Relaxed).max(1)
+            && self.stats.unacked() >= self.max_inflight.load(Ordering::Relaxed).max(1)
     }
 
     async fn receive(&mut self, publish: Publish) {
@@ -573,8 +594,10 @@ impl Loop {
             });
             return;
         }
-        self.stats.inflight.fetch_add(1, Ordering::Relaxed);
-        let slot = Some(InflightSlot(self.stats.clone()));
+        let slot = Some(InflightSlot::take(
+            &self.stats,
+            publish.qos != QoS::AtMostOnce,
+        ));
         let ticket = (publish.qos != QoS::AtMostOnce).then(|| {
             // The ack needs only the packet id and QoS: don't keep topic and payload twice.
             let mut ack = Publish::new("", publish.qos, Vec::new());

@@ -9,8 +9,8 @@ use std::time::Duration;
 use super::channel::ChannelPattern;
 use crate::config::reader::{Errors, Table};
 use crate::config::RawTable;
-use crate::router::config::template;
-use crate::router::template::{Constraint, Scope, Target, Template};
+use crate::template::read as template;
+use crate::template::{Constraint, Scope, Target, Template};
 
 /// Default consumer group of stream rules.
 pub const DEFAULT_GROUP: &str = "routemq-bridge";
@@ -433,7 +433,7 @@ topic = "devices/{device_id}/commands"
 "#,
         )
         .expect("valid");
-        let mut ctx = crate::router::template::Context::new("", b"");
+        let mut ctx = crate::template::Context::new("", b"");
         ctx.params = &["ab/other"];
         assert!(rules[0].topic.render(&ctx).is_err(), "a `/` got through");
         ctx.params = &["ab1"];

@@ -49,7 +49,7 @@ use crate::outcome::Reason;
 use crate::redis::pubsub::Monitor;
 use crate::redis::{Error as RedisError, RedisManager};
 use crate::router::pattern::filter_covers;
-use crate::router::template::Context;
+use crate::template::Context;
 
 /// Outcome labels of `republished_total`.
 pub const PUBLISHED: &str = "published";

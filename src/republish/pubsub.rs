@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 use super::{RepublishRule, Shared, Source, FAILED, INVALID, OVERFLOW, PUBLISHED};
 use crate::mqtt::source::PublishError;
 use crate::redis::pubsub::{Message, Monitor, Subscriber};
-use crate::router::template::Context;
+use crate::template::Context;
 
 /// Publishes of one rule awaiting their acknowledgement at once.
 const WINDOW: usize = 64;

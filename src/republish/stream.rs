@@ -12,8 +12,10 @@
 //!    in one MULTI/EXEC, counted `invalid`.
 //!
 //! The blocking reads go over a dedicated connection (counted against `max_connections`)
-//! with no response timeout, each bounded by a local timeout so a dead connection is
-//! noticed; XACK, XAUTOCLAIM and the dead letter go through the manager. `{topic}` is the
+//! with no response timeout, each bounded by a local deadline of BLOCK + `socket_timeout`,
+//! with BLOCK no longer than `socket_timeout`: a dead connection (also a frozen Redis, which
+//! TCP keepalive cannot see) is noticed within 2 × `socket_timeout` (spec §6) and opened
+//! again. XACK, XAUTOCLAIM and the dead letter go through the manager. `{topic}` is the
 //! stream's key; `{field.name}` any field of the entry; the payload is `payload_field`.
 
 use std::sync::Arc;
@@ -28,7 +30,7 @@ use crate::backoff::Backoff;
 use crate::mqtt::source::PublishError;
 use crate::outcome::Reason;
 use crate::redis::Error as RedisError;
-use crate::router::template::Context;
+use crate::template::Context;
 
 /// Entries read (or claimed) at once.
 const BATCH: usize = 100;
@@ -271,9 +273,15 @@ impl Worker {
         &mut self,
         conn: &mut MultiplexedConnection,
     ) -> Result<Option<(Vec<Entry>, Option<Read>)>, RedisError> {
-        let block = self.claim_every().min(MAX_BLOCK);
+        let socket_timeout = self.shared.redis.config().socket_timeout;
+        // Redis takes BLOCK in whole milliseconds, and BLOCK 0 would wait forever.
+        let block = self
+            .claim_every()
+            .min(MAX_BLOCK)
+            .min(socket_timeout)
+            .max(Duration::from_millis(1));
         let cmd = self.xreadgroup(Some(block), ">");
-        let timeout = block + self.shared.redis.config().socket_timeout;
+        let timeout = block + socket_timeout;
         let Some(reply) = self.bounded(conn, &cmd, timeout).await? else {
             return Ok(None);
         };

@@ -3,12 +3,19 @@
 
 use std::sync::Arc;
 
+use serde_json::Value;
+
 use super::pattern::{cover, Subscription, TopicPattern};
-use super::template::Constraint;
 use crate::actions::Action;
 use crate::middleware::dedup::DedupRule;
 use crate::middleware::rate_limit::RateLimitRule;
 use crate::middleware::session::Sessions;
+use crate::middleware::Step;
+use crate::outcome::{Outcome, Reason};
+use crate::template::Constraint;
+
+/// A message's payload parsed as JSON, once for all the routes it matches (or why not).
+pub type ParsedJson = Option<Result<Value, String>>;
 
 /// How a route reads its payload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -45,6 +52,52 @@ impl Route {
     /// only forwards over MQTT does not, so it keeps flowing while Redis is down).
     pub fn needs_redis(&self) -> bool {
         self.dedup.is_some() || self.actions.iter().any(Action::needs_redis)
+    }
+
+    /// What comes before the stages: the payload fits `max_payload` and is what the route
+    /// reads (JSON parsed once into `json`, shared by the message's routes; text valid
+    /// UTF-8), and every captured param matches its constraint.
+    pub fn admit<'m>(
+        &self,
+        payload: &[u8],
+        captures: &[&str],
+        max_payload: usize,
+        json: &'m mut ParsedJson,
+    ) -> Step<Option<&'m Value>> {
+        if payload.len() > max_payload {
+            return Err(Outcome::invalid(
+                Reason::PayloadTooLarge,
+                format!("{} bytes, max_payload is {max_payload}", payload.len()),
+            ));
+        }
+        let json = match self.payload {
+            PayloadKind::Json => {
+                let parsed = json.get_or_insert_with(|| {
+                    serde_json::from_slice::<Value>(payload).map_err(|e| e.to_string())
+                });
+                match parsed {
+                    Ok(v) => Some(&*v),
+                    Err(e) => return Err(Outcome::invalid(Reason::InvalidJson, e.clone())),
+                }
+            }
+            PayloadKind::Text => {
+                if let Err(e) = std::str::from_utf8(payload) {
+                    return Err(Outcome::invalid(Reason::InvalidUtf8, e.to_string()));
+                }
+                None
+            }
+            PayloadKind::Bytes => None,
+        };
+        for (index, name, re) in &self.param_checks {
+            let value = captures.get(*index).copied().unwrap_or("");
+            if !re.is_match(value) {
+                return Err(Outcome::invalid(
+                    Reason::InvalidParam,
+                    format!("param `{name}` = {value:?} does not match {}", re.as_str()),
+                ));
+            }
+        }
+        Ok(json)
     }
 
     /// Whether this route publishes to MQTT (an `mqtt_publish` action or a rate-limit

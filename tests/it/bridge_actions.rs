@@ -451,6 +451,52 @@ async fn xadd_max_len_trims_approximately() {
     );
 }
 
+// ---- zadd -----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zadd_scores_the_member_and_max_len_keeps_the_highest() {
+    let mut rig = Rig::start(&route(
+        "d/{id}",
+        "",
+        "op = \"zadd\"\nkey = \"z:{id}\"\nscore = \"{json.score}\"\nmember = \"{json.name}\"\nmax_len = 2",
+    ))
+    .await;
+    for (name, score) in [("ann", 5), ("bob", 1), ("cy", 9), ("dee", 3)] {
+        rig.publish("d/a", json!({"name": name, "score": score}).to_string())
+            .await;
+    }
+    // A score that is no number: invalid, nothing written, the next message goes on.
+    rig.publish("d/a", r#"{"name":"eve","score":"high"}"#).await;
+    rig.settle(5).await;
+    let board: Vec<(String, f64)> = rig
+        .conn
+        .zrevrange_withscores("z:a", 0, -1)
+        .expect("ZREVRANGE");
+    assert_eq!(board, [("cy".to_string(), 9.0), ("ann".to_string(), 5.0)]);
+    let dead = rig.dead_letters();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(dead[0]["reason"], "invalid_param");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zadd_scores_now_ms_and_stores_the_payload_by_default() {
+    let before = now_ms();
+    let mut rig = Rig::start(&route(
+        "d/{id}",
+        "payload = \"text\"",
+        "op = \"zadd\"\nkey = \"z:{id}\"",
+    ))
+    .await;
+    rig.publish("d/a", "reading-1").await;
+    rig.settle(1).await;
+    let score: Option<f64> = rig.conn.zscore("z:a", "reading-1").expect("ZSCORE");
+    let score = score.expect("the payload is the member") as u64;
+    assert!(
+        (before..=now_ms()).contains(&score),
+        "{score} is the time of the write in ms"
+    );
+}
+
 // ---- publish --------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,4 +25,5 @@ mod redis_tls;
 mod republish;
 mod secrets;
 mod session;
+mod silent_redis;
 mod vendored_rumqttc;

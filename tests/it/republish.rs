@@ -3,7 +3,7 @@
 //! state can be observed; one test drives the real daemon for the wiring.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::Commands;
 use routemq_bridge::config::BridgeConfig;
@@ -13,7 +13,7 @@ use routemq_bridge::republish::{RepublishService, Republisher};
 use rumqttc::QoS;
 
 use crate::bridge::{config, eventually, Bridge, Client};
-use crate::harness::{Mosquitto, Redis};
+use crate::harness::{FaultProxy, Mosquitto, Redis};
 
 /// Upper bound of any single wait; reaching it is a failure.
 const WAIT: Duration = Duration::from_secs(20);
@@ -37,9 +37,14 @@ struct Running {
 
 impl Running {
     async fn start(redis: &Redis, broker: &Mosquitto, client_id: &str, rules: &str) -> Running {
+        Running::start_with(&config(redis, broker, client_id, rules)).await
+    }
+
+    /// Like [`Running::start`], from a whole config file's text.
+    async fn start_with(text: &str) -> Running {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("bridge.toml");
-        std::fs::write(&path, config(redis, broker, client_id, rules)).expect("write config");
+        std::fs::write(&path, text).expect("write config");
         let (config, _) = BridgeConfig::compile(&path, &Default::default())
             .unwrap_or_else(|e| panic!("config: {e:?}"));
         let manager = RedisManager::new(config.redis.clone());
@@ -255,6 +260,62 @@ topic = "devices/{device_id}/commands"
     assert_eq!(arrived.payload.as_ref(), b"after-restart");
     let monitor = running.republisher().pubsub().expect("pub/sub runs");
     assert!(monitor.reconnects() >= 1, "the reconnect is counted");
+    running.service.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_on_a_silently_dead_connection_notices_and_resubscribes() {
+    // Spec §6: a Redis gone silent (no FIN, no RST) is noticed within about 2 ×
+    // socket_timeout; the proxy keeps the connection open but forwards nothing.
+    const SOCKET_TIMEOUT: Duration = Duration::from_secs(1);
+    let notice = 2 * SOCKET_TIMEOUT + Duration::from_secs(2); // slack for a loaded CPU
+    let redis = Redis::start();
+    let broker = Mosquitto::start();
+    let proxy = FaultProxy::start(redis.port());
+    let text = config(
+        &redis,
+        &broker,
+        "rp-silent-redis",
+        r#"
+[[republish]]
+name = "commands"
+source = "pubsub"
+channel = "commands:{device_id}"
+topic = "devices/{device_id}/commands"
+"#,
+    );
+    let shortened = text.replace(r#"socket_timeout = "2s""#, r#"socket_timeout = "1s""#);
+    assert_ne!(shortened, text, "the test config sets socket_timeout");
+    let running = Running::start_with(&shortened.replace(&redis.url(), &proxy.redis_url())).await;
+    running.pubsub_subscribed().await;
+    let mut client = listener(&broker, "rp-silent-sub", "devices/#", "devices/probe").await;
+    publish(&redis, "commands:dev-1", "before");
+    let before = next_on(&mut client, "devices/dev-1/commands").await;
+    assert_eq!(before.payload.as_ref(), b"before");
+    let monitor = running.republisher().pubsub().expect("pub/sub runs");
+
+    proxy.blackhole(true);
+    let silent_since = Instant::now();
+    let noticed = eventually(notice, || (!monitor.is_subscribed()).then_some(())).await;
+    assert!(
+        noticed.is_some(),
+        "the dead subscription was not noticed within {notice:?}"
+    );
+    // Silent for longer than 2 × socket_timeout. After the heal the old connection may
+    // carry bytes again; what matters is that the subscriber did not wait on it.
+    tokio::time::sleep_until((silent_since + 3 * SOCKET_TIMEOUT).into()).await;
+    proxy.blackhole(false);
+
+    let arrived = publish_until_republished(
+        &redis,
+        &mut client,
+        ("commands:dev-2", "after"),
+        "devices/dev-2/commands",
+        "a publish after the silence arrives",
+    )
+    .await;
+    assert_eq!(arrived.payload.as_ref(), b"after");
+    assert!(monitor.reconnects() >= 1, "the subscription was rebuilt");
     running.service.shutdown().await;
 }
 

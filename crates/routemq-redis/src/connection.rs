@@ -7,6 +7,14 @@
 //! [`RedisConfig`]; it is also where credentials and timeouts are applied, so there is one
 //! place that touches the password.
 //!
+//! Every socket it opens, the command connection's and the dedicated ones' alike, carries
+//! TCP keepalive and `TCP_USER_TIMEOUT` derived from `socket_timeout` (`tcp_settings`), so
+//! the kernel gives up on a peer gone silent without FIN or RST (a cable pulled, a NAT that
+//! forgot the flow) in about 2 × `socket_timeout` instead of the ~15 minutes of TCP's own
+//! retransmissions (spec §6). A Redis process that froze still has its kernel ACKing: that
+//! silence is caught above the socket, by the response timeout, the health PING, the
+//! subscriber's PING and the stream readers' deadlines.
+//!
 //! Cluster mode compiles and follows the same code paths but is not covered by the
 //! integration tests (they need a six-node cluster). Multi-key commands, MULTI/EXEC and
 //! scripts must keep their keys in one slot with hash tags (`{device}:a`, `{device}:b`).
@@ -16,6 +24,7 @@ use std::time::Duration;
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
 use ::redis::cluster_async::ClusterConnection;
+use ::redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
 use ::redis::{
     Client, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value,
 };
@@ -105,7 +114,8 @@ impl Target {
                 .collect::<Result<Vec<_>>>()?;
             let mut builder = ClusterClientBuilder::new(nodes)
                 .connection_timeout(config.socket_connect_timeout)
-                .response_timeout(config.socket_timeout);
+                .response_timeout(config.socket_timeout)
+                .tcp_settings(tcp_settings(TcpSettings::default(), config.socket_timeout));
             if let Some(username) = &config.username {
                 builder = builder.username(username);
             }
@@ -168,7 +178,32 @@ pub(crate) fn connection_info(config: &RedisConfig) -> Result<ConnectionInfo> {
     if let Some(password) = &config.password {
         redis = redis.set_password(password.expose());
     }
-    Ok(info.set_redis_settings(redis))
+    let tcp = tcp_settings(info.tcp_settings().clone(), config.socket_timeout);
+    Ok(info.set_redis_settings(redis).set_tcp_settings(tcp))
+}
+
+/// Longest `socket_timeout` the TCP settings follow: the kernel takes keepalive times in
+/// seconds up to 32,767, and a silence of hours is no longer "noticed" anyway.
+const TCP_TIMEOUT_CAP: Duration = Duration::from_secs(3600);
+
+/// `base` with keepalive and `TCP_USER_TIMEOUT` set so that a silent peer is dropped by the
+/// kernel about 2 × `socket_timeout` after the last byte it sent: probes start after one
+/// `socket_timeout` of silence and the connection is given up after two, whether the
+/// silence falls on an idle connection (keepalive) or on one with data unacknowledged
+/// (user timeout). Keepalive counts in whole seconds, hence the rounding.
+pub(crate) fn tcp_settings(base: TcpSettings, socket_timeout: Duration) -> TcpSettings {
+    let timeout = socket_timeout.min(TCP_TIMEOUT_CAP);
+    let idle = (timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0)).max(1);
+    let interval = (idle / 4).max(1);
+    let retries = u32::try_from(idle.div_ceil(interval)).unwrap_or(u32::MAX);
+    let keepalive = TcpKeepalive::new()
+        .with_time(Duration::from_secs(idle))
+        .with_interval(Duration::from_secs(interval))
+        .with_retries(retries);
+    let settings = base.set_keepalive(keepalive);
+    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+    let settings = settings.set_user_timeout(2 * timeout);
+    settings
 }
 
 /// True when `e` means the connection is gone or stuck (not that Redis refused a command):
@@ -208,6 +243,42 @@ mod tests {
         assert_eq!(info.addr().to_string(), "10.0.0.7:6400");
         assert_eq!(info.redis_settings().db(), 2);
         assert_eq!(info.redis_settings().password(), Some("0123"));
+    }
+
+    #[test]
+    fn every_connection_gives_up_on_a_silent_peer_after_about_two_socket_timeouts() {
+        let config = RedisConfig {
+            socket_timeout: Duration::from_secs(5),
+            ..RedisConfig::default()
+        };
+        let info = connection_info(&config).expect("valid config");
+        assert!(info.tcp_settings().keepalive().is_some());
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            info.tcp_settings().user_timeout(),
+            Some(Duration::from_secs(10))
+        );
+        // Silence on an idle connection: probes after `idle`, given up `retries` probes of
+        // `interval` later.
+        for (timeout, idle, interval, retries) in [
+            (Duration::from_millis(200), 1, 1, 1),
+            (Duration::from_secs(1), 1, 1, 1),
+            (Duration::from_millis(1500), 2, 1, 2),
+            (Duration::from_secs(5), 5, 1, 5),
+            (Duration::from_secs(30), 30, 7, 5),
+            (Duration::from_secs(10 * 365 * 24 * 3600), 3600, 900, 4),
+        ] {
+            let settings = tcp_settings(TcpSettings::default(), timeout);
+            let expected = TcpKeepalive::new()
+                .with_time(Duration::from_secs(idle))
+                .with_interval(Duration::from_secs(interval))
+                .with_retries(retries);
+            assert_eq!(
+                format!("{:?}", settings.keepalive()),
+                format!("{:?}", Some(&expected)),
+                "socket_timeout {timeout:?}"
+            );
+        }
     }
 
     #[test]

@@ -18,6 +18,11 @@
 //!   spec §5.3), and the task probes every [`REFUSAL_PROBE_INTERVAL`] with a write that
 //!   changes nothing ([`REFUSAL_PROBE_KEY`]) until Redis takes it.
 //!
+//! A connection is never kept once it timed out: a Redis gone silent (no FIN, no RST, or a
+//! frozen process) fails the commands in flight after `socket_timeout`, or the next PING
+//! does, so it is noticed within [`HEALTH_INTERVAL`] + `socket_timeout` (spec §6: about 2 ×
+//! `socket_timeout`) and a fresh connection replaces it.
+//!
 //! So unlike RouteMQ, `initialize()` returning false (Redis down at start-up) is not final:
 //! [`RedisManager::is_enabled`] turns true when Redis comes back, without another call.
 //! [`RedisManager::disconnect`] stops the task and drops the connection. The up/down state is
@@ -357,7 +362,10 @@ impl RedisManager {
     }
 
     /// Connection settings for dedicated connections: the configured connect timeout and no
-    /// response timeout (a blocking read or a subscriber waits as long as it must).
+    /// response timeout (a blocking read or a subscriber waits as long as it must). Their
+    /// owners bound each wait themselves so a silent Redis is still noticed; the client
+    /// from [`RedisManager::dedicated_connection`] already sets TCP keepalive and
+    /// `TCP_USER_TIMEOUT`.
     pub fn dedicated_connection_config(&self) -> ::redis::AsyncConnectionConfig {
         ::redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.inner.config.socket_connect_timeout))

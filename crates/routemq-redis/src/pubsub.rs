@@ -9,7 +9,8 @@
 //! a slow consumer slows the task instead of growing a queue. (The `redis` crate's own reader
 //! buffers what the server sends while the task waits; Redis's pub/sub output-buffer limit
 //! does not see that, so keep consumers fast.) When the connection is lost — the message
-//! stream ends, or a periodic PING gets no answer — the task reconnects with jittered
+//! stream ends, or a PING sent after `socket_timeout` without a message gets no answer
+//! within another `socket_timeout` — the task reconnects with jittered
 //! exponential backoff (100 ms doubling to 2 s) and subscribes everything again; messages
 //! published meanwhile are lost, as pub/sub promises nothing more. Dropping the
 //! [`Subscription`] or calling [`Subscription::stop`] ends the task and its connection.
@@ -31,9 +32,8 @@ use super::manager::RedisManager;
 pub const DEFAULT_CAPACITY: usize = 1024;
 const BACKOFF_INITIAL: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// How often an idle subscription checks its connection with PING, to notice a connection
-/// that died without closing (a cable pulled, a NAT entry gone).
-const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(30);
+/// Floor of the interval between PINGs on an idle subscription (see [`Worker::pump`]).
+const MIN_HEALTH_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Publishes `payload` on `channel`; returns how many subscribers received it.
 pub async fn publish(manager: &RedisManager, channel: &str, payload: &[u8]) -> Result<i64> {
@@ -291,10 +291,16 @@ impl Worker {
     }
 
     /// Forwards messages until the connection is lost or the subscription ends.
+    ///
+    /// A subscribed connection has no response timeout and may rightly stay quiet for
+    /// hours, so silence proves nothing: after `socket_timeout` without a message it PINGs
+    /// and gives the connection up when no answer comes within another `socket_timeout`.
+    /// That notices a dead peer within 2 × `socket_timeout` (spec §6) — also a frozen Redis
+    /// or a proxy that stopped forwarding, which TCP keepalive cannot see.
     async fn pump(&mut self, pubsub: ::redis::aio::PubSub) -> End {
         let (mut sink, mut stream) = pubsub.split();
         let timeout = self.manager.config().socket_timeout;
-        let mut health = tokio::time::interval(HEALTH_CHECK_INTERVAL);
+        let mut health = tokio::time::interval(timeout.max(MIN_HEALTH_CHECK_INTERVAL));
         health.reset(); // the first tick would fire at once
         loop {
             let event = tokio::select! {

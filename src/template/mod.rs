@@ -7,6 +7,8 @@
 //! carries its constraint (the route's `params.<name>` regex or the safe default), so a
 //! device cannot write `sensor:*` or publish to `#`.
 
+pub mod json;
+
 use std::borrow::Cow;
 use std::fmt::{self, Write as _};
 use std::sync::Arc;
@@ -16,7 +18,38 @@ use regex::Regex;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::json::push_json_text;
+use json::push_json_text;
+
+use crate::config::reader::Table;
+
+/// Compiles the template at `key`; `None` (error recorded) when absent and required, or bad.
+/// Routes, their stages and republish rules read theirs with it.
+pub(crate) fn read(
+    t: &mut Table<'_>,
+    key: &str,
+    target: Target,
+    scope: &Scope<'_>,
+    default: Option<&str>,
+) -> Option<Template> {
+    let source = match t.opt_string(key) {
+        Some(s) => s,
+        None if t.has(key) => return None, // wrong type, already reported
+        None => match default {
+            Some(d) => d.to_string(),
+            None => {
+                t.error(key, "is required");
+                return None;
+            }
+        },
+    };
+    match Template::compile(&source, target, scope) {
+        Ok(template) => Some(template),
+        Err(message) => {
+            t.error(key, message);
+            None
+        }
+    }
+}
 
 /// Where a template's output goes: decides what it may contain and what gets checked.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

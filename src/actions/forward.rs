@@ -1,0 +1,76 @@
+//! `mqtt_publish` (and the rate-limit reply): publishing on the bridge's outgoing MQTT
+//! connection, confirmed (spec §6: the incoming message is acked only after the broker
+//! acknowledged each QoS 1/2 forward).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+
+use super::MqttOut;
+use crate::backoff::Backoff;
+use crate::events;
+use crate::mqtt::qos;
+use crate::mqtt::source::{MqttPublisher, PublishError};
+
+/// The outgoing connection forwards go out on. The publisher is swapped in when a reload
+/// brings the first publishing route.
+pub struct Forwarder {
+    publisher: ArcSwapOption<MqttPublisher>,
+    /// `mqtt.max_packet_size`: a forward larger than this could never be sent.
+    max_packet_size: usize,
+}
+
+impl Forwarder {
+    pub fn new(publisher: Option<MqttPublisher>, max_packet_size: usize) -> Forwarder {
+        Forwarder {
+            publisher: ArcSwapOption::new(publisher.map(Arc::new)),
+            max_packet_size,
+        }
+    }
+
+    /// Uses `publisher` from now on.
+    pub fn set_publisher(&self, publisher: MqttPublisher) {
+        self.publisher.store(Some(Arc::new(publisher)));
+    }
+
+    /// Publishes `out` and, at QoS 1/2, waits until the broker acknowledged it. A publish
+    /// lost with the broker's session, or not taken while rumqttc's queue is full, is sent
+    /// again with backoff, for as long as it takes (shutdown is bounded by
+    /// `shutdown_timeout`: the message then stays unacked and is redelivered). `Err` only for
+    /// a forward that can never be sent: it is the message's outcome (`failed`).
+    pub async fn send(&self, out: MqttOut) -> Result<(), String> {
+        let Some(publisher) = self.publisher.load_full() else {
+            return Err("no outgoing MQTT connection for mqtt_publish".to_string());
+        };
+        // A PUBLISH is its topic, its payload and at most 9 bytes of header and packet id.
+        let size = out.topic.len() + out.payload.len() + 9;
+        if size > self.max_packet_size {
+            return Err(format!(
+                "forward to {:?} is {size} bytes, over mqtt.max_packet_size ({})",
+                out.topic, self.max_packet_size
+            ));
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        loop {
+            let queued = publisher.publish_tracked(
+                &out.topic,
+                qos(out.qos),
+                out.retain,
+                out.payload.clone(),
+            );
+            match queued {
+                Ok(acked) => {
+                    if acked.await.is_ok() {
+                        return Ok(());
+                    }
+                    // Lost with the broker's session (or the loop restarted): send again.
+                    events::forward_retry(&out.topic);
+                }
+                Err(PublishError::Full) => {}
+                Err(PublishError::Refused(why)) => return Err(why),
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+}
