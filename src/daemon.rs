@@ -330,6 +330,10 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sighup = signal(SignalKind::hangup())?;
+    // The Redis crate keeps no metrics: it reports every call, and `events` counts it
+    // (`redis_command_duration_seconds`, `redis_errors_total`). Whatever recorder is
+    // installed below, ours or an embedding application's, receives them.
+    crate::redis::observe::set_command_observer(events::redis_command);
     let prometheus = crate::metrics::install();
     // Secrets print as <redacted>: the whole config is safe to show.
     tracing::debug!(?config, "configuration");

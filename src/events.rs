@@ -189,7 +189,8 @@ pub fn republished(rule: &str, outcome: &'static str, detail: &str) {
     }
 }
 
-/// One call through the Redis manager's primitives: `command` is the command name in lower
+/// One call through the Redis manager's primitives, as the Redis crate's command observer
+/// reports it (installed by the daemon at start): `command` is the command name in lower
 /// case (`set`, `evalsha`, `multi` for a transaction, `pipeline`), `elapsed` its round trip.
 /// Calls refused before reaching Redis (`elapsed` is `None`) count only as errors. The
 /// caller logs the error where it knows what it meant (the manager's rate-limited warnings,

@@ -12,7 +12,7 @@
 //! built from the same library.
 
 pub mod actions;
-pub mod backoff;
+pub use routemq_redis::backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -26,13 +26,15 @@ pub mod metrics;
 pub mod middleware;
 pub mod mqtt;
 pub mod outcome;
-pub mod redis;
+/// The Redis manager of spec §3, a crate of its own (`crates/routemq-redis`) so it can be
+/// used without the daemon; re-exported so `routemq_bridge::redis::…` paths keep working.
+pub use routemq_redis as redis;
 pub mod republish;
 pub mod router;
 pub mod stage;
 pub mod systemd;
 pub mod template;
-pub mod tls;
+pub use routemq_redis::tls;
 
 /// `routemq-bridge X.Y.Z`, as `--version` prints it and `build_info` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -6,7 +6,8 @@
 //! stuck. `/healthz` answers 503 and the watchdog stops pinging systemd as soon as one is
 //! stale, and systemd restarts the service.
 //!
-//! A heartbeat is one atomic store, so loops can beat on every round at no cost.
+//! A heartbeat is one atomic store, so loops can beat on every round at no cost. The type
+//! lives in the Redis crate, whose health task beats one too; it is re-exported here.
 //!
 //! A loop that turns does not prove that messages move: a lane can hang on one message
 //! while every loop beats. So [`Liveness::watch_with`] also takes checks of progress (the
@@ -20,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+pub use routemq_redis::heartbeat::Heartbeat;
+
 /// Milliseconds since a process-wide origin; 0 means "never beat".
 fn now_ms() -> u64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
@@ -28,29 +31,6 @@ fn now_ms() -> u64 {
     u64::try_from(origin.elapsed().as_millis())
         .unwrap_or(u64::MAX)
         .saturating_add(1)
-}
-
-/// Bumped by one loop on every round. Clones share the same beat.
-#[derive(Clone, Debug, Default)]
-pub struct Heartbeat(Arc<AtomicU64>);
-
-impl Heartbeat {
-    pub fn new() -> Heartbeat {
-        Heartbeat::default()
-    }
-
-    /// The loop is alive now.
-    pub fn beat(&self) {
-        self.0.store(now_ms(), Ordering::Relaxed);
-    }
-
-    /// Time since the last beat; `None` if it never beat.
-    pub fn age(&self) -> Option<Duration> {
-        match self.0.load(Ordering::Relaxed) {
-            0 => None,
-            last => Some(Duration::from_millis(now_ms().saturating_sub(last))),
-        }
-    }
 }
 
 /// Set while a task is on one unit of work (e.g. the ack path handing one ack to the

@@ -6,12 +6,13 @@
 //! our own [`reader`] then reads the merged values into typed configs, collecting *every*
 //! error with the file or variable to blame, instead of stopping at the first as serde
 //! would. Each config type reads its own table beside the code that uses it
-//! (`MqttConfig::read` in `mqtt`, `RedisConfig::read` in `redis`).
+//! (`MqttConfig::read` in `mqtt`); the Redis crate's `RedisConfig` is read in `config/redis.rs`,
+//! since that crate knows nothing of this loader.
 
 mod error;
 mod layers;
 pub mod reader;
-mod secret;
+mod redis;
 mod sections;
 
 use std::collections::HashMap;
@@ -23,7 +24,7 @@ use figment::Figment;
 pub use error::{ConfigError, ConfigErrors};
 pub use layers::{CONFIG_VAR, CREDENTIALS_DIRECTORY, PREFIX};
 pub use reader::RawTable;
-pub use secret::{is_scheme, redact_url, Secret};
+pub use routemq_redis::secret::{is_scheme, redact_url, Secret};
 pub use sections::{DeadLetterConfig, HttpConfig, LimitsConfig, LogConfig, LogFormat};
 
 use crate::mqtt::MqttConfig;
@@ -113,7 +114,7 @@ impl BridgeConfig {
 
     fn read(mut t: Table<'_>) -> BridgeConfig {
         let mqtt = MqttConfig::read(t.table("mqtt"));
-        let redis = RedisConfig::read(t.table("redis"));
+        let redis = redis::read(t.table("redis"));
         let http = HttpConfig::read(t.table("http"));
         let limits = LimitsConfig::read(t.table("limits"));
         let log = LogConfig::read(t.table("log"));
@@ -161,8 +162,10 @@ fn credentials_dir(env: &HashMap<String, String>) -> Option<std::path::PathBuf> 
         .map(Into::into)
 }
 
-/// Reads the seed's variables alone (no file, no `ROUTEMQ_BRIDGE_*`), for library users
-/// that configure from a RouteMQ environment; `read` picks the tables it wants.
+/// Reads the seed's variables alone (no file, no `ROUTEMQ_BRIDGE_*`); `read` picks the
+/// tables it wants. The tests hold the Redis crate's own reading of these variables
+/// (`RedisConfig::from_env_map`) to this one.
+#[cfg(test)]
 pub(crate) fn read_seed_env<T>(
     env: &HashMap<String, String>,
     read: impl FnOnce(&mut Table<'_>) -> T,

@@ -880,3 +880,66 @@ fn redis_config_from_env_map_reports_bad_variables() {
         Some("environment variable REDIS_MAX_CONNECTIONS")
     );
 }
+
+#[test]
+fn the_redis_crate_reads_the_seed_variables_as_the_loader_does() {
+    let credentials = tempfile::tempdir().expect("temp dir");
+    std::fs::write(credentials.path().join("redis_password"), "s3cret\n").expect("write");
+    let credentials = credentials.path().display().to_string();
+    let cases: &[&[(&str, &str)]] = &[
+        &[],
+        &[("ENABLE_REDIS", "Off")],
+        &[("ENABLE_REDIS", "maybe")],
+        &[
+            ("REDIS_HOST", "h"),
+            ("REDIS_PORT", "6380"),
+            ("REDIS_DB", "3"),
+        ],
+        &[("REDIS_HOST", "  ")],
+        &[("REDIS_PORT", "0")],
+        &[("REDIS_PORT", "x")],
+        &[("REDIS_PORT", " 70000")],
+        &[("REDIS_DB", "-1")],
+        &[("REDIS_DB", "99999999999999999999")],
+        &[("REDIS_USERNAME", "u"), ("REDIS_PASSWORD", "007")],
+        &[("REDIS_PASSWORD", "")],
+        &[("CREDENTIALS_DIRECTORY", &credentials)],
+        &[
+            ("CREDENTIALS_DIRECTORY", &credentials),
+            ("REDIS_PASSWORD", "pw"),
+        ],
+        &[("REDIS_MAX_CONNECTIONS", "0")],
+        &[("REDIS_MAX_CONNECTIONS", "-3")],
+        &[
+            ("REDIS_SOCKET_TIMEOUT", "5.0"),
+            ("REDIS_SOCKET_CONNECT_TIMEOUT", "250ms"),
+        ],
+        &[("REDIS_SOCKET_TIMEOUT", "0")],
+        &[("REDIS_SOCKET_TIMEOUT", "-1")],
+        &[("REDIS_SOCKET_TIMEOUT", "100y")],
+        &[("REDIS_SOCKET_CONNECT_TIMEOUT", "soon")],
+        &[("REDIS_URL", "rediss://:pw@h:6380/2")],
+        &[("REDIS_URL", "http://h")],
+        &[("REDIS_URL", "pw@h://x")],
+        &[("REDIS_URL", "redis://h:notaport")],
+        &[
+            ("REDIS_PORT", "1"),
+            ("REDIS_DB", "x"),
+            ("ENABLE_REDIS", "2"),
+        ],
+    ];
+    for pairs in cases {
+        let env = env(pairs);
+        let loader = read_seed_env(&env, |root| super::redis::read(root.table("redis")));
+        let library = RedisConfig::from_env_map(&env);
+        match (loader, library) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{pairs:?}"),
+            (Err(a), Err(b)) => {
+                let a: Vec<String> = a.iter().map(ToString::to_string).collect();
+                let b: Vec<String> = b.iter().map(ToString::to_string).collect();
+                assert_eq!(a, b, "{pairs:?}");
+            }
+            (a, b) => panic!("{pairs:?}: the loader read {a:?}, the crate {b:?}"),
+        }
+    }
+}

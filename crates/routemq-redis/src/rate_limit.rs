@@ -171,6 +171,43 @@ pub fn fixed_window_key(key: &str, window: Duration, now: SystemTime) -> String 
 
 /// Checks limits in Redis, falling back to a local limiter. Clone-free: share it by `Arc`
 /// or keep one per route; the local state belongs to this value.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use routemq_redis::rate_limit::{Fallback, Limit, RateLimiter, Strategy};
+/// # async fn example(redis: routemq_redis::RedisManager) -> routemq_redis::Result<()> {
+/// let limiter = RateLimiter::new(redis);
+/// // RouteMQ's scheme: 100 per minute, sharing the budget with a RouteMQ app.
+/// let limit = Limit::new(Strategy::FixedWindow, 100, Duration::from_secs(60));
+/// let decision = limiter.check("rate_limit:device-42", &limit, Fallback::Local).await?;
+/// if !decision.allowed {
+///     println!("over the limit; retry in {:?}", decision.retry_after);
+/// }
+/// # Ok(())
+/// # }
+/// ```
+///
+/// While Redis cannot answer, the fallback decides; with Redis disabled this runs as is:
+///
+/// ```
+/// use std::time::Duration;
+/// use routemq_redis::rate_limit::{Fallback, Limit, RateLimiter, Strategy};
+/// use routemq_redis::{RedisConfig, RedisManager};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> routemq_redis::Result<()> {
+/// let redis = RedisManager::new(RedisConfig { enabled: false, ..RedisConfig::default() });
+/// let limiter = RateLimiter::new(redis);
+/// let limit = Limit::new(Strategy::SlidingWindow, 2, Duration::from_secs(60));
+/// let mut admitted = 0;
+/// for _ in 0..3 {
+///     let decision = limiter.check("k", &limit, Fallback::Local).await?;
+///     assert_eq!(decision.fallback, Some(Fallback::Local));
+///     admitted += u32::from(decision.allowed);
+/// }
+/// assert_eq!(admitted, 2);
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct RateLimiter {
     manager: RedisManager,

@@ -17,8 +17,8 @@
 //! Python may also write `NaN`/`Infinity`, which are not JSON: those fail with
 //! [`Error::Decode`].
 //!
-//! serde_json is built with `arbitrary_precision` (numbers keep their digits; see
-//! `router/json.rs`): a number inside an `#[serde(untagged)]`, internally tagged or
+//! serde_json is built with `arbitrary_precision` (numbers keep their digits, which the
+//! bridge daemon relies on): a number inside an `#[serde(untagged)]`, internally tagged or
 //! `#[serde(flatten)]` type does not decode; give such a field the type `serde_json::Number`.
 
 use std::time::Duration;
@@ -36,7 +36,7 @@ use super::manager::RedisManager;
 ///
 /// ```
 /// use std::time::Duration;
-/// use routemq_bridge::redis::SetOptions;
+/// use routemq_redis::SetOptions;
 /// let create_only_for_a_minute = SetOptions::new().ex(Duration::from_secs(60)).nx();
 /// # let _ = create_only_for_a_minute;
 /// ```
@@ -130,6 +130,16 @@ impl RedisManager {
     }
 
     /// `GET`: the value, `None` when missing or on error.
+    ///
+    /// ```no_run
+    /// # async fn example(redis: &routemq_redis::RedisManager) {
+    /// match redis.get("device:42:firmware").await {
+    ///     Some(version) => println!("firmware {version}"),
+    ///     // Missing, or Redis failed (logged): use `try_get` to tell them apart.
+    ///     None => println!("unknown firmware"),
+    /// }
+    /// # }
+    /// ```
     pub async fn get<K: ToRedisArgs>(&self, key: K) -> Option<String> {
         let result = self.try_get(key).await;
         self.or_sentinel("GET", result, None)
@@ -153,6 +163,18 @@ impl RedisManager {
     }
 
     /// `SET` with options: true when written; false when NX/XX refused it or on error.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use routemq_redis::SetOptions;
+    /// # async fn example(redis: &routemq_redis::RedisManager) {
+    /// // Expires after a minute.
+    /// redis.set("device:42:seen", "1", SetOptions::new().ex(Duration::from_secs(60))).await;
+    /// // Only if absent: false when somebody set it first (or on error).
+    /// let first = redis.set("device:42:owner", "gw1", SetOptions::new().nx()).await;
+    /// # let _ = first;
+    /// # }
+    /// ```
     pub async fn set<K: ToRedisArgs, V: ToRedisArgs>(
         &self,
         key: K,
@@ -315,6 +337,16 @@ impl RedisManager {
     }
 
     /// `SET` of `value` as compact JSON: true when written; false when refused or on error.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use routemq_redis::SetOptions;
+    /// # async fn example(redis: &routemq_redis::RedisManager) {
+    /// let reading = serde_json::json!({"device": "42", "temp": 21.5});
+    /// let ttl = SetOptions::new().ex(Duration::from_secs(3600));
+    /// redis.set_json("device:42:last", &reading, ttl).await;
+    /// # }
+    /// ```
     pub async fn set_json<K: ToRedisArgs, T: Serialize + ?Sized>(
         &self,
         key: K,
@@ -342,6 +374,18 @@ impl RedisManager {
     }
 
     /// `GET` read as JSON into `T`: `None` when missing, not JSON of that shape, or on error.
+    ///
+    /// ```no_run
+    /// #[derive(serde::Deserialize)]
+    /// struct Reading {
+    ///     temp: f64,
+    /// }
+    /// # async fn example(redis: &routemq_redis::RedisManager) {
+    /// if let Some(reading) = redis.get_json::<_, Reading>("device:42:last").await {
+    ///     println!("last temperature {}", reading.temp);
+    /// }
+    /// # }
+    /// ```
     pub async fn get_json<K: ToRedisArgs, T: DeserializeOwned>(&self, key: K) -> Option<T> {
         let result = self.try_get_json(key).await;
         self.or_sentinel("GET", result, None)

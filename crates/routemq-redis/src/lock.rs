@@ -33,6 +33,28 @@ const RETRY_MAX: Duration = Duration::from_millis(100);
 
 /// A held lock. Release it with [`Lock::release`]; dropping it leaves the key to expire at
 /// the end of its lease.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use routemq_redis::lock::Lock;
+/// # async fn example(redis: &routemq_redis::RedisManager) -> routemq_redis::Result<()> {
+/// let lease = Duration::from_secs(10);
+/// // Wait up to 2 s for whoever holds it now.
+/// match Lock::acquire_with_timeout(redis, "lock:firmware-update", lease, Duration::from_secs(2))
+///     .await?
+/// {
+///     Some(mut lock) => {
+///         // ... the work; renew the lease if it runs long:
+///         if !lock.extend(lease).await? {
+///             // The lease ran out and somebody else may hold it now: stop.
+///         }
+///         lock.release().await?;
+///     }
+///     None => println!("somebody else is updating"),
+/// }
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug)]
 #[must_use = "a lock is held until released or until its lease expires"]
 pub struct Lock {

@@ -3,12 +3,12 @@
 //! [`RedisConnection`] wraps either a [`ConnectionManager`] (one multiplexed connection to
 //! one server) or an async [`ClusterConnection`] (one multiplexed connection per node, routed
 //! by slot), and implements `ConnectionLike`, so every command, pipeline and script in the
-//! crate is written once and runs on both. [`Target`] is the recipe for making one from a
+//! crate is written once and runs on both. `Target` is the recipe for making one from a
 //! [`RedisConfig`]; it is also where credentials and timeouts are applied, so there is one
 //! place that touches the password.
 //!
 //! Every socket it opens, the command connection's and the dedicated ones' alike, carries
-//! TCP keepalive and `TCP_USER_TIMEOUT` derived from `socket_timeout` ([`tcp_settings`]), so
+//! TCP keepalive and `TCP_USER_TIMEOUT` derived from `socket_timeout` (`tcp_settings`), so
 //! the kernel gives up on a peer gone silent without FIN or RST (a cable pulled, a NAT that
 //! forgot the flow) in about 2 × `socket_timeout` instead of the ~15 minutes of TCP's own
 //! retransmissions (spec §6). A Redis process that froze still has its kernel ACKing: that

@@ -28,8 +28,9 @@
 //! [`RedisManager::disconnect`] stops the task and drops the connection. The up/down state is
 //! an atomic on the hot path and a [`watch`] channel for observers ([`RedisManager::state`]);
 //! [`RedisManager::reconnects`] counts re-established connections (for `reconnects_total`).
-//! Every command passes one place (`call`), which times it and counts its errors for the
-//! metrics (`redis_command_duration_seconds`, `redis_errors_total`).
+//! Every command passes one place (`call`), which times it and reports it with its error
+//! to the command observer ([`crate::observe`]), from which the daemon keeps its metrics
+//! (`redis_command_duration_seconds`, `redis_errors_total`).
 //! No lock is held across an `.await`.
 //!
 //! # `max_connections`
@@ -63,8 +64,8 @@ use super::connection::{self, RedisConnection, Target};
 use super::error::{Error, Result};
 use super::warn::WarnLimiter;
 use crate::backoff::Backoff;
-use crate::events;
-use crate::liveness::Heartbeat;
+use crate::heartbeat::Heartbeat;
+use crate::observe;
 
 /// How often the health task PINGs a connection that looks fine.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -414,13 +415,13 @@ impl RedisManager {
         let (epoch, conn) = match self.command_connection() {
             Ok(conn) => conn,
             Err(e) => {
-                events::redis_command(command, None, Some(&e));
+                observe::command(command, None, Some(&e));
                 return Err(e);
             }
         };
         let started = Instant::now();
         let result = self.settle(epoch, call(conn).await);
-        events::redis_command(command, Some(started.elapsed()), result.as_ref().err());
+        observe::command(command, Some(started.elapsed()), result.as_ref().err());
         result
     }
 
