@@ -2,7 +2,8 @@
 
 use std::path::Path;
 
-use crate::config::{BridgeConfig, ConfigErrors};
+use crate::config::ConfigErrors;
+use crate::daemon::config::BridgeConfig;
 use crate::republish::Source;
 use crate::router::route::RouteTable;
 use crate::template::Context;

@@ -12,6 +12,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
+use crate::config::reader::{Size, Table};
 use crate::outcome::Reason;
 
 /// Payloads above this are cut in the record (`"truncated": true`) for `payload_too_large`.
@@ -115,6 +116,43 @@ pub fn push(pipe: &mut ::redis::Pipeline, list: &str, max_len: u64, record: &str
     pipe.cmd("LPUSH").arg(list).arg(record).ignore();
     let last = i64::try_from(max_len.max(1)).unwrap_or(i64::MAX) - 1;
     pipe.cmd("LTRIM").arg(list).arg(0).arg(last).ignore();
+}
+
+/// `[dead_letter]`: where `invalid` and `failed` messages are kept (LPUSH + LTRIM).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetterConfig {
+    pub redis_list: String,
+    /// How many records are kept, newest first.
+    pub max_len: u64,
+    /// How much of a payload a record keeps (spec §5.3).
+    pub max_payload: u64,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            redis_list: "routemq-bridge:dead_letter".to_string(),
+            max_len: 10_000,
+            max_payload: DEFAULT_MAX_PAYLOAD as u64,
+        }
+    }
+}
+
+impl DeadLetterConfig {
+    pub(crate) fn read(mut t: Table<'_>) -> DeadLetterConfig {
+        let d = DeadLetterConfig::default();
+        let redis_list = t.non_empty_string("redis_list", &d.redis_list);
+        let max_len = t.at_least("max_len", 1, d.max_len);
+        let max_payload = t
+            .parse("max_payload", |n: Size| Ok::<_, String>(n.0))
+            .unwrap_or(d.max_payload);
+        t.finish();
+        DeadLetterConfig {
+            redis_list,
+            max_len,
+            max_payload,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use routemq_bridge::cli;
 )]
 struct Args {
     /// The config file.
-    #[arg(long, short, global = true, env = "ROUTEMQ_BRIDGE_CONFIG", default_value = routemq_bridge::config::DEFAULT_PATH)]
+    #[arg(long, short, global = true, env = "ROUTEMQ_BRIDGE_CONFIG", default_value = routemq_bridge::daemon::config::DEFAULT_PATH)]
     config: PathBuf,
 
     #[command(subcommand)]

@@ -19,7 +19,7 @@ use figment::{Metadata, Profile, Provider, Source};
 
 use super::error::ConfigError;
 use super::reader::Errors;
-use crate::mqtt::config::BrokerAddress;
+use super::BrokerAddress;
 
 /// Prefix of the bridge's own variables; `__` separates nested keys.
 pub const PREFIX: &str = "ROUTEMQ_BRIDGE_";

@@ -1,4 +1,4 @@
-//! The small sections of the config file: `[http]`, `[limits]`, `[log]`, `[dead_letter]`.
+//! The small sections of the config file: `[http]`, `[limits]`, `[log]`.
 //!
 //! Each is a few scalars with defaults from the spec's example (§4); they live together
 //! because none has code of its own large enough to sit beside.
@@ -153,42 +153,5 @@ impl LogConfig {
         let format = t.get("format").unwrap_or(d.format);
         t.finish();
         LogConfig { level, format }
-    }
-}
-
-/// `[dead_letter]`: where `invalid` and `failed` messages are kept (LPUSH + LTRIM).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeadLetterConfig {
-    pub redis_list: String,
-    /// How many records are kept, newest first.
-    pub max_len: u64,
-    /// How much of a payload a record keeps (spec §5.3).
-    pub max_payload: u64,
-}
-
-impl Default for DeadLetterConfig {
-    fn default() -> Self {
-        DeadLetterConfig {
-            redis_list: "routemq-bridge:dead_letter".to_string(),
-            max_len: 10_000,
-            max_payload: crate::dead_letter::DEFAULT_MAX_PAYLOAD as u64,
-        }
-    }
-}
-
-impl DeadLetterConfig {
-    pub(crate) fn read(mut t: Table<'_>) -> DeadLetterConfig {
-        let d = DeadLetterConfig::default();
-        let redis_list = t.non_empty_string("redis_list", &d.redis_list);
-        let max_len = t.at_least("max_len", 1, d.max_len);
-        let max_payload = t
-            .parse("max_payload", |n: Size| Ok::<_, String>(n.0))
-            .unwrap_or(d.max_payload);
-        t.finish();
-        DeadLetterConfig {
-            redis_list,
-            max_len,
-            max_payload,
-        }
     }
 }

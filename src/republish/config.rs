@@ -314,21 +314,24 @@ pub fn check_filter(filter: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BridgeConfig;
 
     /// Compiles `toml`; the `(path, message)` of every error, or the rules.
     fn compile(toml: &str) -> Result<Vec<RepublishRule>, Vec<(String, String)>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("bridge.toml");
         std::fs::write(&path, toml).expect("write config");
-        BridgeConfig::compile(&path, &Default::default())
-            .map(|(config, _)| config.republish_rules)
-            .map_err(|e| {
-                e.into_vec()
-                    .into_iter()
-                    .map(|e| (e.path, e.message))
-                    .collect()
-            })
+        crate::config::load(&path, &Default::default(), |mut root, errors| {
+            let enabled = crate::config::redis::read(root.table("redis")).enabled;
+            let rules = read_republish(&root.raw_tables("republish"), enabled, errors);
+            root.finish();
+            rules
+        })
+        .map_err(|e| {
+            e.into_vec()
+                .into_iter()
+                .map(|e| (e.path, e.message))
+                .collect()
+        })
     }
 
     #[test]

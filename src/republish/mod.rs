@@ -40,7 +40,6 @@ use tokio::task::JoinHandle;
 pub use config::{read_republish, RepublishRule, Source};
 
 use crate::backoff::Backoff;
-use crate::config::BridgeConfig;
 use crate::dead_letter::DeadLetter;
 use crate::mqtt::client::OptionsError;
 use crate::mqtt::source::MqttPublisher;
@@ -324,9 +323,9 @@ pub struct RepublishService {
 }
 
 impl RepublishService {
-    pub fn new(config: &BridgeConfig, redis: &RedisManager) -> RepublishService {
+    pub fn new(mqtt: &MqttConfig, redis: &RedisManager) -> RepublishService {
         RepublishService {
-            mqtt: config.mqtt.clone(),
+            mqtt: mqtt.clone(),
             redis: redis.clone(),
             running: None,
         }

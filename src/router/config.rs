@@ -196,7 +196,6 @@ fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::BridgeConfig;
     use crate::template::{Context, RenderError};
 
     /// Compiles `toml`; the `(path, message)` of every error, or the routes.
@@ -204,14 +203,17 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("bridge.toml");
         std::fs::write(&path, toml).expect("write config");
-        BridgeConfig::compile(&path, &Default::default())
-            .map(|(_, routes)| routes)
-            .map_err(|e| {
-                e.into_vec()
-                    .into_iter()
-                    .map(|e| (e.path, e.message))
-                    .collect()
-            })
+        crate::config::load(&path, &Default::default(), |mut root, errors| {
+            let routes = read_routes(&root.raw_tables("routes"), true, errors);
+            root.finish();
+            routes
+        })
+        .map_err(|e| {
+            e.into_vec()
+                .into_iter()
+                .map(|e| (e.path, e.message))
+                .collect()
+        })
     }
 
     const UNANCHORED: &str = r#"

@@ -16,6 +16,7 @@ mod forwards;
 mod harness;
 mod harness_selftest;
 mod lock;
+mod module_graph;
 mod ops;
 mod pubsub;
 mod rate_limit;

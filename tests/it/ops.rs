@@ -358,7 +358,7 @@ async fn a_configured_password_appears_neither_in_debug_logs_nor_in_debug_output
         "the password leaked into the log:\n{log}"
     );
 
-    let (loaded, _) = routemq_bridge::config::BridgeConfig::compile(
+    let (loaded, _) = routemq_bridge::daemon::config::BridgeConfig::compile(
         bridge.config_path(),
         &std::collections::HashMap::new(),
     )

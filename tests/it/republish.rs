@@ -6,7 +6,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use redis::Commands;
-use routemq_bridge::config::BridgeConfig;
+use routemq_bridge::daemon::config::BridgeConfig;
 use routemq_bridge::dead_letter::DeadLetter;
 use routemq_bridge::redis::RedisManager;
 use routemq_bridge::republish::{RepublishService, Republisher};
@@ -49,7 +49,7 @@ impl Running {
             .unwrap_or_else(|e| panic!("config: {e:?}"));
         let manager = RedisManager::new(config.redis.clone());
         assert!(manager.initialize().await, "redis is up");
-        let mut service = RepublishService::new(&config, &manager);
+        let mut service = RepublishService::new(&config.mqtt, &manager);
         service
             .apply(
                 &config.republish_rules,

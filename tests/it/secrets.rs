@@ -315,7 +315,7 @@ cluster = ["redis://:{SECRET}@127.0.0.1:7000"]
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
-        let loaded = routemq_bridge::config::BridgeConfig::compile(&path, &env);
+        let loaded = routemq_bridge::daemon::config::BridgeConfig::compile(&path, &env);
         match loaded {
             Ok((config, _)) => {
                 seen.add(

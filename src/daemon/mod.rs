@@ -21,6 +21,8 @@
 //! path and then exits 1, so `Restart=on-failure` brings it back; and the watchdog is fed
 //! only while messages move or have a reason to wait ([`stuck_while_up`]).
 
+pub mod config;
+
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
-use crate::config::BridgeConfig;
+use crate::daemon::config::BridgeConfig;
 use crate::dead_letter::DeadLetter;
 use crate::events;
 use crate::liveness::{Heartbeat, Liveness};
@@ -358,7 +360,7 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     );
     crate::metrics::register_routes(&routes);
     // Redis → MQTT (spec §7) and the routes' forwards, on an MQTT connection of its own.
-    let mut republish = RepublishService::new(&config, &redis);
+    let mut republish = RepublishService::new(&config.mqtt, &redis);
     let publisher = if routes.publishes() {
         Some(republish.publisher()?)
     } else {

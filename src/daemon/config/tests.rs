@@ -7,6 +7,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::*;
+use crate::config::{read_seed_env, reader, ConfigError, LogFormat, Secret, CREDENTIALS_DIRECTORY};
 use crate::mqtt::config::Protocol;
 
 /// A config file in a fresh directory; the directory lives as long as the guard.
@@ -930,7 +931,7 @@ fn the_redis_crate_reads_the_seed_variables_as_the_loader_does() {
     ];
     for pairs in cases {
         let env = env(pairs);
-        let loader = read_seed_env(&env, |root| super::redis::read(root.table("redis")));
+        let loader = read_seed_env(&env, |root| crate::config::redis::read(root.table("redis")));
         let library = RedisConfig::from_env_map(&env);
         match (loader, library) {
             (Ok(a), Ok(b)) => assert_eq!(a, b, "{pairs:?}"),
