@@ -67,6 +67,40 @@ pub struct RouteMetrics {
     duration: OnceLock<Histogram>,
     /// One per [`Outcome::label`], indexed by [`outcome_index`].
     outcomes: [OnceLock<Counter>; OUTCOMES],
+    /// When a refusal of each kind was last logged at `info`, in ms since [`START`] + 1 (0:
+    /// never), so a newcomer sees why their first message went nowhere without a flood.
+    noted: [AtomicU64; OUTCOMES],
+}
+
+/// How often one route logs one kind of refusal at `info`; the rest go to `debug`.
+const NOTE_EVERY: Duration = Duration::from_secs(60);
+
+static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Whether `route`'s refusal of this kind is due to be logged at `info` (the first, then at
+/// most once per [`NOTE_EVERY`]).
+fn note_due(handles: &RouteMetrics, outcome: &Outcome) -> bool {
+    let slot = &handles.noted[outcome_index(outcome)];
+    let now = u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
+    let last = slot.load(Ordering::Relaxed);
+    let every = u64::try_from(NOTE_EVERY.as_millis()).unwrap_or(u64::MAX);
+    (last == 0 || now.saturating_sub(last) >= every)
+        && slot
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+}
+
+/// Why a message was refused, in words for the first `info` line of its kind.
+fn refusal_hint(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Unauthorized => {
+            "the route requires a session ([routes.session] required = true) and none is stored \
+             at its key"
+        }
+        Outcome::RateLimited => "over the route's rate limit ([routes.rate_limit])",
+        Outcome::Duplicate => "its dedup key ([routes.dedup]) already marks it as processed",
+        _ => "it does not fit the route (see the dead-letter list for each one)",
+    }
 }
 
 const OUTCOMES: usize = 7;
@@ -122,7 +156,17 @@ pub fn message_outcome(
         Outcome::Internal { .. } => {
             tracing::error!(route, topic, %outcome, "BUG: handling this message panicked; it is dead-lettered and the next one goes on")
         }
-        Outcome::Invalid { .. } => tracing::info!(route, topic, %outcome, "message refused"),
+        Outcome::Invalid { .. }
+        | Outcome::Unauthorized
+        | Outcome::RateLimited
+        | Outcome::Duplicate => {
+            if note_due(handles, outcome) {
+                let why = refusal_hint(outcome);
+                tracing::info!(route, topic, %outcome, why, "message refused (the next refusals of this kind on this route for a minute are logged at debug)");
+            } else {
+                tracing::debug!(route, topic, %outcome, "message refused");
+            }
+        }
         _ => tracing::trace!(route, topic, %outcome, "message done"),
     }
 }

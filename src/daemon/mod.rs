@@ -73,6 +73,23 @@ pub struct Loaded {
     pub path: PathBuf,
 }
 
+/// Where Redis is, for a log line: the URL without its credentials, the host and port, or
+/// the cluster's seed nodes.
+fn redis_address(config: &crate::redis::RedisConfig) -> String {
+    if !config.cluster.is_empty() {
+        let nodes: Vec<String> = config
+            .cluster
+            .iter()
+            .map(|n| crate::config::redact_url(n.expose()))
+            .collect();
+        return format!("cluster {}", nodes.join(", "));
+    }
+    match &config.url {
+        Some(url) => crate::config::redact_url(url.expose()),
+        None => format!("{}:{}", config.host, config.port),
+    }
+}
+
 fn dead_letter(config: &BridgeConfig) -> DeadLetter {
     DeadLetter {
         list: config.dead_letter.redis_list.clone(),
@@ -345,7 +362,11 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
 
     let redis = RedisManager::new(config.redis.clone());
     if config.redis.enabled && !redis.initialize().await {
-        tracing::warn!("Redis is not reachable yet; reconnecting in the background, messages wait");
+        tracing::warn!(
+            redis = %redis_address(&config.redis),
+            "waiting for Redis: it does not answer yet; is redis-server running and reachable? \
+             Reconnecting in the background; messages wait unacked until it answers"
+        );
     }
     let (source, mut inbound) = MqttSource::start(
         &config.mqtt,

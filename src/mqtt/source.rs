@@ -239,6 +239,9 @@ struct Loop {
     tracker: Arc<Mutex<Tracker>>,
     updates: watch::Receiver<SubscriptionSet>,
     heartbeat: Heartbeat,
+    /// Until the first connection: the broker's URL (`mqtt.url`, which holds no
+    /// credentials), to say once what the bridge is waiting for.
+    waiting_for: Option<String>,
 }
 
 /// The cover as SUBSCRIBE filters, with `$share/<group>/` when scaling out.
@@ -317,6 +320,7 @@ impl MqttSource {
             tracker: tracker.clone(),
             updates: updates_rx,
             heartbeat: heartbeat.clone(),
+            waiting_for: Some(config.url.clone()),
         };
         let task = tokio::spawn(async move {
             let _lifeline = crate::liveness::Lifeline::new("mqtt loop");
@@ -478,6 +482,7 @@ impl Loop {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     self.backoff.reset();
+                    self.waiting_for = None;
                     tracing::info!(
                         session_present = ack.session_present,
                         "connected to the MQTT broker"
@@ -535,6 +540,17 @@ impl Loop {
                         return;
                     }
                     let delay = self.backoff.next_delay();
+                    if let Some(url) = self.waiting_for.take() {
+                        // Once, so a newcomer whose broker is not running yet sees why
+                        // nothing happens.
+                        tracing::warn!(
+                            broker = %url,
+                            error = %e,
+                            "waiting for the MQTT broker (mqtt.url): it does not answer yet; \
+                             is it running and reachable? Retrying with backoff up to \
+                             mqtt.reconnect_max_delay"
+                        );
+                    }
                     tracing::warn!(error = %e, retry_in = ?delay, "MQTT connection lost");
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     tokio::select! {

@@ -17,6 +17,7 @@ mod harness;
 mod harness_selftest;
 mod lock;
 mod module_graph;
+mod newcomer;
 mod ops;
 mod pubsub;
 mod rate_limit;
