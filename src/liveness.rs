@@ -21,17 +21,8 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use routemq_redis::heartbeat::now_ms;
 pub use routemq_redis::heartbeat::Heartbeat;
-
-/// Milliseconds since a process-wide origin; 0 means "never beat".
-fn now_ms() -> u64 {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    let origin = *ORIGIN.get_or_init(Instant::now);
-    // +1 so a beat in the very first millisecond is not mistaken for "never".
-    u64::try_from(origin.elapsed().as_millis())
-        .unwrap_or(u64::MAX)
-        .saturating_add(1)
-}
 
 /// Set while a task is on one unit of work (e.g. the ack path handing one ack to the
 /// client), so a task blocked inside one can be told from one idle between them. Two

@@ -26,7 +26,7 @@ const RETRYING: &str = "redis unavailable; message waits and retries";
 
 /// A route writing `msg:<n>` for every message on `load/data`, and pushing the payload on
 /// `order`.
-const NUMBERED_ROUTE: &str = r#"
+pub(crate) const NUMBERED_ROUTE: &str = r#"
 [[routes]]
 name = "numbered"
 topic = "load/data"
@@ -38,7 +38,7 @@ op = "rpush"
 key = "order"
 "#;
 
-fn numbered(range: std::ops::Range<u32>) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn numbered(range: std::ops::Range<u32>) -> Vec<(String, Vec<u8>)> {
     range
         .map(|n| {
             (
@@ -50,7 +50,7 @@ fn numbered(range: std::ops::Range<u32>) -> Vec<(String, Vec<u8>)> {
 }
 
 /// The message numbers written as `msg:<n>` keys.
-fn written_numbers(conn: &mut redis::Connection) -> BTreeSet<u32> {
+pub(crate) fn written_numbers(conn: &mut redis::Connection) -> BTreeSet<u32> {
     let keys: Vec<String> = conn.keys("msg:*").unwrap_or_default();
     keys.iter()
         .filter_map(|k| k.strip_prefix("msg:")?.parse().ok())

@@ -10,6 +10,7 @@ use std::time::Duration;
 use redis::Commands;
 
 use crate::bridge::{config, eventually, Bridge, Client};
+use crate::bridge_delivery::NUMBERED_ROUTE;
 use crate::harness::Mosquitto;
 use crate::harness::{free_port, Redis};
 use crate::ops::{get, get_until, http_addr, sample};
@@ -22,17 +23,7 @@ const READY: &str = r#"{"ready":true,"mqtt":"up","redis":"up"}"#;
 
 /// Two actions, so each message is a MULTI/EXEC: a refusal while queueing aborts it
 /// (`EXECABORT`), which must count as the refusal it is.
-const ROUTE: &str = r#"
-[[routes]]
-name = "numbered"
-topic = "load/data"
-[[routes.actions]]
-op = "set"
-key = "msg:{json.n}"
-[[routes.actions]]
-op = "rpush"
-key = "order"
-"#;
+const ROUTE: &str = NUMBERED_ROUTE;
 
 const COUNT: u32 = 50;
 
@@ -112,6 +103,18 @@ async fn refusal_is_a_wait(
     let dead: usize = conn.llen("dead_letter").expect("LLEN");
     assert_eq!(dead, 0, "no dead letter");
     assert_eq!(get_until(addr, "/readyz", 200).await, READY);
+}
+
+/// The newest dead-letter record, once there is one (bounded).
+async fn newest_dead_letter(conn: &mut redis::Connection, bridge: &Bridge) -> serde_json::Value {
+    let record = eventually(CATCH_UP, || {
+        conn.lindex::<_, Option<String>>("dead_letter", 0)
+            .ok()
+            .flatten()
+    })
+    .await
+    .unwrap_or_else(|| panic!("dead letter written; log:\n{}", bridge.log_text()));
+    serde_json::from_str(&record).expect("record JSON")
 }
 
 /// Polls `/metrics` until `check` holds (bounded); the text then.
@@ -235,14 +238,7 @@ async fn an_invalid_message_waits_until_its_dead_letter_is_written() {
 
     cmd(&redis, &["CONFIG", "SET", "maxmemory", "0"]);
     let mut conn = redis_conn(&redis);
-    let record = eventually(CATCH_UP, || {
-        conn.lindex::<_, Option<String>>("dead_letter", 0)
-            .ok()
-            .flatten()
-    })
-    .await
-    .unwrap_or_else(|| panic!("dead letter written; log:\n{}", bridge.log_text()));
-    let record: serde_json::Value = serde_json::from_str(&record).expect("record JSON");
+    let record = newest_dead_letter(&mut conn, &bridge).await;
     assert_eq!(record["reason"], "invalid_json");
     assert_eq!(record["payload"], "not json");
     let acked = metrics_until(addr, |m| {
@@ -276,14 +272,7 @@ async fn a_dead_letter_keeps_at_most_max_payload_of_a_large_payload() {
     // 1 MiB of text that is not JSON: invalid_json, not payload_too_large.
     client.publish("load/data", vec![b'x'; 1024 * 1024]).await;
     let mut conn = redis_conn(&redis);
-    let record = eventually(CATCH_UP, || {
-        conn.lindex::<_, Option<String>>("dead_letter", 0)
-            .ok()
-            .flatten()
-    })
-    .await
-    .unwrap_or_else(|| panic!("dead letter written; log:\n{}", bridge.log_text()));
-    let record: serde_json::Value = serde_json::from_str(&record).expect("record JSON");
+    let record = newest_dead_letter(&mut conn, &bridge).await;
     assert_eq!(record["reason"], "invalid_json");
     assert_eq!(record["payload"].as_str().map(str::len), Some(16 * 1024));
     assert_eq!(record["truncated"], true);

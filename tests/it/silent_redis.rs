@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use redis::Commands;
 
 use crate::bridge::{config, eventually, Bridge, Client};
+use crate::bridge_delivery::{numbered, written_numbers, NUMBERED_ROUTE};
 use crate::harness::{FaultProxy, Mosquitto, Redis};
 use crate::ops::{get, http_addr, sample};
 
@@ -26,34 +27,6 @@ const NOTICE: Duration = Duration::from_secs(2 * SOCKET_TIMEOUT.as_secs() + 2);
 
 /// How long the bridge may take to catch up once Redis answers again (debug build).
 const CATCH_UP: Duration = Duration::from_secs(60);
-
-/// A route writing `msg:<n>` for every message on `load/data`.
-const NUMBERED_ROUTE: &str = r#"
-[[routes]]
-name = "numbered"
-topic = "load/data"
-[[routes.actions]]
-op = "set"
-key = "msg:{json.n}"
-"#;
-
-fn numbered(range: std::ops::Range<u32>) -> Vec<(String, Vec<u8>)> {
-    range
-        .map(|n| {
-            (
-                "load/data".to_string(),
-                format!(r#"{{"n":{n}}}"#).into_bytes(),
-            )
-        })
-        .collect()
-}
-
-fn written_numbers(conn: &mut redis::Connection) -> BTreeSet<u32> {
-    let keys: Vec<String> = conn.keys("msg:*").unwrap_or_default();
-    keys.iter()
-        .filter_map(|k| k.strip_prefix("msg:")?.parse().ok())
-        .collect()
-}
 
 /// The bridge's config (`rest` after the service tables) with Redis reached through
 /// `proxy` and `socket_timeout` shortened.

@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-/// Milliseconds since a process-wide origin; 0 means "never beat".
-fn now_ms() -> u64 {
+/// Milliseconds since a process-wide origin, never 0 (0 means "never beat"); the daemon's
+/// liveness stamps its own work with it too.
+pub fn now_ms() -> u64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
     let origin = *ORIGIN.get_or_init(Instant::now);
     // +1 so a beat in the very first millisecond is not mistaken for "never".

@@ -236,12 +236,14 @@ impl EventLoop {
         if check.paused != self.read_paused {
             return false;
         }
-        if !check.paused {
-            return self.state.await_pingresp;
-        }
         let Some(network) = &self.network else {
             return false;
         };
+        if !check.paused {
+            // Bytes waiting unread may be the PINGRESP: read them first (a busy loop
+            // reaching this branch before the read one is no dead broker).
+            return self.state.await_pingresp && network.unread_bytes() == Some(0);
+        }
         match (check.unread, network.unread_bytes(), network.recv_buffer_size()) {
             (Some(then), Some(now), Some(buffer)) => now == then && now < buffer / 8,
             _ => false,
