@@ -36,6 +36,7 @@ use crate::dead_letter::DeadLetter;
 use crate::events;
 use crate::liveness::{Heartbeat, Liveness};
 use crate::metrics::{Metrics, Observed};
+use crate::mqtt::source::MqttPublisher;
 use crate::mqtt::{Inbound, MqttConfig, MqttSource};
 use crate::redis::{ConnectionState, RedisConfig, RedisManager};
 use crate::republish::RepublishService;
@@ -268,12 +269,39 @@ impl Running {
         tracing::info!(path = %self.path.display(), "SIGHUP: reloading the configuration");
         match BridgeConfig::compile(&self.path, &crate::config::process_env()) {
             Err(errors) => events::config_reload_rejected(&self.path, &errors),
-            Ok((new, routes)) => self.apply(new, routes).await,
+            Ok((new, routes)) => {
+                // A publishing route needs the outgoing connection: open it first, and keep
+                // the running config if it cannot be (its forwards would all fail).
+                let publisher = if routes.publishes() {
+                    match self.republish.publisher() {
+                        Ok(publisher) => Some(publisher),
+                        Err(e) => {
+                            let error = crate::config::ConfigError::new(
+                                self.path.display().to_string(),
+                                "mqtt",
+                                format!("cannot open the outgoing MQTT connection that mqtt_publish and rate-limit replies need: {e}"),
+                            );
+                            let errors = crate::config::ConfigErrors::new(vec![error]);
+                            events::config_reload_rejected(&self.path, &errors);
+                            self.notifier.reloaded(&self.status());
+                            return;
+                        }
+                    }
+                } else {
+                    None
+                };
+                self.apply(new, routes, publisher).await
+            }
         }
         self.notifier.reloaded(&self.status());
     }
 
-    async fn apply(&mut self, new: BridgeConfig, routes: RouteTable) {
+    async fn apply(
+        &mut self,
+        new: BridgeConfig,
+        routes: RouteTable,
+        publisher: Option<MqttPublisher>,
+    ) {
         let old = &self.config;
         if new.mqtt != old.mqtt {
             events::config_needs_restart("[mqtt]");
@@ -292,17 +320,6 @@ impl Running {
         crate::metrics::register_routes(&routes);
         let (added, removed) = self.source.update_subscriptions(&routes.subscriptions);
         self.source.set_max_inflight(new.limits.max_inflight);
-        let publisher = if routes.publishes() {
-            match self.republish.publisher() {
-                Ok(publisher) => Some(publisher),
-                Err(e) => {
-                    tracing::error!(error = %e, "could not open the outgoing MQTT connection; forwards fail");
-                    None
-                }
-            }
-        } else {
-            None
-        };
         self.engine
             .reload(routes, publisher, max_payload(&new), dead_letter(&new));
         crate::logging::set_level(&new.log.level);

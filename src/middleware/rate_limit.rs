@@ -173,8 +173,8 @@ impl RateLimitRule {
         Ok(tried == Tried::Ours)
     }
 
-    /// With `on_exceed = "reply"`, tells the device why (spec §5.2). The message's outcome
-    /// is `rate_limited` either way.
+    /// With `on_exceed = "reply"`, tells the device why (spec §5.2), best effort: queued once,
+    /// not waited for. The message's outcome is `rate_limited` either way.
     async fn reply(&self, env: &Env<'_>, ctx: &Context<'_>, decision: &Decision) {
         let OnExceed::Reply { topic, qos } = &self.on_exceed else {
             return;
@@ -187,7 +187,7 @@ impl RateLimitRule {
                     qos: *qos,
                     retain: false,
                 };
-                env.forwarder.send(reply).await
+                env.forwarder.post(reply)
             }
             Err(e) => Err(e.to_string()),
         };

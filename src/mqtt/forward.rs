@@ -51,14 +51,7 @@ impl Forwarder {
         let Some(publisher) = self.publisher.load_full() else {
             return Err("no outgoing MQTT connection for mqtt_publish".to_string());
         };
-        // A PUBLISH is its topic, its payload and at most 9 bytes of header and packet id.
-        let size = out.topic.len() + out.payload.len() + 9;
-        if size > self.max_packet_size {
-            return Err(format!(
-                "forward to {:?} is {size} bytes, over mqtt.max_packet_size ({})",
-                out.topic, self.max_packet_size
-            ));
-        }
+        check_size(&out, self.max_packet_size)?;
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
             let queued = publisher.publish_tracked(
@@ -76,9 +69,50 @@ impl Forwarder {
                     events::forward_retry(&out.topic);
                 }
                 Err(PublishError::Full) => {}
+                Err(PublishError::Refused(_)) if publisher.status().has_changed().is_err() => {
+                    // The outgoing connection's loop is gone: the daemon is stopping (or
+                    // exits 1 for it). No outcome: the message stays unacked and is
+                    // redelivered, as anything unfinished at a stop (spec §6).
+                    return std::future::pending().await;
+                }
                 Err(PublishError::Refused(why)) => return Err(why),
             }
             tokio::time::sleep(backoff.next_delay()).await;
         }
     }
+
+    /// Publishes `out` once, without waiting for the broker: for what is best effort (a
+    /// rate-limit reply tells a device why; its message's outcome is `rate_limited` either
+    /// way, and must not wait for the broker).
+    pub fn post(&self, out: MqttOut) -> Result<(), String> {
+        let publisher = self
+            .publisher
+            .load_full()
+            .ok_or_else(|| "no outgoing MQTT connection".to_string())?;
+        check_size(&out, self.max_packet_size)?;
+        publisher
+            .publish_tracked(&out.topic, qos(out.qos), out.retain, out.payload)
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A forward that can never be sent: a topic longer than MQTT allows, or a packet over
+/// `mqtt.max_packet_size`.
+fn check_size(out: &MqttOut, max_packet_size: usize) -> Result<(), String> {
+    if out.topic.len() > usize::from(u16::MAX) {
+        return Err(format!(
+            "forward topic is {} bytes, over MQTT's 65535",
+            out.topic.len()
+        ));
+    }
+    // A PUBLISH is its topic, its payload and at most 9 bytes of header and packet id.
+    let size = out.topic.len() + out.payload.len() + 9;
+    if size > max_packet_size {
+        return Err(format!(
+            "forward to {:?} is {size} bytes, over mqtt.max_packet_size ({max_packet_size})",
+            out.topic
+        ));
+    }
+    Ok(())
 }

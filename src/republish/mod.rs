@@ -5,9 +5,9 @@
 //! an [`MqttPublisher`]. What a reader needs to know:
 //!
 //! - **Its own MQTT connection.** The daemon gives the republisher a connection of its own
-//!   (client id `<client_id>-republish`, see [`RepublishService`]): knowing which PUBACK
-//!   answers which publish needs every publish on the connection to be tracked (see
-//!   `mqtt::source`), and the routes' forwards are not.
+//!   (client id `<client_id>-republish`, see [`RepublishService`]), shared with the routes'
+//!   forwards: knowing which PUBACK answers which publish needs every publish on the
+//!   connection to be tracked (see `mqtt::source`), and it never pauses reading.
 //! - **Pub/sub** rules share one subscriber connection (`redis::pubsub`, which resubscribes
 //!   after every Redis reconnect). Messages wait in a bounded queue per rule while MQTT is
 //!   down (`max_pending`; the oldest are dropped as `overflow`); a publish lost with the

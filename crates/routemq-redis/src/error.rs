@@ -99,7 +99,23 @@ fn refused(e: &::redis::RedisError) -> bool {
     }
     e.clone()
         .into_server_errors()
-        .is_some_and(|errors| errors.iter().any(|(_, err)| is_refusal(err.code())))
+        .is_some_and(|errors| {
+            errors.iter().any(|(_, err)| {
+                is_refusal(err.code())
+                    // EXEC itself refused: `EXECABORT Transaction discarded because of:
+                    // READONLY …` (a failover, or maxmemory crossed, between queueing and
+                    // EXEC) names the cause after "because of:".
+                    || (err.code() == "EXECABORT"
+                        && err.details().is_some_and(|d| {
+                            d.split_once("because of:").is_some_and(|(_, cause)| {
+                                cause
+                                    .split_whitespace()
+                                    .next()
+                                    .is_some_and(|code| is_refusal(code.trim_start_matches('-')))
+                            })
+                        }))
+            })
+        })
         // A script's own error keeps the code of the command that failed inside it
         // (`OOM … script: …`), as the first word of its message.
         || e.detail()
@@ -155,6 +171,8 @@ mod tests {
             "-MASTERDOWN Link with MASTER is down\r\n",
             "-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
             "-CLUSTERDOWN The cluster is down\r\n",
+            "-EXECABORT Transaction discarded because of: -READONLY You can't write against a read only replica.\r\n",
+            "-EXECABORT Transaction discarded because of: OOM command not allowed when used memory > 'maxmemory'.\r\n",
         ] {
             let e = Error::from(reply_error(reply));
             assert!(matches!(e, Error::Refused(_)), "{reply:?} → {e:?}");
@@ -165,6 +183,7 @@ mod tests {
             "-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
             "-ERR value is not an integer or out of range\r\n",
             "-NOPERM this user has no permissions to run the 'set' command\r\n",
+            "-EXECABORT Transaction discarded because of previous errors.\r\n",
         ] {
             let e = Error::from(reply_error(reply));
             assert!(matches!(e, Error::Response(_)), "{reply:?} → {e:?}");

@@ -98,8 +98,8 @@ pub struct EventLoop {
 /// publishes), whether it sent anything at all.
 struct PingCheck {
     deadline: Pin<Box<Sleep>>,
-    /// Reading was paused when the PINGREQ went out.
-    paused: bool,
+    /// Bytes received from the broker by then (see `Network::received`).
+    received: u64,
     /// Bytes waiting unread in the socket then (`None`: not a socket we can ask).
     unread: Option<usize>,
 }
@@ -228,23 +228,26 @@ impl EventLoop {
     }
 
     /// routemq-bridge patch (PATCHED.md, Change 7): whether the broker missed the deadline of
-    /// the last PINGREQ. Not paused: no PINGRESP within half a keep-alive. Paused since the
-    /// PINGREQ: not a byte arrived although our receive window was open (a closed window
-    /// means the broker may well be sending — we are not reading — and is left to TCP's
-    /// user timeout and keepalive). Paused at one end only: no verdict.
+    /// the last PINGREQ: no PINGRESP was read, no byte arrived since (a big packet still
+    /// streaming in, or one being skipped, is a sign of life), and — while reading is
+    /// paused, when the PINGRESP may sit unread behind publishes — the kernel's count of
+    /// unread bytes (FIONREAD) did not move although it is below an eighth of the receive
+    /// buffer (a closed window means the broker may well be sending: TCP's user timeout and
+    /// keepalive watch that case).
     fn ping_overdue(&self, check: &PingCheck) -> bool {
-        if check.paused != self.read_paused {
-            return false;
-        }
         let Some(network) = &self.network else {
             return false;
         };
-        if !check.paused {
+        if !self.state.await_pingresp || network.received() != check.received {
+            return false;
+        }
+        let unread = network.unread_bytes();
+        if !self.read_paused {
             // Bytes waiting unread may be the PINGRESP: read them first (a busy loop
             // reaching this branch before the read one is no dead broker).
-            return self.state.await_pingresp && network.unread_bytes() == Some(0);
+            return unread == Some(0);
         }
-        match (check.unread, network.unread_bytes(), network.recv_buffer_size()) {
+        match (check.unread, unread, network.recv_buffer_size()) {
             (Some(then), Some(now), Some(buffer)) => now == then && now < buffer / 8,
             _ => false,
         }
@@ -379,7 +382,7 @@ impl EventLoop {
                 // half a keep-alive from now.
                 self.ping_check = Some(PingCheck {
                     deadline: Box::pin(time::sleep(self.mqtt_options.keep_alive / 2)),
-                    paused: read_paused,
+                    received: network.received(),
                     unread: network.unread_bytes(),
                 });
                 Ok(self.state.events.pop_front())

@@ -58,6 +58,13 @@ impl Network {
         None
     }
 
+    /// routemq-bridge patch (PATCHED.md, Change 7): bytes received from the broker so far
+    /// (decoded, skipped, or buffered for a packet still arriving): it grows while the
+    /// broker sends anything at all.
+    pub(crate) fn received(&self) -> u64 {
+        self.framed.codec().consumed + self.framed.read_buffer().len() as u64
+    }
+
     /// routemq-bridge patch (PATCHED.md, Change 7): the socket's receive buffer (SO_RCVBUF,
     /// as the kernel reports it); `None` without a TCP socket.
     pub(crate) fn recv_buffer_size(&self) -> Option<usize> {

@@ -15,6 +15,9 @@ pub struct Codec {
     /// routemq-bridge patch (PATCHED.md, Change 5): bytes of an oversized PUBLISH still to
     /// come from the socket, dropped as they arrive.
     pub(crate) discard: usize,
+    /// routemq-bridge patch (PATCHED.md, Change 7): bytes taken from the read buffer so
+    /// far (packets decoded and bytes skipped), a sign of life while a big packet arrives.
+    pub(crate) consumed: u64,
 }
 
 impl Codec {
@@ -25,6 +28,7 @@ impl Codec {
             max_incoming_size,
             max_outgoing_size,
             discard: 0,
+            consumed: 0,
         }
     }
 
@@ -73,6 +77,16 @@ impl Decoder for Codec {
     type Error = Error;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Self::Item>, Self::Error> {
+        // routemq-bridge patch (PATCHED.md, Change 7): count what this call takes.
+        let before = src.len();
+        let decoded = self.decode_counted(src);
+        self.consumed += (before - src.len()) as u64;
+        decoded
+    }
+}
+
+impl Codec {
+    fn decode_counted(&mut self, src: &mut BytesMut) -> Result<Option<Packet>, Error> {
         // routemq-bridge patch (PATCHED.md, Change 5): the rest of an oversized PUBLISH.
         if self.discard > 0 {
             let dropped = self.discard.min(src.len());
