@@ -28,4 +28,5 @@ mod republish;
 mod secrets;
 mod session;
 mod silent_redis;
+mod stages;
 mod vendored_rumqttc;
