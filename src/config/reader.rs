@@ -205,14 +205,6 @@ impl<'a> Table<'a> {
         }
     }
 
-    pub fn context(&self) -> &'a Context {
-        self.cx
-    }
-
-    pub fn errors(&self) -> &'a Errors {
-        self.errors
-    }
-
     /// The keys of this table, in file order (does not mark them known).
     pub fn keys(&self) -> Vec<String> {
         self.dict.keys().cloned().collect()

@@ -89,7 +89,6 @@ pub struct MqttStatus {
 #[derive(Debug, Default)]
 pub struct MqttStats {
     pub reconnects: AtomicU64,
-    pub overflow: AtomicU64,
     inflight: AtomicUsize,
     /// The QoS 1/2 part of `inflight`: what reading holds back on.
     unacked: AtomicUsize,
@@ -596,7 +595,6 @@ impl Loop {
         if publish.qos == QoS::AtMostOnce
             && self.stats.inflight() >= self.max_inflight.load(Ordering::Relaxed)
         {
-            self.stats.overflow.fetch_add(1, Ordering::Relaxed);
             // Only the router knows which routes to count `overflow` on: hand it the
             // topic, without the payload this bound exists to not hold.
             let mut publish = publish;

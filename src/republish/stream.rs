@@ -91,11 +91,8 @@ pub(super) async fn run(
     worker.run().await;
 }
 
-/// Why a step did not complete.
-enum Stop {
-    /// Stop requested.
-    Stopped,
-}
+/// A step did not complete: stop was requested.
+struct Stopped;
 
 impl Worker {
     fn claim_every(&self) -> Duration {
@@ -209,7 +206,7 @@ impl Worker {
                 Ok(true) => {}
                 // A publish was lost: read our pending entries again.
                 Ok(false) => next = Read::History("0".into()),
-                Err(Stop::Stopped) => return,
+                Err(Stopped) => return,
             }
         }
     }
@@ -347,7 +344,7 @@ impl Worker {
 
     /// Publishes a batch and XACKs what the broker acknowledged. `Ok(false)` when some
     /// publish was lost (its entry stays pending and is read again).
-    async fn process(&mut self, entries: Vec<Entry>) -> Result<bool, Stop> {
+    async fn process(&mut self, entries: Vec<Entry>) -> Result<bool, Stopped> {
         if entries.is_empty() {
             return Ok(true);
         }
@@ -408,8 +405,8 @@ impl Worker {
 
         let mut status = self.shared.mqtt.status();
         tokio::select! {
-            r = status.wait_for(|s| s.connected) => if r.is_err() { return Err(Stop::Stopped) },
-            _ = self.stop.wait_for(|s| *s) => return Err(Stop::Stopped),
+            r = status.wait_for(|s| s.connected) => if r.is_err() { return Err(Stopped) },
+            _ = self.stop.wait_for(|s| *s) => return Err(Stopped),
         }
         let qos = crate::mqtt::qos(self.rule.qos);
         let mut waiting = Vec::with_capacity(publishes.len());
@@ -427,20 +424,20 @@ impl Worker {
                     }
                     Err(PublishError::Full) => {
                         if !pause(&mut self.stop, Duration::from_millis(10)).await {
-                            return Err(Stop::Stopped);
+                            return Err(Stopped);
                         }
                     }
                     Err(PublishError::Refused(why)) => {
                         // Only when the MQTT connection is gone for good: leave it pending.
                         self.shared.stats.record(&self.rule.name, FAILED, &why);
-                        return Err(Stop::Stopped);
+                        return Err(Stopped);
                     }
                 }
             }
         }
         let results = tokio::select! {
             r = futures_util::future::join_all(waiting) => r,
-            _ = self.stop.wait_for(|s| *s) => return Err(Stop::Stopped),
+            _ = self.stop.wait_for(|s| *s) => return Err(Stopped),
         };
         let acked: Vec<String> = results
             .iter()
@@ -460,12 +457,12 @@ impl Worker {
         Ok(all)
     }
 
-    async fn xack(&mut self, ids: &[String]) -> Result<(), Stop> {
+    async fn xack(&mut self, ids: &[String]) -> Result<(), Stopped> {
         let mut cmd = ::redis::cmd("XACK");
         cmd.arg(&self.stream).arg(&self.group).arg(ids);
         let redis = self.shared.redis.clone();
         match until_redis(&mut self.stop, || redis.query::<i64>(&cmd)).await {
-            None => Err(Stop::Stopped),
+            None => Err(Stopped),
             Some(Ok(_)) => Ok(()),
             Some(Err(e)) => {
                 // The entries stay pending and come back; nothing is lost.
@@ -481,7 +478,7 @@ impl Worker {
     async fn refuse(
         &mut self,
         refused: Vec<(String, Reason, String, Vec<u8>)>,
-    ) -> Result<(), Stop> {
+    ) -> Result<(), Stopped> {
         let target = self.shared.dead_letter.clone();
         let mut pipe = ::redis::pipe();
         pipe.atomic();
@@ -496,7 +493,7 @@ impl Worker {
         }
         let redis = self.shared.redis.clone();
         match until_redis(&mut self.stop, || redis.query_pipeline::<()>(&pipe)).await {
-            None => Err(Stop::Stopped),
+            None => Err(Stopped),
             Some(Ok(())) => {
                 for (_, reason, detail, _) in &refused {
                     crate::events::dead_lettered(*reason);
