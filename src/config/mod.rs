@@ -18,6 +18,7 @@ mod layers;
 pub mod reader;
 pub mod redis;
 mod sections;
+mod value;
 
 use std::collections::HashMap;
 use std::path::Path;

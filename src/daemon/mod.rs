@@ -36,7 +36,7 @@ use crate::dead_letter::DeadLetter;
 use crate::events;
 use crate::liveness::{Heartbeat, Liveness};
 use crate::metrics::{Metrics, Observed};
-use crate::mqtt::source::MqttPublisher;
+use crate::mqtt::publisher::MqttPublisher;
 use crate::mqtt::{Inbound, MqttConfig, MqttSource};
 use crate::redis::{ConnectionState, RedisConfig, RedisManager};
 use crate::republish::RepublishService;

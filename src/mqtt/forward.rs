@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
+use super::publisher::{MqttPublisher, PublishError};
 use super::qos;
-use super::source::{MqttPublisher, PublishError};
 use crate::backoff::Backoff;
 use crate::events;
 

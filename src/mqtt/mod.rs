@@ -3,6 +3,7 @@
 pub mod acks;
 pub mod client;
 pub mod config;
+pub mod publisher;
 pub mod source;
 
 pub mod forward;

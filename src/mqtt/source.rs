@@ -21,21 +21,8 @@
 //! Subscribing and disconnecting go through the client from *other* tasks: awaiting the
 //! client on this task could deadlock it against its own request channel.
 //!
-//! # Knowing when a publish was acknowledged
-//!
-//! [`MqttPublisher::publish_tracked`] returns a receiver that completes when the broker
-//! acknowledged the publish (PUBACK for QoS 1, PUBCOMP for QoS 2; QoS 0 once written), so a
-//! stream entry is XACKed only then (spec §7). rumqttc only reports packet ids, so the
-//! [`Tracker`] correlates by order: a waiter joins a FIFO under the same lock that queues the
-//! publish, and rumqttc takes requests in order, so each `Outgoing::Publish(pkid)` whose pkid
-//! is not already waiting for its ack belongs to the FIFO's head (a pkid already waiting is a
-//! retransmission after a reconnect; `AwaitAck` is a packet-id collision, written later).
-//! `Incoming::PubAck/PubComp` completes the waiter of that pkid. When the broker did not keep
-//! our session, rumqttc drops what it had in flight and what it had queued at the connection
-//! loss (its `pending`); their waiters are dropped too, so callers see an error and retry.
-//! The correlation is exact only if *every* publish on the connection is tracked: the
-//! republisher therefore uses a connection of its own, and the untracked
-//! [`MqttSource::client`] must not be mixed with `publish_tracked` on one source.
+//! Publishing with acknowledgement tracking (the republisher's) is
+//! [`publisher`](super::publisher); this loop feeds its tracker every event.
 //!
 //! Reload (SIGHUP) changes the cover without dropping the session:
 //! [`MqttSource::update_subscriptions`] subscribes the new filters first and then
@@ -56,22 +43,19 @@
 //! in arrival order), carrying its [`Inbound::refusal`]: every route it matches ends
 //! `invalid` without running, with a dead-letter record, and then it is acked.
 
-use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use rumqttc::{
-    AsyncClient, ClientError, Event, EventLoop, Outgoing, Packet, Publish, QoS, Request,
-    SubscribeFilter,
-};
-use tokio::sync::{mpsc, oneshot, watch, Notify};
+use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, Publish, QoS, SubscribeFilter};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::acks::{AckForwarder, AckSequencer, Ticket};
 use super::client::{options, OptionsError};
 use super::config::MqttConfig;
+use super::publisher::{lock, MqttPublisher, Tracker};
 use super::Subscription;
 use crate::backoff::Backoff;
 use crate::liveness::Heartbeat;
@@ -430,11 +414,11 @@ impl MqttSource {
 
     /// A handle for tracked publishing (see the module doc), cheap to clone.
     pub fn publisher(&self) -> MqttPublisher {
-        MqttPublisher {
-            client: self.client.clone(),
-            tracker: self.tracker.clone(),
-            status: self.status.clone(),
-        }
+        MqttPublisher::new(
+            self.client.clone(),
+            self.tracker.clone(),
+            self.status.clone(),
+        )
     }
 
     /// SIGTERM, first step: take no new messages. What arrives from now on stays unacked and
@@ -632,265 +616,5 @@ impl Loop {
             // Only when the dispatcher is gone (shutdown): the message stays unacked.
             tracing::debug!("dispatcher not taking messages");
         }
-    }
-}
-
-/// A poisoned lock only means a thread panicked while holding it; the tracker's data is
-/// still usable (at worst a waiter completes late or not at all, as on a lost session).
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Publishes whose acknowledgement someone waits for; see the module doc.
-#[derive(Default)]
-struct Tracker {
-    /// Waiters of publishes queued to rumqttc and not yet written, in queue order.
-    queued: VecDeque<oneshot::Sender<()>>,
-    /// Written QoS 1/2 publishes waiting for PUBACK/PUBCOMP, by packet id.
-    written: HashMap<u16, oneshot::Sender<()>>,
-    /// A publish rumqttc holds back because its packet id is still in flight.
-    collided: Option<(u16, oneshot::Sender<()>)>,
-    /// How many of `queued` sat in rumqttc's `pending` at the last connection loss: those
-    /// are dropped with it when the broker did not keep the session; the rest of `queued`
-    /// were still in the request channel and survive.
-    in_pending: usize,
-}
-
-impl Tracker {
-    fn observe(
-        &mut self,
-        event: &Result<Event, rumqttc::ConnectionError>,
-        pending: &VecDeque<Request>,
-    ) {
-        match event {
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                if *pkid != 0 && self.written.contains_key(pkid) {
-                    return; // a retransmission
-                }
-                let waiter = match self.collided.take() {
-                    Some((p, waiter)) if p == *pkid => Some(waiter),
-                    other => {
-                        self.collided = other;
-                        self.pop()
-                    }
-                };
-                if let Some(waiter) = waiter {
-                    if *pkid == 0 {
-                        let _ = waiter.send(()); // QoS 0: written is all there is
-                    } else {
-                        self.written.insert(*pkid, waiter);
-                    }
-                }
-            }
-            Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
-                if let Some(waiter) = self.pop() {
-                    self.collided = Some((*pkid, waiter));
-                }
-            }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => self.complete(ack.pkid),
-            Ok(Event::Incoming(Packet::PubComp(comp))) => self.complete(comp.pkid),
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                if !ack.session_present {
-                    // rumqttc cleared its pending requests and in-flight publishes.
-                    self.written.clear();
-                    self.collided = None;
-                    let lost = self.in_pending.min(self.queued.len());
-                    self.queued.drain(..lost);
-                }
-                self.in_pending = 0;
-            }
-            Ok(_) => {}
-            Err(_) => {
-                // New publishes (no packet id yet) that rumqttc moved to `pending`.
-                let moved = pending
-                    .iter()
-                    .filter(|r| matches!(r, Request::Publish(p) if p.pkid == 0))
-                    .count();
-                self.in_pending = moved.min(self.queued.len());
-            }
-        }
-    }
-
-    fn pop(&mut self) -> Option<oneshot::Sender<()>> {
-        let waiter = self.queued.pop_front();
-        self.in_pending = self.in_pending.saturating_sub(1);
-        waiter
-    }
-
-    fn complete(&mut self, pkid: u16) {
-        if let Some(waiter) = self.written.remove(&pkid) {
-            let _ = waiter.send(());
-        }
-    }
-
-    fn clear(&mut self) {
-        *self = Tracker::default();
-    }
-}
-
-/// Publishing with acknowledgement tracking, for the republisher (spec §7). Clones share
-/// one connection.
-#[derive(Clone)]
-pub struct MqttPublisher {
-    client: AsyncClient,
-    tracker: Arc<Mutex<Tracker>>,
-    status: watch::Receiver<MqttStatus>,
-}
-
-/// Why a publish could not be queued.
-#[derive(Debug, thiserror::Error)]
-pub enum PublishError {
-    /// rumqttc's request queue is full: try again shortly.
-    #[error("the MQTT request queue is full")]
-    Full,
-    /// The topic is not a valid topic name, or the event loop has ended.
-    #[error("MQTT publish refused: {0}")]
-    Refused(String),
-}
-
-impl MqttPublisher {
-    /// Queues a publish; the receiver completes once the broker acknowledged it (QoS 1/2)
-    /// or it was written (QoS 0), and fails if it was lost with the session or the loop
-    /// ended — then publish again.
-    pub fn publish_tracked(
-        &self,
-        topic: &str,
-        qos: QoS,
-        retain: bool,
-        payload: Vec<u8>,
-    ) -> Result<oneshot::Receiver<()>, PublishError> {
-        if topic.is_empty() || topic.contains(['+', '#', '\0']) {
-            return Err(PublishError::Refused(format!(
-                "{topic:?} is not a topic name"
-            )));
-        }
-        let (tx, rx) = oneshot::channel();
-        // One lock around both steps keeps the FIFO in the request channel's order.
-        let mut tracker = lock(&self.tracker);
-        tracker.queued.push_back(tx);
-        match self.client.try_publish(topic, qos, retain, payload) {
-            Ok(()) => Ok(rx),
-            Err(e) => {
-                tracker.queued.pop_back();
-                match e {
-                    ClientError::TryRequest(_) if !self.client_closed() => Err(PublishError::Full),
-                    other => Err(PublishError::Refused(other.to_string())),
-                }
-            }
-        }
-    }
-
-    fn client_closed(&self) -> bool {
-        // try_publish fails with TryRequest both when full and when the loop is gone;
-        // a closed status channel tells the second apart.
-        self.status.has_changed().is_err()
-    }
-
-    /// The connection's status, to hold publishes while it is down.
-    pub fn status(&self) -> watch::Receiver<MqttStatus> {
-        self.status.clone()
-    }
-}
-
-#[cfg(test)]
-#[allow(clippy::result_large_err)] // mirrors what `EventLoop::poll` returns
-mod tracker_tests {
-    use super::*;
-    use rumqttc::{ConnAck, ConnectReturnCode, ConnectionError, PubAck};
-
-    type Observed = Result<Event, ConnectionError>;
-
-    fn written(pkid: u16) -> Observed {
-        Ok(Event::Outgoing(Outgoing::Publish(pkid)))
-    }
-
-    fn puback(pkid: u16) -> Observed {
-        Ok(Event::Incoming(Packet::PubAck(PubAck::new(pkid))))
-    }
-
-    fn connack(session_present: bool) -> Observed {
-        Ok(Event::Incoming(Packet::ConnAck(ConnAck::new(
-            ConnectReturnCode::Success,
-            session_present,
-        ))))
-    }
-
-    fn queue(tracker: &mut Tracker) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        tracker.queued.push_back(tx);
-        rx
-    }
-
-    fn new_publish() -> Request {
-        Request::Publish(Publish::new("t", QoS::AtLeastOnce, "p"))
-    }
-
-    #[test]
-    fn a_publish_completes_on_its_own_puback_not_before() {
-        let mut t = Tracker::default();
-        let none = VecDeque::new();
-        let mut first = queue(&mut t);
-        let mut second = queue(&mut t);
-        t.observe(&written(1), &none);
-        t.observe(&written(2), &none);
-        assert!(first.try_recv().is_err() && second.try_recv().is_err());
-        t.observe(&puback(2), &none);
-        assert!(second.try_recv().is_ok());
-        assert!(first.try_recv().is_err());
-        // A retransmission keeps its waiter; the ack still completes it.
-        t.observe(&written(1), &none);
-        t.observe(&puback(1), &none);
-        assert!(first.try_recv().is_ok());
-    }
-
-    #[test]
-    fn qos0_publishes_complete_when_written() {
-        let mut t = Tracker::default();
-        let mut rx = queue(&mut t);
-        t.observe(&written(0), &VecDeque::new());
-        assert!(rx.try_recv().is_ok());
-    }
-
-    #[test]
-    fn a_lost_session_fails_what_rumqttc_dropped_and_keeps_the_rest() {
-        let mut t = Tracker::default();
-        let mut in_flight = queue(&mut t);
-        t.observe(&written(1), &VecDeque::new());
-        let mut moved = queue(&mut t); // moved to rumqttc's pending at the loss
-        let mut late = queue(&mut t); // still in the request channel
-        let pending = VecDeque::from([new_publish()]);
-        t.observe(&Err(ConnectionError::NetworkTimeout), &pending);
-        t.observe(&connack(false), &VecDeque::new());
-        assert!(matches!(
-            in_flight.try_recv(),
-            Err(oneshot::error::TryRecvError::Closed)
-        ));
-        assert!(matches!(
-            moved.try_recv(),
-            Err(oneshot::error::TryRecvError::Closed)
-        ));
-        // The survivor is the next one written.
-        t.observe(&written(1), &VecDeque::new());
-        t.observe(&puback(1), &VecDeque::new());
-        assert!(late.try_recv().is_ok());
-    }
-
-    #[test]
-    fn a_kept_session_keeps_every_waiter() {
-        let mut t = Tracker::default();
-        let mut in_flight = queue(&mut t);
-        t.observe(&written(1), &VecDeque::new());
-        let mut moved = queue(&mut t);
-        t.observe(
-            &Err(ConnectionError::NetworkTimeout),
-            &VecDeque::from([new_publish()]),
-        );
-        t.observe(&connack(true), &VecDeque::new());
-        t.observe(&written(1), &VecDeque::new()); // retransmitted
-        t.observe(&written(2), &VecDeque::new()); // the moved one
-        t.observe(&puback(1), &VecDeque::new());
-        t.observe(&puback(2), &VecDeque::new());
-        assert!(in_flight.try_recv().is_ok());
-        assert!(moved.try_recv().is_ok());
     }
 }

@@ -42,7 +42,7 @@ pub use config::{read_republish, RepublishRule, Source};
 use crate::backoff::Backoff;
 use crate::dead_letter::DeadLetter;
 use crate::mqtt::client::OptionsError;
-use crate::mqtt::source::MqttPublisher;
+use crate::mqtt::publisher::MqttPublisher;
 use crate::mqtt::{MqttConfig, MqttSource};
 use crate::outcome::Reason;
 use crate::redis::pubsub::Monitor;
@@ -208,7 +208,7 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Republisher {
     /// A republisher publishing through `mqtt` (every publish on that connection must go
-    /// through it, see `mqtt::source`). `consumer` names it in stream groups (the bridge's
+    /// through it, see `mqtt::publisher`). `consumer` names it in stream groups (the bridge's
     /// client id); `max_packet_size` is the broker connection's limit.
     pub fn new(
         redis: RedisManager,

@@ -17,7 +17,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::{RepublishRule, Shared, Source, FAILED, INVALID, OVERFLOW, PUBLISHED};
-use crate::mqtt::source::PublishError;
+use crate::mqtt::publisher::PublishError;
 use crate::redis::pubsub::{Message, Monitor, Subscriber};
 use crate::template::Context;
 

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 
 use super::{pause, until_redis, RepublishRule, Shared, Source, FAILED, INVALID, PUBLISHED};
 use crate::backoff::Backoff;
-use crate::mqtt::source::PublishError;
+use crate::mqtt::publisher::PublishError;
 use crate::outcome::Reason;
 use crate::redis::Error as RedisError;
 use crate::template::Context;

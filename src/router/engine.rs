@@ -26,7 +26,7 @@ use crate::actions;
 use crate::dead_letter::DeadLetter;
 use crate::events;
 use crate::mqtt::forward::Forwarder;
-use crate::mqtt::source::MqttPublisher;
+use crate::mqtt::publisher::MqttPublisher;
 use crate::mqtt::Inbound;
 use crate::outcome::{Outcome, Reason};
 use crate::redis::rate_limit::RateLimiter;
