@@ -4,9 +4,7 @@
 //! [`Env::until_redis`] waits it out, and the message stays unacked meanwhile.
 
 use std::future::Future;
-use std::time::Duration;
 
-use crate::backoff::Backoff;
 use crate::events;
 use crate::mqtt::forward::Forwarder;
 use crate::outcome::Outcome;
@@ -27,22 +25,14 @@ pub struct Env<'a> {
 
 impl Env<'_> {
     /// Runs `step` until it succeeds or fails for good; waits out transient Redis trouble
-    /// (down, a timeout, a refusal) with backoff.
-    pub async fn until_redis<T, F, Fut>(&self, mut step: F) -> Result<T, RedisError>
+    /// (down, a timeout, a refusal) with the Redis crate's one retry loop, each retry an
+    /// event for the route.
+    pub async fn until_redis<T, F, Fut>(&self, step: F) -> Result<T, RedisError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-        loop {
-            match step().await {
-                Err(e) if e.is_transient() => {
-                    events::redis_retry(self.route, &e);
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-                other => return other,
-            }
-        }
+        crate::redis::retry::until_ready(step, |e| events::redis_retry(self.route, e)).await
     }
 }
 

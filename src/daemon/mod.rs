@@ -246,7 +246,7 @@ fn release_free_heap() {
 fn release_free_heap() {}
 
 /// What a running daemon can change on reload.
-struct Running {
+struct RunningDaemon {
     path: PathBuf,
     /// `[mqtt]`, `[redis]` and `[http]` as started; the rest as last reloaded.
     config: BridgeConfig,
@@ -258,7 +258,7 @@ struct Running {
     republish: RepublishService,
 }
 
-impl Running {
+impl RunningDaemon {
     fn status(&self) -> String {
         status_line(&self.observed, &self.engine.routes())
     }
@@ -471,7 +471,7 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
 
     let notifier = Notifier::from_env();
     let mut mqtt_status = source.status();
-    let mut running = Running {
+    let mut running = RunningDaemon {
         path,
         config,
         engine,
@@ -532,7 +532,7 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     }
     notifier.stopping();
     tracing::info!("shutting down: finishing in-flight messages");
-    let Running {
+    let RunningDaemon {
         source,
         config,
         republish,

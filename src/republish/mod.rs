@@ -39,7 +39,6 @@ use tokio::task::JoinHandle;
 
 pub use config::{read_republish, RepublishRule, Source};
 
-use crate::backoff::Backoff;
 use crate::dead_letter::DeadLetter;
 use crate::mqtt::client::OptionsError;
 use crate::mqtt::publisher::MqttPublisher;
@@ -150,32 +149,20 @@ impl Shared {
     }
 }
 
-/// Runs `step` until it succeeds or fails for good, waiting out transient Redis trouble;
-/// `None` when `stop` fired meanwhile.
+/// Runs `step` until it succeeds or fails for good, waiting out transient Redis trouble
+/// with the Redis crate's one retry loop; `None` when `stop` fired meanwhile.
 pub(crate) async fn until_redis<T, F, Fut>(
     stop: &mut watch::Receiver<bool>,
-    mut step: F,
+    step: F,
 ) -> Option<Result<T, RedisError>>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, RedisError>>,
 {
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
-    loop {
-        let result = tokio::select! {
-            r = step() => r,
-            _ = stop.wait_for(|s| *s) => return None,
-        };
-        match result {
-            Err(e) if e.is_transient() => {
-                tracing::debug!(error = %e, "redis unavailable; republish waits");
-                if !pause(stop, backoff.next_delay()).await {
-                    return None;
-                }
-            }
-            other => return Some(other),
-        }
-    }
+    crate::redis::retry::until_ready_or(stop.wait_for(|s| *s), step, |e| {
+        tracing::debug!(error = %e, "redis unavailable; republish waits");
+    })
+    .await
 }
 
 /// Sleeps `delay`; false when `stop` fired first.
@@ -194,10 +181,11 @@ pub struct Republisher {
     consumer: String,
     max_packet_size: usize,
     stats: Arc<Stats>,
-    running: Option<Running>,
+    running: Option<Workers>,
 }
 
-struct Running {
+/// The workers of the rule set started last, and how to stop them.
+struct Workers {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     pubsub: Option<Monitor>,
@@ -268,7 +256,7 @@ impl Republisher {
             }
         }
         tracing::info!(rules = rules.len(), "republish started");
-        self.running = Some(Running {
+        self.running = Some(Workers {
             stop,
             tasks,
             pubsub,

@@ -7,7 +7,7 @@
 //! and the primitives; `commands` the seed's methods (each in a sentinel form and a
 //! `try_` form returning [`Result`]); `connection` how a config becomes a (single or
 //! cluster) connection. The patterns: [`cache`] (cache-aside), [`session`], [`rate_limit`],
-//! [`lock`], [`pubsub`].
+//! [`lock`], [`pubsub`]; [`retry`] waits out what waiting fixes.
 //!
 //! The crate stands alone: it knows nothing of the bridge daemon built on it. What the
 //! daemon needs from it besides Redis — [`backoff`], [`heartbeat`], [`secret`], [`tls`] —
@@ -54,6 +54,7 @@ pub mod manager;
 pub mod observe;
 pub mod pubsub;
 pub mod rate_limit;
+pub mod retry;
 pub mod secret;
 pub mod session;
 pub mod tls;

@@ -1,0 +1,139 @@
+//! Waiting out Redis trouble that waiting fixes: one retry loop for every caller.
+//!
+//! A caller that must not give up on a message (a route's stages, the republisher) runs its
+//! step again while the error is [`Error::is_transient`] (Redis down, a timeout, a refusal,
+//! the connection cap reached), with the jittered [`Backoff`] between attempts, and returns
+//! the first success or permanent error. Kept here, beside the errors it classifies, so no
+//! caller builds a retry loop of its own; what a retry means to the caller (an event, a log
+//! line) is its `on_retry`.
+
+use std::future::Future;
+use std::pin::pin;
+use std::time::Duration;
+
+use crate::backoff::Backoff;
+use crate::error::Error;
+
+/// The first delay between attempts; doubles up to [`MAX_DELAY`].
+pub const MIN_DELAY: Duration = Duration::from_millis(50);
+/// The longest delay between attempts: short enough that a message moves soon after Redis
+/// is back.
+pub const MAX_DELAY: Duration = Duration::from_secs(2);
+
+/// Runs `step` until it succeeds or fails for good, calling `on_retry` with each transient
+/// error before waiting.
+///
+/// ```no_run
+/// # async fn example(redis: routemq_redis::RedisManager) -> routemq_redis::Result<()> {
+/// use routemq_redis::retry::until_ready;
+///
+/// let value = until_ready(
+///     || redis.try_get("greeting"),
+///     |e| eprintln!("waiting for redis: {e}"),
+/// )
+/// .await?;
+/// # let _ = value;
+/// # Ok(())
+/// # }
+/// ```
+pub async fn until_ready<T, F, Fut>(step: F, on_retry: impl FnMut(&Error)) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    match until_ready_or(std::future::pending::<()>(), step, on_retry).await {
+        Some(result) => result,
+        None => unreachable!("a pending future never completes"),
+    }
+}
+
+/// [`until_ready`] that gives up when `stop` completes, during an attempt or a wait: `None`
+/// then.
+pub async fn until_ready_or<T, F, Fut>(
+    stop: impl Future,
+    mut step: F,
+    mut on_retry: impl FnMut(&Error),
+) -> Option<Result<T, Error>>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    // Pinned once: `stop` is polled across attempts, not restarted for each.
+    let mut stop = pin!(stop);
+    let mut backoff = Backoff::new(MIN_DELAY, MAX_DELAY);
+    loop {
+        let result = tokio::select! {
+            r = step() => r,
+            _ = &mut stop => return None,
+        };
+        match result {
+            Err(e) if e.is_transient() => {
+                on_retry(&e);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = &mut stop => return None,
+                }
+            }
+            other => return Some(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_errors_are_retried_until_the_step_succeeds() {
+        let attempts = Cell::new(0);
+        let retries = Cell::new(0);
+        let result = until_ready(
+            || {
+                attempts.set(attempts.get() + 1);
+                let n = attempts.get();
+                async move {
+                    if n < 3 {
+                        Err(Error::Timeout)
+                    } else {
+                        Ok(n)
+                    }
+                }
+            },
+            |_| retries.set(retries.get() + 1),
+        )
+        .await;
+        assert_eq!(result.ok(), Some(3));
+        assert_eq!(retries.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_permanent_error_is_returned_at_once() {
+        let attempts = Cell::new(0);
+        let result: Result<(), Error> = until_ready(
+            || {
+                attempts.set(attempts.get() + 1);
+                async { Err(Error::Response("WRONGTYPE".into())) }
+            },
+            |_| panic!("no retry for a permanent error"),
+        )
+        .await;
+        assert!(matches!(result, Err(Error::Response(_))));
+        assert_eq!(attempts.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_ends_the_wait() {
+        let (tx, mut rx) = tokio::sync::watch::channel(false);
+        let stop = rx.wait_for(|s| *s);
+        let retrying = until_ready_or(
+            stop,
+            || async { Err::<(), _>(Error::Timeout) },
+            |_| {
+                let _ = tx.send(true);
+            },
+        );
+        let result = tokio::time::timeout(Duration::from_secs(60), retrying).await;
+        assert!(matches!(result, Ok(None)), "stopped, not timed out");
+    }
+}
