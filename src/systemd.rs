@@ -10,9 +10,12 @@
 //!   merely idle daemon, or one whose messages wait out an outage, keeps pinging.
 //!
 //! The protocol is one datagram of `KEY=value` lines to the socket in `NOTIFY_SOCKET`
-//! (a path, or `@name` in the abstract namespace), small enough to write here. Outside
-//! systemd (`NOTIFY_SOCKET` unset) every call is a no-op. Sends never block the runtime:
-//! should systemd not keep up, a notification is dropped, and the next one carries the news.
+//! (a path, or `@name` in the abstract namespace). The `sd-notify` crate writes the lines
+//! ([`NotifyState`], `MONOTONIC_USEC` included) and reads `WATCHDOG_USEC`/`WATCHDOG_PID`;
+//! the datagram itself we send here, because its `notify` neither reaches an abstract
+//! socket nor sends without blocking. Outside systemd (`NOTIFY_SOCKET` unset) every call is
+//! a no-op. Sends never block the runtime: should systemd not keep up, a notification is
+//! dropped, and the next one carries the news.
 
 use std::os::unix::net::UnixDatagram;
 use std::path::PathBuf;
@@ -20,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use sd_notify::NotifyState;
 use tokio::sync::watch;
 
 use crate::liveness::Liveness;
@@ -66,21 +70,6 @@ pub struct Notifier {
     ready: Arc<AtomicBool>,
 }
 
-/// `CLOCK_MONOTONIC` in microseconds, which systemd pairs with `RELOADING=1`.
-fn monotonic_usec() -> Option<u64> {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime only writes the timespec we pass.
-    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) } != 0 {
-        return None;
-    }
-    let secs = u64::try_from(now.tv_sec).ok()?;
-    let micros = u64::try_from(now.tv_nsec).ok()? / 1_000;
-    Some(secs * 1_000_000 + micros)
-}
-
 impl Notifier {
     /// Notifies the socket systemd named in `NOTIFY_SOCKET`; a no-op without it.
     pub fn from_env() -> Notifier {
@@ -101,10 +90,9 @@ impl Notifier {
         }
     }
 
-    fn send(&self, lines: &[&str]) {
+    fn send(&self, states: &[NotifyState<'_>]) {
         let Some(target) = &self.target else { return };
-        let mut message = lines.join("\n");
-        message.push('\n');
+        let message: String = states.iter().map(|state| format!("{state}\n")).collect();
         if let Err(e) = target.send(&message) {
             tracing::debug!(error = %e, "sd_notify failed");
         }
@@ -113,43 +101,43 @@ impl Notifier {
     /// Start-up finished (MQTT subscribed).
     pub fn ready(&self, status: &str) {
         self.ready.store(true, Ordering::Relaxed);
-        self.send(&["READY=1", &format!("STATUS={status}")]);
+        self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
     }
 
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
 
-    /// A reload begins.
+    /// A reload begins. systemd (`Type=notify-reload`) pairs `RELOADING=1` with the
+    /// monotonic clock's `MONOTONIC_USEC`.
     pub fn reloading(&self) {
-        match monotonic_usec() {
-            Some(now) => self.send(&["RELOADING=1", &format!("MONOTONIC_USEC={now}")]),
-            None => self.send(&["RELOADING=1"]),
+        match NotifyState::monotonic_usec_now() {
+            Ok(now) => self.send(&[NotifyState::Reloading, now]),
+            Err(_) => self.send(&[NotifyState::Reloading]),
         }
     }
 
     /// A reload ended (applied or refused): back to ready, if we were ready before.
     pub fn reloaded(&self, status: &str) {
-        let status = format!("STATUS={status}");
         if self.is_ready() {
-            self.send(&["READY=1", &status]);
+            self.send(&[NotifyState::Ready, NotifyState::Status(status)]);
         } else {
-            self.send(&[&status]);
+            self.send(&[NotifyState::Status(status)]);
         }
     }
 
     pub fn status(&self, status: &str) {
-        self.send(&[&format!("STATUS={status}")]);
+        self.send(&[NotifyState::Status(status)]);
     }
 
     /// The watchdog ping.
     pub fn watchdog(&self) {
-        self.send(&["WATCHDOG=1"]);
+        self.send(&[NotifyState::Watchdog]);
     }
 
     /// Shutdown begins.
     pub fn stopping(&self) {
-        self.send(&["STOPPING=1", "STATUS=stopping"]);
+        self.send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
     }
 }
 
@@ -157,13 +145,9 @@ impl Notifier {
 /// sd_watchdog_enabled(3) recommends; `None` when systemd did not ask for pings, or asked
 /// another process (`WATCHDOG_PID`).
 pub fn watchdog_interval() -> Option<Duration> {
-    if let Ok(pid) = std::env::var("WATCHDOG_PID") {
-        if pid.trim().parse::<u32>().ok() != Some(std::process::id()) {
-            return None;
-        }
-    }
-    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.trim().parse().ok()?;
-    (usec > 0).then(|| Duration::from_micros(usec) / 2)
+    sd_notify::watchdog_enabled()
+        .filter(|period| !period.is_zero())
+        .map(|period| period / 2)
 }
 
 /// Runs while the daemon is up: pings the watchdog every `watchdog` (when set) while every
@@ -239,6 +223,29 @@ mod tests {
             .expect("a notification in time")
             .expect("recv");
         String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    #[tokio::test]
+    async fn each_notification_is_one_datagram_of_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("notify");
+        let socket = tokio::net::UnixDatagram::bind(&path).expect("bind");
+        let notifier = Notifier::to_socket(&path);
+        notifier.ready("1 routes");
+        assert_eq!(recv(&socket).await, "READY=1\nSTATUS=1 routes\n");
+        notifier.reloading();
+        let reloading = recv(&socket).await;
+        let usec = reloading
+            .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
+            .and_then(|rest| rest.strip_suffix('\n'))
+            .unwrap_or_else(|| panic!("RELOADING with MONOTONIC_USEC: {reloading:?}"));
+        assert!(usec.parse::<u64>().is_ok(), "{usec:?} is microseconds");
+        notifier.reloaded("2 routes");
+        assert_eq!(recv(&socket).await, "READY=1\nSTATUS=2 routes\n");
+        notifier.watchdog();
+        assert_eq!(recv(&socket).await, "WATCHDOG=1\n");
+        notifier.stopping();
+        assert_eq!(recv(&socket).await, "STOPPING=1\nSTATUS=stopping\n");
     }
 
     #[tokio::test]
