@@ -141,11 +141,6 @@ impl Drop for Lifeline {
     }
 }
 
-/// Reports `task` dead, for a task that ended without a panic where it never should.
-pub fn report_death(task: &'static str) {
-    deaths().send_replace(Some(task));
-}
-
 /// Resolves with the name of the first task that moves messages to die.
 pub async fn task_died() -> &'static str {
     let mut deaths = deaths().subscribe();
