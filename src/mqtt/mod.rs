@@ -9,7 +9,7 @@ pub mod source;
 pub mod forward;
 
 pub use config::MqttConfig;
-pub use source::{Inbound, MqttSource, MqttStatus};
+pub use source::{Inbound, MqttSource};
 
 /// A config QoS level as rumqttc's. Levels are checked to be 0, 1 or 2 when the config is
 /// loaded, so anything above 1 means 2.
@@ -19,6 +19,16 @@ pub fn qos(level: u8) -> rumqttc::QoS {
         1 => rumqttc::QoS::AtLeastOnce,
         _ => rumqttc::QoS::ExactlyOnce,
     }
+}
+
+/// What the bridge knows about its broker connection, for `/readyz` and systemd. Here, not
+/// in `source`, because the source writes it and the publisher reads it: neither file
+/// imports the other for it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MqttStatus {
+    pub connected: bool,
+    /// Every filter of the cover was granted by the broker.
+    pub subscribed: bool,
 }
 
 /// One subscription of the route table's cover: the filter and the highest QoS among the

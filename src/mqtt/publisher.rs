@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use rumqttc::{AsyncClient, ClientError, Event, Outgoing, Packet, QoS, Request};
 use tokio::sync::{oneshot, watch};
 
-use super::source::MqttStatus;
+use super::MqttStatus;
 
 /// A poisoned lock only means a thread panicked while holding it; the tracker's data is
 /// still usable (at worst a waiter completes late or not at all, as on a lost session).

@@ -56,18 +56,10 @@ use super::acks::{AckForwarder, AckSequencer, Ticket};
 use super::client::{options, OptionsError};
 use super::config::MqttConfig;
 use super::publisher::{lock, MqttPublisher, Tracker};
-use super::Subscription;
+use super::{MqttStatus, Subscription};
 use crate::backoff::Backoff;
 use crate::liveness::Heartbeat;
 use crate::outcome::Reason;
-
-/// What the bridge knows about its broker connection, for `/readyz` and systemd.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct MqttStatus {
-    pub connected: bool,
-    /// Every filter of the cover was granted by the broker.
-    pub subscribed: bool,
-}
 
 /// Counters the source keeps; the metrics layer reads them.
 #[derive(Debug, Default)]
