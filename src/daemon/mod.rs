@@ -381,8 +381,8 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     if config.redis.enabled && !redis.initialize().await {
         tracing::warn!(
             redis = %redis_address(&config.redis),
-            "waiting for Redis: it does not answer yet; is redis-server running and reachable? \
-             Reconnecting in the background; messages wait unacked until it answers"
+            "waiting for Redis: Redis is not reachable yet; is redis-server running and \
+             reachable? Reconnecting in the background; messages wait unacked until it answers"
         );
     }
     let (source, mut inbound) = MqttSource::start(

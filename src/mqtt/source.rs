@@ -298,7 +298,7 @@ impl MqttSource {
             waiting_for: Some(config.url.clone()),
         };
         let task = tokio::spawn(async move {
-            let _lifeline = crate::liveness::Lifeline::new("mqtt loop");
+            let _lifeline = crate::liveness::Lifeline::new("MQTT loop");
             let tracker = run.tracker.clone();
             run.run().await;
             // Nothing will be acked any more: waiters see an error instead of hanging.

@@ -371,6 +371,10 @@ impl EventLoop {
                 }
                 self.paused_since_ping = read_paused;
 
+                // routemq-bridge patch (PATCHED.md, Change 7): what the broker had sent before
+                // this PINGREQ (taken before it goes out: on loopback the PINGRESP can be
+                // back before the next statement).
+                let (received, unread) = (network.received(), network.unread_bytes());
                 if let Some(outgoing) = self.state.handle_outgoing_packet(Request::PingReq(PingReq))? {
                     network.write(outgoing).await?;
                 }
@@ -382,8 +386,8 @@ impl EventLoop {
                 // half a keep-alive from now.
                 self.ping_check = Some(PingCheck {
                     deadline: Box::pin(time::sleep(self.mqtt_options.keep_alive / 2)),
-                    received: network.received(),
-                    unread: network.unread_bytes(),
+                    received,
+                    unread,
                 });
                 Ok(self.state.events.pop_front())
             },
