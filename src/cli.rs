@@ -173,6 +173,10 @@ pub fn matches(path: &Path, topic: &str, payload: Option<&str>) -> u8 {
         for (name, value) in route.pattern.params().zip(&captures) {
             println!("  param {name} = {value:?}");
         }
+        // What the daemon checks before any stage (the payload's JSON is reported above).
+        if let Err(outcome) = route.check_params(&captures) {
+            println!("  refused before its stages: {outcome}");
+        }
         let mut ctx = Context::new(topic, payload.as_bytes());
         ctx.params = &captures;
         ctx.json = json.as_ref();

@@ -44,6 +44,19 @@ impl DeadLetter {
         record(topic, route, reason, detail, payload, self.max_payload)
     }
 
+    /// The record of a message of which only `head` was kept (an oversized publish skipped
+    /// as it streamed in): `"truncated": true` whatever `head`'s length.
+    pub fn record_of_head(
+        &self,
+        topic: &str,
+        route: &str,
+        reason: Reason,
+        detail: &str,
+        head: &[u8],
+    ) -> String {
+        build(topic, route, reason, detail, head, self.max_payload, true)
+    }
+
     /// Adds the LPUSH + LTRIM of `record` to `pipe`.
     pub fn push(&self, pipe: &mut ::redis::Pipeline, record: &str) {
         push(pipe, &self.list, self.max_len, record);
@@ -60,6 +73,19 @@ pub fn record(
     payload: &[u8],
     max_payload: usize,
 ) -> String {
+    build(topic, route, reason, detail, payload, max_payload, false)
+}
+
+/// [`record`], with `cut_before` when `payload` is already only a part of the message's.
+fn build(
+    topic: &str,
+    route: &str,
+    reason: Reason,
+    detail: &str,
+    payload: &[u8],
+    max_payload: usize,
+    cut_before: bool,
+) -> String {
     let ts_ms = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -69,8 +95,9 @@ pub fn record(
     } else {
         max_payload
     };
-    let truncated = payload.len() > limit;
-    let payload = if truncated {
+    let cut_here = payload.len() > limit;
+    let truncated = cut_here || cut_before;
+    let payload = if cut_here {
         &payload[..cut_at(payload, limit)]
     } else {
         payload

@@ -217,6 +217,9 @@ struct Loop {
     /// Until the first connection: the broker's URL (`mqtt.url`, which holds no
     /// credentials), to say once what the bridge is waiting for.
     waiting_for: Option<String>,
+    /// This connection's client id, in its log lines: the route connection and the
+    /// outgoing one (`<client_id>-republish`) fail separately (an ACL may refuse only one).
+    client_id: String,
 }
 
 /// The cover as SUBSCRIBE filters, with `$share/<group>/` when scaling out.
@@ -296,6 +299,7 @@ impl MqttSource {
             updates: updates_rx,
             heartbeat: heartbeat.clone(),
             waiting_for: Some(config.url.clone()),
+            client_id: config.client_id.clone(),
         };
         let task = tokio::spawn(async move {
             let _lifeline = crate::liveness::Lifeline::new("MQTT loop");
@@ -459,6 +463,7 @@ impl Loop {
                     self.backoff.reset();
                     self.waiting_for = None;
                     tracing::info!(
+                        client_id = %self.client_id,
                         session_present = ack.session_present,
                         "connected to the MQTT broker"
                     );
@@ -520,13 +525,19 @@ impl Loop {
                         // nothing happens.
                         tracing::warn!(
                             broker = %url,
+                            client_id = %self.client_id,
                             error = %e,
                             "waiting for the MQTT broker (mqtt.url): it does not answer yet; \
                              is it running and reachable? Retrying with backoff up to \
                              mqtt.reconnect_max_delay"
                         );
                     }
-                    tracing::warn!(error = %e, retry_in = ?delay, "MQTT connection lost");
+                    tracing::warn!(
+                        client_id = %self.client_id,
+                        error = %e,
+                        retry_in = ?delay,
+                        "MQTT connection lost"
+                    );
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                     tokio::select! {
                         _ = self.stop.notified() => return,

@@ -18,7 +18,6 @@ use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use futures_util::FutureExt;
-use serde_json::Value;
 
 use super::dispatch::Handler;
 use super::route::{ParsedJson, Route, RouteTable};
@@ -149,10 +148,12 @@ impl Engine {
             matched = true;
             events::message_received(&route.name, &route.metrics);
             let target = self.dead_letter.load_full();
-            let mut record = target.record(topic, &route.name, reason, detail, payload);
-            if reason == Reason::PayloadTooLarge {
-                record = marked_truncated(record);
-            }
+            // An oversized message arrives as its first 1 KiB only.
+            let record = if reason == Reason::PayloadTooLarge {
+                target.record_of_head(topic, &route.name, reason, detail, payload)
+            } else {
+                target.record(topic, &route.name, reason, detail, payload)
+            };
             self.write_dead_letter(route, &target, reason, record).await;
             events::message_outcome(
                 &route.name,
@@ -308,18 +309,6 @@ impl Engine {
                 tracing::error!(route = %route.name, reason = reason.as_str(), error = %e, "could not write the dead letter")
             }
         }
-    }
-}
-
-/// `record` with `"truncated": true`: for a payload the record keeps whole only because it
-/// was already cut before (an oversized message's first 1 KiB).
-fn marked_truncated(record: String) -> String {
-    match serde_json::from_str::<Value>(&record) {
-        Ok(Value::Object(mut map)) => {
-            map.insert("truncated".into(), Value::Bool(true));
-            Value::Object(map).to_string()
-        }
-        _ => record,
     }
 }
 

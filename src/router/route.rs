@@ -89,6 +89,12 @@ impl Route {
             }
             PayloadKind::Bytes => None,
         };
+        self.check_params(captures)?;
+        Ok(json)
+    }
+
+    /// Every captured param matches its `params.<name>` constraint.
+    pub fn check_params(&self, captures: &[&str]) -> Step<()> {
         for (index, name, re) in &self.param_checks {
             let value = captures.get(*index).copied().unwrap_or("");
             if !re.is_match(value) {
@@ -98,7 +104,7 @@ impl Route {
                 ));
             }
         }
-        Ok(json)
+        Ok(())
     }
 
     /// Whether this route publishes to MQTT (an `mqtt_publish` action or a rate-limit

@@ -240,6 +240,29 @@ fn match_shows_route_params_and_rendered_keys() {
 }
 
 #[test]
+fn match_says_when_a_param_breaks_its_constraint() {
+    let files = Files::new();
+    let path = files.write(
+        "bridge.toml",
+        r#"
+[[routes]]
+name = "strict"
+topic = "sensors/{id}/data"
+params.id = "[a-z0-9]+"
+  [[routes.actions]]
+  op = "set"
+  key = "k:{id}"
+"#,
+    );
+    let out = run(&["match", "--config", &path, "sensors/ab:c*/data"]);
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("refused before its stages") && stdout.contains("invalid_param"),
+        "stdout: {stdout}"
+    );
+}
+
+#[test]
 fn match_without_a_matching_route_exits_1() {
     let files = Files::new();
     let path = files.write(

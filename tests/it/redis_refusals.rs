@@ -192,6 +192,36 @@ async fn messages_wait_while_redis_cannot_save() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_while_redis_cannot_save_is_refusing_not_down() {
+    let redis = Redis::start_with(&["--enable-protected-configs", "yes", "--save", "3600 1"]);
+    let dir = redis.dir().display().to_string();
+    let broker = Mosquitto::start();
+    let bridge = Bridge::start(&config(&redis, &broker, "refused-reconnect", ROUTE));
+    let addr = http_addr(&bridge);
+    get_until(addr, "/readyz", 200).await;
+    cmd(&redis, &["CONFIG", "SET", "dir", "/proc"]);
+    cmd(&redis, &["BGSAVE"]);
+    wait_bgsave(&redis, "err");
+    // A dropped connection while Redis refuses: MISCONF refuses the new connection's PING
+    // too. It is a refusing Redis, not a missing one.
+    cmd(
+        &redis,
+        &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"],
+    );
+    let reconnected = "redis connection re-established";
+    assert!(
+        bridge.wait_for_log(reconnected, Duration::from_secs(30)),
+        "reconnected; log:\n{}",
+        bridge.log_text()
+    );
+    assert_eq!(get_until(addr, "/readyz", 503).await, REFUSING);
+    cmd(&redis, &["CONFIG", "SET", "dir", &dir]);
+    cmd(&redis, &["BGSAVE"]);
+    wait_bgsave(&redis, "ok");
+    assert_eq!(get_until(addr, "/readyz", 200).await, READY);
+}
+
 /// Waits (bounded) until the last background save ended with `status` (`ok` / `err`).
 fn wait_bgsave(redis: &Redis, status: &str) {
     let mut conn = redis_conn(redis);

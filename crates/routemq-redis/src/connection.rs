@@ -131,7 +131,13 @@ impl Target {
 
     /// Opens a fresh command connection and proves it with a PING, all within
     /// `connect_timeout + response_timeout`.
-    pub(crate) async fn connect(&self, config: &RedisConfig) -> Result<RedisConnection> {
+    /// A fresh connection, proven by PING. A PING that Redis refuses for now (`MISCONF`,
+    /// `LOADING`, …) still yields the connection, with the refusal: the manager installs it
+    /// as refusing, so it reports `refusing` rather than `down` and notices the recovery.
+    pub(crate) async fn connect(
+        &self,
+        config: &RedisConfig,
+    ) -> Result<(RedisConnection, Option<String>)> {
         let budget = config.socket_connect_timeout + config.socket_timeout;
         let attempt = async {
             let mut conn = match self {
@@ -143,13 +149,16 @@ impl Target {
                     RedisConnection::Cluster(client.get_async_connection().await?)
                 }
             };
-            ::redis::cmd("PING")
-                .query_async::<String>(&mut conn)
-                .await?;
-            Ok::<_, ::redis::RedisError>(conn)
+            let ping = ::redis::cmd("PING").query_async::<String>(&mut conn).await;
+            Ok::<_, ::redis::RedisError>((conn, ping))
         };
         match tokio::time::timeout(budget + Duration::from_millis(100), attempt).await {
-            Ok(result) => result.map_err(Error::from),
+            Ok(Ok((conn, Ok(_)))) => Ok((conn, None)),
+            Ok(Ok((conn, Err(e)))) => match Error::from(e) {
+                Error::Refused(why) => Ok((conn, Some(why))),
+                other => Err(other),
+            },
+            Ok(Err(e)) => Err(Error::from(e)),
             Err(_) => Err(Error::Timeout),
         }
     }

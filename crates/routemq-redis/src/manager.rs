@@ -254,7 +254,7 @@ impl RedisManager {
             }
         };
         match target.connect(&inner.config).await {
-            Ok(conn) => inner.install(conn),
+            Ok((conn, refused)) => inner.install(conn, refused),
             Err(e) => tracing::warn!(
                 error = %e,
                 "redis is not answering at start-up; reconnecting in the background"
@@ -510,7 +510,9 @@ impl Inner {
     }
 
     /// A fresh connection answered: make it the command connection.
-    fn install(&self, conn: RedisConnection) {
+    /// `refused`: the connection answers, but PING was refused for now (see
+    /// `Target::connect`): installed as refusing.
+    fn install(&self, conn: RedisConnection, refused: Option<String>) {
         let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
         *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Slot { epoch, conn });
         self.current_epoch.store(epoch, Ordering::Release);
@@ -520,7 +522,16 @@ impl Inner {
         } else {
             tracing::info!("redis connected");
         }
-        self.set_state(ConnectionState::Up);
+        match refused {
+            None => self.set_state(ConnectionState::Up),
+            Some(why) => {
+                self.set_state(ConnectionState::Refusing);
+                self.warnings.warn(
+                    "refused",
+                    format_args!("redis refuses writes ({why}); messages wait unacked until it takes them again"),
+                );
+            }
+        }
     }
 
     /// The connection of `epoch` failed. Ignored when a newer one replaced it meanwhile.
@@ -614,7 +625,7 @@ async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
             }
         } else {
             match target.connect(&inner.config).await {
-                Ok(conn) => inner.install(conn),
+                Ok((conn, refused)) => inner.install(conn, refused),
                 Err(e) => inner.warnings.warn(
                     "connection",
                     format_args!("redis still unavailable: {e}; retrying"),
