@@ -95,7 +95,11 @@ listen = "127.0.0.1:0"
     }
     // Retries go on (several connection attempts), the explanation is said once.
     let lost = "MQTT connection lost";
-    let first = bridge.log_text().find(lost).expect("a failed attempt");
+    assert!(
+        bridge.wait_for_log(lost, Duration::from_secs(20)),
+        "a failed attempt"
+    );
+    let first = bridge.log_text().find(lost).expect("just seen");
     assert!(bridge.wait_for_log_after(first + lost.len(), lost, Duration::from_secs(20)));
     let log = bridge.log_text();
     assert_eq!(
