@@ -61,7 +61,12 @@ impl BridgeConfig {
         env: &HashMap<String, String>,
     ) -> Result<(BridgeConfig, RouteTable), ConfigErrors> {
         Self::load_and(path, env, |config, errors| {
-            let routes = read_routes(&config.routes, config.redis.enabled, errors);
+            let routes = read_routes(
+                &config.routes,
+                config.redis.enabled,
+                !config.redis.cluster.is_empty(),
+                errors,
+            );
             let rules = read_republish(&config.republish, config.redis.enabled, errors);
             (routes, rules)
         })

@@ -13,7 +13,7 @@ use crate::config::RawTable;
 use crate::middleware::dedup::DedupRule;
 use crate::middleware::rate_limit::RateLimitRule;
 use crate::middleware::session::Sessions;
-use crate::template::{Constraint, Scope};
+use crate::template::{Constraint, Scope, Template};
 
 /// What the templates of one route may refer to.
 #[derive(Clone)]
@@ -39,8 +39,14 @@ impl RouteScope {
 }
 
 /// Reads every route; errors go to `errors`. `redis_enabled` = false refuses routes that
-/// need Redis.
-pub fn read_routes(raw: &[RawTable], redis_enabled: bool, errors: &Errors) -> RouteTable {
+/// need Redis; `cluster` (`[redis] cluster` set) refuses atomic routes whose keys may land in
+/// different slots (spec §10).
+pub fn read_routes(
+    raw: &[RawTable],
+    redis_enabled: bool,
+    cluster: bool,
+    errors: &Errors,
+) -> RouteTable {
     let mut names = HashSet::new();
     let mut routes = Vec::new();
     for table in raw {
@@ -52,11 +58,65 @@ pub fn read_routes(raw: &[RawTable], redis_enabled: bool, errors: &Errors) -> Ro
                     "this route needs Redis, but redis.enabled is false (ENABLE_REDIS)",
                 );
             }
+            if cluster && route.atomic {
+                if let Some(message) = cross_slot(&route) {
+                    t.error("atomic", message);
+                }
+            }
             routes.push(route);
         }
         t.finish();
     }
     RouteTable::new(routes)
+}
+
+/// Why an atomic route cannot run on Redis Cluster, with the fix: its MULTI/EXEC (actions
+/// and dedup done mark) must stay in one slot, which is proven only when every key template
+/// carries the same hash tag, or there is only one key template. `None` when it is proven.
+fn cross_slot(route: &Route) -> Option<String> {
+    let keys: Vec<&Template> = route
+        .actions
+        .iter()
+        .filter_map(|a| a.key.as_ref())
+        .chain(route.dedup.as_ref().map(|d| &d.key))
+        .collect();
+    if keys.len() <= 1 {
+        return None;
+    }
+    let tags: Vec<Option<String>> = keys.iter().map(|k| k.hash_tag()).collect();
+    if tags[0].is_some() && tags.iter().all(|t| *t == tags[0]) {
+        return None;
+    }
+    // The fix: one tag for all, the first tag already written, else the first key's first
+    // placeholder (`{device_id}` → `{{{device_id}}}`).
+    let tag = tags
+        .iter()
+        .flatten()
+        .next()
+        .cloned()
+        .or_else(|| keys.iter().find_map(|k| k.first_placeholder()));
+    let fixed: Vec<String> = keys
+        .iter()
+        .map(|k| match &tag {
+            Some(tag) if k.hash_tag().as_ref() == Some(tag) => k.source().to_string(),
+            Some(tag) if k.hash_tag().is_none() && k.source().contains(tag.as_str()) => k
+                .source()
+                .replacen(tag.as_str(), &format!("{{{{{tag}}}}}"), 1),
+            Some(tag) => format!("{{{{{tag}}}}}:{}", k.source()),
+            None => k.source().to_string(),
+        })
+        .collect();
+    let written: Vec<String> = keys.iter().map(|k| format!("{:?}", k.source())).collect();
+    let fixed: Vec<String> = fixed.iter().map(|k| format!("{k:?}")).collect();
+    Some(format!(
+        "route {name:?} is atomic (one MULTI/EXEC), but with redis.cluster its keys {written} \
+         cannot be proven to share a slot: give every key (actions and dedup) the same hash \
+         tag, written with doubled braces, e.g. {fixed} (`sensor:{{{{{{device_id}}}}}}:latest` \
+         renders `sensor:{{d1}}:latest`), or set `atomic = false` if the writes may land apart",
+        name = route.name,
+        written = written.join(", "),
+        fixed = fixed.join(", "),
+    ))
 }
 
 fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
@@ -200,11 +260,16 @@ mod tests {
 
     /// Compiles `toml`; the `(path, message)` of every error, or the routes.
     fn compile(toml: &str) -> Result<RouteTable, Vec<(String, String)>> {
+        compile_for(toml, false)
+    }
+
+    /// Like [`compile`], for a bridge on Redis Cluster when `cluster`.
+    fn compile_for(toml: &str, cluster: bool) -> Result<RouteTable, Vec<(String, String)>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("bridge.toml");
         std::fs::write(&path, toml).expect("write config");
         crate::config::load(&path, &Default::default(), |mut root, errors| {
-            let routes = read_routes(&root.raw_tables("routes"), true, errors);
+            let routes = read_routes(&root.raw_tables("routes"), true, cluster, errors);
             root.finish();
             routes
         })
@@ -284,5 +349,79 @@ key = "c:{id}"
         assert_eq!(path, "routes[0].params.id");
         assert!(message.contains("[a-z"), "{message}");
         assert!(!message.contains("(?:"), "{message}");
+    }
+
+    /// One route on `d/{id}` (JSON payload) with `lines` (actions, dedup, atomic).
+    fn cluster_route(lines: &str) -> String {
+        format!("[[routes]]\nname = \"r\"\ntopic = \"d/{{id}}\"\n{lines}\n")
+    }
+
+    const UNTAGGED: &str = "[[routes.actions]]\nop = \"set\"\nkey = \"sensor:{id}:latest\"\n\
+                            [[routes.actions]]\nop = \"rpush\"\nkey = \"sensor:{id}:history\"\n";
+
+    #[test]
+    fn on_a_cluster_an_atomic_route_whose_keys_may_span_slots_is_refused_with_the_fix() {
+        let errors = compile_for(&cluster_route(UNTAGGED), true)
+            .err()
+            .expect("refused");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let (path, message) = &errors[0];
+        assert_eq!(path, "routes[0].atomic");
+        for needle in [
+            "\"r\"",
+            "hash tag",
+            "\"sensor:{{{id}}}:latest\"",
+            "\"sensor:{{{id}}}:history\"",
+            "atomic = false",
+        ] {
+            assert!(message.contains(needle), "{needle} missing from: {message}");
+        }
+        // Without a cluster, and with `atomic = false`, the same route is fine.
+        compile_for(&cluster_route(UNTAGGED), false).expect("single node");
+        compile_for(&cluster_route(&format!("atomic = false\n{UNTAGGED}")), true)
+            .expect("non-atomic routes may span slots");
+    }
+
+    #[test]
+    fn on_a_cluster_keys_sharing_one_hash_tag_are_accepted() {
+        let tagged = "dedup = { key = \"dedup:{{{id}}}:{json.seq}\" }\n\
+                      [[routes.actions]]\nop = \"set\"\nkey = \"sensor:{{{id}}}:latest\"\n\
+                      [[routes.actions]]\nop = \"rpush\"\nkey = \"{{{id}}}:history\"\n";
+        compile_for(&cluster_route(tagged), true).expect("one tag");
+        let single = "[[routes.actions]]\nop = \"set\"\nkey = \"sensor:{id}\"\n";
+        compile_for(&cluster_route(single), true).expect("one key is one slot");
+        let literal = "[[routes.actions]]\nop = \"set\"\nkey = \"{{site}}:{id}\"\n\
+                       [[routes.actions]]\nop = \"incr\"\nkey = \"{{site}}:count\"\n";
+        compile_for(&cluster_route(literal), true).expect("a literal tag is a tag");
+    }
+
+    #[test]
+    fn on_a_cluster_the_dedup_key_counts_and_tags_must_be_equal() {
+        // The done mark is written in the MULTI/EXEC: an untagged dedup key spans slots.
+        let dedup_apart = "dedup = { key = \"dedup:{id}:{json.seq}\" }\n\
+                           [[routes.actions]]\nop = \"set\"\nkey = \"sensor:{{{id}}}\"\n";
+        let errors = compile_for(&cluster_route(dedup_apart), true)
+            .err()
+            .expect("refused");
+        assert!(
+            errors[0].1.contains("\"dedup:{{{id}}}:{json.seq}\""),
+            "{errors:?}"
+        );
+        for refused in [
+            // Different tags.
+            "[[routes.actions]]\nop = \"set\"\nkey = \"a:{{{id}}}\"\n\
+             [[routes.actions]]\nop = \"set\"\nkey = \"b:{{{json.x}}}\"\n",
+            // An empty tag is no tag: Redis hashes the whole key.
+            "[[routes.actions]]\nop = \"set\"\nkey = \"a:{{}}:{id}\"\n\
+             [[routes.actions]]\nop = \"set\"\nkey = \"b:{{}}:{id}\"\n",
+            // A fresh uuid per key is not one value.
+            "[[routes.actions]]\nop = \"set\"\nkey = \"a:{{{uuid}}}\"\n\
+             [[routes.actions]]\nop = \"set\"\nkey = \"b:{{{uuid}}}\"\n",
+        ] {
+            assert!(
+                compile_for(&cluster_route(refused), true).is_err(),
+                "{refused}"
+            );
+        }
     }
 }

@@ -202,6 +202,39 @@ enum Part {
     PayloadSha256,
 }
 
+impl Part {
+    /// The name as written between braces in the template.
+    fn name(&self) -> String {
+        match self {
+            Part::Literal(text) => text.clone(),
+            Part::Param { name, .. } => name.clone(),
+            Part::Topic => "topic".into(),
+            Part::Payload => "payload".into(),
+            Part::Json { path, .. } => path.to_string(),
+            Part::Session { field, .. } => format!("session.{field}"),
+            Part::Field { name, .. } => format!("field.{name}"),
+            Part::Now => "now".into(),
+            Part::NowMs => "now_ms".into(),
+            Part::Uuid => "uuid".into(),
+            Part::PayloadSha256 => "payload_sha256".into(),
+        }
+    }
+
+    /// True when the rendered value can never hold `{` (the default checks allow no braces;
+    /// an operator's constraint might).
+    fn brace_free(&self) -> bool {
+        match self {
+            Part::Literal(text) => !text.contains('{'),
+            Part::Param { check, .. }
+            | Part::Json { check, .. }
+            | Part::Session { check, .. }
+            | Part::Field { check, .. } => matches!(check, Check::Default | Check::DefaultRest),
+            Part::PayloadSha256 | Part::Now | Part::NowMs | Part::Uuid => true,
+            Part::Topic | Part::Payload => false,
+        }
+    }
+}
+
 /// What a template may refer to, and the constraints of the route or rule it belongs to.
 pub struct Scope<'a> {
     /// The params the topic pattern (or channel pattern) captures, in capture order.
@@ -438,6 +471,47 @@ impl Template {
 
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The Redis Cluster hash tag of every key this template renders, as template text
+    /// (`sensor:{{{device_id}}}:x` → `{device_id}`), when it can be proven from the template
+    /// alone: the first `{` of the key is a literal one (no placeholder before it may hold a
+    /// brace), a literal `}` follows, and what stands between is non-empty and renders the
+    /// same for every key of one message (no `{now}`, `{now_ms}`, `{uuid}`). Two keys of one
+    /// message whose tags are equal text therefore land in one slot (spec §10).
+    pub fn hash_tag(&self) -> Option<String> {
+        let mut inner = String::new();
+        let mut open = false;
+        for part in &self.parts {
+            match part {
+                Part::Literal(text) => {
+                    for c in text.chars() {
+                        match (open, c) {
+                            (false, '{') => open = true,
+                            (false, _) => {}
+                            (true, '}') => return (!inner.is_empty()).then_some(inner),
+                            (true, '{') => inner.push_str("{{"),
+                            (true, c) => inner.push(c),
+                        }
+                    }
+                }
+                Part::Now | Part::NowMs | Part::Uuid => return None,
+                // Before the opening brace, only placeholders that cannot render a brace.
+                _ if !open && !part.brace_free() => return None,
+                _ if !open => {}
+                _ => inner.push_str(&format!("{{{}}}", part.name())),
+            }
+        }
+        None
+    }
+
+    /// The placeholder source of the first placeholder a hash tag could be made of
+    /// (`{device_id}`), for suggesting a fix.
+    pub fn first_placeholder(&self) -> Option<String> {
+        self.parts.iter().find_map(|part| match part {
+            Part::Literal(_) | Part::Now | Part::NowMs | Part::Uuid => None,
+            _ => Some(format!("{{{}}}", part.name())),
+        })
     }
 
     /// True when the template is exactly `{payload}`: the raw bytes go through untouched.

@@ -31,7 +31,7 @@ fn command() -> Command {
 }
 
 /// Runs the binary to completion (bounded) and returns its output.
-fn run(args: &[&str]) -> Output {
+pub(crate) fn run(args: &[&str]) -> Output {
     let mut child = command()
         .args(args)
         .stdout(Stdio::piped())
@@ -56,7 +56,7 @@ fn run(args: &[&str]) -> Output {
     }
 }
 
-fn text(bytes: &[u8]) -> String {
+pub(crate) fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 

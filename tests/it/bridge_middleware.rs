@@ -681,7 +681,7 @@ async fn outcomes_until(rig: &Rig, route: &str, expected: &[(&str, f64)]) -> Vec
 }
 
 /// The HTTP address of the process last started (after a restart the log holds both).
-fn latest_http_addr(bridge: &Bridge) -> std::net::SocketAddr {
+pub(crate) fn latest_http_addr(bridge: &Bridge) -> std::net::SocketAddr {
     let log = bridge.log_text();
     let needle = "http listening on ";
     let start = log

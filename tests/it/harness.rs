@@ -269,6 +269,166 @@ impl Redis {
     pub fn dir(&self) -> &Path {
         self.0.dir.path()
     }
+
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.0.child.as_ref().map(Child::id)
+    }
+}
+
+/// How long `redis-cli --cluster create` plus the gossip may take before every node says
+/// `cluster_state:ok`.
+const CLUSTER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A private Redis Cluster of 3 masters and 3 replicas (spec §10), each node a
+/// `redis-server` of its own (see [`Redis`]) with its cluster bus on a second free port (the
+/// default, port + 10000, may not exist for an ephemeral port). Every node is killed by PID
+/// when the handle drops; the one [`RedisCluster::shared`] instance at process exit.
+pub struct RedisCluster {
+    nodes: Vec<Redis>,
+}
+
+/// The cluster the tests share (each under key prefixes of its own): starting six servers
+/// and letting them agree costs seconds, once per test binary instead of once per test.
+static SHARED_CLUSTER: std::sync::OnceLock<RedisCluster> = std::sync::OnceLock::new();
+
+extern "C" fn kill_shared_cluster() {
+    if let Some(cluster) = SHARED_CLUSTER.get() {
+        for node in &cluster.nodes {
+            if let Some(pid) = node.pid() {
+                signal(pid, libc::SIGKILL);
+            }
+            let _ = std::fs::remove_dir_all(node.dir());
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Starts six nodes, joins them with `redis-cli --cluster create --cluster-replicas 1`
+    /// and waits (bounded) until every node reports `cluster_state:ok`.
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<Redis> = (0..6)
+            .map(|_| {
+                let bus = free_port().to_string();
+                Redis::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-port",
+                    &bus,
+                ])
+            })
+            .collect();
+        let cli = find_binary("redis-cli", "redis-server");
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let mut args = vec!["--cluster", "create"];
+        args.extend(addresses.iter().map(String::as_str));
+        args.extend(["--cluster-replicas", "1", "--cluster-yes"]);
+        run_tool(&cli, &args, nodes[0].dir());
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok();
+        cluster
+    }
+
+    /// The cluster shared by every test of this binary, started by the first caller.
+    pub fn shared() -> &'static RedisCluster {
+        SHARED_CLUSTER.get_or_init(|| {
+            // SAFETY: registers a plain function; atexit has no other precondition.
+            unsafe {
+                libc::atexit(kill_shared_cluster);
+            }
+            RedisCluster::start()
+        })
+    }
+
+    /// Polls `CLUSTER INFO` on every node until each says `cluster_state:ok` (no event
+    /// tells us the gossip converged).
+    fn wait_ok(&self) {
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        for node in &self.nodes {
+            loop {
+                let info: Option<String> = node
+                    .client()
+                    .get_connection_with_timeout(Duration::from_secs(1))
+                    .ok()
+                    .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query(&mut c).ok());
+                if info
+                    .as_deref()
+                    .is_some_and(|i| i.contains("cluster_state:ok"))
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} not ok within {CLUSTER_TIMEOUT:?}: {info:?}",
+                    node.port()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    pub fn nodes(&self) -> &[Redis] {
+        &self.nodes
+    }
+
+    /// `redis://` URLs of every node: the bridge's `[redis] cluster` seeds.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Redis::url).collect()
+    }
+
+    /// `cluster = [...]` for the bridge's `[redis]` table.
+    pub fn toml_seeds(&self) -> String {
+        let quoted: Vec<String> = self.urls().iter().map(|u| format!("{u:?}")).collect();
+        format!("cluster = [{}]", quoted.join(", "))
+    }
+
+    /// A cluster-aware client (follows MOVED/ASK), for tests to read what the bridge wrote.
+    pub fn client(&self) -> redis::cluster::ClusterClient {
+        redis::cluster::ClusterClient::new(self.urls()).expect("cluster client")
+    }
+
+    /// The port of the master serving `key` now (`CLUSTER KEYSLOT`, then `CLUSTER SLOTS`).
+    pub fn master_of(&self, key: &str) -> u16 {
+        let mut conn = self.nodes[0].client().get_connection().expect("connect");
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut conn)
+            .expect("CLUSTER KEYSLOT");
+        let slots: redis::Value = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut conn)
+            .expect("CLUSTER SLOTS");
+        let int = |v: &redis::Value| match v {
+            redis::Value::Int(i) => *i,
+            other => panic!("CLUSTER SLOTS: not an integer: {other:?}"),
+        };
+        let redis::Value::Array(ranges) = slots else {
+            panic!("CLUSTER SLOTS: not an array: {slots:?}");
+        };
+        for range in &ranges {
+            let redis::Value::Array(fields) = range else {
+                continue;
+            };
+            let (Some(start), Some(end), Some(redis::Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                continue;
+            };
+            if (int(start)..=int(end)).contains(&slot) {
+                let port = master.get(1).map(int).expect("master port");
+                return u16::try_from(port).expect("a port");
+            }
+        }
+        panic!("slot {slot} of {key:?} is served by no master");
+    }
 }
 
 /// A private `mosquitto` with persistence in its own directory, so a persistent session

@@ -1,7 +1,7 @@
 //! The harness itself: services start on private ports and come back on the same port; the
 //! fault proxy forwards, drops and black-holes on demand.
 
-use crate::harness::{FaultProxy, Mosquitto, Redis};
+use crate::harness::{FaultProxy, Mosquitto, Redis, RedisCluster};
 
 #[test]
 fn redis_restarts_on_the_same_port() {
@@ -105,4 +105,62 @@ fn the_fault_proxy_drops_connections_and_black_holes_on_demand() {
         exchange(&mut stream, b"PING\r\n").expect("ping"),
         b"+PONG\r\n"
     );
+}
+
+#[test]
+fn the_shared_redis_cluster_has_three_masters_with_a_replica_each_and_serves_every_slot() {
+    let cluster = RedisCluster::shared();
+    assert_eq!(cluster.nodes().len(), 6);
+    let mut conn = cluster.nodes()[0]
+        .client()
+        .get_connection()
+        .expect("connect");
+    let info: String = redis::cmd("CLUSTER")
+        .arg("INFO")
+        .query(&mut conn)
+        .expect("CLUSTER INFO");
+    for line in [
+        "cluster_state:ok",
+        "cluster_slots_assigned:16384",
+        "cluster_known_nodes:6",
+        "cluster_size:3",
+    ] {
+        assert!(info.contains(line), "{line} not in {info}");
+    }
+    // Keys spread over the masters; the cluster client follows them there.
+    let masters: std::collections::BTreeSet<u16> = (0..30)
+        .map(|i| cluster.master_of(&format!("selftest:{i}")))
+        .collect();
+    assert_eq!(masters.len(), 3, "30 keys on {masters:?}");
+    let mut conn = cluster
+        .client()
+        .get_connection()
+        .expect("cluster connection");
+    for i in 0..30 {
+        let () = redis::cmd("SET")
+            .arg(format!("selftest:{i}"))
+            .arg(i)
+            .query(&mut conn)
+            .expect("SET through the cluster");
+    }
+    let v: i64 = redis::cmd("GET")
+        .arg("selftest:29")
+        .query(&mut conn)
+        .expect("GET through the cluster");
+    assert_eq!(v, 29);
+}
+
+#[test]
+fn a_redis_cluster_is_torn_down_by_pid_when_dropped() {
+    let cluster = RedisCluster::start();
+    let pids: Vec<u32> = cluster.nodes().iter().filter_map(Redis::pid).collect();
+    let ports: Vec<u16> = cluster.nodes().iter().map(Redis::port).collect();
+    assert_eq!(pids.len(), 6);
+    drop(cluster);
+    for port in ports {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "node on {port} still listening"
+        );
+    }
 }

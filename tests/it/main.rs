@@ -12,6 +12,7 @@ mod bridge_mqtt;
 mod bridge_outcomes;
 mod bridge_smoke;
 mod cache;
+mod cluster;
 mod forwards;
 mod harness;
 mod harness_selftest;

@@ -15,9 +15,11 @@
 //! silence is caught above the socket, by the response timeout, the health PING, the
 //! subscriber's PING and the stream readers' deadlines.
 //!
-//! Cluster mode compiles and follows the same code paths but is not covered by the
-//! integration tests (they need a six-node cluster). Multi-key commands, MULTI/EXEC and
-//! scripts must keep their keys in one slot with hash tags (`{device}:a`, `{device}:b`).
+//! Cluster mode follows the same code paths; the daemon's integration tests run it against
+//! a real six-node cluster (tests/it/cluster.rs). Multi-key commands, MULTI/EXEC, scripts
+//! and pipelines must keep their keys in one slot with hash tags (`{device}:a`,
+//! `{device}:b`): the cluster client sends a pipeline to one node and refuses one whose
+//! keys span slots (`CrossSlot`) before sending it.
 
 use std::time::Duration;
 
