@@ -657,7 +657,15 @@ async fn behind_a_proxy(
 /// Polls /metrics until route `route` shows each (outcome, value) or WAIT passes; the
 /// values last seen, in order.
 async fn outcomes_until(rig: &Rig, route: &str, expected: &[(&str, f64)]) -> Vec<Option<f64>> {
-    let addr = latest_http_addr(&rig.bridge);
+    outcomes_at(latest_http_addr(&rig.bridge), route, expected).await
+}
+
+/// [`outcomes_until`] for the bridge serving /metrics at `addr`.
+pub(crate) async fn outcomes_at(
+    addr: std::net::SocketAddr,
+    route: &str,
+    expected: &[(&str, f64)],
+) -> Vec<Option<f64>> {
     let deadline = Instant::now() + WAIT;
     loop {
         let (_, metrics) = get(addr, "/metrics").await;

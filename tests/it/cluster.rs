@@ -4,15 +4,12 @@
 //! (`c1:` …), with a Mosquitto and a bridge of its own.
 
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
 
 use redis::cluster::ClusterConnection;
 
 use crate::bridge::{Bridge, Client};
-use crate::bridge_actions::WAIT;
 use crate::bridge_middleware::latest_http_addr;
 use crate::harness::{Mosquitto, RedisCluster};
-use crate::ops::{get, sample};
 
 /// The bridge's config for the shared cluster and `broker`, followed by `routes`.
 fn cluster_config(
@@ -81,27 +78,7 @@ impl ClusterRig {
     /// Polls /metrics until route `route` counted each (outcome, value), or WAIT passes;
     /// the values last seen, in order.
     async fn outcomes_until(&self, route: &str, expected: &[(&str, f64)]) -> Vec<Option<f64>> {
-        let addr = latest_http_addr(&self.bridge);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (_, metrics) = get(addr, "/metrics").await;
-            let seen: Vec<Option<f64>> = expected
-                .iter()
-                .map(|(outcome, _)| {
-                    sample(
-                        &metrics,
-                        &format!(
-                            r#"routemq_bridge_messages_total{{route="{route}",outcome="{outcome}"}}"#
-                        ),
-                    )
-                })
-                .collect();
-            let wanted: Vec<Option<f64>> = expected.iter().map(|(_, v)| Some(*v)).collect();
-            if seen == wanted || Instant::now() > deadline {
-                return seen;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        crate::bridge_middleware::outcomes_at(latest_http_addr(&self.bridge), route, expected).await
     }
 
     /// Asserts route `route` counted exactly `expected` (outcome, value) pairs.
