@@ -225,9 +225,6 @@ key = "c4:{{{id}}}:count"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "spec §10 not met yet: an atomic = false route's pipeline goes to one node; \
-            the redis crate's cluster client refuses it before sending (`Received crossed \
-            slots in pipeline - CrossSlot`) and the message fails with redis_error"]
 async fn a_non_atomic_route_writes_keys_in_different_slots_on_a_cluster() {
     // Spec §10: "`atomic = false` routes may span slots (one pipeline per node)".
     let mut rig = ClusterRig::start(

@@ -19,7 +19,8 @@
 //! a real six-node cluster (tests/it/cluster.rs). Multi-key commands, MULTI/EXEC, scripts
 //! and pipelines must keep their keys in one slot with hash tags (`{device}:a`,
 //! `{device}:b`): the cluster client sends a pipeline to one node and refuses one whose
-//! keys span slots (`CrossSlot`) before sending it.
+//! keys span slots (`CrossSlot`) before sending it — `RedisManager::query_pipeline_spread`
+//! sends a plain pipeline's commands one by one instead, each to its key's node.
 
 use std::time::Duration;
 

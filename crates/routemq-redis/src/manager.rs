@@ -446,6 +446,25 @@ impl RedisManager {
         .await
     }
 
+    /// Run a pipeline whose replies the caller does not need, and whose commands may live
+    /// on different nodes of a cluster: a plain (non-transaction) pipeline on a cluster is
+    /// sent command by command, in order, each routed to its key's node (redis-rs refuses a
+    /// pipeline across slots); anywhere else, and for a transaction, it is
+    /// [`RedisManager::query_pipeline`]. Every reply is checked. Like any non-atomic
+    /// pipeline, a retry after an error sends the commands that succeeded again.
+    pub async fn query_pipeline_spread(&self, pipe: &Pipeline) -> Result<()> {
+        if self.inner.config.cluster.is_empty() || pipe.is_transaction() {
+            return self.query_pipeline::<()>(pipe).await;
+        }
+        for cmd in pipe.cmd_iter() {
+            let reply: ::redis::Value = self.query(cmd).await?;
+            if let ::redis::Value::ServerError(e) = reply {
+                return Err(Error::from(::redis::RedisError::from(e)));
+            }
+        }
+        Ok(())
+    }
+
     /// Run a Lua script (EVALSHA, falling back to EVAL after a Redis restart).
     pub async fn run_script<T: FromRedisValue>(
         &self,
