@@ -538,6 +538,24 @@ async fn inflight(bridge: &Bridge) -> f64 {
         .unwrap_or_else(|| panic!("no inflight_messages in:\n{metrics}"))
 }
 
+/// Waits (bounded) until the bridge holds at least `n` messages; how many it holds then.
+async fn holding_at_least(bridge: &Bridge, n: f64) -> f64 {
+    let mut held = 0.0;
+    for _ in 0..600 {
+        held = inflight(bridge).await;
+        if held >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        held >= n,
+        "the bridge never held {n} messages; log:\n{}",
+        bridge.log_text()
+    );
+    held
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backlog_beyond_max_inflight_waits_in_the_broker_not_in_the_bridge() {
     let mut redis = Redis::start();
@@ -555,19 +573,7 @@ async fn a_backlog_beyond_max_inflight_waits_in_the_broker_not_in_the_bridge() {
     // The broker's window (20) is more than max_inflight: the bridge takes 5 (plus at most
     // the rest of one read batch, 9 packets) and leaves the rest unread until some are acked.
     const BOUND: f64 = 5.0 + 9.0;
-    let mut held = 0.0;
-    for _ in 0..600 {
-        held = inflight(&bridge).await;
-        if held >= 5.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        held >= 5.0,
-        "the bridge never took max_inflight messages; log:\n{}",
-        bridge.log_text()
-    );
+    let held = holding_at_least(&bridge, 5.0).await;
     // Time is the condition: two keep-alive periods (5 s), during which pings go out and
     // must neither cost the connection nor read more.
     let mut most = held;
@@ -604,15 +610,7 @@ async fn a_broker_gone_silent_while_held_back_is_noticed_and_nothing_is_lost() {
     let mut client = Client::connect(&broker, "silent-broker-publisher").await;
     redis.kill();
     client.publish_all(numbered(0..100)).await;
-    let mut held = 0.0;
-    for _ in 0..600 {
-        held = inflight(&bridge).await;
-        if held >= 5.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(held >= 5.0, "held back at max_inflight");
+    holding_at_least(&bridge, 5.0).await;
 
     let offset = bridge.log_text().len();
     proxy.blackhole(true);
@@ -654,15 +652,7 @@ async fn the_inflight_bound_holds_across_broker_restarts() {
     drop(client);
     // max_inflight plus at most the rest of one read batch (see the test above).
     const BOUND: f64 = 10.0 + 9.0;
-    let mut most = 0.0f64;
-    for _ in 0..600 {
-        most = most.max(inflight(&bridge).await);
-        if most >= 10.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(most >= 10.0, "the bridge took max_inflight messages");
+    let mut most = holding_at_least(&bridge, 10.0).await;
     const CONNECTED: &str = "connected to the MQTT broker";
     for restart in 1..=3 {
         let offset = bridge.log_text().len();

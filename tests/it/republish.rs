@@ -15,6 +15,15 @@ use rumqttc::QoS;
 use crate::bridge::{config, eventually, Bridge, Client};
 use crate::harness::{FaultProxy, Mosquitto, Redis};
 
+/// A pub/sub rule: `commands:<device>` → `devices/<device>/commands`.
+const COMMANDS_RULE: &str = r#"
+[[republish]]
+name = "commands"
+source = "pubsub"
+channel = "commands:{device_id}"
+topic = "devices/{device_id}/commands"
+"#;
+
 /// Upper bound of any single wait; reaching it is a failure.
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -135,7 +144,8 @@ async fn publish_until_republished(
     .await
 }
 
-fn pending(redis: &Redis, stream: &str, group: &str) -> Option<i64> {
+/// Entries of `stream` not yet acknowledged by `group`; `None` while the group is missing.
+pub(crate) fn pending(redis: &Redis, stream: &str, group: &str) -> Option<i64> {
     let mut conn = redis.client().get_connection().ok()?;
     let reply: redis::Value = redis::cmd("XPENDING")
         .arg(stream)
@@ -221,19 +231,7 @@ payload = "cmd={payload}"
 async fn pubsub_resubscribes_after_redis_restarts() {
     let mut redis = Redis::start();
     let broker = Mosquitto::start();
-    let running = Running::start(
-        &redis,
-        &broker,
-        "rp-redis-restart",
-        r#"
-[[republish]]
-name = "commands"
-source = "pubsub"
-channel = "commands:{device_id}"
-topic = "devices/{device_id}/commands"
-"#,
-    )
-    .await;
+    let running = Running::start(&redis, &broker, "rp-redis-restart", COMMANDS_RULE).await;
     running.pubsub_subscribed().await;
     let mut client = listener(
         &broker,
@@ -272,18 +270,7 @@ async fn a_subscriber_on_a_silently_dead_connection_notices_and_resubscribes() {
     let redis = Redis::start();
     let broker = Mosquitto::start();
     let proxy = FaultProxy::start(redis.port());
-    let text = config(
-        &redis,
-        &broker,
-        "rp-silent-redis",
-        r#"
-[[republish]]
-name = "commands"
-source = "pubsub"
-channel = "commands:{device_id}"
-topic = "devices/{device_id}/commands"
-"#,
-    );
+    let text = config(&redis, &broker, "rp-silent-redis", COMMANDS_RULE);
     let shortened = text.replace(r#"socket_timeout = "2s""#, r#"socket_timeout = "1s""#);
     assert_ne!(shortened, text, "the test config sets socket_timeout");
     let running = Running::start_with(&shortened.replace(&redis.url(), &proxy.redis_url())).await;
@@ -323,19 +310,7 @@ topic = "devices/{device_id}/commands"
 async fn republishing_resumes_after_the_broker_restarts() {
     let redis = Redis::start();
     let mut broker = Mosquitto::start();
-    let running = Running::start(
-        &redis,
-        &broker,
-        "rp-broker-restart",
-        r#"
-[[republish]]
-name = "commands"
-source = "pubsub"
-channel = "commands:{device_id}"
-topic = "devices/{device_id}/commands"
-"#,
-    )
-    .await;
+    let running = Running::start(&redis, &broker, "rp-broker-restart", COMMANDS_RULE).await;
     running.pubsub_subscribed().await;
     let mut client = listener(&broker, "rp-broker-sub", "devices/#", "devices/probe").await;
     publish(&redis, "commands:dev-1", "before");

@@ -17,6 +17,7 @@ use crate::bridge::{config, eventually, Bridge, Client};
 use crate::bridge_delivery::{numbered, written_numbers, NUMBERED_ROUTE};
 use crate::harness::{FaultProxy, Mosquitto, Redis};
 use crate::ops::{get, http_addr, sample};
+use crate::republish::pending;
 
 /// `socket_timeout` of these tests: short, so the bound is short.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(1);
@@ -211,23 +212,6 @@ async fn every_redis_socket_has_tcp_keepalive_set_from_socket_timeout() {
          (timer, time left) per socket: {last:?}; log:\n{}",
         bridge.log_text()
     );
-}
-
-/// Entries of `stream` not yet acknowledged by `group`; `None` while the group is missing.
-fn pending(redis: &Redis, stream: &str, group: &str) -> Option<i64> {
-    let mut conn = redis.client().get_connection().ok()?;
-    let reply: redis::Value = redis::cmd("XPENDING")
-        .arg(stream)
-        .arg(group)
-        .query(&mut conn)
-        .ok()?;
-    match reply {
-        redis::Value::Array(items) => match items.first() {
-            Some(redis::Value::Int(n)) => Some(*n),
-            _ => None,
-        },
-        _ => None,
-    }
 }
 
 /// The next message on `topic` within `timeout`, skipping others.
