@@ -67,7 +67,7 @@ pub struct RouteMetrics {
     duration: OnceLock<Histogram>,
     /// One per [`Outcome::label`], indexed by [`outcome_index`].
     outcomes: [OnceLock<Counter>; OUTCOMES],
-    /// When a refusal of each kind was last logged at `info`, in ms since [`START`] + 1 (0:
+    /// When a refusal of each kind was last logged at `info` (`heartbeat::now_ms`; 0:
     /// never), so a newcomer sees why their first message went nowhere without a flood.
     noted: [AtomicU64; OUTCOMES],
 }
@@ -75,13 +75,11 @@ pub struct RouteMetrics {
 /// How often one route logs one kind of refusal at `info`; the rest go to `debug`.
 const NOTE_EVERY: Duration = Duration::from_secs(60);
 
-static START: LazyLock<Instant> = LazyLock::new(Instant::now);
-
 /// Whether `route`'s refusal of this kind is due to be logged at `info` (the first, then at
 /// most once per [`NOTE_EVERY`]).
 fn note_due(handles: &RouteMetrics, outcome: &Outcome) -> bool {
     let slot = &handles.noted[outcome_index(outcome)];
-    let now = u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
+    let now = routemq_redis::heartbeat::now_ms();
     let last = slot.load(Ordering::Relaxed);
     let every = u64::try_from(NOTE_EVERY.as_millis()).unwrap_or(u64::MAX);
     (last == 0 || now.saturating_sub(last) >= every)

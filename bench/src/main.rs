@@ -134,21 +134,12 @@ payload = "json"
 "#
             }
             RouteKind::Forward => {
-                r#"
-[[routes]]
-name = "bench"
-topic = "bench/{device_id}/data"
-qos = 1
-payload = "json"
-
-  [[routes.actions]]
-  op = "set"
-  key = "bench:msg:{device_id}:{json.seq}"
-
+                return RouteKind::OneSet.route_toml(strategy)
+                    + r#"
   [[routes.actions]]
   op = "mqtt_publish"
   topic = "bench-forward/{device_id}"
-"#
+"#;
             }
             RouteKind::Full => {
                 r#"

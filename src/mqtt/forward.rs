@@ -69,7 +69,7 @@ impl Forwarder {
                     events::forward_retry(&out.topic);
                 }
                 Err(PublishError::Full) => {}
-                Err(PublishError::Refused(_)) if publisher.status().has_changed().is_err() => {
+                Err(PublishError::Refused(_)) if publisher.client_closed() => {
                     // The outgoing connection's loop is gone: the daemon is stopping (or
                     // exits 1 for it). No outcome: the message stays unacked and is
                     // redelivered, as anything unfinished at a stop (spec §6).

@@ -183,7 +183,9 @@ impl MqttPublisher {
         }
     }
 
-    fn client_closed(&self) -> bool {
+    /// Whether the connection's event loop has ended (the daemon is stopping, or the loop
+    /// died): nothing published from now on can go out.
+    pub fn client_closed(&self) -> bool {
         // try_publish fails with TryRequest both when full and when the loop is gone;
         // a closed status channel tells the second apart.
         self.status.has_changed().is_err()
