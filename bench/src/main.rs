@@ -32,6 +32,11 @@ use report::{DrainRow, IdleRow, LiveRow, Report};
 use services::{Bridge, Service, TempDir};
 use store::{Store, DEAD_LETTER, MSG_PREFIX};
 
+/// The `share_group` of `--instances` bridges, followed by the route's letter: a group per
+/// route, because the broker keeps giving the group's messages to an earlier run's
+/// persistent sessions too (they are members until they expire).
+const SHARE_GROUP: &str = "bench-";
+
 pub type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 #[derive(Parser, Debug, Clone)]
@@ -77,6 +82,13 @@ struct Args {
     #[arg(long, default_value = "sliding_window",
           value_parser = ["sliding_window", "fixed_window", "token_bucket"])]
     rate_limit: String,
+    /// The Redis the bridges write to: one server, or a 3-master cluster (drain only; the
+    /// route's keys are hash-tagged by device there).
+    #[arg(long, default_value = "single", value_parser = ["single", "cluster"])]
+    redis: String,
+    /// Bridges draining the queue together, as one `share_group` (drain only).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
+    instances: u32,
 }
 
 /// The two bridge configurations measured.
@@ -117,8 +129,24 @@ impl RouteKind {
         }
     }
 
-    /// The route, with `strategy` as (c)'s rate-limit strategy.
-    fn route_toml(self, strategy: &str) -> String {
+    /// The route, with `strategy` as (c)'s rate-limit strategy; on a cluster the keys one
+    /// MULTI/EXEC writes share the device's hash tag (`bench:msg:{{{device_id}}}:…`).
+    fn route_toml(self, strategy: &str, cluster: bool) -> String {
+        let toml = self.route_toml_single(strategy);
+        if !cluster {
+            return toml;
+        }
+        ["bench:msg:", "bench:dedup:", "bench:count:"]
+            .iter()
+            .fold(toml, |toml, prefix| {
+                toml.replace(
+                    &format!("{prefix}{{device_id}}"),
+                    &format!("{prefix}{{{{{{device_id}}}}}}"),
+                )
+            })
+    }
+
+    fn route_toml_single(self, strategy: &str) -> String {
         let toml = match self {
             RouteKind::OneSet => {
                 r#"
@@ -134,7 +162,7 @@ payload = "json"
 "#
             }
             RouteKind::Forward => {
-                return RouteKind::OneSet.route_toml(strategy)
+                return RouteKind::OneSet.route_toml_single(strategy)
                     + r#"
   [[routes.actions]]
   op = "mqtt_publish"
@@ -196,7 +224,8 @@ struct Bench {
     args: Args,
     bridge_binary: PathBuf,
     prefix: Vec<String>,
-    redis: Service,
+    /// One server, or every node of the cluster.
+    redis: Vec<Service>,
     broker: Service,
     store: Store,
     dir: TempDir,
@@ -205,14 +234,19 @@ struct Bench {
 impl Bench {
     fn config(&self, route: RouteKind, client_id: &str) -> Res<(PathBuf, u16)> {
         let http = services::free_port()?;
+        let share_group = if self.args.instances > 1 {
+            format!("share_group = \"{SHARE_GROUP}{}\"\n", route.short())
+        } else {
+            String::new()
+        };
         let text = format!(
             r#"[mqtt]
 url = "mqtt://127.0.0.1:{mqtt}"
 client_id = "{client_id}"
 clean_session = false
-
+{share_group}
 [redis]
-url = "{redis}"
+{redis}
 
 [http]
 listen = "127.0.0.1:{http}"
@@ -225,8 +259,8 @@ level = "info"
 format = "text"
 {routes}"#,
             mqtt = self.broker.port,
-            redis = self.store.url,
-            routes = route.route_toml(&self.args.rate_limit),
+            redis = self.store.redis_toml,
+            routes = route.route_toml(&self.args.rate_limit, self.store.cluster),
         );
         let path = self.dir.path().join(format!("{client_id}.toml"));
         std::fs::write(&path, text)?;
@@ -280,7 +314,7 @@ format = "text"
     async fn drain_baseline(&mut self) -> Res<DrainRow> {
         let client_id = "bench-drain-a";
         self.store.flush().await?;
-        mqtt::create_session(self.broker.port, client_id).await?;
+        mqtt::create_session(self.broker.port, client_id, mqtt::FILTER).await?;
         let subscriber = mqtt::Subscriber::connect(self.broker.port, client_id).await?;
         let preload_rate = self.preload().await?;
         let others0 = self.others_cpu(std::process::id());
@@ -309,23 +343,50 @@ format = "text"
         })
     }
 
-    /// (b) or (c): the bridge drains the same queue; done when Redis holds every key.
+    /// (b) or (c): the bridge (or `--instances` bridges in one share group) drains the same
+    /// queue; done when Redis holds every key.
     async fn drain_bridge(&mut self, route: RouteKind) -> Res<DrainRow> {
-        let client_id = format!("bench-drain-{}", route.short());
+        let instances = self.args.instances;
+        let filter = if instances > 1 {
+            format!("$share/{SHARE_GROUP}{}/{}", route.short(), mqtt::FILTER)
+        } else {
+            mqtt::FILTER.to_string()
+        };
         self.reset_redis(route).await?;
-        mqtt::create_session(self.broker.port, &client_id).await?;
-        let (config, http) = self.config(route, &client_id)?;
-        let mut bridge = self.spawn_bridge(&config, &format!("drain-{}", route.short()))?;
-        bridge.wait_for_log("subscribed", Duration::from_secs(15))?;
+        let mut bridges = Vec::new();
+        for i in 1..=instances {
+            let client_id = if instances > 1 {
+                format!("bench-drain-{}-{i}", route.short())
+            } else {
+                format!("bench-drain-{}", route.short())
+            };
+            mqtt::create_session(self.broker.port, &client_id, &filter).await?;
+            let (config, http) = self.config(route, &client_id)?;
+            let run = if instances > 1 {
+                format!("drain-{}-{i}", route.short())
+            } else {
+                format!("drain-{}", route.short())
+            };
+            let mut bridge = self.spawn_bridge(&config, &run)?;
+            bridge.wait_for_log("subscribed", Duration::from_secs(15))?;
+            bridges.push((client_id, http, bridge));
+        }
         // Paused while the queue fills, as the do-nothing subscriber is (see `drain`).
-        bridge.signal("STOP");
+        for (_, _, bridge) in &bridges {
+            bridge.signal("STOP");
+        }
         let preload_rate = self.preload().await;
-        bridge.signal("CONT");
+        for (_, _, bridge) in &bridges {
+            bridge.signal("CONT");
+        }
         let preload_rate = preload_rate?;
         let resumed = Instant::now();
-        let pid = bridge.pid();
-        let peak = PeakRss::start(pid);
-        let cpu0 = sample(pid).unwrap_or_default();
+        let pids: Vec<u32> = bridges.iter().map(|(_, _, b)| b.pid()).collect();
+        let peaks: Vec<PeakRss> = pids.iter().map(|&pid| PeakRss::start(pid)).collect();
+        let cpu0: Vec<_> = pids
+            .iter()
+            .map(|&pid| sample(pid).unwrap_or_default())
+            .collect();
         let others0 = self.others_cpu(0);
         self.store.reset_stats().await?;
         let n = self.args.messages;
@@ -343,10 +404,13 @@ format = "text"
                 .wait_for_count(&format!("{MSG_PREFIX}*"), n, Duration::from_secs(10))
                 .await;
         }
-        let end = sample(pid).unwrap_or_default();
+        let ends: Vec<_> = pids
+            .iter()
+            .map(|&pid| sample(pid).unwrap_or_default())
+            .collect();
         let others = self.others_cpu(0).since(&others0);
         let redis_commands = self.store.command_stats().await?;
-        let peak_rss = peak.stop();
+        let peak_rss: u64 = peaks.into_iter().map(PeakRss::stop).sum();
         let mut problems = Vec::new();
         let done = match waited {
             Ok(at) => at,
@@ -367,31 +431,59 @@ format = "text"
                 problems.push(format!("incr counters sum to {counted}, not {n}"));
             }
         }
-        let outcomes = scrape_outcomes(http);
-        problems.extend(bridge.warnings());
-        let status = bridge.terminate(Duration::from_secs(20))?;
-        let left = self.leftover(&client_id).await?;
+        let mut outcomes: Option<BTreeMap<String, u64>> = None;
+        let mut exit_ok = true;
+        let mut left = 0;
+        let mut shares = Vec::new();
+        for (client_id, http, mut bridge) in bridges {
+            if let Some(counts) = scrape_outcomes(http) {
+                shares.push(counts.values().sum::<u64>());
+                let merged = outcomes.get_or_insert_with(BTreeMap::new);
+                for (outcome, count) in counts {
+                    *merged.entry(outcome).or_insert(0) += count;
+                }
+            }
+            problems.extend(bridge.warnings());
+            exit_ok &= bridge.terminate(Duration::from_secs(20))?.success();
+            left += self.leftover(&client_id).await?;
+        }
+        let cluster = if self.store.cluster {
+            format!(", {}-node cluster", self.redis.len())
+        } else {
+            String::new()
+        };
+        let mut name = if route == RouteKind::Full && !exact_limiter {
+            format!("{}, {}", route.label(), self.args.rate_limit)
+        } else {
+            route.label().into()
+        };
+        if instances > 1 {
+            name = format!("{name} ×{instances} (shares {shares:?}){cluster}");
+        } else {
+            name.push_str(&cluster);
+        }
         Ok(DrainRow {
-            name: if route == RouteKind::Full && !exact_limiter {
-                format!("{}, {}", route.label(), self.args.rate_limit)
-            } else {
-                route.label().into()
-            },
+            name,
             short: route.short().into(),
             messages: n,
             preload_rate,
             seconds: secs,
             rate: n as f64 / secs,
-            cpu_s: Some(end.cpu_s - cpu0.cpu_s),
+            cpu_s: Some(
+                ends.iter()
+                    .zip(&cpu0)
+                    .map(|(end, start)| end.cpu_s - start.cpu_s)
+                    .sum(),
+            ),
             others,
             redis_commands,
             peak_rss_kib: Some(peak_rss),
-            hwm_kib: Some(end.hwm_kib),
+            hwm_kib: Some(ends.iter().map(|e| e.hwm_kib).sum()),
             accounted,
             dead_letters,
             left_in_broker: left,
             outcomes,
-            exit_ok: status.success(),
+            exit_ok,
             problems,
         })
     }
@@ -401,7 +493,7 @@ format = "text"
         let cpu = |pid: u32| sample(pid).map(|s| s.cpu_s).unwrap_or(0.0);
         report::OthersCpu {
             broker_s: cpu(self.broker.pid()),
-            redis_s: cpu(self.redis.pid()),
+            redis_s: self.redis.iter().map(|r| cpu(r.pid())).sum(),
             subscriber_s: (subscriber != 0).then(|| cpu(subscriber)),
         }
     }
@@ -424,7 +516,7 @@ format = "text"
     async fn live(&mut self, route: RouteKind) -> Res<(Vec<LiveRow>, Vec<IdleRow>, Vec<String>)> {
         let client_id = format!("bench-live-{}", route.short());
         self.reset_redis(route).await?;
-        mqtt::create_session(self.broker.port, &client_id).await?;
+        mqtt::create_session(self.broker.port, &client_id, mqtt::FILTER).await?;
         let (config, http) = self.config(route, &client_id)?;
         let mut bridge = self.spawn_bridge(&config, &format!("live-{}", route.short()))?;
         bridge.wait_for_log("subscribed", Duration::from_secs(15))?;
@@ -637,9 +729,21 @@ async fn run(args: Args) -> Res<Report> {
         .iter()
         .map(|r| RouteKind::from_name(r))
         .collect::<Res<Vec<_>>>()?;
-    let redis = services::redis()?;
+    let cluster = args.redis == "cluster";
+    if (cluster || args.instances > 1) && args.parts.iter().any(|p| p == "live") {
+        return Err("--redis cluster and --instances measure the drain: add --parts drain".into());
+    }
+    let redis = if cluster {
+        services::redis_cluster(3)?
+    } else {
+        vec![services::redis()?]
+    };
     let broker = services::mosquitto(args.broker_inflight)?;
-    let store = Store::connect(redis.port).await?;
+    let store = if cluster {
+        Store::connect_cluster(&redis.iter().map(|r| r.port).collect::<Vec<_>>()).await?
+    } else {
+        Store::connect(redis[0].port).await?
+    };
     let mut bench = Bench {
         bridge_binary,
         prefix,
@@ -650,9 +754,9 @@ async fn run(args: Args) -> Res<Report> {
         args: args.clone(),
     };
     eprintln!(
-        "redis-server pid {} port {}, mosquitto pid {} port {}",
-        bench.redis.pid(),
-        bench.redis.port,
+        "redis-server pids {:?} ports {:?}, mosquitto pid {} port {}",
+        bench.redis.iter().map(Service::pid).collect::<Vec<_>>(),
+        bench.redis.iter().map(|r| r.port).collect::<Vec<_>>(),
         bench.broker.pid(),
         bench.broker.port
     );

@@ -75,16 +75,17 @@ async fn disconnect(client: &AsyncClient, eventloop: &mut EventLoop) -> Res<()> 
     }
 }
 
-/// Creates (or resets) `client_id`'s persistent session subscribed to [`FILTER`] at QoS 1,
+/// Creates (or resets) `client_id`'s persistent session subscribed to `filter` ([`FILTER`],
+/// or it under `$share/<group>/`) at QoS 1,
 /// then leaves, so that what is published next queues for it.
-pub async fn create_session(port: u16, client_id: &str) -> Res<()> {
+pub async fn create_session(port: u16, client_id: &str, filter: &str) -> Res<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     // A clean connection first drops whatever an earlier run left in the session.
     for clean in [true, false] {
         let (client, mut eventloop) = AsyncClient::new(options(client_id, port, clean), 10);
         connect(&mut eventloop, deadline).await?;
         if !clean {
-            client.subscribe(FILTER, QoS::AtLeastOnce).await?;
+            client.subscribe(filter, QoS::AtLeastOnce).await?;
             loop {
                 if let Event::Incoming(Packet::SubAck(_)) = next(&mut eventloop, deadline).await? {
                     break;

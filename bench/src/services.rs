@@ -158,6 +158,83 @@ pub fn redis() -> Res<Service> {
     Service::start("redis-server", &binary, &args, dir, port)
 }
 
+/// A Redis Cluster of `masters` nodes without replicas (`cluster-enabled yes`, slots split by
+/// `redis-cli --cluster create`), no persistence; returns once every node says
+/// `cluster_state:ok`. Replicas would only add replication CPU to what is measured.
+pub fn redis_cluster(masters: usize) -> Res<Vec<Service>> {
+    let binary = find_binary("redis-server", "redis-server")?;
+    let cli = find_binary("redis-cli", "redis-tools")?;
+    let mut nodes = Vec::with_capacity(masters);
+    for _ in 0..masters {
+        let dir = TempDir::new("redis-cluster")?;
+        let port = free_port()?;
+        let dir_arg = dir.path().display().to_string();
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            &dir_arg,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            "nodes.conf",
+            "--cluster-node-timeout",
+            "5000",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        nodes.push(Service::start(
+            "redis-server (cluster)",
+            &binary,
+            &args,
+            dir,
+            port,
+        )?);
+    }
+    let mut create = Command::new(&cli);
+    create.arg("--cluster").arg("create");
+    for node in &nodes {
+        create.arg(format!("127.0.0.1:{}", node.port));
+    }
+    let out = create
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("redis-cli --cluster create: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+        .into());
+    }
+    let deadline = Instant::now() + START_TIMEOUT;
+    for node in &nodes {
+        loop {
+            let info = Command::new(&cli)
+                .args(["-p", &node.port.to_string(), "cluster", "info"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            if info.contains("cluster_state:ok") {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("cluster node {} not ok within 15 s", node.port).into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(nodes)
+}
+
 /// `mosquitto` holding persistent sessions in memory, with no cap on queued messages (its
 /// default of 1000 per client would drop most of a preloaded queue) and the given in-flight
 /// window (`max_inflight_messages`, 20 by default), the same for every subscriber measured.
