@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::config::reader::{Errors, Table};
-use crate::config::{self, ConfigErrors, HttpConfig, LimitsConfig, LogConfig, RawTable};
+use crate::config::{
+    self, ConfigErrors, ConfigWarning, HttpConfig, LimitsConfig, LogConfig, RawTable,
+};
 use crate::dead_letter::DeadLetterConfig;
 use crate::mqtt::MqttConfig;
 use crate::redis::RedisConfig;
@@ -36,6 +38,9 @@ pub struct BridgeConfig {
     pub republish: Vec<RawTable>,
     /// `[[republish]]` compiled: filled by [`BridgeConfig::compile`] (empty after `load`).
     pub republish_rules: Vec<RepublishRule>,
+    /// Settings that load but are likely mistakes: `check` prints them, the daemon logs
+    /// them at start-up.
+    pub warnings: Vec<ConfigWarning>,
 }
 
 impl BridgeConfig {
@@ -83,8 +88,9 @@ impl BridgeConfig {
         more: impl FnOnce(&BridgeConfig, &Errors) -> T,
     ) -> Result<(BridgeConfig, T), ConfigErrors> {
         config::load(path, env, |root, errors| {
-            let config = BridgeConfig::read(root);
+            let mut config = BridgeConfig::read(root);
             let extra = more(&config, errors);
+            config.warnings = errors.take_warnings();
             (config, extra)
         })
     }
@@ -116,6 +122,7 @@ impl BridgeConfig {
             routes,
             republish,
             republish_rules: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 }
