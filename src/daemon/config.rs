@@ -12,7 +12,7 @@ use crate::config::{
 use crate::dead_letter::DeadLetterConfig;
 use crate::mqtt::MqttConfig;
 use crate::redis::RedisConfig;
-use crate::republish::{read_republish, RepublishRule};
+use crate::republish::{read_republish, warn_pubsub_in_share_group, RepublishRule};
 use crate::router::config::read_routes;
 use crate::router::route::RouteTable;
 
@@ -73,6 +73,9 @@ impl BridgeConfig {
                 errors,
             );
             let rules = read_republish(&config.republish, config.redis.enabled, errors);
+            if !config.mqtt.share_group.is_empty() {
+                warn_pubsub_in_share_group(&config.republish, &rules, errors);
+            }
             (routes, rules)
         })
         .map(|(mut config, (routes, rules))| {

@@ -1045,3 +1045,45 @@ fn host_or_url_without_a_cluster_is_no_warning() {
         vec![]
     );
 }
+
+/// The warnings of a config whose routes and republish rules compile: (key path, message).
+fn compiled_warnings(toml: &str) -> Vec<(String, String)> {
+    let (_dir, path) = file(toml);
+    match BridgeConfig::compile(&path, &env(&[])) {
+        Ok((c, _)) => c
+            .warnings
+            .into_iter()
+            .map(|w| (w.path, w.message))
+            .collect(),
+        Err(e) => panic!("expected a valid config, got:\n{e}"),
+    }
+}
+
+#[test]
+fn a_pubsub_republish_rule_in_a_share_group_is_a_warning_a_stream_rule_is_not() {
+    let rules = r#"
+[[republish]]
+name = "commands"
+source = "pubsub"
+channel = "commands:{device_id}"
+topic = "devices/{device_id}/commands"
+
+[[republish]]
+name = "alerts"
+source = "stream"
+stream = "alerts:out"
+topic = "alerts/all"
+"#;
+    let found = compiled_warnings(&format!(
+        "[mqtt]\nshare_group = \"g\"\nclient_id = \"gw-1\"\n{rules}"
+    ));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].0, "republish[0].source");
+    assert!(
+        found[0].1.contains("once per instance") && found[0].1.contains("stream"),
+        "{}",
+        found[0].1
+    );
+    // One bridge alone republishes each message once.
+    assert_eq!(compiled_warnings(rules), vec![]);
+}
