@@ -548,3 +548,44 @@ async fn kill_9_of_one_member_and_its_restart_lose_nothing_without_dedup() {
     );
     assert_eq!(group.dead_letters(), 0, "nothing dead-lettered");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_broker_lost_every_session_the_group_resubscribes_shared_and_still_splits() {
+    let _turn = ONE_GROUP_AT_A_TIME.lock().await;
+    let mut group = Group::start(data_route);
+    let mut publisher = Client::connect(&group.broker, "lost-publisher").await;
+    publisher.publish_all(stream(1)).await;
+    let written_once = group
+        .until(&written("data"), |w| total(w) >= DEVICES as u64)
+        .await;
+    assert_eq!(total(&written_once), DEVICES as u64, "{written_once:?}");
+
+    // A broker crash before it saved anything: it comes back knowing no session.
+    let offsets: Vec<usize> = group.bridges.iter().map(|b| b.log_text().len()).collect();
+    drop(publisher);
+    group.broker.kill();
+    let _ = std::fs::remove_file(group.broker.dir().join("mosquitto.db"));
+    group.broker.start_again();
+    for (bridge, offset) in group.bridges.iter().zip(offsets) {
+        assert!(
+            bridge.wait_for_log_after(offset, crate::bridge::SUBSCRIBED, DRAIN),
+            "every member subscribed again; log:\n{}",
+            bridge.log_text()
+        );
+        assert!(
+            bridge.log_text()[offset..].contains("session_present=false"),
+            "the broker had lost the session; log:\n{}",
+            bridge.log_text()
+        );
+    }
+
+    // Subscribed again as members of the group, not each to the whole topic space: every
+    // message is still written once.
+    let mut publisher = Client::connect(&group.broker, "lost-publisher-2").await;
+    publisher.publish_all(stream(2).split_off(DEVICES)).await;
+    let shares = group
+        .until(&written("data"), |w| total(w) >= 2 * DEVICES as u64)
+        .await;
+    assert_each_written_once(&mut group.conn, 2, "after the resubscription");
+    assert_eq!(total(&shares), 2 * DEVICES as u64, "{shares:?}");
+}
