@@ -29,8 +29,9 @@
 //! to do after EXEC: its redelivery after a crash is reported `duplicate` (its write is in
 //! Redis; nothing is lost).
 //!
-//! **A lease left by an earlier run of this instance.** A lease value is
-//! `lease:<client_id>:<run>:<nonce>`, `<run>` drawn once per process ([`lease_prefix`]).
+//! **A lease left by an earlier run of this instance.** The nonce of a lease value
+//! (`lease:<client_id>:<nonce>`, 32 hex digits) starts with 16 drawn once per process, the
+//! run ([`lease_prefix`]); the other 16 are drawn per message.
 //! After `kill -9` (or a crash) the broker redelivers what the process had not acked to the
 //! restarted process — same client id, same session — and the keys the dead one had
 //! claimed but not finished still hold its leases. Waiting them out would hold every ack
@@ -105,17 +106,18 @@ pub enum Claim {
     Duplicate,
 }
 
-/// How long the run part of a lease value is, in hex digits.
-const RUN_DIGITS: usize = 16;
-/// How long the nonce of a lease value is, in hex digits.
+/// How long the nonce of a lease value is, in hex digits: the run, then the message's part.
 const NONCE_DIGITS: usize = 32;
+/// How many of them are the run, drawn once per process.
+const RUN_DIGITS: usize = 16;
 
-/// `lease:<client_id>:<run>:`, the start of every lease value this process writes for
-/// `client_id`: `<run>` is drawn once per call, so one engine (one process) keeps it for its
-/// life and a restarted process gets another. A nonce per message completes the value.
+/// `lease:<client_id>:<run>`, the start of every lease value this process writes for
+/// `client_id`: `<run>` (16 hex digits, the first half of the nonce) is drawn once per call,
+/// so one engine (one process) keeps it for its life and a restarted process gets another.
+/// [`DedupRule::prepare`] completes the nonce per message.
 pub fn lease_prefix(client_id: &str) -> String {
     format!(
-        "{LEASE_PREFIX}{client_id}:{:0width$x}:",
+        "{LEASE_PREFIX}{client_id}:{:0width$x}",
         rand::random::<u64>(),
         width = RUN_DIGITS
     )
@@ -129,7 +131,7 @@ fn is_hex(s: &str, digits: usize) -> bool {
 /// The values one attempt at one message puts at its dedup key.
 #[derive(Clone, Debug)]
 pub struct Marks {
-    /// `lease:<client_id>:<run>:<nonce>`.
+    /// `lease:<client_id>:<nonce>`, the nonce starting with the process's run.
     pub lease: String,
     /// `done:<client_id>:<nonce>`: the finished mark.
     done: String,
@@ -172,32 +174,24 @@ impl Marks {
     }
 
     /// Whether `lease` (a lease value found at the key) was taken by an earlier run of this
-    /// instance: our client id, another run (or a bridge from before runs were written,
-    /// `lease:<client_id>:<nonce>`). Anything else, ours included, is not.
+    /// instance: our client id, a nonce of another run (a bridge from before runs drew the
+    /// whole nonce per message: another run too). Anything else, ours included, is not.
     fn left_by_an_earlier_run(&self, lease: &str) -> bool {
-        // Ours is `<instance>:<run>:<nonce>`; the run and nonce are hex, the client id may
-        // hold anything (colons too), so the parts are found from the right.
-        let Some((process, nonce)) = self.lease.rsplit_once(':') else {
+        // `lease:<client_id>:<nonce>`: the nonce is hex, the client id may hold anything
+        // (colons too), so the nonce is found from the right.
+        let Some((instance, nonce)) = self.lease.rsplit_once(':') else {
             return false;
         };
-        let Some((instance, run)) = process.rsplit_once(':') else {
-            return false;
-        };
-        if !is_hex(run, RUN_DIGITS) || !is_hex(nonce, NONCE_DIGITS) {
+        if !is_hex(nonce, NONCE_DIGITS) {
             return false;
         }
-        let Some(rest) = lease
+        let Some(theirs) = lease
             .strip_prefix(instance)
             .and_then(|r| r.strip_prefix(':'))
         else {
             return false;
         };
-        match rest.split_once(':') {
-            Some((theirs, nonce)) => {
-                theirs != run && is_hex(theirs, RUN_DIGITS) && is_hex(nonce, NONCE_DIGITS)
-            }
-            None => is_hex(rest, NONCE_DIGITS),
-        }
+        is_hex(theirs, NONCE_DIGITS) && theirs[..RUN_DIGITS] != nonce[..RUN_DIGITS]
     }
 
     /// What a value found at the key means for this message, if it is a done mark.
@@ -352,7 +346,7 @@ pub struct DedupClaim {
 
 impl DedupRule {
     /// Renders this message's claim and adds its done mark to the transaction `pipe` (the
-    /// actions are already in it). `lease_prefix` is [`lease_prefix`]'s; `forwarding`
+    /// actions are already in it). `lease_prefix` is [`lease_prefix`]'s (a run); `forwarding`
     /// (route, topic, payload) when the message has forwards, so a redelivery after a crash
     /// before they went out still sends them.
     pub fn prepare(
@@ -367,8 +361,8 @@ impl DedupRule {
         // getrandom syscall) for every message.
         let lease_value = format!(
             "{lease_prefix}{:0width$x}",
-            rand::random::<u128>(),
-            width = NONCE_DIGITS
+            rand::random::<u64>(),
+            width = NONCE_DIGITS - RUN_DIGITS
         );
         let marks = Marks::new(lease_value, forwarding);
         mark_done(pipe, &key, &marks, self.ttl);
@@ -502,26 +496,21 @@ mod tests {
 
     #[test]
     fn a_lease_of_our_client_id_from_another_run_was_left_by_an_earlier_run() {
-        let ours = Marks::new(format!("{}{:032x}", lease_prefix("gw:1"), 7), None);
-        let run = |prefix: &str| format!("{prefix}{:032x}", 9);
+        let prefix = lease_prefix("gw:1");
+        let ours = Marks::new(format!("{prefix}{:016x}", 7), None);
+        let message = |prefix: &str| format!("{prefix}{:016x}", 9);
+        assert!(ours.lease.starts_with("lease:gw:1:") && ours.lease.len() == 11 + 32);
         // A restarted process: another run of the same client id.
-        assert!(ours.left_by_an_earlier_run(&run(&lease_prefix("gw:1"))));
-        // A bridge from before runs were written: `lease:<client_id>:<nonce>`.
-        assert!(ours.left_by_an_earlier_run(&format!("lease:gw:1:{:032x}", 9)));
+        assert!(ours.left_by_an_earlier_run(&message(&lease_prefix("gw:1"))));
         // Our own run (another message's attempt in this process): wait as for anyone.
-        let own = ours
-            .lease
-            .rsplit_once(':')
-            .map(|(p, _)| p)
-            .unwrap_or_default();
-        assert!(!ours.left_by_an_earlier_run(&format!("{own}:{:032x}", 9)));
+        assert!(!ours.left_by_an_earlier_run(&message(&prefix)));
         // Another instance, even one whose client id starts like ours.
-        assert!(!ours.left_by_an_earlier_run(&run(&lease_prefix("gw:2"))));
-        assert!(!ours.left_by_an_earlier_run(&run(&lease_prefix("gw:1:0123456789abcdef"))));
-        assert!(!ours.left_by_an_earlier_run(&run(&lease_prefix("gw"))));
+        assert!(!ours.left_by_an_earlier_run(&message(&lease_prefix("gw:2"))));
+        assert!(!ours.left_by_an_earlier_run(&message(&lease_prefix("gw:1:0"))));
+        assert!(!ours.left_by_an_earlier_run(&message(&lease_prefix("gw"))));
         assert!(!ours.left_by_an_earlier_run("lease:gw:1:not-a-nonce"));
-        // Marks without a run (older tests, foreign formats) never take over.
-        assert!(!marks(None).left_by_an_earlier_run(&run(&lease_prefix("bridge-1"))));
+        // Marks whose nonce is not ours to read (foreign formats) never take over.
+        assert!(!marks(None).left_by_an_earlier_run(&message(&lease_prefix("bridge-1"))));
     }
 
     #[test]

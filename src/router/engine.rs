@@ -42,7 +42,8 @@ pub struct Engine {
     forwarder: Forwarder,
     max_payload: ArcSwap<usize>,
     dead_letter: ArcSwap<DeadLetter>,
-    /// `lease:<client_id>:<run>:`; a nonce per message completes a dedup lease value.
+    /// `lease:<client_id>:<run>`; the rest of the nonce, per message, completes a dedup
+    /// lease value.
     lease_prefix: String,
 }
 
