@@ -90,6 +90,9 @@ pub fn check(path: &Path) -> u8 {
         Err(code) => return code,
     };
     println!("{}: configuration OK", path.display());
+    for warning in &config.warnings {
+        eprintln!("warning: {warning}");
+    }
     println!(
         "mqtt {} as {:?}; redis {}",
         config.mqtt.url,

@@ -276,6 +276,14 @@ pub fn config_reload_applied(changes: &str) {
     tracing::info!("configuration reloaded: {changes}");
 }
 
+/// Start-up: settings that loaded but are likely mistakes (`check` prints the same), one
+/// line each.
+pub fn config_warnings(warnings: &[crate::config::ConfigWarning]) {
+    for warning in warnings {
+        tracing::warn!("config warning: {warning}");
+    }
+}
+
 /// SIGHUP: the new configuration was refused; the old one keeps running. Every error is
 /// logged, one line each, so the journal shows all of them.
 pub fn config_reload_rejected(path: &std::path::Path, errors: &crate::config::ConfigErrors) {

@@ -3,6 +3,9 @@
 //! `check` and a refused reload must show the operator *all* mistakes at once, so the loader
 //! collects [`ConfigError`]s instead of stopping at the first; [`ConfigErrors`] prints them
 //! one per line as `<source>: <key path>: <message>`.
+//!
+//! A [`ConfigWarning`] has the same shape: a valid setting that probably does not do what
+//! the operator meant (it is printed by `check` and logged at start-up, never refused).
 
 use std::fmt;
 
@@ -42,6 +45,9 @@ impl fmt::Display for ConfigError {
         }
     }
 }
+
+/// A setting that loads but is likely a mistake: where it came from, its key path, and why.
+pub type ConfigWarning = ConfigError;
 
 /// Every error found while loading; never empty when returned as an `Err`.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use figment::Figment;
 
 pub use broker::BrokerAddress;
-pub use error::{ConfigError, ConfigErrors};
+pub use error::{ConfigError, ConfigErrors, ConfigWarning};
 pub use layers::{CONFIG_VAR, CREDENTIALS_DIRECTORY, PREFIX};
 pub use reader::RawTable;
 pub use routemq_redis::secret::{is_scheme, redact_url, Secret};

@@ -16,16 +16,19 @@ use std::time::Duration;
 use figment::value::{Dict, Tag, Value};
 use figment::{Figment, Profile, Source};
 
-use super::error::{ConfigError, ConfigErrors};
+use super::error::{ConfigError, ConfigErrors, ConfigWarning};
 use super::layers::{FILE_LAYER, PREFIX_LAYER, SEED_LAYER};
 use super::Secret;
 
 // The conversions once lived here; their paths stay so a component reads `reader::…` alone.
 pub use super::value::{found, FromValue, Size, MAX_DURATION};
 
-/// The errors of one load, shared by every [`Table`] read from it.
+/// The errors of one load, shared by every [`Table`] read from it, and its warnings.
 #[derive(Debug, Default)]
-pub struct Errors(RefCell<Vec<ConfigError>>);
+pub struct Errors {
+    errors: RefCell<Vec<ConfigError>>,
+    warnings: RefCell<Vec<ConfigWarning>>,
+}
 
 impl Errors {
     pub fn new() -> Self {
@@ -33,20 +36,30 @@ impl Errors {
     }
 
     pub fn push(&self, error: ConfigError) {
-        self.0.borrow_mut().push(error);
+        self.errors.borrow_mut().push(error);
     }
 
     pub fn len(&self) -> usize {
-        self.0.borrow().len()
+        self.errors.borrow().len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0.borrow().is_empty()
+        self.errors.borrow().is_empty()
+    }
+
+    /// Records a warning: the load still succeeds.
+    pub fn warn(&self, warning: ConfigWarning) {
+        self.warnings.borrow_mut().push(warning);
+    }
+
+    /// The warnings recorded so far, leaving none behind.
+    pub fn take_warnings(&self) -> Vec<ConfigWarning> {
+        std::mem::take(&mut *self.warnings.borrow_mut())
     }
 
     /// `Ok(value)` when nothing was recorded, else every recorded error.
     pub fn finish<T>(self, value: T) -> Result<T, ConfigErrors> {
-        let errors = self.0.into_inner();
+        let errors = self.errors.into_inner();
         if errors.is_empty() {
             Ok(value)
         } else {
@@ -234,6 +247,16 @@ impl<'a> Table<'a> {
     /// Records an error about `key`, blamed on whoever set it.
     pub fn error(&self, key: &str, message: impl Into<String>) {
         self.errors.push(ConfigError::new(
+            self.source_of(key),
+            self.key_path(key),
+            message,
+        ));
+    }
+
+    /// Records a warning about `key` (a valid setting that is likely a mistake), blamed on
+    /// whoever set it.
+    pub fn warn(&self, key: &str, message: impl Into<String>) {
+        self.errors.warn(ConfigWarning::new(
             self.source_of(key),
             self.key_path(key),
             message,

@@ -13,6 +13,29 @@ use routemq_redis::RedisConfig;
 use super::reader::Table;
 use super::Secret;
 
+/// The keys that address a single Redis server.
+const SINGLE_SERVER_KEYS: [&str; 3] = ["url", "host", "port"];
+
+/// With a topology that finds its own data nodes (`redis.cluster`'s seed list, or
+/// Sentinel's master), `host`, `port` and `url` are not used for data connections: warns
+/// about each one the operator set anyway (file or `REDIS_*` variable), so a config that
+/// looks like it points at one server does not silently point elsewhere (spec §10).
+/// `topology` is the key path that is used instead, e.g. `redis.cluster`.
+pub(crate) fn warn_unused_address(t: &Table<'_>, topology: &str) {
+    for key in SINGLE_SERVER_KEYS {
+        if t.has(key) {
+            t.warn(
+                key,
+                format!(
+                    "is set but {topology} is used for data connections: redis.url, \
+                     redis.host and redis.port (and REDIS_URL, REDIS_HOST, REDIS_PORT) are \
+                     not used; remove it"
+                ),
+            );
+        }
+    }
+}
+
 /// Reads the `[redis]` table; `Default` fills what it does not set.
 pub(crate) fn read(mut t: Table<'_>) -> RedisConfig {
     let d = RedisConfig::default();
@@ -50,6 +73,9 @@ pub(crate) fn read(mut t: Table<'_>) -> RedisConfig {
         socket_connect_timeout,
         cluster,
     };
+    if !config.cluster.is_empty() {
+        warn_unused_address(&t, "redis.cluster");
+    }
     // Checked here, once, without connecting: a combination the client refuses is a config
     // error `check` finds, not a daemon that starts and never connects. The messages never
     // quote a URL or password.

@@ -6,11 +6,13 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use crate::config::reader::{Errors, Table};
-use crate::config::{self, ConfigErrors, HttpConfig, LimitsConfig, LogConfig, RawTable};
+use crate::config::{
+    self, ConfigErrors, ConfigWarning, HttpConfig, LimitsConfig, LogConfig, RawTable,
+};
 use crate::dead_letter::DeadLetterConfig;
 use crate::mqtt::MqttConfig;
 use crate::redis::RedisConfig;
-use crate::republish::{read_republish, RepublishRule};
+use crate::republish::{read_republish, warn_pubsub_in_share_group, RepublishRule};
 use crate::router::config::read_routes;
 use crate::router::route::RouteTable;
 
@@ -36,6 +38,9 @@ pub struct BridgeConfig {
     pub republish: Vec<RawTable>,
     /// `[[republish]]` compiled: filled by [`BridgeConfig::compile`] (empty after `load`).
     pub republish_rules: Vec<RepublishRule>,
+    /// Settings that load but are likely mistakes: `check` prints them, the daemon logs
+    /// them at start-up.
+    pub warnings: Vec<ConfigWarning>,
 }
 
 impl BridgeConfig {
@@ -68,6 +73,9 @@ impl BridgeConfig {
                 errors,
             );
             let rules = read_republish(&config.republish, config.redis.enabled, errors);
+            if !config.mqtt.share_group.is_empty() {
+                warn_pubsub_in_share_group(&config.republish, &rules, errors);
+            }
             (routes, rules)
         })
         .map(|(mut config, (routes, rules))| {
@@ -83,8 +91,9 @@ impl BridgeConfig {
         more: impl FnOnce(&BridgeConfig, &Errors) -> T,
     ) -> Result<(BridgeConfig, T), ConfigErrors> {
         config::load(path, env, |root, errors| {
-            let config = BridgeConfig::read(root);
+            let mut config = BridgeConfig::read(root);
             let extra = more(&config, errors);
+            config.warnings = errors.take_warnings();
             (config, extra)
         })
     }
@@ -116,6 +125,7 @@ impl BridgeConfig {
             routes,
             republish,
             republish_rules: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 }

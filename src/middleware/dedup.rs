@@ -29,6 +29,18 @@
 //! to do after EXEC: its redelivery after a crash is reported `duplicate` (its write is in
 //! Redis; nothing is lost).
 //!
+//! **A lease left by an earlier run of this instance.** The nonce of a lease value
+//! (`lease:<client_id>:<nonce>`, 32 hex digits) starts with 16 drawn once per process, the
+//! run ([`lease_prefix`]); the other 16 are drawn per message.
+//! After `kill -9` (or a crash) the broker redelivers what the process had not acked to the
+//! restarted process — same client id, same session — and the keys the dead one had
+//! claimed but not finished still hold its leases. Waiting them out would hold every ack
+//! behind them for up to `lease` (30 s by default): the whole instance stalls after each
+//! restart. A lease of our own client id but of another run is therefore taken over at once
+//! (compare-and-delete, then claim): the broker lets one connection per client id hold a
+//! session, and distinct client ids per instance are the operator's job (`check` warns
+//! about a share group on the default one), so that run is gone.
+//!
 //! **Foreign values.** A key held by another worker's lease (`lease:…`, with an expiry) is
 //! waited for until it is done (duplicate) or its lease lapses (we claim it). Anything else —
 //! neither a lease nor a done mark, with or without a TTL, or a lease without expiry — is
@@ -94,10 +106,32 @@ pub enum Claim {
     Duplicate,
 }
 
+/// How long the nonce of a lease value is, in hex digits: the run, then the message's part.
+const NONCE_DIGITS: usize = 32;
+/// How many of them are the run, drawn once per process.
+const RUN_DIGITS: usize = 16;
+
+/// `lease:<client_id>:<run>`, the start of every lease value this process writes for
+/// `client_id`: `<run>` (16 hex digits, the first half of the nonce) is drawn once per call,
+/// so one engine (one process) keeps it for its life and a restarted process gets another.
+/// [`DedupRule::prepare`] completes the nonce per message.
+pub fn lease_prefix(client_id: &str) -> String {
+    format!(
+        "{LEASE_PREFIX}{client_id}:{:0width$x}",
+        rand::random::<u64>(),
+        width = RUN_DIGITS
+    )
+}
+
+/// Whether `s` is `digits` lowercase hex digits.
+fn is_hex(s: &str, digits: usize) -> bool {
+    s.len() == digits && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The values one attempt at one message puts at its dedup key.
 #[derive(Clone, Debug)]
 pub struct Marks {
-    /// `lease:<client_id>:<nonce>`.
+    /// `lease:<client_id>:<nonce>`, the nonce starting with the process's run.
     pub lease: String,
     /// `done:<client_id>:<nonce>`: the finished mark.
     done: String,
@@ -137,6 +171,27 @@ impl Marks {
     /// out.
     pub fn pending(&self) -> bool {
         self.digest.is_some()
+    }
+
+    /// Whether `lease` (a lease value found at the key) was taken by an earlier run of this
+    /// instance: our client id, a nonce of another run (a bridge from before runs drew the
+    /// whole nonce per message: another run too). Anything else, ours included, is not.
+    fn left_by_an_earlier_run(&self, lease: &str) -> bool {
+        // `lease:<client_id>:<nonce>`: the nonce is hex, the client id may hold anything
+        // (colons too), so the nonce is found from the right.
+        let Some((instance, nonce)) = self.lease.rsplit_once(':') else {
+            return false;
+        };
+        if !is_hex(nonce, NONCE_DIGITS) {
+            return false;
+        }
+        let Some(theirs) = lease
+            .strip_prefix(instance)
+            .and_then(|r| r.strip_prefix(':'))
+        else {
+            return false;
+        };
+        is_hex(theirs, NONCE_DIGITS) && theirs[..RUN_DIGITS] != nonce[..RUN_DIGITS]
     }
 
     /// What a value found at the key means for this message, if it is a done mark.
@@ -202,6 +257,13 @@ pub async fn claim(
                 "dedup key {key} holds {:?}: neither a lease nor a done mark",
                 current.chars().take(64).collect::<String>()
             )));
+        }
+        if marks.left_by_an_earlier_run(&current) {
+            // That run died holding it (see the module doc): take it over now.
+            if compare_and_delete(redis, key, &current).await? {
+                tracing::debug!(key, "dedup: took over a lease left by an earlier run");
+            }
+            continue;
         }
         // A lease always expires; one without expiry will never free itself: waiting would
         // hold the topic forever, silently.
@@ -284,7 +346,7 @@ pub struct DedupClaim {
 
 impl DedupRule {
     /// Renders this message's claim and adds its done mark to the transaction `pipe` (the
-    /// actions are already in it). `lease_prefix` is `lease:<client_id>:`; `forwarding`
+    /// actions are already in it). `lease_prefix` is [`lease_prefix`]'s (a run); `forwarding`
     /// (route, topic, payload) when the message has forwards, so a redelivery after a crash
     /// before they went out still sends them.
     pub fn prepare(
@@ -297,7 +359,11 @@ impl DedupRule {
         let key = self.key.render(ctx).map_err(|e| Outcome::from_render(&e))?;
         // A random nonce from the thread-local generator: `Uuid::new_v4` asks the kernel (a
         // getrandom syscall) for every message.
-        let lease_value = format!("{lease_prefix}{:032x}", rand::random::<u128>());
+        let lease_value = format!(
+            "{lease_prefix}{:0width$x}",
+            rand::random::<u64>(),
+            width = NONCE_DIGITS - RUN_DIGITS
+        );
         let marks = Marks::new(lease_value, forwarding);
         mark_done(pipe, &key, &marks, self.ttl);
         Ok(DedupClaim {
@@ -426,6 +492,25 @@ mod tests {
             digest("tested", "d/a", br#"{"seq":1}"#),
             "348c84092b107a4dd9e8b6bf7546e4ee"
         );
+    }
+
+    #[test]
+    fn a_lease_of_our_client_id_from_another_run_was_left_by_an_earlier_run() {
+        let prefix = lease_prefix("gw:1");
+        let ours = Marks::new(format!("{prefix}{:016x}", 7), None);
+        let message = |prefix: &str| format!("{prefix}{:016x}", 9);
+        assert!(ours.lease.starts_with("lease:gw:1:") && ours.lease.len() == 11 + 32);
+        // A restarted process: another run of the same client id.
+        assert!(ours.left_by_an_earlier_run(&message(&lease_prefix("gw:1"))));
+        // Our own run (another message's attempt in this process): wait as for anyone.
+        assert!(!ours.left_by_an_earlier_run(&message(&prefix)));
+        // Another instance, even one whose client id starts like ours.
+        assert!(!ours.left_by_an_earlier_run(&message(&lease_prefix("gw:2"))));
+        assert!(!ours.left_by_an_earlier_run(&message(&lease_prefix("gw:1:0"))));
+        assert!(!ours.left_by_an_earlier_run(&message(&lease_prefix("gw"))));
+        assert!(!ours.left_by_an_earlier_run("lease:gw:1:not-a-nonce"));
+        // Marks whose nonce is not ours to read (foreign formats) never take over.
+        assert!(!marks(None).left_by_an_earlier_run(&message(&lease_prefix("bridge-1"))));
     }
 
     #[test]

@@ -135,6 +135,20 @@ impl MqttConfig {
             );
         }
 
+        if !share_group.is_empty() && client_id == d.client_id {
+            t.warn(
+                "client_id",
+                format!(
+                    "is the default {:?} while share_group is set: every instance of the \
+                     group needs a client id of its own, or the broker disconnects one \
+                     instance whenever another connects with the same id (they keep kicking \
+                     each other off). Distinct client ids are the operator's job: set \
+                     MQTT_CLIENT_ID or [mqtt] client_id per instance (e.g. \
+                     \"routemq-bridge-gw1\")",
+                    d.client_id
+                ),
+            );
+        }
         let config = MqttConfig {
             url,
             client_id,

@@ -87,6 +87,28 @@ pub fn read_republish(
     rules
 }
 
+/// With `[mqtt] share_group` set, every instance of the group runs every rule. A stream
+/// rule's consumer group splits the entries between them (consumer name = client id), but
+/// Redis hands each pub/sub message to every subscriber: a `pubsub` rule would publish it
+/// once per instance. Warned about rather than refused: the operator may give the rule to
+/// one instance of the group only. `rules` are `raw` as [`read_republish`] read them.
+pub fn warn_pubsub_in_share_group(raw: &[RawTable], rules: &[RepublishRule], errors: &Errors) {
+    if raw.len() != rules.len() {
+        return; // some rule did not read: the load fails with its errors anyway
+    }
+    for (table, rule) in raw.iter().zip(rules) {
+        if let Source::PubSub { .. } = rule.source {
+            table.reader(errors).warn(
+                "source",
+                "\"pubsub\" while mqtt.share_group is set: every instance of the group \
+                 subscribes, so each Redis message is published to MQTT once per instance; \
+                 use source = \"stream\" (its consumer group splits the entries), or keep \
+                 this rule on one instance of the group only",
+            );
+        }
+    }
+}
+
 fn read_rule(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<RepublishRule> {
     let name = t.opt_string("name");
     match &name {

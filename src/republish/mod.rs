@@ -37,7 +37,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use config::{read_republish, RepublishRule, Source};
+pub use config::{read_republish, warn_pubsub_in_share_group, RepublishRule, Source};
 
 use crate::dead_letter::DeadLetter;
 use crate::mqtt::client::OptionsError;

@@ -42,7 +42,8 @@ pub struct Engine {
     forwarder: Forwarder,
     max_payload: ArcSwap<usize>,
     dead_letter: ArcSwap<DeadLetter>,
-    /// `lease:<client_id>:`; a nonce per message completes a dedup lease value.
+    /// `lease:<client_id>:<run>`; the rest of the nonce, per message, completes a dedup
+    /// lease value.
     lease_prefix: String,
 }
 
@@ -63,7 +64,7 @@ impl Engine {
             forwarder: Forwarder::new(publisher, max_packet_size),
             max_payload: ArcSwap::from_pointee(max_payload),
             dead_letter: ArcSwap::from_pointee(dead_letter),
-            lease_prefix: format!("lease:{client_id}:"),
+            lease_prefix: crate::middleware::dedup::lease_prefix(client_id),
         }
     }
 

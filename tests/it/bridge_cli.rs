@@ -32,8 +32,14 @@ fn command() -> Command {
 
 /// Runs the binary to completion (bounded) and returns its output.
 pub(crate) fn run(args: &[&str]) -> Output {
+    run_with_env(args, &[])
+}
+
+/// Like [`run`], with the variables `env` set.
+fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut child = command()
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -410,5 +416,162 @@ topic = "a/{{id}}"
     signal(child.id(), libc::SIGTERM);
     let status = wait_with_timeout(&mut child, Duration::from_secs(20))
         .expect("exits within 20 s of SIGTERM");
+    assert_eq!(status.code(), Some(0));
+}
+
+// ---- warnings (spec §10): a config that loads but likely does not do what was meant ----
+
+/// A config with `mqtt` and `redis` as the bodies of those tables, and one route.
+fn scaled(mqtt: &str, redis: &str) -> String {
+    format!(
+        r#"
+[mqtt]
+url = "mqtt://127.0.0.1:1883"
+{mqtt}
+
+[redis]
+{redis}
+
+[[routes]]
+name = "r"
+topic = "a/{{id}}"
+  [[routes.actions]]
+  op = "set"
+  key = "k:{{{{{{id}}}}}}"
+"#
+    )
+}
+
+/// `check` on `config` with `env`: exit code, stdout, stderr.
+fn check_with_env(config: &str, env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let files = Files::new();
+    let path = files.write("bridge.toml", config);
+    let out = run_with_env(&["check", "--config", &path], env);
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
+#[test]
+fn check_warns_when_a_share_group_runs_with_the_default_client_id() {
+    let (code, stdout, stderr) = check_with_env(&scaled("share_group = \"bridges\"", ""), &[]);
+    assert_eq!(code, Some(0), "a warning is not an error: {stderr}");
+    assert!(stdout.contains("configuration OK"), "{stdout}");
+    let warning = stderr
+        .lines()
+        .find(|l| l.starts_with("warning:") && l.contains("mqtt.client_id"))
+        .unwrap_or_else(|| panic!("no client_id warning in:\n{stderr}"));
+    for part in [
+        "share_group",
+        "operator's job",
+        "MQTT_CLIENT_ID",
+        "[mqtt] client_id",
+    ] {
+        assert!(warning.contains(part), "{part:?} missing from {warning:?}");
+    }
+
+    // The same through RouteMQ's variable for the group.
+    let (code, _, stderr) = check_with_env(&scaled("", ""), &[("MQTT_GROUP_NAME", "bridges")]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning:") && stderr.contains("mqtt.client_id"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_does_not_warn_when_each_instance_has_its_own_client_id() {
+    for (mqtt, env) in [
+        ("share_group = \"bridges\"\nclient_id = \"gw-1\"", &[][..]),
+        (
+            "share_group = \"bridges\"",
+            &[("MQTT_CLIENT_ID", "gw-2")][..],
+        ),
+        ("", &[][..]),
+    ] {
+        let (code, _, stderr) = check_with_env(&scaled(mqtt, ""), env);
+        assert_eq!(code, Some(0), "{stderr}");
+        assert!(!stderr.contains("warning:"), "{mqtt:?} {env:?}: {stderr}");
+    }
+}
+
+#[test]
+fn check_warns_that_host_port_and_url_are_not_used_beside_a_cluster() {
+    let cluster = r#"cluster = ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]"#;
+    let (code, _, stderr) = check_with_env(&scaled("", cluster), &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("warning:"),
+        "the seed list alone: {stderr}"
+    );
+
+    let (code, _, stderr) = check_with_env(
+        &scaled("", &format!("{cluster}\nhost = \"redis.lan\"")),
+        &[("REDIS_URL", "redis://:hunter2@single:6379")],
+    );
+    assert_eq!(code, Some(0), "a warning is not an error: {stderr}");
+    for key in ["redis.host", "redis.url"] {
+        assert!(
+            stderr.lines().any(|l| l.starts_with("warning:")
+                && l.contains(&format!(
+                    "{key}: is set but redis.cluster is used for data connections"
+                ))),
+            "no warning for {key} in:\n{stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("environment variable REDIS_URL: redis.url"),
+        "the variable is named: {stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2"),
+        "no secret in the output: {stderr}"
+    );
+}
+
+#[test]
+fn run_logs_the_config_warnings_at_start_up() {
+    let files = Files::new();
+    // Nobody listens on either port: the warning comes before any connection.
+    let config = format!(
+        r#"
+[mqtt]
+url = "mqtt://127.0.0.1:{mqtt}"
+share_group = "bridges"
+reconnect_max_delay = "200ms"
+
+[redis]
+url = "redis://127.0.0.1:{redis}"
+
+[http]
+listen = "127.0.0.1:0"
+"#,
+        mqtt = free_port(),
+        redis = free_port()
+    );
+    let path = files.write("bridge.toml", &config);
+    let mut child = command()
+        .args(["run", "--config", &path])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start routemq-bridge");
+    let (tx, lines) = mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let logged = wait_line(&lines, "config warning", Duration::from_secs(20));
+    signal(child.id(), libc::SIGTERM);
+    let status = wait_with_timeout(&mut child, Duration::from_secs(20))
+        .expect("exits within 20 s of SIGTERM");
+    assert!(
+        logged,
+        "the share_group/client_id warning is logged at start-up"
+    );
     assert_eq!(status.code(), Some(0));
 }

@@ -26,6 +26,7 @@ mod redis_manager;
 mod redis_refusals;
 mod redis_tls;
 mod republish;
+mod scale_out;
 mod secrets;
 mod session;
 mod silent_redis;

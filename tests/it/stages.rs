@@ -23,7 +23,8 @@ use crate::harness::Redis;
 /// Every test's bound: a stage that hangs fails its test instead of the run.
 const BOUND: Duration = Duration::from_secs(10);
 
-/// `lease:<client_id>:`, as the engine builds it.
+/// `lease:<client_id>:`, as the engine builds it but without the run that starts its nonce
+/// (`dedup::lease_prefix`): no lease found here is ever an earlier run's.
 const LEASE_PREFIX: &str = "lease:stages-test:";
 
 /// A Redis of its own and what an [`Env`] borrows.

@@ -944,3 +944,146 @@ fn the_redis_crate_reads_the_seed_variables_as_the_loader_does() {
         }
     }
 }
+
+// --- warnings (spec §10) ---------------------------------------------------------------
+
+/// The warnings of a config that loads: (key path, message) each.
+fn warnings(toml: &str, pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    load(toml, pairs)
+        .warnings
+        .into_iter()
+        .map(|w| (w.path, w.message))
+        .collect()
+}
+
+#[test]
+fn a_share_group_with_the_default_client_id_is_a_warning_naming_how_to_set_one() {
+    for (toml, pairs) in [
+        ("[mqtt]\nshare_group = \"bridges\"\n", &[][..]),
+        ("", &[("MQTT_GROUP_NAME", "bridges")][..]),
+        // Set explicitly to the default: every instance would still share it.
+        (
+            "[mqtt]\nshare_group = \"bridges\"\nclient_id = \"routemq-bridge\"\n",
+            &[][..],
+        ),
+    ] {
+        let found = warnings(toml, pairs);
+        assert_eq!(found.len(), 1, "{toml:?} {pairs:?}: {found:?}");
+        let (path, message) = &found[0];
+        assert_eq!(path, "mqtt.client_id");
+        for part in [
+            "share_group",
+            "MQTT_CLIENT_ID",
+            "[mqtt] client_id",
+            "operator",
+        ] {
+            assert!(message.contains(part), "{part:?} missing from {message:?}");
+        }
+    }
+}
+
+#[test]
+fn a_share_group_with_a_client_id_of_its_own_is_no_warning() {
+    assert_eq!(
+        warnings("[mqtt]\nshare_group = \"g\"\nclient_id = \"gw-1\"\n", &[]),
+        vec![]
+    );
+    assert_eq!(
+        warnings(
+            "[mqtt]\nshare_group = \"g\"\n",
+            &[("MQTT_CLIENT_ID", "gw-2")]
+        ),
+        vec![]
+    );
+    // Without a share group the default id is what one bridge should use.
+    assert_eq!(warnings("", &[]), vec![]);
+}
+
+#[test]
+fn host_port_or_url_beside_a_cluster_is_a_warning_for_each() {
+    let cluster = "[redis]\ncluster = [\"redis://n1:7000\", \"redis://n2:7000\"]\n";
+    assert_eq!(warnings(cluster, &[]), vec![], "the seed list alone");
+
+    let c = load(
+        &format!("{cluster}host = \"redis.lan\"\nport = 6380\n"),
+        &[("REDIS_URL", "redis://:hunter2@single:6379")],
+    );
+    let found: Vec<(&str, &str)> = c
+        .warnings
+        .iter()
+        .map(|w| (w.path.as_str(), w.source.as_str()))
+        .collect();
+    assert_eq!(found.len(), 3, "{:?}", c.warnings);
+    for key in ["redis.url", "redis.host", "redis.port"] {
+        assert!(
+            found.iter().any(|(path, _)| *path == key),
+            "no warning for {key}: {found:?}"
+        );
+    }
+    assert!(
+        found.contains(&("redis.url", "environment variable REDIS_URL")),
+        "blamed on the variable: {found:?}"
+    );
+    for w in &c.warnings {
+        assert!(
+            w.message
+                .contains("is set but redis.cluster is used for data connections"),
+            "{w}"
+        );
+        assert!(!w.to_string().contains("hunter2"), "no secret: {w}");
+    }
+}
+
+#[test]
+fn host_or_url_without_a_cluster_is_no_warning() {
+    assert_eq!(
+        warnings("[redis]\nhost = \"redis.lan\"\nport = 6380\n", &[]),
+        vec![]
+    );
+    assert_eq!(
+        warnings("", &[("REDIS_URL", "redis://single:6379")]),
+        vec![]
+    );
+}
+
+/// The warnings of a config whose routes and republish rules compile: (key path, message).
+fn compiled_warnings(toml: &str) -> Vec<(String, String)> {
+    let (_dir, path) = file(toml);
+    match BridgeConfig::compile(&path, &env(&[])) {
+        Ok((c, _)) => c
+            .warnings
+            .into_iter()
+            .map(|w| (w.path, w.message))
+            .collect(),
+        Err(e) => panic!("expected a valid config, got:\n{e}"),
+    }
+}
+
+#[test]
+fn a_pubsub_republish_rule_in_a_share_group_is_a_warning_a_stream_rule_is_not() {
+    let rules = r#"
+[[republish]]
+name = "commands"
+source = "pubsub"
+channel = "commands:{device_id}"
+topic = "devices/{device_id}/commands"
+
+[[republish]]
+name = "alerts"
+source = "stream"
+stream = "alerts:out"
+topic = "alerts/all"
+"#;
+    let found = compiled_warnings(&format!(
+        "[mqtt]\nshare_group = \"g\"\nclient_id = \"gw-1\"\n{rules}"
+    ));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].0, "republish[0].source");
+    assert!(
+        found[0].1.contains("once per instance") && found[0].1.contains("stream"),
+        "{}",
+        found[0].1
+    );
+    // One bridge alone republishes each message once.
+    assert_eq!(compiled_warnings(rules), vec![]);
+}
