@@ -84,7 +84,15 @@ impl LoadRig {
                 .expect("seed a session");
         }
         let routes = format!("{LOAD_ROUTE}\n{extra}");
-        let bridge = Bridge::start(&cluster_config(&cluster, &broker, client_id, &routes));
+        // The manager's debug lines show the transactions sent again while a slot moved.
+        let bridge = Bridge::start_with_env(
+            &cluster_config(&cluster, &broker, client_id, &routes),
+            &[(
+                "RUST_LOG",
+                &std::env::var("C2_LOG")
+                    .unwrap_or_else(|_| "info,routemq_bridge=debug,routemq_redis=debug".into()),
+            )],
+        );
         LoadRig {
             cluster,
             broker,
@@ -211,6 +219,9 @@ impl LoadRig {
 /// How many lines of the bridge's log contain each of `needles`, for the test's report.
 pub(crate) fn log_counts(bridge: &Bridge, needles: &[&str]) -> String {
     let log = bridge.log_text();
+    if let Ok(path) = std::env::var("C2_DUMP") {
+        let _ = std::fs::write(path, &log);
+    }
     let counts: Vec<String> = needles
         .iter()
         .map(|n| {

@@ -42,7 +42,8 @@
 //! [`ConnectionPermit`] for its whole life; when none is left the call fails with
 //! [`Error::PoolExhausted`] instead of opening one more. Commands never wait for a permit:
 //! they all share the command connection. (In cluster mode the command connection is one
-//! per node.)
+//! per node, and a dedicated connection goes to a node chosen when it is opened: the
+//! master of a key's slot, or any listed node — see [`RedisManager::dedicated_client`].)
 //!
 //! # Errors
 //!
@@ -872,5 +873,71 @@ async fn probe_writes(inner: &Inner, epoch: u64, conn: &mut RedisConnection) {
                 inner.set_state(ConnectionState::Up);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::redis::Value;
+
+    fn node(host: &str, port: i64) -> Value {
+        Value::Array(vec![
+            Value::BulkString(host.as_bytes().to_vec()),
+            Value::Int(port),
+            Value::BulkString(b"0123abcd".to_vec()),
+        ])
+    }
+
+    #[test]
+    fn cluster_slots_are_read_master_first_and_unknown_endpoints_left_out() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("10.0.0.1", 7000),
+                node("10.0.0.4", 7003),
+            ]),
+            Value::Array(vec![
+                Value::Int(5461),
+                Value::Int(10922),
+                node("?", 7001),
+                node("10.0.0.5", 7004),
+            ]),
+            Value::Array(vec![Value::Int(10923)]),
+        ]);
+        assert_eq!(
+            cluster_slots(&reply),
+            vec![
+                (
+                    0,
+                    5460,
+                    vec![
+                        ("10.0.0.1".to_string(), 7000),
+                        ("10.0.0.4".to_string(), 7003)
+                    ]
+                ),
+                (5461, 10922, vec![("10.0.0.5".to_string(), 7004)]),
+            ]
+        );
+        assert!(cluster_slots(&Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn a_moving_slot_is_told_from_other_transaction_errors() {
+        let error = |reply: &str| {
+            ::redis::parse_redis_value(reply.as_bytes())
+                .expect("a RESP reply")
+                .extract_error()
+                .expect_err("an error")
+        };
+        assert!(slot_on_the_move(&error("-MOVED 3999 127.0.0.1:6381\r\n")));
+        assert!(slot_on_the_move(&error("-ASK 3999 127.0.0.1:6381\r\n")));
+        assert!(slot_on_the_move(&error(
+            "-TRYAGAIN Multiple keys request during rehashing of slot\r\n"
+        )));
+        assert!(!slot_on_the_move(&error(
+            "-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"
+        )));
     }
 }

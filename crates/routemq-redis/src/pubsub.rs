@@ -14,6 +14,9 @@
 //! exponential backoff (100 ms doubling to 2 s) and subscribes everything again; messages
 //! published meanwhile are lost, as pub/sub promises nothing more. Dropping the
 //! [`Subscription`] or calling [`Subscription::stop`] ends the task and its connection.
+//! Every (re)connection asks the manager for its node ([`RedisManager::dedicated_client`]):
+//! on a cluster any node will do, since every `PUBLISH` is broadcast to all nodes, and a
+//! dead node is left for the next one.
 
 use crate::backoff::Backoff;
 use std::sync::atomic::{AtomicU64, Ordering};
