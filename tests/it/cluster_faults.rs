@@ -87,11 +87,7 @@ impl LoadRig {
         // The manager's debug lines show the transactions sent again while a slot moved.
         let bridge = Bridge::start_with_env(
             &cluster_config(&cluster, &broker, client_id, &routes),
-            &[(
-                "RUST_LOG",
-                &std::env::var("C2_LOG")
-                    .unwrap_or_else(|_| "info,routemq_bridge=debug,routemq_redis=debug".into()),
-            )],
+            &[("RUST_LOG", "info,routemq_bridge=debug,routemq_redis=debug")],
         );
         LoadRig {
             cluster,
@@ -219,9 +215,6 @@ impl LoadRig {
 /// How many lines of the bridge's log contain each of `needles`, for the test's report.
 pub(crate) fn log_counts(bridge: &Bridge, needles: &[&str]) -> String {
     let log = bridge.log_text();
-    if let Ok(path) = std::env::var("C2_DUMP") {
-        let _ = std::fs::write(path, &log);
-    }
     let counts: Vec<String> = needles
         .iter()
         .map(|n| {

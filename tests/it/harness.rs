@@ -305,7 +305,8 @@ extern "C" fn kill_shared_cluster() {
 
 impl RedisCluster {
     /// Starts six nodes, joins them with `redis-cli --cluster create --cluster-replicas 1`
-    /// and waits (bounded) until every node reports `cluster_state:ok`.
+    /// and waits (bounded) until every node reports `cluster_state:ok` and they agree
+    /// ([`RedisCluster::wait_stable`]).
     pub fn start() -> RedisCluster {
         let nodes: Vec<Redis> = (0..6)
             .map(|_| {
@@ -332,7 +333,9 @@ impl RedisCluster {
         args.extend(["--cluster-replicas", "1", "--cluster-yes"]);
         run_tool(&cli, &args, nodes[0].dir());
         let cluster = RedisCluster { nodes };
-        cluster.wait_ok();
+        // `cluster_state:ok` everywhere, and every node agreeing on the configuration
+        // (`redis-cli --cluster reshard` refuses to start otherwise).
+        cluster.wait_stable();
         cluster
     }
 
