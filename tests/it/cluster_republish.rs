@@ -397,3 +397,67 @@ topic = "c10/commands"
         )
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_rule_follows_its_stream_when_a_resharding_moves_it() {
+    let cluster = RedisCluster::start();
+    // From the first seed (where a reader that always used the first seed would stay) to
+    // another master.
+    let from = cluster.nodes()[0].port();
+    assert_eq!(cluster.role(from).as_deref(), Some("master"));
+    let to = *cluster
+        .masters()
+        .iter()
+        .find(|p| **p != from)
+        .expect("another master");
+    // redis-cli moves the source's lowest slots first: a stream in the first 100 moves.
+    const SLOTS: u16 = 100;
+    let moving: Vec<u16> = cluster.slots_of(from)[..usize::from(SLOTS)].to_vec();
+    let stream = (0..100_000)
+        .map(|i| format!("c11:alerts:{i}"))
+        .find(|k| moving.contains(&cluster.slot_of(k)))
+        .expect("some key in the migrated slots");
+    let broker = Mosquitto::start();
+    let mut out = listener(&broker, "c11-listener", "c11/out").await;
+    let rules = format!(
+        r#"
+[[republish]]
+name = "c11"
+source = "stream"
+stream = "{stream}"
+topic = "c11/out"
+"#
+    );
+    let bridge = start_bridge(&cluster_config(&cluster, &broker, "cluster-c11", &rules));
+    assert!(
+        bridge.wait_for_log("consumer group created", WAIT),
+        "{}",
+        bridge.log_text()
+    );
+    xadd(&cluster, &stream, "before");
+    let got = receive_until(&mut out, |got| !got.is_empty()).await;
+    assert_eq!(got.first().map(|(_, p)| p.as_str()), Some("before"));
+
+    tokio::task::block_in_place(|| {
+        cluster.reshard(from, to, SLOTS);
+        cluster.wait_stable();
+    });
+    assert_eq!(cluster.master_of(&stream), to, "the stream moved");
+    let moved = Instant::now();
+    for i in 0..3 {
+        xadd(&cluster, &stream, &format!("after {i}"));
+    }
+    let got = receive_until(&mut out, |got| got.len() >= 3).await;
+    let payloads: Vec<&str> = got.iter().map(|(_, p)| p.as_str()).collect();
+    assert_eq!(
+        payloads,
+        ["after 0", "after 1", "after 2"],
+        "log tail:\n{}",
+        tail(&bridge.log_text(), 30)
+    );
+    eprintln!(
+        "stream {stream} moved {from} -> {to}; read again after {:?}\n{}",
+        moved.elapsed(),
+        log_counts(&bridge, &["stream read failed"])
+    );
+}
