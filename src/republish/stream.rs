@@ -11,8 +11,9 @@
 //!    what was acknowledged. Entries that cannot be published are XACKed and dead-lettered
 //!    in one MULTI/EXEC, counted `invalid`.
 //!
-//! The blocking reads go over a dedicated connection (counted against `max_connections`)
-//! with no response timeout, each bounded by a local deadline of BLOCK + `socket_timeout`,
+//! The blocking reads go over a dedicated connection (counted against `max_connections`;
+//! on a cluster, to the master of the stream's slot, asked again before each reconnection,
+//! so a resharding or a failover that moved the stream is followed) with no response timeout, each bounded by a local deadline of BLOCK + `socket_timeout`,
 //! with BLOCK no longer than `socket_timeout`: a dead connection (also a frozen Redis, which
 //! TCP keepalive cannot see) is noticed within 2 × `socket_timeout` (spec §6) and opened
 //! again. XACK, XAUTOCLAIM and the dead letter go through the manager. `{topic}` is the
@@ -102,8 +103,13 @@ impl Worker {
     async fn run(mut self) {
         // The permit counts the blocking connection against max_connections.
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-        let (client, _permit) = loop {
-            match self.shared.redis.dedicated_connection().await {
+        let (mut client, _permit) = loop {
+            match self
+                .shared
+                .redis
+                .dedicated_connection_for_key(&self.stream)
+                .await
+            {
                 Ok(pair) => break pair,
                 Err(RedisError::PoolExhausted) => tracing::warn!(
                     rule = %self.rule.name,
@@ -120,6 +126,9 @@ impl Worker {
         };
         let connect_config = self.shared.redis.dedicated_connection_config();
         let mut conn: Option<MultiplexedConnection> = None;
+        // Whether the next connection should ask the manager for a client again: on a
+        // cluster the stream's node may have changed (resharding, failover) since.
+        let mut resolve = false;
         let mut group_ready = false;
         let mut next = Read::History("0".into());
         let mut next_claim = Instant::now();
@@ -144,6 +153,14 @@ impl Worker {
             let connection = match &mut conn {
                 Some(c) => c,
                 None => {
+                    if std::mem::take(&mut resolve) {
+                        match self.shared.redis.dedicated_client(Some(&self.stream)).await {
+                            Ok(c) => client = c,
+                            Err(e) => {
+                                tracing::debug!(rule = %self.rule.name, error = %e, "stream reader: keeping the last node")
+                            }
+                        }
+                    }
                     let connect =
                         client.get_multiplexed_async_connection_with_config(&connect_config);
                     let result = tokio::select! {
@@ -153,6 +170,7 @@ impl Worker {
                     match result {
                         Ok(c) => conn.insert(c),
                         Err(e) => {
+                            resolve = true;
                             tracing::debug!(rule = %self.rule.name, error = %e, "stream reader: connect failed; retrying");
                             if !pause(&mut self.stop, backoff.next_delay()).await {
                                 return;
@@ -185,6 +203,7 @@ impl Worker {
                     tracing::warn!(rule = %self.rule.name, error = %e, "stream read failed; retrying");
                     if !matches!(next, Read::Claim(_)) {
                         conn = None;
+                        resolve = true;
                     }
                     if !pause(&mut self.stop, backoff.next_delay()).await {
                         return;

@@ -12,7 +12,7 @@ use crate::bridge_middleware::latest_http_addr;
 use crate::harness::{Mosquitto, RedisCluster};
 
 /// The bridge's config for the shared cluster and `broker`, followed by `routes`.
-fn cluster_config(
+pub(crate) fn cluster_config(
     cluster: &RedisCluster,
     broker: &Mosquitto,
     client_id: &str,

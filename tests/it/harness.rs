@@ -305,7 +305,8 @@ extern "C" fn kill_shared_cluster() {
 
 impl RedisCluster {
     /// Starts six nodes, joins them with `redis-cli --cluster create --cluster-replicas 1`
-    /// and waits (bounded) until every node reports `cluster_state:ok`.
+    /// and waits (bounded) until every node reports `cluster_state:ok` and they agree
+    /// ([`RedisCluster::wait_stable`]).
     pub fn start() -> RedisCluster {
         let nodes: Vec<Redis> = (0..6)
             .map(|_| {
@@ -332,7 +333,9 @@ impl RedisCluster {
         args.extend(["--cluster-replicas", "1", "--cluster-yes"]);
         run_tool(&cli, &args, nodes[0].dir());
         let cluster = RedisCluster { nodes };
-        cluster.wait_ok();
+        // `cluster_state:ok` everywhere, and every node agreeing on the configuration
+        // (`redis-cli --cluster reshard` refuses to start otherwise).
+        cluster.wait_stable();
         cluster
     }
 
@@ -347,11 +350,13 @@ impl RedisCluster {
         })
     }
 
-    /// Polls `CLUSTER INFO` on every node until each says `cluster_state:ok` (no event
-    /// tells us the gossip converged).
-    fn wait_ok(&self) {
+    /// Polls `CLUSTER INFO` on every running node until each says `cluster_state:ok` (no
+    /// event tells us the gossip converged). After a node was killed this is the wait to
+    /// use: `redis-cli --cluster check` ([`RedisCluster::wait_stable`]) keeps complaining
+    /// about the dead one.
+    pub fn wait_ok(&self) {
         let deadline = Instant::now() + CLUSTER_TIMEOUT;
-        for node in &self.nodes {
+        for node in self.nodes.iter().filter(|n| n.is_running()) {
             loop {
                 let info: Option<String> = node
                     .client()
@@ -428,6 +433,225 @@ impl RedisCluster {
             }
         }
         panic!("slot {slot} of {key:?} is served by no master");
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub fn slot_of(&self, key: &str) -> u16 {
+        let mut conn = self.nodes[0].client().get_connection().expect("connect");
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut conn)
+            .expect("CLUSTER KEYSLOT");
+        u16::try_from(slot).expect("a slot")
+    }
+
+    /// The node listening on `port`.
+    pub fn node(&self, port: u16) -> &Redis {
+        self.nodes
+            .iter()
+            .find(|n| n.port() == port)
+            .unwrap_or_else(|| panic!("no cluster node on port {port}"))
+    }
+
+    /// Mutable access to the node on `port` (to kill or stop it).
+    pub fn node_mut(&mut self, port: u16) -> &mut Redis {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port() == port)
+            .unwrap_or_else(|| panic!("no cluster node on port {port}"))
+    }
+
+    /// The cluster node id of the node on `port` (`CLUSTER MYID`).
+    pub fn node_id(&self, port: u16) -> String {
+        let mut conn = self.node(port).client().get_connection().expect("connect");
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut conn)
+            .expect("CLUSTER MYID")
+    }
+
+    /// The node's role as `ROLE` reports it: `"master"` or `"slave"`.
+    pub fn role(&self, port: u16) -> Option<String> {
+        let mut conn = self
+            .node(port)
+            .client()
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()?;
+        let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut conn).ok()?;
+        match role.first() {
+            Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            Some(redis::Value::SimpleString(s)) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
+    /// Ports of the running nodes that say they are masters (`ROLE`), lowest first.
+    pub fn masters(&self) -> Vec<u16> {
+        let mut masters: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_running() && self.role(n.port()).as_deref() == Some("master"))
+            .map(Redis::port)
+            .collect();
+        masters.sort_unstable();
+        masters
+    }
+
+    /// The port of a replica of the master on `master` that is connected to it and in sync
+    /// (its `ROLE` says `connected`), waiting (bounded) for one: right after the cluster was
+    /// created the replicas are still syncing.
+    pub fn replica_of(&self, master: u16) -> u16 {
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        loop {
+            for node in self.nodes.iter().filter(|n| n.is_running()) {
+                let Ok(mut conn) = node
+                    .client()
+                    .get_connection_with_timeout(Duration::from_secs(1))
+                else {
+                    continue;
+                };
+                let Ok(role) = redis::cmd("ROLE").query::<Vec<redis::Value>>(&mut conn) else {
+                    continue;
+                };
+                let text = |i: usize| {
+                    role.get(i)
+                        .and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                };
+                let of = role
+                    .get(2)
+                    .and_then(|v| redis::from_redis_value_ref::<u16>(v).ok());
+                if text(0).as_deref() == Some("slave")
+                    && of == Some(master)
+                    && text(3).as_deref() == Some("connected")
+                {
+                    return node.port();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "master {master} has no replica in sync within {CLUSTER_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `CLUSTER FAILOVER` on the replica on `replica` (see [`RedisCluster::replica_of`]),
+    /// then waits (bounded) until it reports itself master.
+    pub fn promote(&self, replica: u16) {
+        let mut conn = self
+            .node(replica)
+            .client()
+            .get_connection()
+            .expect("connect");
+        let _: () = redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query(&mut conn)
+            .expect("CLUSTER FAILOVER");
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        while self.role(replica).as_deref() != Some("master") {
+            assert!(
+                Instant::now() < deadline,
+                "replica {replica} not promoted within {CLUSTER_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Promotes a replica of the master on `master` ([`RedisCluster::promote`]) and waits
+    /// until the cluster is stable again. Returns the promoted node's port.
+    pub fn failover_replica_of(&self, master: u16) -> u16 {
+        let replica = self.replica_of(master);
+        self.promote(replica);
+        self.wait_stable();
+        replica
+    }
+
+    /// `redis-cli --cluster reshard`: moves `slots` slots from the master on `from` to the
+    /// master on `to` (redis-cli takes the source's lowest slots first), keys and all.
+    pub fn reshard(&self, from: u16, to: u16, slots: u16) {
+        let cli = find_binary("redis-cli", "redis-server");
+        let (from_id, to_id) = (self.node_id(from), self.node_id(to));
+        let entry = format!("127.0.0.1:{from}");
+        let slots = slots.to_string();
+        run_tool(
+            &cli,
+            &[
+                "--cluster",
+                "reshard",
+                &entry,
+                "--cluster-from",
+                &from_id,
+                "--cluster-to",
+                &to_id,
+                "--cluster-slots",
+                &slots,
+                "--cluster-yes",
+            ],
+            self.nodes[0].dir(),
+        );
+    }
+
+    /// The slots the master on `port` serves now, lowest first (from `CLUSTER SLOTS`).
+    pub fn slots_of(&self, port: u16) -> Vec<u16> {
+        let mut conn = self.node(port).client().get_connection().expect("connect");
+        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query(&mut conn)
+            .expect("CLUSTER SLOTS");
+        let mut slots = Vec::new();
+        for range in &ranges {
+            let redis::Value::Array(fields) = range else {
+                continue;
+            };
+            let (Some(start), Some(end), Some(redis::Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                continue;
+            };
+            let owner: u16 = master
+                .get(1)
+                .map(|p| redis::from_redis_value_ref(p).expect("port"))
+                .expect("master port");
+            if owner == port {
+                let start: u16 = redis::from_redis_value_ref(start).expect("slot");
+                let end: u16 = redis::from_redis_value_ref(end).expect("slot");
+                slots.extend(start..=end);
+            }
+        }
+        slots.sort_unstable();
+        slots
+    }
+
+    /// Waits (bounded) until every running node says `cluster_state:ok` and no slot is
+    /// migrating or importing anywhere (`redis-cli --cluster check` passes).
+    pub fn wait_stable(&self) {
+        self.wait_ok();
+        let cli = find_binary("redis-cli", "redis-server");
+        let entry = self
+            .nodes
+            .iter()
+            .find(|n| n.is_running())
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .expect("a running node");
+        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        loop {
+            let output = Command::new(&cli)
+                .args(["--cluster", "check", &entry])
+                .current_dir(self.nodes[0].dir())
+                .stdin(Stdio::null())
+                .output()
+                .expect("run redis-cli --cluster check");
+            let text = String::from_utf8_lossy(&output.stdout);
+            if output.status.success() && !text.contains("[WARNING]") && !text.contains("[ERR]") {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not stable within {CLUSTER_TIMEOUT:?}: {text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

@@ -13,6 +13,8 @@ mod bridge_outcomes;
 mod bridge_smoke;
 mod cache;
 mod cluster;
+mod cluster_faults;
+mod cluster_republish;
 mod forwards;
 mod harness;
 mod harness_selftest;

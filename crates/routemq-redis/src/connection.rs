@@ -82,6 +82,11 @@ impl ConnectionLike for RedisConnection {
     }
 }
 
+/// Shortest and longest wait (ms) of the cluster client before it retries a command
+/// (jittered, doubling from 20 ms per retry in between).
+const CLUSTER_RETRY_MIN_WAIT_MS: u64 = 10;
+const CLUSTER_RETRY_MAX_WAIT_MS: u64 = 250;
+
 /// Where and how to connect, built once per `initialize` from the config.
 #[derive(Clone)]
 pub(crate) enum Target {
@@ -118,6 +123,12 @@ impl Target {
             let mut builder = ClusterClientBuilder::new(nodes)
                 .connection_timeout(config.socket_connect_timeout)
                 .response_timeout(config.socket_timeout)
+                // The library waits at least 1.28 s before each retry of a command answered
+                // `TRYAGAIN`/`CLUSTERDOWN` or sent while the slot map is rebuilt: two of
+                // those outlast a `socket_timeout` of 2 s, and a timeout makes the manager
+                // drop the connection. A slot migrating under load needs a few ms.
+                .min_retry_wait(CLUSTER_RETRY_MIN_WAIT_MS)
+                .max_retry_wait(CLUSTER_RETRY_MAX_WAIT_MS)
                 .tcp_settings(tcp_settings(TcpSettings::default(), config.socket_timeout));
             if let Some(username) = &config.username {
                 builder = builder.username(username);

@@ -72,8 +72,11 @@ impl std::error::Error for Error {}
 
 /// The error codes of a Redis that is healthy but refuses for a while (spec §5.3): memory
 /// full, a replica (failover), a failed background save, too few replicas, loading a
-/// dataset, a busy script, a master link down, a cluster resharding or down. An `EXECABORT`
-/// counts as a refusal when a command was refused with one of these while queueing.
+/// dataset, a busy script, a master link down, a cluster resharding or down, a cluster slot
+/// that moved or is moving (`MOVED`/`ASK` that reach the caller: the cluster client follows
+/// them for single commands; a transaction is retried by the manager for a while, see
+/// `RedisManager::query_pipeline`). An `EXECABORT` counts as a refusal when a command was
+/// refused with one of these while queueing.
 pub const REFUSALS: &[&str] = &[
     "OOM",
     "READONLY",
@@ -84,6 +87,8 @@ pub const REFUSALS: &[&str] = &[
     "MASTERDOWN",
     "TRYAGAIN",
     "CLUSTERDOWN",
+    "MOVED",
+    "ASK",
 ];
 
 /// Whether a Redis error code is one of [`REFUSALS`].
@@ -171,6 +176,8 @@ mod tests {
             "-MASTERDOWN Link with MASTER is down\r\n",
             "-TRYAGAIN Multiple keys request during rehashing of slot\r\n",
             "-CLUSTERDOWN The cluster is down\r\n",
+            "-MOVED 3999 127.0.0.1:6381\r\n",
+            "-ASK 3999 127.0.0.1:6381\r\n",
             "-EXECABORT Transaction discarded because of: -READONLY You can't write against a read only replica.\r\n",
             "-EXECABORT Transaction discarded because of: OOM command not allowed when used memory > 'maxmemory'.\r\n",
         ] {

@@ -42,7 +42,8 @@
 //! [`ConnectionPermit`] for its whole life; when none is left the call fails with
 //! [`Error::PoolExhausted`] instead of opening one more. Commands never wait for a permit:
 //! they all share the command connection. (In cluster mode the command connection is one
-//! per node.)
+//! per node, and a dedicated connection goes to a node chosen when it is opened: the
+//! master of a key's slot, or any listed node — see [`RedisManager::dedicated_client`].)
 //!
 //! # Errors
 //!
@@ -51,7 +52,7 @@
 //! come in a sentinel form that logs rate-limited warnings and a `try_` form that returns
 //! the error.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -147,6 +148,9 @@ struct Inner {
     warnings: WarnLimiter,
     /// Bumped by the health task every round, so a stuck task can be noticed (watchdog).
     heartbeat: Heartbeat,
+    /// Cluster mode: which node the next keyless dedicated connection tries (round robin,
+    /// so a dead node is not tried forever).
+    next_node: AtomicUsize,
 }
 
 impl Drop for Inner {
@@ -222,6 +226,7 @@ impl RedisManager {
                 dedicated: Arc::new(Semaphore::new(dedicated)),
                 warnings: WarnLimiter::default(),
                 heartbeat: Heartbeat::new(),
+                next_node: AtomicUsize::new(0),
             }),
         }
     }
@@ -350,15 +355,107 @@ impl RedisManager {
     /// A client for one dedicated connection (a subscriber, a blocking reader) and the
     /// permit that counts it against `max_connections`. Keep the permit as long as the
     /// connection is open. [`Error::PoolExhausted`] when every allowed connection is in use.
+    /// On a cluster the client is for a node that answers (see
+    /// [`RedisManager::dedicated_client`]); a connection for one key's node is
+    /// [`RedisManager::dedicated_connection_for_key`].
     pub async fn dedicated_connection(&self) -> Result<(::redis::Client, ConnectionPermit)> {
+        let permit = self.dedicated_permit()?;
+        let client = self.dedicated_client(None).await?;
+        Ok((client, permit))
+    }
+
+    /// Like [`RedisManager::dedicated_connection`], for commands on `key` (a blocking
+    /// `XREADGROUP` on a stream): on a cluster, the client is for the master serving `key`'s
+    /// slot now, so the reads are not answered `MOVED`.
+    pub async fn dedicated_connection_for_key(
+        &self,
+        key: &str,
+    ) -> Result<(::redis::Client, ConnectionPermit)> {
+        let permit = self.dedicated_permit()?;
+        let client = self.dedicated_client(Some(key)).await?;
+        Ok((client, permit))
+    }
+
+    fn dedicated_permit(&self) -> Result<ConnectionPermit> {
         if !self.inner.config.enabled {
             return Err(Error::Disabled);
         }
-        let permit = Arc::clone(&self.inner.dedicated)
+        Arc::clone(&self.inner.dedicated)
             .try_acquire_owned()
-            .map_err(|_| Error::PoolExhausted)?;
-        let client = self.redis_client()?;
-        Ok((client, ConnectionPermit(permit)))
+            .map(ConnectionPermit)
+            .map_err(|_| Error::PoolExhausted)
+    }
+
+    /// The client to open (or open again) a dedicated connection with, now; ask again
+    /// before each reconnection, because on a cluster the node of last time may be gone or
+    /// demoted. A single server: [`RedisManager::redis_client`]. A cluster: for `key`, the
+    /// master serving its slot (asked over the command connection: `CLUSTER KEYSLOT`,
+    /// `CLUSTER SLOTS`); without a key (pub/sub: a cluster broadcasts every `PUBLISH` to
+    /// all its nodes, replicas included), the nodes the cluster lists, in turn. While the
+    /// cluster cannot be asked, the seed nodes in turn.
+    pub async fn dedicated_client(&self, key: Option<&str>) -> Result<::redis::Client> {
+        let config = &self.inner.config;
+        if config.cluster.is_empty() {
+            return self.redis_client();
+        }
+        let turn = self.inner.next_node.fetch_add(1, Ordering::Relaxed);
+        let node = match self.cluster_node(key, turn).await {
+            Ok(node) => node,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot ask the cluster for a node; trying the seeds in turn");
+                None
+            }
+        };
+        let seed = &config.cluster[turn % config.cluster.len()];
+        let single = RedisConfig {
+            url: Some(seed.clone()),
+            cluster: Vec::new(),
+            ..config.clone()
+        };
+        let mut info = connection::connection_info(&single)?;
+        if let Some((host, port)) = node {
+            let addr = match info.addr().clone() {
+                ::redis::ConnectionAddr::TcpTls {
+                    insecure,
+                    tls_params,
+                    ..
+                } => ::redis::ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure,
+                    tls_params,
+                },
+                _ => ::redis::ConnectionAddr::Tcp(host, port),
+            };
+            info = info.set_addr(addr);
+        }
+        crate::tls::install_crypto_provider();
+        ::redis::Client::open(info).map_err(|e| Error::Invalid(e.to_string()))
+    }
+
+    /// The node a dedicated connection should go to (see [`RedisManager::dedicated_client`]):
+    /// `key`'s master, or the `turn`-th node the cluster lists. `None` when the cluster
+    /// lists none.
+    async fn cluster_node(&self, key: Option<&str>, turn: usize) -> Result<Option<(String, u16)>> {
+        let slots: ::redis::Value = self.query(::redis::cmd("CLUSTER").arg("SLOTS")).await?;
+        let ranges = cluster_slots(&slots);
+        if let Some(key) = key {
+            let slot: u16 = self
+                .query(::redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
+                .await?;
+            return Ok(ranges
+                .into_iter()
+                .find(|(start, end, _)| (*start..=*end).contains(&slot))
+                .and_then(|(_, _, nodes)| nodes.into_iter().next()));
+        }
+        let mut nodes: Vec<(String, u16)> =
+            ranges.into_iter().flat_map(|(_, _, nodes)| nodes).collect();
+        nodes.sort();
+        nodes.dedup();
+        Ok(match nodes.len() {
+            0 => None,
+            n => Some(nodes.swap_remove(turn % n)),
+        })
     }
 
     /// Connection settings for dedicated connections: the configured connect timeout and no
@@ -434,14 +531,26 @@ impl RedisManager {
     }
 
     /// Run a pipeline (or a MULTI/EXEC transaction when built with `.atomic()`).
+    ///
+    /// On a cluster, a transaction whose slot is on the move (resharding: `MOVED`, `ASK` or
+    /// `TRYAGAIN` for a command queued in it, which aborts the whole transaction, so nothing
+    /// was applied) is sent again for up to `socket_timeout`, after a keyed read that lets
+    /// the cluster client learn where the slot lives now: the library follows redirections
+    /// for single commands but not inside a transaction. Past that budget the error is a
+    /// refusal ([`Error::Refused`]): a wait, not a failure.
     pub async fn query_pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T> {
         let command = if pipe.is_transaction() {
             "multi"
         } else {
             "pipeline"
         };
+        let budget = self.inner.config.socket_timeout;
         self.call(command, |mut conn| async move {
-            pipe.query_async(&mut conn).await
+            if pipe.is_transaction() && matches!(conn, RedisConnection::Cluster(_)) {
+                cluster_transaction(&mut conn, pipe, budget).await
+            } else {
+                pipe.query_async(&mut conn).await
+            }
         })
         .await
     }
@@ -505,6 +614,98 @@ fn command_name(cmd: &Cmd) -> String {
         }
         _ => "other".to_string(),
     }
+}
+
+/// A range of slots of `CLUSTER SLOTS`: first, last, and the nodes serving it (host, port),
+/// the master first.
+type SlotRange = (u16, u16, Vec<(String, u16)>);
+
+/// `CLUSTER SLOTS` as (first slot, last slot, nodes serving them: the master first, then
+/// its replicas as host and port). Entries it cannot read (an unknown endpoint `?`/empty)
+/// are left out.
+fn cluster_slots(reply: &::redis::Value) -> Vec<SlotRange> {
+    use ::redis::{from_redis_value_ref, Value};
+    let Value::Array(ranges) = reply else {
+        return Vec::new();
+    };
+    ranges
+        .iter()
+        .filter_map(|range| {
+            let Value::Array(fields) = range else {
+                return None;
+            };
+            let start: u16 = from_redis_value_ref(fields.first()?).ok()?;
+            let end: u16 = from_redis_value_ref(fields.get(1)?).ok()?;
+            let nodes = fields[2..]
+                .iter()
+                .filter_map(|node| {
+                    let Value::Array(node) = node else {
+                        return None;
+                    };
+                    let host: String = from_redis_value_ref(node.first()?).ok()?;
+                    let port: u16 = from_redis_value_ref(node.get(1)?).ok()?;
+                    (!host.is_empty() && host != "?").then_some((host, port))
+                })
+                .collect();
+            Some((start, end, nodes))
+        })
+        .collect()
+}
+
+/// First and longest pause between two attempts of a transaction whose slot is moving.
+const SLOT_MOVE_MIN_DELAY: Duration = Duration::from_millis(5);
+const SLOT_MOVE_MAX_DELAY: Duration = Duration::from_millis(200);
+
+/// A transaction on a cluster, sent again while its slot is on the move (see
+/// [`RedisManager::query_pipeline`]) until it passes, fails otherwise, or `budget` is spent.
+async fn cluster_transaction<T: FromRedisValue>(
+    conn: &mut RedisConnection,
+    pipe: &Pipeline,
+    budget: Duration,
+) -> RedisResult<T> {
+    let deadline = Instant::now() + budget;
+    let mut delay = SLOT_MOVE_MIN_DELAY;
+    loop {
+        let result = pipe.query_async(conn).await;
+        match &result {
+            Err(e) if slot_on_the_move(e) && Instant::now() + delay < deadline => {
+                tracing::debug!(error = %e, "cluster transaction hit a moving slot; sending it again");
+                follow_slot(conn, pipe).await;
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(SLOT_MOVE_MAX_DELAY);
+            }
+            _ => return result,
+        }
+    }
+}
+
+/// Whether `e` (a transaction's error) says its slot moved or is being migrated: `MOVED`,
+/// `ASK` or `TRYAGAIN`, for any command queued in it.
+fn slot_on_the_move(e: &::redis::RedisError) -> bool {
+    e.clone().into_server_errors().is_some_and(|errors| {
+        errors
+            .iter()
+            .any(|(_, err)| matches!(err.code(), "MOVED" | "ASK" | "TRYAGAIN"))
+    })
+}
+
+/// A read of the transaction's first key (`EXISTS`, which changes nothing), routed by slot:
+/// the cluster client follows the `MOVED` it gets, refreshing its slot map, so the next
+/// attempt goes to the new owner. Its own result does not matter.
+async fn follow_slot(conn: &mut RedisConnection, pipe: &Pipeline) {
+    let Some(key) = pipe
+        .cmd_iter()
+        .find_map(|cmd| match cmd.args_iter().nth(1) {
+            Some(::redis::Arg::Simple(key)) => Some(key.to_vec()),
+            _ => None,
+        })
+    else {
+        return;
+    };
+    let _ = ::redis::cmd("EXISTS")
+        .arg(key)
+        .query_async::<::redis::Value>(conn)
+        .await;
 }
 
 fn read_slot(slot: &RwLock<Option<Slot>>) -> Option<(u64, RedisConnection)> {
@@ -672,5 +873,71 @@ async fn probe_writes(inner: &Inner, epoch: u64, conn: &mut RedisConnection) {
                 inner.set_state(ConnectionState::Up);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ::redis::Value;
+
+    fn node(host: &str, port: i64) -> Value {
+        Value::Array(vec![
+            Value::BulkString(host.as_bytes().to_vec()),
+            Value::Int(port),
+            Value::BulkString(b"0123abcd".to_vec()),
+        ])
+    }
+
+    #[test]
+    fn cluster_slots_are_read_master_first_and_unknown_endpoints_left_out() {
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("10.0.0.1", 7000),
+                node("10.0.0.4", 7003),
+            ]),
+            Value::Array(vec![
+                Value::Int(5461),
+                Value::Int(10922),
+                node("?", 7001),
+                node("10.0.0.5", 7004),
+            ]),
+            Value::Array(vec![Value::Int(10923)]),
+        ]);
+        assert_eq!(
+            cluster_slots(&reply),
+            vec![
+                (
+                    0,
+                    5460,
+                    vec![
+                        ("10.0.0.1".to_string(), 7000),
+                        ("10.0.0.4".to_string(), 7003)
+                    ]
+                ),
+                (5461, 10922, vec![("10.0.0.5".to_string(), 7004)]),
+            ]
+        );
+        assert!(cluster_slots(&Value::Nil).is_empty());
+    }
+
+    #[test]
+    fn a_moving_slot_is_told_from_other_transaction_errors() {
+        let error = |reply: &str| {
+            ::redis::parse_redis_value(reply.as_bytes())
+                .expect("a RESP reply")
+                .extract_error()
+                .expect_err("an error")
+        };
+        assert!(slot_on_the_move(&error("-MOVED 3999 127.0.0.1:6381\r\n")));
+        assert!(slot_on_the_move(&error("-ASK 3999 127.0.0.1:6381\r\n")));
+        assert!(slot_on_the_move(&error(
+            "-TRYAGAIN Multiple keys request during rehashing of slot\r\n"
+        )));
+        assert!(!slot_on_the_move(&error(
+            "-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"
+        )));
     }
 }

@@ -14,6 +14,9 @@
 //! exponential backoff (100 ms doubling to 2 s) and subscribes everything again; messages
 //! published meanwhile are lost, as pub/sub promises nothing more. Dropping the
 //! [`Subscription`] or calling [`Subscription::stop`] ends the task and its connection.
+//! Every (re)connection asks the manager for its node ([`RedisManager::dedicated_client`]):
+//! on a cluster any node will do, since every `PUBLISH` is broadcast to all nodes, and a
+//! dead node is left for the next one.
 
 use crate::backoff::Backoff;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -220,7 +223,7 @@ impl Worker {
         }
         // The permit counts this connection against max_connections while the task lives.
         let mut wait = BACKOFF_INITIAL;
-        let (client, _permit) = loop {
+        let (mut client, _permit) = loop {
             match self.manager.dedicated_connection().await {
                 Ok(pair) => break pair,
                 Err(Error::PoolExhausted) => tracing::warn!(
@@ -240,7 +243,16 @@ impl Worker {
         };
         let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
         let mut connected_before = false;
+        let mut first = true;
         loop {
+            // On a cluster the node of last time may be gone or demoted: ask again which
+            // node to use (a single server gets the same client back).
+            if !std::mem::take(&mut first) {
+                match self.manager.dedicated_client(None).await {
+                    Ok(c) => client = c,
+                    Err(e) => tracing::debug!(error = %e, "pub/sub: keeping the last node"),
+                }
+            }
             match self.connect(&client).await {
                 Ok(pubsub) => {
                     if connected_before {
