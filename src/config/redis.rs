@@ -7,15 +7,28 @@
 //! ([`check_url`], [`RedisConfig::validate`]), so this reading and the crate's own
 //! [`RedisConfig::from_env`] refuse the same values with the same messages.
 
-use routemq_redis::config::check_url;
+use routemq_redis::config::{check_url, SentinelConfig, DEFAULT_WAIT_REPLICAS};
 use routemq_redis::RedisConfig;
 
 use super::reader::Table;
 use super::Secret;
 
 /// Reads the `[redis]` table; `Default` fills what it does not set.
-pub(crate) fn read(mut t: Table<'_>) -> RedisConfig {
+#[cfg(test)]
+pub(crate) fn read(t: Table<'_>) -> RedisConfig {
+    read_with_warnings(t).0
+}
+
+/// Reads the `[redis]` table, and what `check` should warn about in it (settings that are
+/// valid but have no effect): see [`warnings`].
+pub(crate) fn read_with_warnings(mut t: Table<'_>) -> (RedisConfig, Vec<String>) {
     let d = RedisConfig::default();
+    // Set explicitly (file or variable), before reading marks them known.
+    let explicit: Vec<String> = ["host", "port", "url"]
+        .into_iter()
+        .filter(|key| t.has(key))
+        .map(|key| format!("{} (set by {})", t.key_path(key), t.source_of(key)))
+        .collect();
     let enabled = t.bool("enabled", d.enabled);
     let url = t
         .parse("url", |url: Secret| check_url(url.expose()).map(|()| url))
@@ -37,6 +50,7 @@ pub(crate) fn read(mut t: Table<'_>) -> RedisConfig {
             Ok(nodes.into_iter().map(Secret::new).collect())
         })
         .unwrap_or(d.cluster);
+    let sentinel = t.opt_table("sentinel").map(read_sentinel);
     let config = RedisConfig {
         enabled,
         url,
@@ -49,11 +63,24 @@ pub(crate) fn read(mut t: Table<'_>) -> RedisConfig {
         socket_timeout,
         socket_connect_timeout,
         cluster,
+        sentinel,
     };
     // Checked here, once, without connecting: a combination the client refuses is a config
     // error `check` finds, not a daemon that starts and never connects. The messages never
     // quote a URL or password.
-    if config.enabled {
+    let sentinel_problem = match &config.sentinel {
+        Some(_) if !config.cluster.is_empty() => {
+            t.error(
+                "sentinel",
+                "set either redis.sentinel or redis.cluster, not both",
+            );
+            true
+        }
+        // Reported by read_sentinel, naming its key.
+        Some(s) => s.problem().is_some(),
+        None => false,
+    };
+    if config.enabled && !sentinel_problem {
         if let Err(message) = config.validate() {
             let key = if config.cluster.is_empty() {
                 "url"
@@ -64,5 +91,54 @@ pub(crate) fn read(mut t: Table<'_>) -> RedisConfig {
         }
     }
     t.finish();
-    config
+    let warnings = warnings(&config, &explicit);
+    (config, warnings)
+}
+
+/// What `check` warns about in `[redis]`: `explicit` lists the address keys set in the file
+/// or by a variable (`redis.host (set by …)`), which are not used for data connections when
+/// `sentinel` (or `cluster`) is set (spec §10). One function for every such warning, so each
+/// topology adds its own line.
+pub(crate) fn warnings(config: &RedisConfig, explicit: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    if config.sentinel.is_some() && !explicit.is_empty() {
+        out.push(format!(
+            "redis.sentinel is set, so {} not used for data connections (the sentinels name \
+             the master; url's scheme, database and credentials still apply)",
+            list_is(explicit)
+        ));
+    }
+    out
+}
+
+fn list_is(keys: &[String]) -> String {
+    match keys {
+        [one] => format!("{one} is"),
+        many => format!("{} are", many.join(", ")),
+    }
+}
+
+/// `[redis.sentinel]`.
+fn read_sentinel(mut t: Table<'_>) -> SentinelConfig {
+    let master = t.string("master", "");
+    let nodes: Vec<String> = t.string_list("nodes");
+    let username = t.opt_string("username").filter(|u| !u.is_empty());
+    let password = t.password("redis_sentinel_password");
+    let wait_replicas = t
+        .get::<u64>("wait_replicas")
+        .map_or(DEFAULT_WAIT_REPLICAS, |n| {
+            u32::try_from(n).unwrap_or(u32::MAX)
+        });
+    let sentinel = SentinelConfig {
+        master,
+        nodes: nodes.into_iter().map(Secret::new).collect(),
+        username,
+        password,
+        wait_replicas,
+    };
+    if let Some((key, message)) = sentinel.problem() {
+        t.error(key, message);
+    }
+    t.finish();
+    sentinel
 }

@@ -36,6 +36,8 @@ pub struct BridgeConfig {
     pub republish: Vec<RawTable>,
     /// `[[republish]]` compiled: filled by [`BridgeConfig::compile`] (empty after `load`).
     pub republish_rules: Vec<RepublishRule>,
+    /// What `check` warns about: valid settings that have no effect.
+    pub warnings: Vec<String>,
 }
 
 impl BridgeConfig {
@@ -91,7 +93,7 @@ impl BridgeConfig {
 
     fn read(mut t: Table<'_>) -> BridgeConfig {
         let mqtt = MqttConfig::read(t.table("mqtt"));
-        let redis = config::redis::read(t.table("redis"));
+        let (redis, warnings) = config::redis::read_with_warnings(t.table("redis"));
         let http = HttpConfig::read(t.table("http"));
         let limits = LimitsConfig::read(t.table("limits"));
         let log = LogConfig::read(t.table("log"));
@@ -116,6 +118,7 @@ impl BridgeConfig {
             routes,
             republish,
             republish_rules: Vec::new(),
+            warnings,
         }
     }
 }

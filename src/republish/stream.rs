@@ -144,6 +144,12 @@ impl Worker {
             let connection = match &mut conn {
                 Some(c) => c,
                 None => {
+                    // Sentinel: the master may have changed since; elsewhere the same client.
+                    let client = self
+                        .shared
+                        .redis
+                        .redis_client()
+                        .unwrap_or_else(|_| client.clone());
                     let connect =
                         client.get_multiplexed_async_connection_with_config(&connect_config);
                     let result = tokio::select! {

@@ -27,6 +27,7 @@ mod redis_refusals;
 mod redis_tls;
 mod republish;
 mod secrets;
+mod sentinel;
 mod session;
 mod silent_redis;
 mod stages;

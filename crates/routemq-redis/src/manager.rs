@@ -33,6 +33,31 @@
 //! (`redis_command_duration_seconds`, `redis_errors_total`).
 //! No lock is held across an `.await`.
 //!
+//! # Sentinel
+//!
+//! With `[redis.sentinel]` the command connection goes to the master the sentinels name
+//! (see [`crate::connection`]); the health task follows every failover: a lost connection
+//! is re-made through the sentinels, and while the master refuses writes (`READONLY`: it was
+//! demoted but is still reachable) the task asks the sentinels at each probe and reconnects
+//! as soon as they name another master. Dedicated connections go to the master last
+//! connected to.
+//!
+//! Acked means replicated: Redis replicates asynchronously, so a master killed by
+//! `kill -9` (or demoted by `SENTINEL FAILOVER` while still taking writes) loses what it
+//! acknowledged but had not yet shipped, and the promoted replica never saw it. With
+//! `wait_replicas = n` (default 1) [`RedisManager::query_pipeline_durable`] follows each
+//! route write with `WAIT n <socket_timeout / 2>` on the same connection. When fewer
+//! replicas acknowledged, the write is *not* sent again on that master (it is there, only
+//! not yet replicated): `WAIT` is re-issued, counted ([`RedisManager::replica_waits`]) and
+//! logged rate-limited, the state is `refusing` (`/readyz` 503), for as long as the
+//! connection to that master lives — the message stays unacked meanwhile. Once the master
+//! changed (a failover: the connection was lost or the sentinels named another master) the
+//! call fails as unavailable and the caller's retry writes the message again on the new
+//! master: at least once, exactly once with `dedup`. The cost: one replica round trip per
+//! write, and `WAIT` blocks the shared command connection while it waits, so writes are
+//! serialised behind replica acknowledgements (on loopback a fraction of a millisecond
+//! each; on a slow link, the link's latency per write).
+//!
 //! # `max_connections`
 //!
 //! `REDIS_MAX_CONNECTIONS` bounds the connections the manager holds open at once: the one
@@ -79,6 +104,10 @@ pub const REFUSAL_PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// The key of that probe: `SET <key> "" XX` on a key that does not exist is refused exactly
 /// when writes are (`OOM`, `READONLY`, `MISCONF`, …) and otherwise changes nothing.
 pub const REFUSAL_PROBE_KEY: &str = "routemq-bridge:probe:never-set";
+
+/// The channel [`RedisManager::replicated`] publishes an empty message to: a write that
+/// reaches the replicas without touching a key.
+pub const REPLICATION_BARRIER: &str = "routemq-bridge:replication-barrier";
 
 /// Whether the manager can talk to Redis right now (for `redis_up` and `/readyz`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +176,12 @@ struct Inner {
     warnings: WarnLimiter,
     /// Bumped by the health task every round, so a stuck task can be noticed (watchdog).
     heartbeat: Heartbeat,
+    /// Sentinel mode: the master last connected to, for dedicated connections.
+    master: RwLock<Option<::redis::ConnectionInfo>>,
+    /// `WAIT`s that came back with fewer replicas than `wait_replicas`.
+    replica_waits: AtomicU64,
+    /// Writes now waiting for replicas: while any does, a passing probe does not mean up.
+    waiting_for_replicas: AtomicU64,
 }
 
 impl Drop for Inner {
@@ -222,6 +257,9 @@ impl RedisManager {
                 dedicated: Arc::new(Semaphore::new(dedicated)),
                 warnings: WarnLimiter::default(),
                 heartbeat: Heartbeat::new(),
+                master: RwLock::new(None),
+                replica_waits: AtomicU64::new(0),
+                waiting_for_replicas: AtomicU64::new(0),
             }),
         }
     }
@@ -254,7 +292,7 @@ impl RedisManager {
             }
         };
         match target.connect(&inner.config).await {
-            Ok((conn, refused)) => inner.install(conn, refused),
+            Ok((conn, refused)) => inner.install(conn, refused, &target),
             Err(e) => tracing::warn!(
                 error = %e,
                 "redis is not answering at start-up; reconnecting in the background"
@@ -332,6 +370,16 @@ impl RedisManager {
     /// [`RedisManager::dedicated_connection`] for connections kept open.
     pub fn redis_client(&self) -> Result<::redis::Client> {
         let config = &self.inner.config;
+        if config.sentinel.is_some() {
+            let master = self
+                .inner
+                .master
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let info = master.ok_or_else(|| Error::Unavailable("no master found yet".into()))?;
+            return ::redis::Client::open(info).map_err(|e| Error::Invalid(e.to_string()));
+        }
         let info = match config.cluster.first() {
             Some(first) => {
                 let single = RedisConfig {
@@ -465,6 +513,120 @@ impl RedisManager {
         Ok(())
     }
 
+    /// A route's write: [`RedisManager::query_pipeline_spread`], and with
+    /// `[redis.sentinel] wait_replicas = n > 0`, then `WAIT` until `n` replicas have it on
+    /// the same connection (see the module doc, "Sentinel"). While fewer acknowledged,
+    /// `WAIT` is re-issued as long as the master is the same; once it changed, the write
+    /// fails as [`Error::Unavailable`] so the caller's retry sends it again on the new
+    /// master.
+    pub async fn query_pipeline_durable(&self, pipe: &Pipeline) -> Result<()> {
+        let replicas = match &self.inner.config.sentinel {
+            Some(s) if s.wait_replicas > 0 => s.wait_replicas,
+            _ => return self.query_pipeline_spread(pipe).await,
+        };
+        let command = if pipe.is_transaction() {
+            "multi"
+        } else {
+            "pipeline"
+        };
+        let (epoch, mut conn) = match self.command_connection() {
+            Ok(conn) => conn,
+            Err(e) => {
+                observe::command(command, None, Some(&e));
+                return Err(e);
+            }
+        };
+        let started = Instant::now();
+        let written = self.settle(epoch, pipe.query_async::<()>(&mut conn).await);
+        observe::command(command, Some(started.elapsed()), written.as_ref().err());
+        written?;
+        self.inner
+            .waiting_for_replicas
+            .fetch_add(1, Ordering::AcqRel);
+        let waited = self.await_replicas(epoch, &mut conn, replicas).await;
+        self.inner
+            .waiting_for_replicas
+            .fetch_sub(1, Ordering::AcqRel);
+        waited
+    }
+
+    /// With `[redis.sentinel] wait_replicas = n > 0`: returns once `n` replicas have every
+    /// write the master took before this call (found there by another attempt, e.g. a dedup
+    /// done mark whose first attempt lost its connection before its `WAIT`). A `PUBLISH`
+    /// to [`REPLICATION_BARRIER`] (replicated, changes no key) gives `WAIT` an offset to
+    /// wait for on this connection. Elsewhere, `Ok` at once.
+    pub async fn replicated(&self) -> Result<()> {
+        let replicas = match &self.inner.config.sentinel {
+            Some(s) if s.wait_replicas > 0 => s.wait_replicas,
+            _ => return Ok(()),
+        };
+        let (epoch, mut conn) = self.command_connection()?;
+        let published = self.settle(
+            epoch,
+            ::redis::cmd("PUBLISH")
+                .arg(REPLICATION_BARRIER)
+                .arg("")
+                .query_async::<i64>(&mut conn)
+                .await,
+        );
+        published?;
+        self.inner
+            .waiting_for_replicas
+            .fetch_add(1, Ordering::AcqRel);
+        let waited = self.await_replicas(epoch, &mut conn, replicas).await;
+        self.inner
+            .waiting_for_replicas
+            .fetch_sub(1, Ordering::AcqRel);
+        waited
+    }
+
+    async fn await_replicas(
+        &self,
+        epoch: u64,
+        conn: &mut RedisConnection,
+        replicas: u32,
+    ) -> Result<()> {
+        let timeout = (self.inner.config.socket_timeout / 2).max(Duration::from_millis(1));
+        let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            let started = Instant::now();
+            let acked = self.settle(
+                epoch,
+                ::redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(millis)
+                    .query_async::<i64>(conn)
+                    .await,
+            );
+            observe::command("wait", Some(started.elapsed()), acked.as_ref().err());
+            // An error (the connection was lost): the caller writes again, on whichever
+            // master the manager reconnects to.
+            let acked = acked?;
+            if acked >= i64::from(replicas) {
+                return Ok(());
+            }
+            self.inner.replica_waits.fetch_add(1, Ordering::Relaxed);
+            self.inner.mark_refusing(
+                epoch,
+                &format!("only {acked} of {replicas} replica(s) acknowledged a write (WAIT)"),
+            );
+            if self.inner.current_epoch.load(Ordering::Acquire) != epoch
+                || !self.inner.up.load(Ordering::Acquire)
+            {
+                return Err(Error::Unavailable(
+                    "the master changed before its replicas acknowledged a write; writing it again"
+                        .into(),
+                ));
+            }
+        }
+    }
+
+    /// How many `WAIT`s came back with fewer replicas than `[redis.sentinel] wait_replicas`
+    /// (each one a message held back until its write is replicated).
+    pub fn replica_waits(&self) -> u64 {
+        self.inner.replica_waits.load(Ordering::Relaxed)
+    }
+
     /// Run a Lua script (EVALSHA, falling back to EVAL after a Redis restart).
     pub async fn run_script<T: FromRedisValue>(
         &self,
@@ -531,7 +693,10 @@ impl Inner {
     /// A fresh connection answered: make it the command connection.
     /// `refused`: the connection answers, but PING was refused for now (see
     /// `Target::connect`): installed as refusing.
-    fn install(&self, conn: RedisConnection, refused: Option<String>) {
+    fn install(&self, conn: RedisConnection, refused: Option<String>, target: &Target) {
+        if let Target::Sentinel(sentinel) = target {
+            *self.master.write().unwrap_or_else(|e| e.into_inner()) = sentinel.current();
+        }
         let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
         *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Slot { epoch, conn });
         self.current_epoch.store(epoch, Ordering::Release);
@@ -630,6 +795,14 @@ async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
         if inner.up.load(Ordering::Acquire) {
             if let Some((epoch, mut conn)) = read_slot(&inner.slot) {
                 if inner.is_refusing() {
+                    // A demoted master answers READONLY while the sentinels already name
+                    // its successor: reconnect there (through the sentinels) at once.
+                    if let Target::Sentinel(sentinel) = &target {
+                        if sentinel.master_moved().await {
+                            inner.mark_down(epoch, &"the sentinels name a new master");
+                            continue;
+                        }
+                    }
                     probe_writes(&inner, epoch, &mut conn).await;
                     continue;
                 }
@@ -644,7 +817,7 @@ async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
             }
         } else {
             match target.connect(&inner.config).await {
-                Ok((conn, refused)) => inner.install(conn, refused),
+                Ok((conn, refused)) => inner.install(conn, refused, &target),
                 Err(e) => inner.warnings.warn(
                     "connection",
                     format_args!("redis still unavailable: {e}; retrying"),
@@ -667,7 +840,10 @@ async fn probe_writes(inner: &Inner, epoch: u64, conn: &mut RedisConnection) {
         Err(Error::Refused(_)) => {}
         Err(e @ (Error::Unavailable(_) | Error::Timeout)) => inner.mark_down(epoch, &e),
         _ => {
-            if inner.current_epoch.load(Ordering::Acquire) == epoch && inner.is_refusing() {
+            if inner.current_epoch.load(Ordering::Acquire) == epoch
+                && inner.is_refusing()
+                && inner.waiting_for_replicas.load(Ordering::Acquire) == 0
+            {
                 tracing::info!("redis takes writes again");
                 inner.set_state(ConnectionState::Up);
             }

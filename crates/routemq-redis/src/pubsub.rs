@@ -241,6 +241,11 @@ impl Worker {
         let mut backoff = Backoff::new(BACKOFF_INITIAL, BACKOFF_MAX);
         let mut connected_before = false;
         loop {
+            // Sentinel: the master may have changed since; elsewhere the same client.
+            let client = self
+                .manager
+                .redis_client()
+                .unwrap_or_else(|_| client.clone());
             match self.connect(&client).await {
                 Ok(pubsub) => {
                     if connected_before {
