@@ -130,7 +130,11 @@ fn publish_load(mut client: Client) -> tokio::task::JoinHandle<Client> {
 
 /// The fault test body: 5,000 messages, `fault` once a few hundred are written, then every
 /// message written exactly once on the new master, nothing dead-lettered, `/readyz` 200.
-async fn load_through(client_id: &str, fault: impl FnOnce(&mut RedisSentinel) -> u16 + Send) {
+/// Returns the bridge's log.
+async fn load_through(
+    client_id: &str,
+    fault: impl FnOnce(&mut RedisSentinel) -> u16 + Send,
+) -> String {
     let mut topology = RedisSentinel::start();
     let broker = Mosquitto::start();
     create_sessions(&topology);
@@ -188,11 +192,16 @@ async fn load_through(client_id: &str, fault: impl FnOnce(&mut RedisSentinel) ->
         "the bridge found the new master; log:\n{log}"
     );
     eprintln!("fault at {started:?} of {expected} written");
+    log
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_under_load_writes_every_message_exactly_once() {
-    load_through("sentinel-f1", |t| t.failover()).await;
+    let log = load_through("sentinel-f1", |t| t.failover()).await;
+    assert!(
+        log.contains("the sentinels announced +switch-master"),
+        "the bridge heard the switch; log:\n{log}"
+    );
 }
 
 /// `kill -9` of the master. With one replica, the promoted master has none left until the

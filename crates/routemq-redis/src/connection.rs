@@ -30,7 +30,11 @@
 //! The manager's health task reconnects through it after a lost connection, and asks the
 //! sentinels again while the master refuses writes (`READONLY` from a demoted master), so
 //! every failover is followed; the address last connected to is what dedicated
-//! connections (subscribers, stream readers) use.
+//! connections (subscribers, stream readers) use. A task of the manager also listens for
+//! `+switch-master` on one sentinel at a time (one connection to a sentinel, not counted
+//! against `max_connections`) and marks the connection down as soon as the sentinels
+//! announce a master other than the one connected to: that only hurries what the lost
+//! connection or `READONLY` would tell a moment later.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -307,6 +311,59 @@ impl SentinelTarget {
             Some(info) => !same_addr(info.addr(), &host, port),
             None => true,
         }
+    }
+
+    /// Waits on one sentinel after another for a `+switch-master` of our master and calls
+    /// `switched` with the new address each time; ends when `switched` returns false (the
+    /// manager is gone). A sentinel that cannot be reached or drops the subscription is
+    /// left for the next one after a pause: this only hurries what the health task notices
+    /// anyway (the lost connection, `READONLY`).
+    pub(crate) async fn watch_switches(&self, mut switched: impl FnMut(String, u16) -> bool) {
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut i = 0;
+        loop {
+            let info = self.sentinels[i % self.sentinels.len()].clone();
+            i += 1;
+            let subscribe = async {
+                let client = Client::open(info)?;
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe("+switch-master").await?;
+                Ok::<_, ::redis::RedisError>(pubsub)
+            };
+            if let Ok(Ok(mut pubsub)) = tokio::time::timeout(self.budget(), subscribe).await {
+                backoff.reset();
+                let mut messages = pubsub.on_message();
+                while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+                    let Ok(text) = message.get_payload::<String>() else {
+                        continue;
+                    };
+                    // `<name> <old-ip> <old-port> <new-ip> <new-port>`
+                    let fields: Vec<&str> = text.split(' ').collect();
+                    if let [name, _, _, host, port] = fields.as_slice() {
+                        if *name != self.master {
+                            continue;
+                        }
+                        let Ok(port) = port.parse::<u16>() else {
+                            continue;
+                        };
+                        if !switched(host.to_string(), port) {
+                            return;
+                        }
+                    }
+                }
+            }
+            if !switched(String::new(), 0) {
+                return;
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    /// Whether `host:port` is the master connected to now.
+    pub(crate) fn is_current(&self, host: &str, port: u16) -> bool {
+        self.current()
+            .is_some_and(|info| same_addr(info.addr(), host, port))
     }
 
     fn data_info(&self, host: String, port: u16) -> ConnectionInfo {

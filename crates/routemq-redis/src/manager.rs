@@ -172,6 +172,8 @@ struct Inner {
     /// Bumped by `disconnect`, so an `initialize` racing with it does not start a task.
     generation: AtomicU64,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Sentinel mode: the task listening for `+switch-master`.
+    watcher: Mutex<Option<JoinHandle<()>>>,
     dedicated: Arc<Semaphore>,
     warnings: WarnLimiter,
     /// Bumped by the health task every round, so a stuck task can be noticed (watchdog).
@@ -189,6 +191,9 @@ impl Drop for Inner {
         // The task only holds a Weak and would stop by itself; abort spares it one more wait.
         if let Some(task) = lock(&self.task).take() {
             task.abort();
+        }
+        if let Some(watcher) = lock(&self.watcher).take() {
+            watcher.abort();
         }
     }
 }
@@ -254,6 +259,7 @@ impl RedisManager {
                 started: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
                 task: Mutex::new(None),
+                watcher: Mutex::new(None),
                 dedicated: Arc::new(Semaphore::new(dedicated)),
                 warnings: WarnLimiter::default(),
                 heartbeat: Heartbeat::new(),
@@ -306,6 +312,12 @@ impl RedisManager {
             return false;
         }
         inner.heartbeat.beat();
+        if let Target::Sentinel(sentinel) = &target {
+            *lock(&inner.watcher) = Some(tokio::spawn(watch_switches(
+                Arc::downgrade(inner),
+                sentinel.as_ref().clone(),
+            )));
+        }
         *task = Some(tokio::spawn(health_loop(
             Arc::downgrade(inner),
             Arc::clone(&inner.wake),
@@ -320,6 +332,9 @@ impl RedisManager {
     pub async fn disconnect(&self) {
         let inner = &self.inner;
         inner.generation.fetch_add(1, Ordering::AcqRel);
+        if let Some(watcher) = lock(&inner.watcher).take() {
+            watcher.abort();
+        }
         let task = lock(&inner.task).take();
         if let Some(task) = task {
             task.abort();
@@ -825,6 +840,28 @@ async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
             }
         }
     }
+}
+
+/// Sentinel mode: a `+switch-master` of our master to an address other than the one
+/// connected to marks the connection down at once, so the health task reconnects through
+/// the sentinels without waiting for the old master to fail a command or be demoted.
+async fn watch_switches(inner: Weak<Inner>, sentinel: crate::connection::SentinelTarget) {
+    let target = sentinel.clone();
+    target
+        .watch_switches(|host, port| {
+            let Some(inner) = inner.upgrade() else {
+                return false;
+            };
+            if port != 0 {
+                tracing::info!(master = %format!("{host}:{port}"), "the sentinels announced +switch-master");
+                if !sentinel.is_current(&host, port) {
+                    let epoch = inner.current_epoch.load(Ordering::Acquire);
+                    inner.mark_down(epoch, &"the sentinels switched to a new master");
+                }
+            }
+            true
+        })
+        .await;
 }
 
 /// While refusing: a write that changes nothing. Accepted (or refused for any reason that is
