@@ -496,6 +496,41 @@ mod tests {
         );
     }
 
+    fn sentinel(master: &str, nodes: &[&str]) -> SentinelConfig {
+        SentinelConfig {
+            master: master.into(),
+            nodes: nodes.iter().map(|n| Secret::new(*n)).collect(),
+            username: None,
+            password: None,
+            wait_replicas: DEFAULT_WAIT_REPLICAS,
+        }
+    }
+
+    #[test]
+    fn a_sentinel_table_needs_a_master_and_nodes_and_excludes_cluster() {
+        let ok = sentinel("mymaster", &["redis://127.0.0.1:26379"]);
+        assert_eq!(ok.problem(), None);
+        assert_eq!(
+            sentinel("", &["redis://h:1"]).problem().map(|p| p.0),
+            Some("master")
+        );
+        assert_eq!(sentinel("m", &[]).problem().map(|p| p.0), Some("nodes"));
+        let bad = sentinel("m", &["redis://:hunter2@h:notaport"]).problem();
+        assert_eq!(bad.as_ref().map(|p| p.0), Some("nodes"));
+        assert!(!format!("{bad:?}").contains("hunter2"), "{bad:?}");
+        let config = RedisConfig {
+            sentinel: Some(ok.clone()),
+            ..RedisConfig::default()
+        };
+        assert_eq!(config.validate(), Ok(()));
+        let both = RedisConfig {
+            sentinel: Some(ok),
+            cluster: vec![Secret::new("redis://127.0.0.1:7000")],
+            ..RedisConfig::default()
+        };
+        assert!(both.validate().is_err_and(|e| e.contains("not both")));
+    }
+
     #[test]
     fn enable_redis_accepts_the_seed_booleans_in_any_case() {
         for (text, enabled) in [
