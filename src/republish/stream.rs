@@ -109,6 +109,10 @@ impl Worker {
                     rule = %self.rule.name,
                     "every connection allowed by redis.max_connections is in use; retrying"
                 ),
+                // Sentinel: no master found yet (the sentinels or the master are down).
+                Err(e @ RedisError::Unavailable(_)) => {
+                    tracing::debug!(rule = %self.rule.name, error = %e, "stream reader: no master yet; retrying")
+                }
                 Err(e) => {
                     tracing::error!(rule = %self.rule.name, error = %e, "stream republish cannot start");
                     return;

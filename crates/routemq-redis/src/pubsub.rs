@@ -226,6 +226,10 @@ impl Worker {
                 Err(Error::PoolExhausted) => tracing::warn!(
                     "pub/sub: every connection allowed by max_connections is in use; retrying"
                 ),
+                // Sentinel: no master found yet (the sentinels or the master are down).
+                Err(e @ Error::Unavailable(_)) => {
+                    tracing::debug!(error = %e, "pub/sub: no master yet; retrying")
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "pub/sub subscription cannot start");
                     return;
