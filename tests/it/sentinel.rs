@@ -191,7 +191,12 @@ async fn load_through(
         log.contains(&format!("master=127.0.0.1:{new}")),
         "the bridge found the new master; log:\n{log}"
     );
-    eprintln!("fault at {started:?} of {expected} written");
+    eprintln!(
+        "fault at {started:?} of {expected} written; reconnects {}, lost {}, refusing {}",
+        log.matches("re-established").count(),
+        log.matches("connection lost").count(),
+        log.matches("refuses writes").count()
+    );
     log
 }
 
@@ -469,4 +474,82 @@ key = "m:{id}"
     assert_eq!(got.as_deref(), Some("hello"), "log:\n{}", bridge.log_text());
     let (status, _) = get(latest_http_addr(&bridge), "/readyz").await;
     assert_eq!(status, 200);
+}
+
+/// `wait_replicas = 1` with the replica down: the write lands on the master but the message
+/// is not acked (no `written` outcome), `/readyz` says `refusing`, and the short `WAIT`s are
+/// counted; once the replica is back and in sync, the messages count as written, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_replica_down_a_write_waits_unacked_until_a_replica_has_it() {
+    let mut topology = RedisSentinel::start();
+    let broker = Mosquitto::start();
+    let bridge = Bridge::start(&sentinel_config(
+        &topology,
+        &broker,
+        "sentinel-w1",
+        r#"
+[[routes]]
+name = "w"
+topic = "w/{id}"
+payload = "text"
+[[routes.actions]]
+op = "rpush"
+key = "w:{id}"
+"#,
+    ));
+    let addr = latest_http_addr(&bridge);
+    let master = topology.master_port();
+    let replica = topology
+        .data
+        .iter()
+        .map(|n| n.port())
+        .find(|p| *p != master)
+        .expect("a replica");
+    topology
+        .data
+        .iter_mut()
+        .find(|n| n.port() == replica)
+        .expect("the replica")
+        .kill();
+    let mut client = Client::connect(&broker, "sentinel-w1-publisher").await;
+    for i in 0..5 {
+        client.publish("w/a", format!("m{i}")).await;
+    }
+    let mut c = conn(&topology);
+    let on_master = eventually(Duration::from_secs(10), || {
+        redis::cmd("LLEN")
+            .arg("w:a")
+            .query::<i64>(&mut c)
+            .ok()
+            .filter(|n| *n >= 1)
+    })
+    .await;
+    assert!(on_master.is_some(), "the write reached the master");
+    let body = get_until(addr, "/readyz", 503).await;
+    assert!(body.contains("refusing"), "{body}");
+    let (_, metrics) = get(addr, "/metrics").await;
+    let waits = crate::ops::sample(&metrics, "routemq_bridge_redis_replica_waits_total");
+    assert!(
+        waits.is_some_and(|n| n >= 1.0),
+        "short WAITs counted: {waits:?}"
+    );
+    let written = crate::ops::sample(
+        &metrics,
+        r#"routemq_bridge_messages_total{route="w",outcome="written"}"#,
+    );
+    assert_eq!(
+        written, None,
+        "nothing counts as written before a replica has it"
+    );
+    tokio::task::block_in_place(|| topology.restart(replica));
+    let seen = crate::bridge_middleware::outcomes_at(addr, "w", &[("written", 5.0)]).await;
+    assert_eq!(seen, [Some(5.0)], "log:\n{}", bridge.log_text());
+    get_until(addr, "/readyz", 200).await;
+    let entries: Vec<String> = redis::cmd("LRANGE")
+        .arg("w:a")
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn(&topology))
+        .expect("LRANGE");
+    assert_eq!(entries, ["m0", "m1", "m2", "m3", "m4"], "written once each");
 }

@@ -53,10 +53,13 @@
 //! connection to that master lives — the message stays unacked meanwhile. Once the master
 //! changed (a failover: the connection was lost or the sentinels named another master) the
 //! call fails as unavailable and the caller's retry writes the message again on the new
-//! master: at least once, exactly once with `dedup`. The cost: one replica round trip per
-//! write, and `WAIT` blocks the shared command connection while it waits, so writes are
-//! serialised behind replica acknowledgements (on loopback a fraction of a millisecond
-//! each; on a slow link, the link's latency per write).
+//! master: at least once, exactly once with `dedup`. `WAIT` blocks the connection it is
+//! sent on, and the command connection is shared, so one `WAIT` is in flight at a time and
+//! covers every write answered before it was sent (`ReplicaGate`): concurrent writers share
+//! it. The cost: each write's ack waits up to two replica round trips (the `WAIT` in flight
+//! when it was answered, then its own), and every command on the command connection queues
+//! behind an in-flight `WAIT` (on loopback a fraction of a millisecond; on a slow link, the
+//! link's latency; with replicas missing, up to `socket_timeout / 2`).
 //!
 //! # `max_connections`
 //!
@@ -184,6 +187,33 @@ struct Inner {
     replica_waits: AtomicU64,
     /// Writes now waiting for replicas: while any does, a passing probe does not mean up.
     waiting_for_replicas: AtomicU64,
+    /// The `WAIT`s of [`RedisManager::query_pipeline_durable`], one at a time.
+    replica_gate: watch::Sender<ReplicaGate>,
+}
+
+/// `WAIT` blocks the connection it is sent on, and the command connection is shared: a
+/// `WAIT` per write would queue each behind the one before (with replicas missing, one
+/// `socket_timeout / 2` each, until the connection times out). So one `WAIT` is in flight
+/// at a time and covers every write answered before it was sent: writers wait for the
+/// first one numbered after their write, and one of them sends it when none is in flight.
+/// Held by the caller sending the gate's `WAIT`; clears `in_flight` when dropped.
+struct LeadGuard<'a>(&'a watch::Sender<ReplicaGate>);
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|g| g.in_flight = false);
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct ReplicaGate {
+    /// Number of the last `WAIT` sent.
+    started: u64,
+    /// Whether a `WAIT` is in flight now.
+    in_flight: bool,
+    /// The last `WAIT` that counted enough replicas, and the connection it was sent on.
+    acked_epoch: u64,
+    acked: u64,
 }
 
 impl Drop for Inner {
@@ -266,6 +296,7 @@ impl RedisManager {
                 master: RwLock::new(None),
                 replica_waits: AtomicU64::new(0),
                 waiting_for_replicas: AtomicU64::new(0),
+                replica_gate: watch::Sender::new(ReplicaGate::default()),
             }),
         }
     }
@@ -595,38 +626,83 @@ impl RedisManager {
         waited
     }
 
+    /// Returns once a `WAIT` sent on the connection of `epoch` after this call began
+    /// counted `replicas` acknowledgements: it covers every write this caller made on that
+    /// connection before. One `WAIT` is in flight at a time (see [`ReplicaGate`]): the
+    /// callers that arrive meanwhile share the next one.
     async fn await_replicas(
         &self,
         epoch: u64,
         conn: &mut RedisConnection,
         replicas: u32,
     ) -> Result<()> {
-        let timeout = (self.inner.config.socket_timeout / 2).max(Duration::from_millis(1));
+        let inner = &self.inner;
+        let timeout = (inner.config.socket_timeout / 2).max(Duration::from_millis(1));
         let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut gate = inner.replica_gate.subscribe();
+        // A WAIT numbered `needed` or later is sent after our write was answered.
+        let needed = gate.borrow().started + 1;
         loop {
-            let started = Instant::now();
-            let acked = self.settle(
-                epoch,
-                ::redis::cmd("WAIT")
-                    .arg(replicas)
-                    .arg(millis)
-                    .query_async::<i64>(conn)
-                    .await,
-            );
-            observe::command("wait", Some(started.elapsed()), acked.as_ref().err());
-            // An error (the connection was lost): the caller writes again, on whichever
-            // master the manager reconnects to.
-            let acked = acked?;
-            if acked >= i64::from(replicas) {
+            let covered = |g: &ReplicaGate| g.acked_epoch == epoch && g.acked >= needed;
+            // Lead the next WAIT unless one is in flight.
+            let mut round = 0;
+            let led = inner.replica_gate.send_if_modified(|g| {
+                if covered(g) || g.in_flight {
+                    return false;
+                }
+                g.in_flight = true;
+                g.started += 1;
+                round = g.started;
+                true
+            });
+            if led {
+                // Ends our lead however this future ends (also when it is dropped mid-WAIT).
+                let _lead = LeadGuard(&inner.replica_gate);
+                let started = Instant::now();
+                let acked = self.settle(
+                    epoch,
+                    ::redis::cmd("WAIT")
+                        .arg(replicas)
+                        .arg(millis)
+                        .query_async::<i64>(conn)
+                        .await,
+                );
+                observe::command("wait", Some(started.elapsed()), acked.as_ref().err());
+                let enough = matches!(acked, Ok(n) if n >= i64::from(replicas));
+                if enough {
+                    inner.replica_gate.send_modify(|g| {
+                        if (g.acked_epoch, g.acked) < (epoch, round) {
+                            g.acked_epoch = epoch;
+                            g.acked = round;
+                        }
+                    });
+                }
+                // An error (the connection was lost): the caller writes again, on whichever
+                // master the manager reconnects to.
+                let acked = acked?;
+                if !enough {
+                    inner.replica_waits.fetch_add(1, Ordering::Relaxed);
+                    inner.mark_refusing(
+                        epoch,
+                        &format!(
+                            "only {acked} of {replicas} replica(s) acknowledged a write (WAIT)"
+                        ),
+                    );
+                }
+            } else if !covered(&gate.borrow_and_update()) {
+                // Someone else's WAIT is in flight: wait for its end (bounded, so a change
+                // of master is noticed even if that caller was cancelled mid-WAIT).
+                let _ = tokio::time::timeout(
+                    inner.config.socket_timeout,
+                    gate.wait_for(|g| covered(g) || !g.in_flight),
+                )
+                .await;
+            }
+            if covered(&gate.borrow()) {
                 return Ok(());
             }
-            self.inner.replica_waits.fetch_add(1, Ordering::Relaxed);
-            self.inner.mark_refusing(
-                epoch,
-                &format!("only {acked} of {replicas} replica(s) acknowledged a write (WAIT)"),
-            );
-            if self.inner.current_epoch.load(Ordering::Acquire) != epoch
-                || !self.inner.up.load(Ordering::Acquire)
+            if inner.current_epoch.load(Ordering::Acquire) != epoch
+                || !inner.up.load(Ordering::Acquire)
             {
                 return Err(Error::Unavailable(
                     "the master changed before its replicas acknowledged a write; writing it again"
