@@ -408,6 +408,28 @@ fn check_warns_that_host_and_url_are_unused_with_sentinel_and_prints_no_secret()
     );
     assert!(out.contains("master \"mymaster\""), "{out}");
     assert!(!out.contains(SECRET), "a secret printed: {out}");
+    // RouteMQ's variables count as set explicitly too (spec §10).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bridge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{BASE}[redis.sentinel]\nmaster = \"mymaster\"\nnodes = [\"redis://127.0.0.1:26379\"]\n"
+        ),
+    )
+    .expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_routemq-bridge"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("REDIS_HOST", "10.0.0.9")
+        .output()
+        .expect("run check");
+    let out = String::from_utf8_lossy(&output.stdout).to_string();
+    assert_eq!(output.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("warning:") && out.contains("environment variable REDIS_HOST"),
+        "{out}"
+    );
     // Without host/url: no warning.
     let (code, out) = check(&format!(
         "{BASE}[redis.sentinel]\nmaster = \"mymaster\"\nnodes = [\"redis://127.0.0.1:26379\"]\n"

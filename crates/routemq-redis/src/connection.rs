@@ -35,6 +35,9 @@
 //! against `max_connections`) and marks the connection down as soon as the sentinels
 //! announce a master other than the one connected to: that only hurries what the lost
 //! connection or `READONLY` would tell a moment later.
+//! (redis-rs's own `sentinel` module finds a master too, but asks each sentinel with no
+//! connect or response timeout — one silent sentinel would stall every reconnection — and
+//! keeps the address to itself, which dedicated connections and `+switch-master` need.)
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
