@@ -286,9 +286,13 @@ qos = 1
                     .await
                     .expect("PUBLISH");
                 i += 1;
-                if receivers > 0 || tokio::time::Instant::now() > deadline {
+                if receivers > 0 {
                     break;
                 }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{tag}: the bridge subscribed on the master (port {port}) within 30 s"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             for j in 0..20 {

@@ -189,6 +189,8 @@ struct Inner {
     waiting_for_replicas: AtomicU64,
     /// The `WAIT`s of [`RedisManager::query_pipeline_durable`], one at a time.
     replica_gate: watch::Sender<ReplicaGate>,
+    /// Sentinel mode: bumped each time the manager connects to another master.
+    master_changes: watch::Sender<u64>,
 }
 
 /// `WAIT` blocks the connection it is sent on, and the command connection is shared: a
@@ -297,6 +299,7 @@ impl RedisManager {
                 replica_waits: AtomicU64::new(0),
                 waiting_for_replicas: AtomicU64::new(0),
                 replica_gate: watch::Sender::new(ReplicaGate::default()),
+                master_changes: watch::Sender::new(0),
             }),
         }
     }
@@ -712,6 +715,12 @@ impl RedisManager {
         }
     }
 
+    /// Changes each time the manager connects to another master (Sentinel mode; never
+    /// elsewhere): a dedicated connection to the old one should move, as the subscribers do.
+    pub fn master_changes(&self) -> watch::Receiver<u64> {
+        self.inner.master_changes.subscribe()
+    }
+
     /// How many `WAIT`s came back with fewer replicas than `[redis.sentinel] wait_replicas`
     /// (each one a message held back until its write is replicated).
     pub fn replica_waits(&self) -> u64 {
@@ -786,7 +795,17 @@ impl Inner {
     /// `Target::connect`): installed as refusing.
     fn install(&self, conn: RedisConnection, refused: Option<String>, target: &Target) {
         if let Target::Sentinel(sentinel) = target {
-            *self.master.write().unwrap_or_else(|e| e.into_inner()) = sentinel.current();
+            let found = sentinel.current();
+            let previous = std::mem::replace(
+                &mut *self.master.write().unwrap_or_else(|e| e.into_inner()),
+                found.clone(),
+            );
+            let addr = |info: &Option<::redis::ConnectionInfo>| {
+                info.as_ref().map(|i| i.addr().to_string())
+            };
+            if previous.is_some() && addr(&previous) != addr(&found) {
+                self.master_changes.send_modify(|n| *n += 1);
+            }
         }
         let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
         *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Slot { epoch, conn });
