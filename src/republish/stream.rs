@@ -127,10 +127,17 @@ impl Worker {
         let mut group_ready = false;
         let mut next = Read::History("0".into());
         let mut next_claim = Instant::now();
+        // Sentinel: when the manager moved to another master, so does the reader (a blocked
+        // read on the old one ends within its block time).
+        let mut master = self.shared.redis.master_changes();
         backoff.reset();
         loop {
             if *self.stop.borrow() {
                 return;
+            }
+            if master.has_changed().unwrap_or(false) {
+                master.borrow_and_update();
+                conn = None;
             }
             if !group_ready {
                 match self.ensure_group().await {
