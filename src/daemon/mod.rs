@@ -373,6 +373,9 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     let prometheus = crate::metrics::install();
     // Secrets print as <redacted>: the whole config is safe to show.
     tracing::debug!(?config, "configuration");
+    for warning in &config.warnings {
+        tracing::warn!("configuration: {warning}");
+    }
     // Bound first: a port already taken fails the start at once, and the address is in
     // the log before anything else happens.
     let listener = crate::http::bind(config.http.listen).await?;
