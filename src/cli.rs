@@ -103,6 +103,29 @@ pub fn check(path: &Path) -> u8 {
             "disabled"
         }
     );
+    if let Some(sentinel) = &config.redis.sentinel {
+        let nodes: Vec<String> = sentinel
+            .nodes
+            .iter()
+            .map(|n| crate::config::redact_url(n.expose()))
+            .collect();
+        println!(
+            "redis sentinel: master {:?} via [{}]{}{}; wait_replicas {}",
+            sentinel.master,
+            nodes.join(", "),
+            sentinel
+                .username
+                .as_ref()
+                .map(|u| format!(", sentinel username {u:?}"))
+                .unwrap_or_default(),
+            if sentinel.password.is_some() {
+                ", sentinel password ***"
+            } else {
+                ""
+            },
+            sentinel.wait_replicas
+        );
+    }
     println!("{} route(s):", routes.routes.len());
     for route in &routes.routes {
         let middleware: Vec<&str> = [

@@ -29,6 +29,7 @@ pub mod names {
     pub const REDIS_UP: &str = "routemq_bridge_redis_up";
     pub const MQTT_CONNECTED: &str = "routemq_bridge_mqtt_connected";
     pub const RECONNECTS: &str = "routemq_bridge_reconnects_total";
+    pub const REDIS_REPLICA_WAITS: &str = "routemq_bridge_redis_replica_waits_total";
     pub const INFLIGHT: &str = "routemq_bridge_inflight_messages";
     pub const REPUBLISHED: &str = "routemq_bridge_republished_total";
     pub const SESSION_CACHE: &str = "routemq_bridge_session_cache_requests_total";

@@ -75,6 +75,11 @@ fn describe() {
         RECONNECTS,
         "Connections lost and re-established, per target (mqtt, redis)."
     );
+    describe_counter!(
+        REDIS_REPLICA_WAITS,
+        "Sentinel: WAITs after a route write that came back with fewer replicas than \
+         redis.sentinel.wait_replicas (the message waited, unacked)."
+    );
     describe_gauge!(
         INFLIGHT,
         "Messages received and not yet finished (acked), all routes together."
@@ -106,6 +111,7 @@ fn describe() {
 fn register_fixed_series() {
     gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
     counter!(UNROUTED).absolute(0);
+    counter!(REDIS_REPLICA_WAITS).absolute(0);
     for target in ["mqtt", "redis"] {
         counter!(RECONNECTS, "target" => target).absolute(0);
     }
@@ -166,6 +172,7 @@ impl Observed {
             .load(std::sync::atomic::Ordering::Relaxed);
         counter!(RECONNECTS, "target" => "mqtt").absolute(mqtt_reconnects);
         counter!(RECONNECTS, "target" => "redis").absolute(self.redis.reconnects());
+        counter!(REDIS_REPLICA_WAITS).absolute(self.redis.replica_waits());
     }
 }
 

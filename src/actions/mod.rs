@@ -199,8 +199,9 @@ pub fn seal(pipe: &mut Pipeline, atomic: bool) {
 /// Writes `pipe` (a route without dedup), waiting out Redis trouble; a permanent error is
 /// the message's outcome (`failed`).
 pub async fn write(env: &Env<'_>, pipe: &Pipeline) -> Step<()> {
-    // A route with `atomic = false` may span a cluster's slots (spec §10).
-    env.until_redis(|| env.redis.query_pipeline_spread(pipe))
+    // A route with `atomic = false` may span a cluster's slots (spec §10); on Sentinel the
+    // write counts once `wait_replicas` replicas have it.
+    env.until_redis(|| env.redis.query_pipeline_durable(pipe))
         .await
         .map_err(failed)
 }

@@ -7,7 +7,7 @@
 //! ([`check_url`], [`RedisConfig::validate`]), so this reading and the crate's own
 //! [`RedisConfig::from_env`] refuse the same values with the same messages.
 
-use routemq_redis::config::check_url;
+use routemq_redis::config::{check_url, SentinelConfig, DEFAULT_WAIT_REPLICAS};
 use routemq_redis::RedisConfig;
 
 use super::reader::Table;
@@ -20,8 +20,9 @@ const SINGLE_SERVER_KEYS: [&str; 3] = ["url", "host", "port"];
 /// Sentinel's master), `host`, `port` and `url` are not used for data connections: warns
 /// about each one the operator set anyway (file or `REDIS_*` variable), so a config that
 /// looks like it points at one server does not silently point elsewhere (spec §10).
-/// `topology` is the key path that is used instead, e.g. `redis.cluster`.
-pub(crate) fn warn_unused_address(t: &Table<'_>, topology: &str) {
+/// `topology` is the key path that is used instead, e.g. `redis.cluster`; `still` what of
+/// them still applies, if anything.
+pub(crate) fn warn_unused_address(t: &Table<'_>, topology: &str, still: &str) {
     for key in SINGLE_SERVER_KEYS {
         if t.has(key) {
             t.warn(
@@ -29,7 +30,7 @@ pub(crate) fn warn_unused_address(t: &Table<'_>, topology: &str) {
                 format!(
                     "is set but {topology} is used for data connections: redis.url, \
                      redis.host and redis.port (and REDIS_URL, REDIS_HOST, REDIS_PORT) are \
-                     not used; remove it"
+                     not used to find them{still}"
                 ),
             );
         }
@@ -60,6 +61,7 @@ pub(crate) fn read(mut t: Table<'_>) -> RedisConfig {
             Ok(nodes.into_iter().map(Secret::new).collect())
         })
         .unwrap_or(d.cluster);
+    let sentinel = t.opt_table("sentinel").map(read_sentinel);
     let config = RedisConfig {
         enabled,
         url,
@@ -72,14 +74,34 @@ pub(crate) fn read(mut t: Table<'_>) -> RedisConfig {
         socket_timeout,
         socket_connect_timeout,
         cluster,
+        sentinel,
     };
     if !config.cluster.is_empty() {
-        warn_unused_address(&t, "redis.cluster");
+        warn_unused_address(&t, "redis.cluster", "; remove it");
+    } else if config.sentinel.is_some() {
+        warn_unused_address(
+            &t,
+            "redis.sentinel",
+            " (the sentinels name the master; url's scheme, database and credentials still \
+             apply)",
+        );
     }
     // Checked here, once, without connecting: a combination the client refuses is a config
     // error `check` finds, not a daemon that starts and never connects. The messages never
     // quote a URL or password.
-    if config.enabled {
+    let sentinel_problem = match &config.sentinel {
+        Some(_) if !config.cluster.is_empty() => {
+            t.error(
+                "sentinel",
+                "set either redis.sentinel or redis.cluster, not both",
+            );
+            true
+        }
+        // Reported by read_sentinel, naming its key.
+        Some(s) => s.problem().is_some(),
+        None => false,
+    };
+    if config.enabled && !sentinel_problem {
         if let Err(message) = config.validate() {
             let key = if config.cluster.is_empty() {
                 "url"
@@ -91,4 +113,29 @@ pub(crate) fn read(mut t: Table<'_>) -> RedisConfig {
     }
     t.finish();
     config
+}
+
+/// `[redis.sentinel]`.
+fn read_sentinel(mut t: Table<'_>) -> SentinelConfig {
+    let master = t.string("master", "");
+    let nodes: Vec<String> = t.string_list("nodes");
+    let username = t.opt_string("username").filter(|u| !u.is_empty());
+    let password = t.password("redis_sentinel_password");
+    let wait_replicas = t
+        .get::<u64>("wait_replicas")
+        .map_or(DEFAULT_WAIT_REPLICAS, |n| {
+            u32::try_from(n).unwrap_or(u32::MAX)
+        });
+    let sentinel = SentinelConfig {
+        master,
+        nodes: nodes.into_iter().map(Secret::new).collect(),
+        username,
+        password,
+        wait_replicas,
+    };
+    if let Some((key, message)) = sentinel.problem() {
+        t.error(key, message);
+    }
+    t.finish();
+    sentinel
 }

@@ -391,11 +391,18 @@ impl DedupClaim {
                 async move {
                     if !skip_claim {
                         let claimed = claim(env.redis, &self.key, &self.marks, self.lease).await?;
+                        if claimed == Claim::Written {
+                            // Our write is there, maybe not yet replicated (the earlier
+                            // attempt lost its connection before its WAIT): on Sentinel,
+                            // it counts once replicas have it.
+                            env.redis.replicated().await?;
+                        }
                         if claimed != Claim::Ours {
                             return Ok(claimed);
                         }
                     }
-                    env.redis.query_pipeline::<()>(pipe).await?;
+                    // With the done mark; on Sentinel, replicated before it counts.
+                    env.redis.query_pipeline_durable(pipe).await?;
                     Ok(Claim::Ours)
                 }
             })

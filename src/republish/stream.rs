@@ -115,6 +115,10 @@ impl Worker {
                     rule = %self.rule.name,
                     "every connection allowed by redis.max_connections is in use; retrying"
                 ),
+                // Sentinel: no master found yet (the sentinels or the master are down).
+                Err(e @ RedisError::Unavailable(_)) => {
+                    tracing::debug!(rule = %self.rule.name, error = %e, "stream reader: no master yet; retrying")
+                }
                 Err(e) => {
                     tracing::error!(rule = %self.rule.name, error = %e, "stream republish cannot start");
                     return;
@@ -132,10 +136,18 @@ impl Worker {
         let mut group_ready = false;
         let mut next = Read::History("0".into());
         let mut next_claim = Instant::now();
+        // Sentinel: when the manager moved to another master, so does the reader (a blocked
+        // read on the old one ends within its block time).
+        let mut master = self.shared.redis.master_changes();
         backoff.reset();
         loop {
             if *self.stop.borrow() {
                 return;
+            }
+            if master.has_changed().unwrap_or(false) {
+                master.borrow_and_update();
+                conn = None;
+                resolve = true;
             }
             if !group_ready {
                 match self.ensure_group().await {
@@ -153,6 +165,8 @@ impl Worker {
             let connection = match &mut conn {
                 Some(c) => c,
                 None => {
+                    // On a cluster the stream's node, under Sentinel the master, may have
+                    // changed since: ask again (a single server gets the same client back).
                     if std::mem::take(&mut resolve) {
                         match self.shared.redis.dedicated_client(Some(&self.stream)).await {
                             Ok(c) => client = c,

@@ -655,6 +655,267 @@ impl RedisCluster {
     }
 }
 
+/// The master name the sentinels of [`RedisSentinel`] monitor.
+pub const SENTINEL_MASTER: &str = "mymaster";
+
+/// How long a [`RedisSentinel`] may take to be ready, or to finish a failover.
+const SENTINEL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A private Redis Sentinel topology (spec §10) from Debian's `redis-server` alone: a master,
+/// one replica (`--replicaof`) and three sentinels (`redis-server <conf> --sentinel`,
+/// quorum 2, `down-after-milliseconds` 1000, `failover-timeout` 5000), all on free loopback
+/// ports. Every process is killed by PID when the handle drops.
+pub struct RedisSentinel {
+    /// The two data nodes; which one is master changes with failovers.
+    pub data: Vec<Redis>,
+    sentinels: Vec<Service>,
+}
+
+impl RedisSentinel {
+    /// Starts the topology and waits (bounded) until the replica is in sync and every
+    /// sentinel knows the replica and the two other sentinels.
+    pub fn start() -> RedisSentinel {
+        let master = Redis::start();
+        let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+        let binary = find_binary("redis-server", "redis-server");
+        let sentinels: Vec<Service> = (0..3)
+            .map(|_| {
+                let dir = tempfile::Builder::new()
+                    .prefix("routemq-bridge-sentinel-")
+                    .tempdir()
+                    .expect("tempdir");
+                let port = free_port();
+                let conf = dir.path().join("sentinel.conf");
+                std::fs::write(
+                    &conf,
+                    format!(
+                        "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {dir}\n\
+                         sentinel resolve-hostnames no\n\
+                         sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master} 2\n\
+                         sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                         sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
+                         sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                        dir = dir.path().display(),
+                        master = master.port(),
+                    ),
+                )
+                .expect("write sentinel.conf");
+                let mut service = Service {
+                    name: "redis-sentinel",
+                    binary: binary.clone(),
+                    args: vec![conf.display().to_string(), "--sentinel".to_string()],
+                    dir,
+                    port,
+                    child: None,
+                    ready: redis_ready,
+                };
+                service.spawn();
+                service
+            })
+            .collect();
+        let topology = RedisSentinel {
+            data: vec![master, replica],
+            sentinels,
+        };
+        topology.wait_ready();
+        topology
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + SENTINEL_TIMEOUT;
+        let master = self.master_port();
+        for node in &self.data {
+            if node.port() == master {
+                continue;
+            }
+            wait_until(deadline, "the replica in sync", || {
+                info(node.port(), "replication").contains("master_link_status:up")
+            });
+        }
+        for port in self.sentinel_ports() {
+            wait_until(deadline, "the sentinels to know each other", || {
+                let mut conn = match connect(port) {
+                    Some(c) => c,
+                    None => return false,
+                };
+                let replicas: Vec<redis::Value> = redis::cmd("SENTINEL")
+                    .arg("REPLICAS")
+                    .arg(SENTINEL_MASTER)
+                    .query(&mut conn)
+                    .unwrap_or_default();
+                let sentinels: Vec<redis::Value> = redis::cmd("SENTINEL")
+                    .arg("SENTINELS")
+                    .arg(SENTINEL_MASTER)
+                    .query(&mut conn)
+                    .unwrap_or_default();
+                replicas.len() == self.data.len() - 1 && sentinels.len() == 2
+            });
+        }
+    }
+
+    pub fn sentinel_ports(&self) -> Vec<u16> {
+        self.sentinels.iter().map(|s| s.port).collect()
+    }
+
+    /// `redis://` URLs of the sentinels.
+    pub fn sentinel_urls(&self) -> Vec<String> {
+        self.sentinel_ports()
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The master's port as the first sentinel that answers names it.
+    pub fn master_port(&self) -> u16 {
+        for port in self.sentinel_ports() {
+            let Some(mut conn) = connect(port) else {
+                continue;
+            };
+            let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(SENTINEL_MASTER)
+                .query(&mut conn)
+                .ok()
+                .flatten();
+            if let Some((_, port)) = addr {
+                return port;
+            }
+        }
+        panic!("no sentinel names the master");
+    }
+
+    /// The data node on `port`.
+    pub fn node(&self, port: u16) -> &Redis {
+        self.data
+            .iter()
+            .find(|n| n.port() == port)
+            .unwrap_or_else(|| panic!("no data node on port {port}"))
+    }
+
+    /// The current master (as the sentinels name it).
+    pub fn master(&self) -> &Redis {
+        self.node(self.master_port())
+    }
+
+    /// `SENTINEL FAILOVER`, then waits until every sentinel names another master, that
+    /// master says `ROLE` master, and the old one replicates from it. Returns the new port.
+    pub fn failover(&self) -> u16 {
+        let old = self.master_port();
+        let mut conn = connect(self.sentinel_ports()[0]).expect("connect to a sentinel");
+        let _: () = redis::cmd("SENTINEL")
+            .arg("FAILOVER")
+            .arg(SENTINEL_MASTER)
+            .query(&mut conn)
+            .expect("SENTINEL FAILOVER");
+        let new = self.wait_new_master(old);
+        let deadline = Instant::now() + SENTINEL_TIMEOUT;
+        wait_until(deadline, "the old master to replicate from the new", || {
+            let info = info(old, "replication");
+            info.contains("role:slave") && info.contains("master_link_status:up")
+        });
+        new
+    }
+
+    /// `kill -9` of the master; waits until the sentinels promoted the replica. Returns the
+    /// new master's port. The killed node stays down: see [`RedisSentinel::restart`].
+    pub fn kill_master(&mut self) -> u16 {
+        let old = self.master_port();
+        let node = self
+            .data
+            .iter_mut()
+            .find(|n| n.port() == old)
+            .expect("the master is a data node");
+        node.kill();
+        self.wait_new_master(old)
+    }
+
+    /// Starts the data node on `port` again (empty: nothing is kept on disk), as systemd
+    /// would after a crash, and waits until the sentinels made it a replica of the master
+    /// and it is in sync.
+    pub fn restart(&mut self, port: u16) {
+        let node = self
+            .data
+            .iter_mut()
+            .find(|n| n.port() == port)
+            .expect("a data node");
+        node.start_again();
+        let deadline = Instant::now() + SENTINEL_TIMEOUT;
+        wait_until(
+            deadline,
+            "the restarted node to replicate the master",
+            || {
+                let info = info(port, "replication");
+                info.contains("role:slave") && info.contains("master_link_status:up")
+            },
+        );
+    }
+
+    fn wait_new_master(&self, old: u16) -> u16 {
+        let deadline = Instant::now() + SENTINEL_TIMEOUT;
+        let mut new = old;
+        for port in self.sentinel_ports() {
+            wait_until(deadline, "the sentinels to name a new master", || {
+                let Some(mut conn) = connect(port) else {
+                    return false;
+                };
+                let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(SENTINEL_MASTER)
+                    .query(&mut conn)
+                    .ok()
+                    .flatten();
+                match addr {
+                    Some((_, p)) if p != old => {
+                        new = p;
+                        true
+                    }
+                    _ => false,
+                }
+            });
+        }
+        wait_until(deadline, "the new master to say ROLE master", || {
+            info(new, "replication").contains("role:master")
+        });
+        new
+    }
+
+    /// The bridge's `[redis.sentinel]` table (no `[redis]` address: the sentinels name it).
+    pub fn toml(&self) -> String {
+        let quoted: Vec<String> = self
+            .sentinel_urls()
+            .iter()
+            .map(|u| format!("{u:?}"))
+            .collect();
+        format!(
+            "[redis.sentinel]\nmaster = {SENTINEL_MASTER:?}\nnodes = [{}]\n",
+            quoted.join(", ")
+        )
+    }
+}
+
+/// A synchronous connection to the server on `port`, or `None` when it does not answer.
+fn connect(port: u16) -> Option<redis::Connection> {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .ok()?
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .ok()
+}
+
+/// `INFO <section>` of the server on `port` ("" when it does not answer).
+fn info(port: u16, section: &str) -> String {
+    connect(port)
+        .and_then(|mut c| redis::cmd("INFO").arg(section).query(&mut c).ok())
+        .unwrap_or_default()
+}
+
+/// Polls `ready` every 50 ms until it holds; panics naming `what` after `deadline`.
+fn wait_until(deadline: Instant, what: &str, mut ready: impl FnMut() -> bool) {
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A private `mosquitto` with persistence in its own directory, so a persistent session
 /// survives a clean restart.
 pub struct Mosquitto(Service);

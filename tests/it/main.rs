@@ -30,6 +30,7 @@ mod redis_tls;
 mod republish;
 mod scale_out;
 mod secrets;
+mod sentinel;
 mod session;
 mod silent_redis;
 mod stages;

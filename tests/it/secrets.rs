@@ -1,6 +1,7 @@
 //! No secret in any output (spec §8). One distinctive password is placed in every secret
-//! slot — URL userinfo (`[mqtt] url`, `[redis] url`, `redis.cluster` nodes), `password`,
-//! `password_file`, systemd credentials, RouteMQ's variables and our own — and everything the
+//! slot — URL userinfo (`[mqtt] url`, `[redis] url`, `redis.cluster` and
+//! `redis.sentinel.nodes`), `password`, `password_file` (also the sentinels'), systemd
+//! credentials, RouteMQ's variables and our own — and everything the
 //! bridge says is collected: config errors of `check`, `match` and `run`, their reports on a
 //! good config, the daemon's log at trace level (our lines and those of rumqttc and redis-rs)
 //! and stdout, a rejected reload, `/readyz`, `/metrics`, the dead letter, `Debug` of the
@@ -285,6 +286,36 @@ cluster = ["{SECRET}@127.0.0.1:7000"]
             format!("[mqtt]\npassword = \"{SECRET}\n{ROUTE}"),
             vec![],
         ),
+        // Sentinel: node URLs with a password (one unparsable), the sentinels' password,
+        // a missing master name; and the same slots through variables.
+        Case::broken(
+            "sentinel",
+            format!(
+                r#"[redis.sentinel]
+nodes = ["redis://:{SECRET}@127.0.0.1:26379", "redis://:{SECRET}@127.0.0.1:notaport"]
+password = "{SECRET}"
+{ROUTE}"#
+            ),
+            vec![
+                var("ROUTEMQ_BRIDGE_REDIS__SENTINEL__PASSWORD", "PW"),
+                var("ROUTEMQ_BRIDGE_REDIS__SENTINEL__USERNAME", "u"),
+            ],
+        ),
+        // A good Sentinel config with a secret in every slot of its own.
+        Case {
+            label: "good-sentinel",
+            toml: format!(
+                r#"[redis]
+url = "redis://:{SECRET}@127.0.0.1:6390"
+[redis.sentinel]
+master = "mymaster"
+nodes = ["redis://:{SECRET}@127.0.0.1:26379"]
+password_file = "{pw_file}"
+{ROUTE}"#
+            ),
+            env: vec![var("ROUTEMQ_BRIDGE_REDIS__PASSWORD", "PW")],
+            good: true,
+        },
         // A good config with a secret in every slot: `check` and `match` report on it.
         Case {
             label: "good",

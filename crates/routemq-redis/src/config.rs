@@ -40,6 +40,50 @@ pub struct RedisConfig {
     /// Redis Cluster seed nodes (`redis.cluster = ["redis://n1:7000", ...]`); empty for a
     /// single server. Kept secret like `url`: a node URL may hold a password.
     pub cluster: Vec<Secret>,
+    /// Redis Sentinel (`[redis.sentinel]`): when set, the data node is the master the
+    /// sentinels name, and `host` / `port` / `url`'s address are not used for data
+    /// connections (`url`'s scheme, database and credentials still are).
+    pub sentinel: Option<SentinelConfig>,
+}
+
+/// `[redis.sentinel]`: which master to follow and which sentinels to ask (spec §10).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SentinelConfig {
+    /// The master's name in the sentinels' configuration (`sentinel monitor <name> …`).
+    pub master: String,
+    /// Sentinel URLs (`redis://host:26379`), asked in turn. Secret: a URL may hold a password.
+    pub nodes: Vec<Secret>,
+    /// Credentials for the sentinels (the data nodes use `[redis]`'s).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// After each route write, `WAIT` until this many replicas acknowledged it before the
+    /// message counts as written (0: do not wait). Default [`DEFAULT_WAIT_REPLICAS`].
+    pub wait_replicas: u32,
+}
+
+/// Default of `[redis.sentinel] wait_replicas`: a write is acked to MQTT only once one
+/// replica has it, so a failover (which promotes a replica) cannot lose it.
+pub const DEFAULT_WAIT_REPLICAS: u32 = 1;
+
+impl SentinelConfig {
+    /// Why this table cannot work, naming the key (`master`, `nodes`), or `None`.
+    pub fn problem(&self) -> Option<(&'static str, String)> {
+        if self.master.trim().is_empty() {
+            return Some(("master", "must name the master (e.g. \"mymaster\")".into()));
+        }
+        if self.nodes.is_empty() {
+            return Some((
+                "nodes",
+                "must list at least one sentinel (e.g. [\"redis://127.0.0.1:26379\"])".into(),
+            ));
+        }
+        for (i, node) in self.nodes.iter().enumerate() {
+            if let Err(e) = check_url(node.expose()) {
+                return Some(("nodes", format!("node {i}: {e}")));
+            }
+        }
+        None
+    }
 }
 
 impl Default for RedisConfig {
@@ -56,6 +100,7 @@ impl Default for RedisConfig {
             socket_timeout: Duration::from_secs(5),
             socket_connect_timeout: Duration::from_secs(5),
             cluster: Vec::new(),
+            sentinel: None,
         }
     }
 }
@@ -154,6 +199,7 @@ impl RedisConfig {
             socket_timeout,
             socket_connect_timeout,
             cluster: d.cluster,
+            sentinel: d.sentinel,
         };
         if config.enabled {
             if let Err(message) = config.validate() {
@@ -176,6 +222,14 @@ impl RedisConfig {
     /// databases) is found when the config is read, not by a manager that never connects.
     /// The message never quotes a URL or password.
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(sentinel) = &self.sentinel {
+            if !self.cluster.is_empty() {
+                return Err("set either redis.sentinel or redis.cluster, not both".to_string());
+            }
+            if let Some((key, message)) = sentinel.problem() {
+                return Err(format!("redis.sentinel.{key}: {message}"));
+            }
+        }
         match super::connection::Target::from_config(self) {
             Ok(_) => Ok(()),
             Err(super::Error::Invalid(message)) => Err(message),
@@ -440,6 +494,41 @@ mod tests {
             c.url.as_ref().map(Secret::expose),
             Some("rediss://redis.lan:6380/2")
         );
+    }
+
+    fn sentinel(master: &str, nodes: &[&str]) -> SentinelConfig {
+        SentinelConfig {
+            master: master.into(),
+            nodes: nodes.iter().map(|n| Secret::new(*n)).collect(),
+            username: None,
+            password: None,
+            wait_replicas: DEFAULT_WAIT_REPLICAS,
+        }
+    }
+
+    #[test]
+    fn a_sentinel_table_needs_a_master_and_nodes_and_excludes_cluster() {
+        let ok = sentinel("mymaster", &["redis://127.0.0.1:26379"]);
+        assert_eq!(ok.problem(), None);
+        assert_eq!(
+            sentinel("", &["redis://h:1"]).problem().map(|p| p.0),
+            Some("master")
+        );
+        assert_eq!(sentinel("m", &[]).problem().map(|p| p.0), Some("nodes"));
+        let bad = sentinel("m", &["redis://:hunter2@h:notaport"]).problem();
+        assert_eq!(bad.as_ref().map(|p| p.0), Some("nodes"));
+        assert!(!format!("{bad:?}").contains("hunter2"), "{bad:?}");
+        let config = RedisConfig {
+            sentinel: Some(ok.clone()),
+            ..RedisConfig::default()
+        };
+        assert_eq!(config.validate(), Ok(()));
+        let both = RedisConfig {
+            sentinel: Some(ok),
+            cluster: vec![Secret::new("redis://127.0.0.1:7000")],
+            ..RedisConfig::default()
+        };
+        assert!(both.validate().is_err_and(|e| e.contains("not both")));
     }
 
     #[test]

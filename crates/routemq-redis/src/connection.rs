@@ -21,7 +21,25 @@
 //! `{device}:b`): the cluster client sends a pipeline to one node and refuses one whose
 //! keys span slots (`CrossSlot`) before sending it — `RedisManager::query_pipeline_spread`
 //! sends a plain pipeline's commands one by one instead, each to its key's node.
+//!
+//! Sentinel mode (`[redis.sentinel]`, spec §10) is a single-server connection whose address
+//! is asked of the sentinels at every connect: `Target::Sentinel` asks them in turn (each
+//! within the connect timeout) `SENTINEL get-master-addr-by-name <master>`, connects there
+//! with `[redis]`'s credentials and TLS, and accepts the connection only when `ROLE` says
+//! `master` (a replica being promoted, or an old master not yet demoted, is passed over).
+//! The manager's health task reconnects through it after a lost connection, and asks the
+//! sentinels again while the master refuses writes (`READONLY` from a demoted master), so
+//! every failover is followed; the address last connected to is what dedicated
+//! connections (subscribers, stream readers) use. A task of the manager also listens for
+//! `+switch-master` on one sentinel at a time (one connection to a sentinel, not counted
+//! against `max_connections`) and marks the connection down as soon as the sentinels
+//! announce a master other than the one connected to: that only hurries what the lost
+//! connection or `READONLY` would tell a moment later.
+//! (redis-rs's own `sentinel` module finds a master too, but asks each sentinel with no
+//! connect or response timeout — one silent sentinel would stall every reconnection — and
+//! keeps the address to itself, which dedicated connections and `+switch-master` need.)
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -95,11 +113,32 @@ pub(crate) enum Target {
         config: ConnectionManagerConfig,
     },
     Cluster(ClusterClient),
+    Sentinel(Box<SentinelTarget>),
+}
+
+/// How to find and reach the master the sentinels name.
+#[derive(Clone)]
+pub(crate) struct SentinelTarget {
+    master: String,
+    /// The sentinels, with the sentinels' credentials, asked in turn.
+    sentinels: Vec<ConnectionInfo>,
+    /// The data connection's settings (credentials, database, TLS, TCP); its address is
+    /// replaced by the master's.
+    data: ConnectionInfo,
+    manager_config: ConnectionManagerConfig,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    /// The master last connected to.
+    current: Arc<Mutex<Option<ConnectionInfo>>>,
 }
 
 impl Target {
     pub(crate) fn from_config(config: &RedisConfig) -> Result<Target> {
         crate::tls::install_crypto_provider();
+        if let Some(sentinel) = &config.sentinel {
+            return SentinelTarget::from_config(config, sentinel)
+                .map(|s| Target::Sentinel(Box::new(s)));
+        }
         if config.cluster.is_empty() {
             let client = Client::open(connection_info(config)?)
                 .map_err(|e| Error::Invalid(format!("redis connection settings: {e}")))?;
@@ -152,6 +191,9 @@ impl Target {
         &self,
         config: &RedisConfig,
     ) -> Result<(RedisConnection, Option<String>)> {
+        if let Target::Sentinel(sentinel) = self {
+            return sentinel.connect().await;
+        }
         let budget = config.socket_connect_timeout + config.socket_timeout;
         let attempt = async {
             let mut conn = match self {
@@ -162,6 +204,7 @@ impl Target {
                 Target::Cluster(client) => {
                     RedisConnection::Cluster(client.get_async_connection().await?)
                 }
+                Target::Sentinel(_) => unreachable!("handled above"),
             };
             let ping = ::redis::cmd("PING").query_async::<String>(&mut conn).await;
             Ok::<_, ::redis::RedisError>((conn, ping))
@@ -175,6 +218,253 @@ impl Target {
             Ok(Err(e)) => Err(Error::from(e)),
             Err(_) => Err(Error::Timeout),
         }
+    }
+}
+
+impl SentinelTarget {
+    fn from_config(
+        config: &RedisConfig,
+        sentinel: &crate::config::SentinelConfig,
+    ) -> Result<SentinelTarget> {
+        if let Some((key, message)) = sentinel.problem() {
+            return Err(Error::Invalid(format!("redis.sentinel.{key}: {message}")));
+        }
+        let sentinels = sentinel
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                let info = node
+                    .expose()
+                    .into_connection_info()
+                    .map_err(|e| Error::Invalid(format!("redis.sentinel.nodes: node {i}: {e}")))?;
+                let mut redis = info.redis_settings().clone();
+                if let Some(username) = &sentinel.username {
+                    redis = redis.set_username(username);
+                }
+                if let Some(password) = &sentinel.password {
+                    redis = redis.set_password(password.expose());
+                }
+                let tcp = tcp_settings(info.tcp_settings().clone(), config.socket_timeout);
+                Ok(info.set_redis_settings(redis).set_tcp_settings(tcp))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(SentinelTarget {
+            master: sentinel.master.clone(),
+            sentinels,
+            data: connection_info(config)?,
+            manager_config: ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(config.socket_connect_timeout))
+                .set_response_timeout(Some(config.socket_timeout))
+                .set_number_of_retries(0),
+            connect_timeout: config.socket_connect_timeout,
+            response_timeout: config.socket_timeout,
+            current: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// The master last connected to (for dedicated connections).
+    pub(crate) fn current(&self) -> Option<ConnectionInfo> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn budget(&self) -> Duration {
+        self.connect_timeout + self.response_timeout + Duration::from_millis(100)
+    }
+
+    /// What sentinel `i` names as the master: `host:port`.
+    async fn ask(&self, i: usize) -> Result<Option<(String, u16)>> {
+        let info = self.sentinels[i].clone();
+        let attempt = async {
+            let client = Client::open(info)?;
+            let config = ::redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(self.connect_timeout))
+                .set_response_timeout(Some(self.response_timeout));
+            let mut conn = client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            ::redis::cmd("SENTINEL")
+                .arg("get-master-addr-by-name")
+                .arg(&self.master)
+                .query_async::<Option<(String, u16)>>(&mut conn)
+                .await
+        };
+        match tokio::time::timeout(self.budget(), attempt).await {
+            Ok(result) => result.map_err(Error::from),
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    /// The master's address as the first sentinel that answers names it.
+    pub(crate) async fn discover(&self) -> Result<(String, u16)> {
+        let mut last = Error::Unavailable("no sentinel configured".into());
+        for i in 0..self.sentinels.len() {
+            match self.ask(i).await {
+                Ok(Some(addr)) => return Ok(addr),
+                Ok(None) => {
+                    last = Error::Unavailable(format!(
+                        "sentinel {i} does not know master {:?}",
+                        self.master
+                    ))
+                }
+                Err(e) => last = Error::Unavailable(format!("sentinel {i}: {e}")),
+            }
+        }
+        Err(last)
+    }
+
+    /// Whether the sentinels now name a master other than the one connected to.
+    pub(crate) async fn master_moved(&self) -> bool {
+        let Ok((host, port)) = self.discover().await else {
+            return false;
+        };
+        match self.current() {
+            Some(info) => !same_addr(info.addr(), &host, port),
+            None => true,
+        }
+    }
+
+    /// Waits on one sentinel after another for a `+switch-master` of our master and calls
+    /// `switched` with the new address each time; ends when `switched` returns false (the
+    /// manager is gone). A sentinel that cannot be reached or drops the subscription is
+    /// left for the next one after a pause: this only hurries what the health task notices
+    /// anyway (the lost connection, `READONLY`).
+    pub(crate) async fn watch_switches(&self, mut switched: impl FnMut(String, u16) -> bool) {
+        let mut backoff =
+            crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut i = 0;
+        loop {
+            let info = self.sentinels[i % self.sentinels.len()].clone();
+            i += 1;
+            let subscribe = async {
+                let client = Client::open(info)?;
+                let mut pubsub = client.get_async_pubsub().await?;
+                pubsub.subscribe("+switch-master").await?;
+                Ok::<_, ::redis::RedisError>(pubsub)
+            };
+            if let Ok(Ok(mut pubsub)) = tokio::time::timeout(self.budget(), subscribe).await {
+                backoff.reset();
+                let mut messages = pubsub.on_message();
+                while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+                    let Ok(text) = message.get_payload::<String>() else {
+                        continue;
+                    };
+                    // `<name> <old-ip> <old-port> <new-ip> <new-port>`
+                    let fields: Vec<&str> = text.split(' ').collect();
+                    if let [name, _, _, host, port] = fields.as_slice() {
+                        if *name != self.master {
+                            continue;
+                        }
+                        let Ok(port) = port.parse::<u16>() else {
+                            continue;
+                        };
+                        if !switched(host.to_string(), port) {
+                            return;
+                        }
+                    }
+                }
+            }
+            if !switched(String::new(), 0) {
+                return;
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+    }
+
+    /// Whether `host:port` is the master connected to now.
+    pub(crate) fn is_current(&self, host: &str, port: u16) -> bool {
+        self.current()
+            .is_some_and(|info| same_addr(info.addr(), host, port))
+    }
+
+    fn data_info(&self, host: String, port: u16) -> ConnectionInfo {
+        let addr = match self.data.addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(host, port),
+        };
+        self.data.clone().set_addr(addr)
+    }
+
+    /// Asks the sentinels in turn; connects to the first master named that says it is one.
+    async fn connect(&self) -> Result<(RedisConnection, Option<String>)> {
+        let mut last = Error::Unavailable("no sentinel configured".into());
+        for i in 0..self.sentinels.len() {
+            let (host, port) = match self.ask(i).await {
+                Ok(Some(addr)) => addr,
+                Ok(None) => {
+                    last = Error::Unavailable(format!(
+                        "sentinel {i} does not know master {:?}",
+                        self.master
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    last = Error::Unavailable(format!("sentinel {i}: {e}"));
+                    continue;
+                }
+            };
+            let info = self.data_info(host.clone(), port);
+            match tokio::time::timeout(self.budget(), self.open(info.clone())).await {
+                Ok(Ok(pair)) => {
+                    tracing::info!(master = %format!("{host}:{port}"), name = %self.master, "redis master found by the sentinels");
+                    *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
+                    return Ok(pair);
+                }
+                Ok(Err(e)) => {
+                    last = Error::Unavailable(format!("master {host}:{port}: {e}"));
+                }
+                Err(_) => last = Error::Unavailable(format!("master {host}:{port}: timed out")),
+            }
+        }
+        Err(last)
+    }
+
+    /// A connection to `info`, proven by PING and by `ROLE` saying `master`.
+    async fn open(&self, info: ConnectionInfo) -> Result<(RedisConnection, Option<String>)> {
+        let client = Client::open(info).map_err(|e| Error::Invalid(e.to_string()))?;
+        let mut conn = RedisConnection::Single(ConnectionManager::new_lazy_with_config(
+            client,
+            self.manager_config.clone(),
+        )?);
+        let refused = match ::redis::cmd("PING").query_async::<String>(&mut conn).await {
+            Ok(_) => None,
+            Err(e) => match Error::from(e) {
+                Error::Refused(why) => Some(why),
+                other => return Err(other),
+            },
+        };
+        let role = ::redis::cmd("ROLE")
+            .query_async::<Vec<Value>>(&mut conn)
+            .await?;
+        match role.first() {
+            Some(Value::BulkString(r)) if r.as_slice() == b"master" => Ok((conn, refused)),
+            Some(Value::SimpleString(r)) if r == "master" => Ok((conn, refused)),
+            _ => Err(Error::Unavailable(
+                "not a master (yet): the sentinels are failing over".into(),
+            )),
+        }
+    }
+}
+
+fn same_addr(addr: &ConnectionAddr, host: &str, port: u16) -> bool {
+    match addr {
+        ConnectionAddr::Tcp(h, p)
+        | ConnectionAddr::TcpTls {
+            host: h, port: p, ..
+        } => h == host && *p == port,
+        _ => false,
     }
 }
 

@@ -33,6 +33,34 @@
 //! (`redis_command_duration_seconds`, `redis_errors_total`).
 //! No lock is held across an `.await`.
 //!
+//! # Sentinel
+//!
+//! With `[redis.sentinel]` the command connection goes to the master the sentinels name
+//! (see [`crate::connection`]); the health task follows every failover: a lost connection
+//! is re-made through the sentinels, and while the master refuses writes (`READONLY`: it was
+//! demoted but is still reachable) the task asks the sentinels at each probe and reconnects
+//! as soon as they name another master. Dedicated connections go to the master last
+//! connected to.
+//!
+//! Acked means replicated: Redis replicates asynchronously, so a master killed by
+//! `kill -9` (or demoted by `SENTINEL FAILOVER` while still taking writes) loses what it
+//! acknowledged but had not yet shipped, and the promoted replica never saw it. With
+//! `wait_replicas = n` (default 1) [`RedisManager::query_pipeline_durable`] follows each
+//! route write with `WAIT n <socket_timeout / 2>` on the same connection. When fewer
+//! replicas acknowledged, the write is *not* sent again on that master (it is there, only
+//! not yet replicated): `WAIT` is re-issued, counted ([`RedisManager::replica_waits`]) and
+//! logged rate-limited, the state is `refusing` (`/readyz` 503), for as long as the
+//! connection to that master lives — the message stays unacked meanwhile. Once the master
+//! changed (a failover: the connection was lost or the sentinels named another master) the
+//! call fails as unavailable and the caller's retry writes the message again on the new
+//! master: at least once, exactly once with `dedup`. `WAIT` blocks the connection it is
+//! sent on, and the command connection is shared, so one `WAIT` is in flight at a time and
+//! covers every write answered before it was sent (`ReplicaGate`): concurrent writers share
+//! it. The cost: each write's ack waits up to two replica round trips (the `WAIT` in flight
+//! when it was answered, then its own), and every command on the command connection queues
+//! behind an in-flight `WAIT` (on loopback a fraction of a millisecond; on a slow link, the
+//! link's latency; with replicas missing, up to `socket_timeout / 2`).
+//!
 //! # `max_connections`
 //!
 //! `REDIS_MAX_CONNECTIONS` bounds the connections the manager holds open at once: the one
@@ -80,6 +108,10 @@ pub const REFUSAL_PROBE_INTERVAL: Duration = Duration::from_millis(250);
 /// The key of that probe: `SET <key> "" XX` on a key that does not exist is refused exactly
 /// when writes are (`OOM`, `READONLY`, `MISCONF`, …) and otherwise changes nothing.
 pub const REFUSAL_PROBE_KEY: &str = "routemq-bridge:probe:never-set";
+
+/// The channel [`RedisManager::replicated`] publishes an empty message to: a write that
+/// reaches the replicas without touching a key.
+pub const REPLICATION_BARRIER: &str = "routemq-bridge:replication-barrier";
 
 /// Whether the manager can talk to Redis right now (for `redis_up` and `/readyz`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +176,8 @@ struct Inner {
     /// Bumped by `disconnect`, so an `initialize` racing with it does not start a task.
     generation: AtomicU64,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Sentinel mode: the task listening for `+switch-master`.
+    watcher: Mutex<Option<JoinHandle<()>>>,
     dedicated: Arc<Semaphore>,
     warnings: WarnLimiter,
     /// Bumped by the health task every round, so a stuck task can be noticed (watchdog).
@@ -151,6 +185,41 @@ struct Inner {
     /// Cluster mode: which node the next keyless dedicated connection tries (round robin,
     /// so a dead node is not tried forever).
     next_node: AtomicUsize,
+    /// Sentinel mode: the master last connected to, for dedicated connections.
+    master: RwLock<Option<::redis::ConnectionInfo>>,
+    /// `WAIT`s that came back with fewer replicas than `wait_replicas`.
+    replica_waits: AtomicU64,
+    /// Writes now waiting for replicas: while any does, a passing probe does not mean up.
+    waiting_for_replicas: AtomicU64,
+    /// The `WAIT`s of [`RedisManager::query_pipeline_durable`], one at a time.
+    replica_gate: watch::Sender<ReplicaGate>,
+    /// Sentinel mode: bumped each time the manager connects to another master.
+    master_changes: watch::Sender<u64>,
+}
+
+/// `WAIT` blocks the connection it is sent on, and the command connection is shared: a
+/// `WAIT` per write would queue each behind the one before (with replicas missing, one
+/// `socket_timeout / 2` each, until the connection times out). So one `WAIT` is in flight
+/// at a time and covers every write answered before it was sent: writers wait for the
+/// first one numbered after their write, and one of them sends it when none is in flight.
+/// Held by the caller sending the gate's `WAIT`; clears `in_flight` when dropped.
+struct LeadGuard<'a>(&'a watch::Sender<ReplicaGate>);
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|g| g.in_flight = false);
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct ReplicaGate {
+    /// Number of the last `WAIT` sent.
+    started: u64,
+    /// Whether a `WAIT` is in flight now.
+    in_flight: bool,
+    /// The last `WAIT` that counted enough replicas, and the connection it was sent on.
+    acked_epoch: u64,
+    acked: u64,
 }
 
 impl Drop for Inner {
@@ -158,6 +227,9 @@ impl Drop for Inner {
         // The task only holds a Weak and would stop by itself; abort spares it one more wait.
         if let Some(task) = lock(&self.task).take() {
             task.abort();
+        }
+        if let Some(watcher) = lock(&self.watcher).take() {
+            watcher.abort();
         }
     }
 }
@@ -223,10 +295,16 @@ impl RedisManager {
                 started: AtomicBool::new(false),
                 generation: AtomicU64::new(0),
                 task: Mutex::new(None),
+                watcher: Mutex::new(None),
                 dedicated: Arc::new(Semaphore::new(dedicated)),
                 warnings: WarnLimiter::default(),
                 heartbeat: Heartbeat::new(),
                 next_node: AtomicUsize::new(0),
+                master: RwLock::new(None),
+                replica_waits: AtomicU64::new(0),
+                waiting_for_replicas: AtomicU64::new(0),
+                replica_gate: watch::Sender::new(ReplicaGate::default()),
+                master_changes: watch::Sender::new(0),
             }),
         }
     }
@@ -259,7 +337,7 @@ impl RedisManager {
             }
         };
         match target.connect(&inner.config).await {
-            Ok((conn, refused)) => inner.install(conn, refused),
+            Ok((conn, refused)) => inner.install(conn, refused, &target),
             Err(e) => tracing::warn!(
                 error = %e,
                 "redis is not answering at start-up; reconnecting in the background"
@@ -273,6 +351,12 @@ impl RedisManager {
             return false;
         }
         inner.heartbeat.beat();
+        if let Target::Sentinel(sentinel) = &target {
+            *lock(&inner.watcher) = Some(tokio::spawn(watch_switches(
+                Arc::downgrade(inner),
+                sentinel.as_ref().clone(),
+            )));
+        }
         *task = Some(tokio::spawn(health_loop(
             Arc::downgrade(inner),
             Arc::clone(&inner.wake),
@@ -287,6 +371,9 @@ impl RedisManager {
     pub async fn disconnect(&self) {
         let inner = &self.inner;
         inner.generation.fetch_add(1, Ordering::AcqRel);
+        if let Some(watcher) = lock(&inner.watcher).take() {
+            watcher.abort();
+        }
         let task = lock(&inner.task).take();
         if let Some(task) = task {
             task.abort();
@@ -337,6 +424,16 @@ impl RedisManager {
     /// [`RedisManager::dedicated_connection`] for connections kept open.
     pub fn redis_client(&self) -> Result<::redis::Client> {
         let config = &self.inner.config;
+        if config.sentinel.is_some() {
+            let master = self
+                .inner
+                .master
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let info = master.ok_or_else(|| Error::Unavailable("no master found yet".into()))?;
+            return ::redis::Client::open(info).map_err(|e| Error::Invalid(e.to_string()));
+        }
         let info = match config.cluster.first() {
             Some(first) => {
                 let single = RedisConfig {
@@ -574,6 +671,171 @@ impl RedisManager {
         Ok(())
     }
 
+    /// A route's write: [`RedisManager::query_pipeline_spread`], and with
+    /// `[redis.sentinel] wait_replicas = n > 0`, then `WAIT` until `n` replicas have it on
+    /// the same connection (see the module doc, "Sentinel"). While fewer acknowledged,
+    /// `WAIT` is re-issued as long as the master is the same; once it changed, the write
+    /// fails as [`Error::Unavailable`] so the caller's retry sends it again on the new
+    /// master.
+    pub async fn query_pipeline_durable(&self, pipe: &Pipeline) -> Result<()> {
+        let replicas = match &self.inner.config.sentinel {
+            Some(s) if s.wait_replicas > 0 => s.wait_replicas,
+            _ => return self.query_pipeline_spread(pipe).await,
+        };
+        let command = if pipe.is_transaction() {
+            "multi"
+        } else {
+            "pipeline"
+        };
+        let (epoch, mut conn) = match self.command_connection() {
+            Ok(conn) => conn,
+            Err(e) => {
+                observe::command(command, None, Some(&e));
+                return Err(e);
+            }
+        };
+        let started = Instant::now();
+        let written = self.settle(epoch, pipe.query_async::<()>(&mut conn).await);
+        observe::command(command, Some(started.elapsed()), written.as_ref().err());
+        written?;
+        self.inner
+            .waiting_for_replicas
+            .fetch_add(1, Ordering::AcqRel);
+        let waited = self.await_replicas(epoch, &mut conn, replicas).await;
+        self.inner
+            .waiting_for_replicas
+            .fetch_sub(1, Ordering::AcqRel);
+        waited
+    }
+
+    /// With `[redis.sentinel] wait_replicas = n > 0`: returns once `n` replicas have every
+    /// write the master took before this call (found there by another attempt, e.g. a dedup
+    /// done mark whose first attempt lost its connection before its `WAIT`). A `PUBLISH`
+    /// to [`REPLICATION_BARRIER`] (replicated, changes no key) gives `WAIT` an offset to
+    /// wait for on this connection. Elsewhere, `Ok` at once.
+    pub async fn replicated(&self) -> Result<()> {
+        let replicas = match &self.inner.config.sentinel {
+            Some(s) if s.wait_replicas > 0 => s.wait_replicas,
+            _ => return Ok(()),
+        };
+        let (epoch, mut conn) = self.command_connection()?;
+        let published = self.settle(
+            epoch,
+            ::redis::cmd("PUBLISH")
+                .arg(REPLICATION_BARRIER)
+                .arg("")
+                .query_async::<i64>(&mut conn)
+                .await,
+        );
+        published?;
+        self.inner
+            .waiting_for_replicas
+            .fetch_add(1, Ordering::AcqRel);
+        let waited = self.await_replicas(epoch, &mut conn, replicas).await;
+        self.inner
+            .waiting_for_replicas
+            .fetch_sub(1, Ordering::AcqRel);
+        waited
+    }
+
+    /// Returns once a `WAIT` sent on the connection of `epoch` after this call began
+    /// counted `replicas` acknowledgements: it covers every write this caller made on that
+    /// connection before. One `WAIT` is in flight at a time (see [`ReplicaGate`]): the
+    /// callers that arrive meanwhile share the next one.
+    async fn await_replicas(
+        &self,
+        epoch: u64,
+        conn: &mut RedisConnection,
+        replicas: u32,
+    ) -> Result<()> {
+        let inner = &self.inner;
+        let timeout = (inner.config.socket_timeout / 2).max(Duration::from_millis(1));
+        let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let mut gate = inner.replica_gate.subscribe();
+        // A WAIT numbered `needed` or later is sent after our write was answered.
+        let needed = gate.borrow().started + 1;
+        loop {
+            let covered = |g: &ReplicaGate| g.acked_epoch == epoch && g.acked >= needed;
+            // Lead the next WAIT unless one is in flight.
+            let mut round = 0;
+            let led = inner.replica_gate.send_if_modified(|g| {
+                if covered(g) || g.in_flight {
+                    return false;
+                }
+                g.in_flight = true;
+                g.started += 1;
+                round = g.started;
+                true
+            });
+            if led {
+                // Ends our lead however this future ends (also when it is dropped mid-WAIT).
+                let _lead = LeadGuard(&inner.replica_gate);
+                let started = Instant::now();
+                let acked = self.settle(
+                    epoch,
+                    ::redis::cmd("WAIT")
+                        .arg(replicas)
+                        .arg(millis)
+                        .query_async::<i64>(conn)
+                        .await,
+                );
+                observe::command("wait", Some(started.elapsed()), acked.as_ref().err());
+                let enough = matches!(acked, Ok(n) if n >= i64::from(replicas));
+                if enough {
+                    inner.replica_gate.send_modify(|g| {
+                        if (g.acked_epoch, g.acked) < (epoch, round) {
+                            g.acked_epoch = epoch;
+                            g.acked = round;
+                        }
+                    });
+                }
+                // An error (the connection was lost): the caller writes again, on whichever
+                // master the manager reconnects to.
+                let acked = acked?;
+                if !enough {
+                    inner.replica_waits.fetch_add(1, Ordering::Relaxed);
+                    inner.mark_refusing(
+                        epoch,
+                        &format!(
+                            "only {acked} of {replicas} replica(s) acknowledged a write (WAIT)"
+                        ),
+                    );
+                }
+            } else if !covered(&gate.borrow_and_update()) {
+                // Someone else's WAIT is in flight: wait for its end (bounded, so a change
+                // of master is noticed even if that caller was cancelled mid-WAIT).
+                let _ = tokio::time::timeout(
+                    inner.config.socket_timeout,
+                    gate.wait_for(|g| covered(g) || !g.in_flight),
+                )
+                .await;
+            }
+            if covered(&gate.borrow()) {
+                return Ok(());
+            }
+            if inner.current_epoch.load(Ordering::Acquire) != epoch
+                || !inner.up.load(Ordering::Acquire)
+            {
+                return Err(Error::Unavailable(
+                    "the master changed before its replicas acknowledged a write; writing it again"
+                        .into(),
+                ));
+            }
+        }
+    }
+
+    /// Changes each time the manager connects to another master (Sentinel mode; never
+    /// elsewhere): a dedicated connection to the old one should move, as the subscribers do.
+    pub fn master_changes(&self) -> watch::Receiver<u64> {
+        self.inner.master_changes.subscribe()
+    }
+
+    /// How many `WAIT`s came back with fewer replicas than `[redis.sentinel] wait_replicas`
+    /// (each one a message held back until its write is replicated).
+    pub fn replica_waits(&self) -> u64 {
+        self.inner.replica_waits.load(Ordering::Relaxed)
+    }
+
     /// Run a Lua script (EVALSHA, falling back to EVAL after a Redis restart).
     pub async fn run_script<T: FromRedisValue>(
         &self,
@@ -732,7 +994,20 @@ impl Inner {
     /// A fresh connection answered: make it the command connection.
     /// `refused`: the connection answers, but PING was refused for now (see
     /// `Target::connect`): installed as refusing.
-    fn install(&self, conn: RedisConnection, refused: Option<String>) {
+    fn install(&self, conn: RedisConnection, refused: Option<String>, target: &Target) {
+        if let Target::Sentinel(sentinel) = target {
+            let found = sentinel.current();
+            let previous = std::mem::replace(
+                &mut *self.master.write().unwrap_or_else(|e| e.into_inner()),
+                found.clone(),
+            );
+            let addr = |info: &Option<::redis::ConnectionInfo>| {
+                info.as_ref().map(|i| i.addr().to_string())
+            };
+            if previous.is_some() && addr(&previous) != addr(&found) {
+                self.master_changes.send_modify(|n| *n += 1);
+            }
+        }
         let epoch = self.next_epoch.fetch_add(1, Ordering::Relaxed);
         *self.slot.write().unwrap_or_else(|e| e.into_inner()) = Some(Slot { epoch, conn });
         self.current_epoch.store(epoch, Ordering::Release);
@@ -831,6 +1106,14 @@ async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
         if inner.up.load(Ordering::Acquire) {
             if let Some((epoch, mut conn)) = read_slot(&inner.slot) {
                 if inner.is_refusing() {
+                    // A demoted master answers READONLY while the sentinels already name
+                    // its successor: reconnect there (through the sentinels) at once.
+                    if let Target::Sentinel(sentinel) = &target {
+                        if sentinel.master_moved().await {
+                            inner.mark_down(epoch, &"the sentinels name a new master");
+                            continue;
+                        }
+                    }
                     probe_writes(&inner, epoch, &mut conn).await;
                     continue;
                 }
@@ -845,7 +1128,7 @@ async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
             }
         } else {
             match target.connect(&inner.config).await {
-                Ok((conn, refused)) => inner.install(conn, refused),
+                Ok((conn, refused)) => inner.install(conn, refused, &target),
                 Err(e) => inner.warnings.warn(
                     "connection",
                     format_args!("redis still unavailable: {e}; retrying"),
@@ -853,6 +1136,28 @@ async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
             }
         }
     }
+}
+
+/// Sentinel mode: a `+switch-master` of our master to an address other than the one
+/// connected to marks the connection down at once, so the health task reconnects through
+/// the sentinels without waiting for the old master to fail a command or be demoted.
+async fn watch_switches(inner: Weak<Inner>, sentinel: crate::connection::SentinelTarget) {
+    let target = sentinel.clone();
+    target
+        .watch_switches(|host, port| {
+            let Some(inner) = inner.upgrade() else {
+                return false;
+            };
+            if port != 0 {
+                tracing::info!(master = %format!("{host}:{port}"), "the sentinels announced +switch-master");
+                if !sentinel.is_current(&host, port) {
+                    let epoch = inner.current_epoch.load(Ordering::Acquire);
+                    inner.mark_down(epoch, &"the sentinels switched to a new master");
+                }
+            }
+            true
+        })
+        .await;
 }
 
 /// While refusing: a write that changes nothing. Accepted (or refused for any reason that is
@@ -868,7 +1173,10 @@ async fn probe_writes(inner: &Inner, epoch: u64, conn: &mut RedisConnection) {
         Err(Error::Refused(_)) => {}
         Err(e @ (Error::Unavailable(_) | Error::Timeout)) => inner.mark_down(epoch, &e),
         _ => {
-            if inner.current_epoch.load(Ordering::Acquire) == epoch && inner.is_refusing() {
+            if inner.current_epoch.load(Ordering::Acquire) == epoch
+                && inner.is_refusing()
+                && inner.waiting_for_replicas.load(Ordering::Acquire) == 0
+            {
                 tracing::info!("redis takes writes again");
                 inner.set_state(ConnectionState::Up);
             }

@@ -229,6 +229,10 @@ impl Worker {
                 Err(Error::PoolExhausted) => tracing::warn!(
                     "pub/sub: every connection allowed by max_connections is in use; retrying"
                 ),
+                // Sentinel: no master found yet (the sentinels or the master are down).
+                Err(e @ Error::Unavailable(_)) => {
+                    tracing::debug!(error = %e, "pub/sub: no master yet; retrying")
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "pub/sub subscription cannot start");
                     return;
@@ -245,8 +249,13 @@ impl Worker {
         let mut connected_before = false;
         let mut first = true;
         loop {
-            // On a cluster the node of last time may be gone or demoted: ask again which
-            // node to use (a single server gets the same client back).
+            // The node of last time may be gone: on a cluster it may be dead or demoted, under
+            // Sentinel the master may have changed (a demoted master still relays what its
+            // successor publishes, but the subscription belongs on the master, spec §10, and
+            // the old one may go next: a change of master after this point ends the session,
+            // see `pump`). A single server gets the same client back.
+            let mut master = self.manager.master_changes();
+            master.borrow_and_update();
             if !std::mem::take(&mut first) {
                 match self.manager.dedicated_client(None).await {
                     Ok(c) => client = c,
@@ -262,7 +271,7 @@ impl Worker {
                     connected_before = true;
                     backoff.reset();
                     self.subscribed.send_replace(true);
-                    let end = self.pump(pubsub).await;
+                    let end = self.pump(pubsub, master).await;
                     self.subscribed.send_replace(false);
                     match end {
                         End::Stop => return,
@@ -302,14 +311,19 @@ impl Worker {
         Ok(pubsub)
     }
 
-    /// Forwards messages until the connection is lost or the subscription ends.
+    /// Forwards messages until the connection is lost, the subscription ends, or (Sentinel)
+    /// the manager moved to another master since `master` was read.
     ///
     /// A subscribed connection has no response timeout and may rightly stay quiet for
     /// hours, so silence proves nothing: after `socket_timeout` without a message it PINGs
     /// and gives the connection up when no answer comes within another `socket_timeout`.
     /// That notices a dead peer within 2 × `socket_timeout` (spec §6) — also a frozen Redis
     /// or a proxy that stopped forwarding, which TCP keepalive cannot see.
-    async fn pump(&mut self, pubsub: ::redis::aio::PubSub) -> End {
+    async fn pump(
+        &mut self,
+        pubsub: ::redis::aio::PubSub,
+        mut master: watch::Receiver<u64>,
+    ) -> End {
         let (mut sink, mut stream) = pubsub.split();
         let timeout = self.manager.config().socket_timeout;
         let mut health = tokio::time::interval(timeout.max(MIN_HEALTH_CHECK_INTERVAL));
@@ -317,6 +331,9 @@ impl Worker {
         loop {
             let event = tokio::select! {
                 _ = self.stop.wait_for(|stop| *stop) => return End::Stop,
+                Ok(()) = master.changed() => {
+                    return End::Lost("the sentinels named another master".into())
+                }
                 next = stream.next() => Event::Message(next),
                 _ = health.tick() => Event::HealthCheck,
             };

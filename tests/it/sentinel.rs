@@ -1,0 +1,582 @@
+//! The bridge on Redis Sentinel (spec §10): a master, a replica and three sentinels
+//! ([`RedisSentinel`]). Under load, `SENTINEL FAILOVER` and (separately) `kill -9` of the
+//! master lose no acked message and write none twice; pub/sub and stream republish follow
+//! the master; `[redis.sentinel]` is checked like every table. Each fault test has a
+//! topology of its own (a failover changes it for everyone).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::bridge::{eventually, Bridge, Client};
+use crate::bridge_middleware::latest_http_addr;
+use crate::harness::{Mosquitto, RedisSentinel};
+use crate::ops::{get, get_until};
+
+const DEVICES: usize = 500;
+const PER_DEVICE: usize = 10;
+/// How long the 5,000 messages may take, failover included.
+const DRAIN: Duration = Duration::from_secs(90);
+
+/// The bridge's config on `topology` and `broker`, then `rest`.
+fn sentinel_config(
+    topology: &RedisSentinel,
+    broker: &Mosquitto,
+    client_id: &str,
+    rest: &str,
+) -> String {
+    format!(
+        r#"[mqtt]
+url = "{mqtt}"
+client_id = "{client_id}"
+keep_alive = "5s"
+reconnect_max_delay = "1s"
+
+[redis]
+socket_timeout = "2s"
+socket_connect_timeout = "1s"
+
+{sentinel}
+[http]
+listen = "127.0.0.1:0"
+
+[dead_letter]
+redis_list = "dead_letter"
+
+{rest}
+"#,
+        mqtt = broker.url(),
+        sentinel = topology.toml(),
+    )
+}
+
+/// Session (required) + rate limit (a budget admitting all) + dedup + two actions.
+const ROUTE: &str = r#"
+[[routes]]
+name = "s"
+topic = "s/{id}"
+session = { key = "session:{id}", required = true }
+rate_limit = { key = "rl:{id}", strategy = "fixed_window", max = 100000, window = "1h" }
+dedup = { key = "dedup:{id}:{json.seq}", ttl = "1h" }
+[[routes.actions]]
+op = "set_json"
+key = "latest:{id}"
+[[routes.actions]]
+op = "rpush"
+key = "list:{id}"
+"#;
+
+fn conn(topology: &RedisSentinel) -> redis::Connection {
+    topology
+        .master()
+        .client()
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .expect("connect to the master")
+}
+
+/// Every device's session, replicated before the bridge starts.
+fn create_sessions(topology: &RedisSentinel) {
+    let mut c = conn(topology);
+    let mut pipe = redis::pipe();
+    for d in 0..DEVICES {
+        pipe.cmd("SET")
+            .arg(format!("session:d{d}"))
+            .arg(r#"{"user":"u"}"#)
+            .ignore();
+    }
+    let () = pipe.query(&mut c).expect("create sessions");
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(5000)
+        .query(&mut c)
+        .expect("WAIT");
+    assert_eq!(acked, 1, "the replica has the sessions");
+}
+
+/// The entries of every device's list on the current master; `None` when it does not
+/// answer (a failover under way).
+fn lists(topology: &RedisSentinel) -> Option<BTreeMap<usize, Vec<String>>> {
+    let client =
+        redis::Client::open(format!("redis://127.0.0.1:{}", topology.master_port())).ok()?;
+    let mut c = client
+        .get_connection_with_timeout(Duration::from_secs(1))
+        .ok()?;
+    let mut pipe = redis::pipe();
+    for d in 0..DEVICES {
+        pipe.cmd("LRANGE").arg(format!("list:d{d}")).arg(0).arg(-1);
+    }
+    let all: Vec<Vec<String>> = pipe.query(&mut c).ok()?;
+    Some(all.into_iter().enumerate().collect())
+}
+
+fn total(lists: &BTreeMap<usize, Vec<String>>) -> usize {
+    lists.values().map(Vec::len).sum()
+}
+
+/// Publishes the 5,000 messages from a task (500 devices × 10, interleaved).
+fn publish_load(mut client: Client) -> tokio::task::JoinHandle<Client> {
+    tokio::spawn(async move {
+        let messages = (0..PER_DEVICE).flat_map(|seq| {
+            (0..DEVICES).map(move |d| {
+                (
+                    format!("s/d{d}"),
+                    format!(r#"{{"seq":{seq}}}"#).into_bytes(),
+                )
+            })
+        });
+        client.publish_all(messages).await;
+        client
+    })
+}
+
+/// The fault test body: 5,000 messages, `fault` once a few hundred are written, then every
+/// message written exactly once on the new master, nothing dead-lettered, `/readyz` 200.
+/// Returns the bridge's log.
+async fn load_through(
+    client_id: &str,
+    fault: impl FnOnce(&mut RedisSentinel) -> u16 + Send,
+) -> String {
+    let mut topology = RedisSentinel::start();
+    let broker = Mosquitto::start();
+    create_sessions(&topology);
+    let old = topology.master_port();
+    let bridge = Bridge::start(&sentinel_config(&topology, &broker, client_id, ROUTE));
+    let client = Client::connect(&broker, &format!("{client_id}-publisher")).await;
+    let publishing = publish_load(client);
+    let started = eventually(Duration::from_secs(30), || {
+        lists(&topology).filter(|l| total(l) >= 300)
+    })
+    .await;
+    let started = started.map(|l| total(&l));
+    let expected = DEVICES * PER_DEVICE;
+    assert!(
+        started.is_some_and(|n| n < expected),
+        "the fault strikes while the load is under way ({started:?} of {expected} written); log:\n{}",
+        bridge.log_text()
+    );
+    let new = tokio::task::block_in_place(|| fault(&mut topology));
+    assert_ne!(new, old, "the sentinels promoted the replica");
+    let _client = publishing.await.expect("publisher task");
+    let seen = eventually(DRAIN, || lists(&topology).filter(|l| total(l) >= expected)).await;
+    let seen = seen.unwrap_or_else(|| {
+        panic!(
+            "not every message written: {:?} of {expected}; log:\n{}",
+            lists(&topology).map(|l| total(&l)),
+            bridge.log_text()
+        )
+    });
+    // Nothing written twice, nothing lost: each device's list is its ten payloads, once each
+    // (in order of arrival per topic, spec §6).
+    for (d, entries) in &seen {
+        let wanted: Vec<String> = (0..PER_DEVICE)
+            .map(|s| format!(r#"{{"seq":{s}}}"#))
+            .collect();
+        assert_eq!(entries, &wanted, "device d{d}");
+    }
+    assert_eq!(topology.master_port(), new, "no second failover");
+    let mut c = conn(&topology);
+    let dead: i64 = redis::cmd("LLEN")
+        .arg("dead_letter")
+        .query(&mut c)
+        .expect("LLEN");
+    assert_eq!(
+        dead,
+        0,
+        "nothing dead-lettered; log:\n{}",
+        bridge.log_text()
+    );
+    let addr = latest_http_addr(&bridge);
+    get_until(addr, "/readyz", 200).await;
+    let log = bridge.log_text();
+    assert!(
+        log.contains(&format!("master=127.0.0.1:{new}")),
+        "the bridge found the new master; log:\n{log}"
+    );
+    eprintln!(
+        "fault at {started:?} of {expected} written; reconnects {}, lost {}, refusing {}",
+        log.matches("re-established").count(),
+        log.matches("connection lost").count(),
+        log.matches("refuses writes").count()
+    );
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_under_load_writes_every_message_exactly_once() {
+    let log = load_through("sentinel-f1", |t| t.failover()).await;
+    assert!(
+        log.contains("the sentinels announced +switch-master"),
+        "the bridge heard the switch; log:\n{log}"
+    );
+}
+
+/// `kill -9` of the master. With one replica, the promoted master has none left until the
+/// killed node is back (systemd restarts it; the sentinels make it a replica): with
+/// `wait_replicas = 1` writes wait unacked until then — so the test restarts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_killed_under_load_loses_no_acked_message() {
+    load_through("sentinel-k1", |t| {
+        let old = t.master_port();
+        let new = t.kill_master();
+        t.restart(old);
+        new
+    })
+    .await;
+}
+
+/// Pub/sub and stream republish keep flowing after a failover: a subscriber counts what the
+/// bridge republished from the master before and from the new master after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_and_stream_republish_follow_the_new_master() {
+    let topology = RedisSentinel::start();
+    let broker = Mosquitto::start();
+    let rules = r#"
+[[routes]]
+name = "unused"
+topic = "unused/{id}"
+[[routes.actions]]
+op = "set"
+key = "unused:{id}"
+
+[[republish]]
+name = "cmds"
+source = "pubsub"
+channel = "cmd:{id}"
+topic = "out/cmd/{id}"
+qos = 1
+
+[[republish]]
+name = "alerts"
+source = "stream"
+stream = "alerts"
+group = "bridge"
+payload_field = "payload"
+topic = "out/alert"
+claim_idle = "5s"
+qos = 1
+"#;
+    let bridge = Bridge::start(&sentinel_config(&topology, &broker, "sentinel-r1", rules));
+    let mut listener = Client::connect(&broker, "sentinel-r1-listener").await;
+    listener.subscribe("out/#").await;
+    let round = |topology: &RedisSentinel, tag: &'static str| {
+        let port = topology.master_port();
+        async move {
+            // Publish until the subscriber is (re)subscribed on this master, then count.
+            let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                .expect("url")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            for i in 0..20 {
+                let _: () = redis::cmd("XADD")
+                    .arg("alerts")
+                    .arg("*")
+                    .arg("payload")
+                    .arg(format!("{tag}-a{i}"))
+                    .query_async(&mut c)
+                    .await
+                    .expect("XADD");
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            let mut i = 0;
+            loop {
+                let receivers: i64 = redis::cmd("PUBLISH")
+                    .arg("cmd:x")
+                    .arg(format!("{tag}-c{i}"))
+                    .query_async(&mut c)
+                    .await
+                    .expect("PUBLISH");
+                i += 1;
+                if receivers > 0 {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{tag}: the bridge subscribed on the master (port {port}) within 30 s"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            for j in 0..20 {
+                let _: i64 = redis::cmd("PUBLISH")
+                    .arg("cmd:x")
+                    .arg(format!("{tag}-p{j}"))
+                    .query_async(&mut c)
+                    .await
+                    .expect("PUBLISH");
+            }
+        }
+    };
+    round(&topology, "before").await;
+    let counted = count(&mut listener, "before").await;
+    assert_eq!(counted, (20, 20), "before; log:\n{}", bridge.log_text());
+    let old = topology.master_port();
+    let new = tokio::task::block_in_place(|| topology.failover());
+    assert_ne!(old, new);
+    round(&topology, "after").await;
+    let counted = count(&mut listener, "after").await;
+    assert_eq!(
+        counted,
+        (20, 20),
+        "stream entries and pub/sub messages republished from the new master; log:\n{}",
+        bridge.log_text()
+    );
+}
+
+/// Distinct `<tag>-a*` (stream) and `<tag>-p*` (pub/sub) payloads received, waiting until
+/// 20 of each arrived or 30 s passed.
+async fn count(listener: &mut Client, tag: &str) -> (usize, usize) {
+    let mut alerts = std::collections::BTreeSet::new();
+    let mut commands = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while alerts.len() < 20 || commands.len() < 20 {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let Some(msg) = listener.next_message(left).await else {
+            break;
+        };
+        let text = String::from_utf8_lossy(&msg.payload).to_string();
+        if text.starts_with(&format!("{tag}-a")) {
+            alerts.insert(text);
+        } else if text.starts_with(&format!("{tag}-p")) {
+            commands.insert(text);
+        }
+    }
+    (alerts.len(), commands.len())
+}
+
+// ---- config ---------------------------------------------------------------------------
+
+/// Runs `routemq-bridge check` on `config`; the exit code and what it printed.
+fn check(config: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bridge.toml");
+    std::fs::write(&path, config).expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_routemq-bridge"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("REDIS_HOST")
+        .env_remove("REDIS_URL")
+        .output()
+        .expect("run routemq-bridge check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code(), text)
+}
+
+const BASE: &str = "[http]\nlisten = \"127.0.0.1:0\"\n";
+
+#[test]
+fn check_names_the_missing_master_and_the_empty_node_list() {
+    let (code, out) = check(&format!("{BASE}[redis.sentinel]\nnodes = []\n"));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("redis.sentinel.master"), "{out}");
+    let (code, out) = check(&format!(
+        "{BASE}[redis.sentinel]\nmaster = \"mymaster\"\nnodes = []\n"
+    ));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("redis.sentinel.nodes"), "{out}");
+    let (code, out) = check(&format!(
+        "{BASE}[redis.sentinel]\nmaster = \"m\"\nnodes = [\"redis://127.0.0.1:26379\"]\nmastr = 1\n"
+    ));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("redis.sentinel.mastr"),
+        "unknown keys are errors: {out}"
+    );
+    let (code, out) = check(&format!(
+        "{BASE}[redis]\ncluster = [\"redis://127.0.0.1:7000\"]\n[redis.sentinel]\nmaster = \"m\"\nnodes = [\"redis://127.0.0.1:26379\"]\n"
+    ));
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("redis.sentinel") && out.contains("not both"),
+        "{out}"
+    );
+}
+
+#[test]
+fn check_warns_that_host_and_url_are_unused_with_sentinel_and_prints_no_secret() {
+    const SECRET: &str = "S3nt1nel-Pa55";
+    let config = format!(
+        "{BASE}[redis]\nhost = \"10.0.0.1\"\nurl = \"redis://:{SECRET}@10.0.0.1:6379\"\n\
+         [redis.sentinel]\nmaster = \"mymaster\"\nnodes = [\"redis://:{SECRET}@127.0.0.1:26379\"]\n\
+         password = \"{SECRET}\"\n"
+    );
+    let (code, out) = check(&config);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("warning:") && out.contains("redis.host") && out.contains("redis.url"),
+        "{out}"
+    );
+    assert!(out.contains("master \"mymaster\""), "{out}");
+    assert!(!out.contains(SECRET), "a secret printed: {out}");
+    // RouteMQ's variables count as set explicitly too (spec §10).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bridge.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{BASE}[redis.sentinel]\nmaster = \"mymaster\"\nnodes = [\"redis://127.0.0.1:26379\"]\n"
+        ),
+    )
+    .expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_routemq-bridge"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("REDIS_HOST", "10.0.0.9")
+        .output()
+        .expect("run check");
+    let out = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("warning:") && out.contains("environment variable REDIS_HOST"),
+        "{out}"
+    );
+    // Without host/url: no warning.
+    let (code, out) = check(&format!(
+        "{BASE}[redis.sentinel]\nmaster = \"mymaster\"\nnodes = [\"redis://127.0.0.1:26379\"]\n"
+    ));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("warning:"), "{out}");
+}
+
+#[test]
+fn the_sentinel_table_is_set_by_environment_variables() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bridge.toml");
+    std::fs::write(&path, BASE).expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_routemq-bridge"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .env("ROUTEMQ_BRIDGE_REDIS__SENTINEL__MASTER", "envmaster")
+        .env(
+            "ROUTEMQ_BRIDGE_REDIS__SENTINEL__NODES",
+            "redis://127.0.0.1:26379,redis://127.0.0.1:26380",
+        )
+        .env("ROUTEMQ_BRIDGE_REDIS__SENTINEL__WAIT_REPLICAS", "0")
+        .output()
+        .expect("run check");
+    let out = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{out}");
+    assert!(out.contains("master \"envmaster\""), "{out}");
+    assert!(out.contains("26380"), "{out}");
+    assert!(out.contains("wait_replicas 0"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manager_finds_the_master_and_readyz_says_up() {
+    // The smallest path: sentinel discovery, a write, /readyz.
+    let topology = RedisSentinel::start();
+    let broker = Mosquitto::start();
+    let bridge = Bridge::start(&sentinel_config(
+        &topology,
+        &broker,
+        "sentinel-m1",
+        r#"
+[[routes]]
+name = "m"
+topic = "m/{id}"
+payload = "text"
+[[routes.actions]]
+op = "set"
+key = "m:{id}"
+"#,
+    ));
+    let mut client = Client::connect(&broker, "sentinel-m1-publisher").await;
+    client.publish("m/a", "hello").await;
+    let mut c = conn(&topology);
+    let got = eventually(Duration::from_secs(10), || {
+        redis::cmd("GET")
+            .arg("m:a")
+            .query::<Option<String>>(&mut c)
+            .ok()
+            .flatten()
+    })
+    .await;
+    assert_eq!(got.as_deref(), Some("hello"), "log:\n{}", bridge.log_text());
+    let (status, _) = get(latest_http_addr(&bridge), "/readyz").await;
+    assert_eq!(status, 200);
+}
+
+/// `wait_replicas = 1` with the replica down: the write lands on the master but the message
+/// is not acked (no `written` outcome), `/readyz` says `refusing`, and the short `WAIT`s are
+/// counted; once the replica is back and in sync, the messages count as written, once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_replica_down_a_write_waits_unacked_until_a_replica_has_it() {
+    let mut topology = RedisSentinel::start();
+    let broker = Mosquitto::start();
+    let bridge = Bridge::start(&sentinel_config(
+        &topology,
+        &broker,
+        "sentinel-w1",
+        r#"
+[[routes]]
+name = "w"
+topic = "w/{id}"
+payload = "text"
+[[routes.actions]]
+op = "rpush"
+key = "w:{id}"
+"#,
+    ));
+    let addr = latest_http_addr(&bridge);
+    let master = topology.master_port();
+    let replica = topology
+        .data
+        .iter()
+        .map(|n| n.port())
+        .find(|p| *p != master)
+        .expect("a replica");
+    topology
+        .data
+        .iter_mut()
+        .find(|n| n.port() == replica)
+        .expect("the replica")
+        .kill();
+    let mut client = Client::connect(&broker, "sentinel-w1-publisher").await;
+    for i in 0..5 {
+        client.publish("w/a", format!("m{i}")).await;
+    }
+    let mut c = conn(&topology);
+    let on_master = eventually(Duration::from_secs(10), || {
+        redis::cmd("LLEN")
+            .arg("w:a")
+            .query::<i64>(&mut c)
+            .ok()
+            .filter(|n| *n >= 1)
+    })
+    .await;
+    assert!(on_master.is_some(), "the write reached the master");
+    let body = get_until(addr, "/readyz", 503).await;
+    assert!(body.contains("refusing"), "{body}");
+    let (_, metrics) = get(addr, "/metrics").await;
+    let waits = crate::ops::sample(&metrics, "routemq_bridge_redis_replica_waits_total");
+    assert!(
+        waits.is_some_and(|n| n >= 1.0),
+        "short WAITs counted: {waits:?}"
+    );
+    let written = crate::ops::sample(
+        &metrics,
+        r#"routemq_bridge_messages_total{route="w",outcome="written"}"#,
+    );
+    assert_eq!(
+        written, None,
+        "nothing counts as written before a replica has it"
+    );
+    tokio::task::block_in_place(|| topology.restart(replica));
+    let seen = crate::bridge_middleware::outcomes_at(addr, "w", &[("written", 5.0)]).await;
+    assert_eq!(seen, [Some(5.0)], "log:\n{}", bridge.log_text());
+    get_until(addr, "/readyz", 200).await;
+    let entries: Vec<String> = redis::cmd("LRANGE")
+        .arg("w:a")
+        .arg(0)
+        .arg(-1)
+        .query(&mut conn(&topology))
+        .expect("LRANGE");
+    assert_eq!(entries, ["m0", "m1", "m2", "m3", "m4"], "written once each");
+}
