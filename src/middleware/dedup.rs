@@ -36,10 +36,14 @@
 //! restarted process — same client id, same session — and the keys the dead one had
 //! claimed but not finished still hold its leases. Waiting them out would hold every ack
 //! behind them for up to `lease` (30 s by default): the whole instance stalls after each
-//! restart. A lease of our own client id but of another run is therefore taken over at once
-//! (compare-and-delete, then claim): the broker lets one connection per client id hold a
-//! session, and distinct client ids per instance are the operator's job (`check` warns
-//! about a share group on the default one), so that run is gone.
+//! restart. A lease of our own client id but of another run is therefore taken over
+//! (compare-and-delete, then claim) once it has been held for `2 × socket_timeout` (at most
+//! the lease): the broker lets one connection per client id hold a session, and distinct
+//! client ids per instance are the operator's job (`check` warns about a share group on the
+//! default one), so that run is gone — or, in an overlapping restart, kicked off the broker
+//! and finishing what it holds, which by then has been written (its done mark is seen) or
+//! has timed out. Not at once: a takeover while that run's transaction is still on its way
+//! would write the message twice.
 //!
 //! **Foreign values.** A key held by another worker's lease (`lease:…`, with an expiry) is
 //! waited for until it is done (duplicate) or its lease lapses (we claim it). Anything else —
@@ -258,13 +262,6 @@ pub async fn claim(
                 current.chars().take(64).collect::<String>()
             )));
         }
-        if marks.left_by_an_earlier_run(&current) {
-            // That run died holding it (see the module doc): take it over now.
-            if compare_and_delete(redis, key, &current).await? {
-                tracing::debug!(key, "dedup: took over a lease left by an earlier run");
-            }
-            continue;
-        }
         // A lease always expires; one without expiry will never free itself: waiting would
         // hold the topic forever, silently.
         let pttl: i64 = redis.query(::redis::cmd("PTTL").arg(key)).await?;
@@ -277,6 +274,17 @@ pub async fn claim(
                 current.chars().take(64).collect::<String>()
             )));
         }
+        if marks.left_by_an_earlier_run(&current) {
+            // That run is gone or going (see the module doc): take its lease over once it
+            // has been held for `takeover_after`, not at once.
+            let held = lease.saturating_sub(Duration::from_millis(pttl.unsigned_abs()));
+            if held >= takeover_after(redis, lease) {
+                if compare_and_delete(redis, key, &current).await? {
+                    tracing::debug!(key, "dedup: took over a lease left by an earlier run");
+                }
+                continue;
+            }
+        }
         if started.elapsed() > lease * 2 {
             // The holder keeps renewing or the clock is off: treat it as a transient
             // condition so the message waits and is retried, not dropped.
@@ -286,6 +294,16 @@ pub async fn claim(
         }
         tokio::time::sleep(backoff.next_delay()).await;
     }
+}
+
+/// How long a lease of an earlier run of this client id must have been held before it is
+/// taken over: `2 × socket_timeout`, at most the lease. The earlier run may still be alive
+/// for a moment — the broker hands the session to the newest connection of a client id, so
+/// an overlapping restart (or a second copy started by hand) leaves the old process
+/// finishing what it holds — and by then every command of its attempt has answered or
+/// timed out: its write is in Redis (we then see its done mark) or it gave up.
+fn takeover_after(redis: &RedisManager, lease: Duration) -> Duration {
+    (redis.config().socket_timeout * 2).min(lease)
 }
 
 /// The claim itself: `SET key lease NX PX lease_ms`; a reply of nil means the key is

@@ -476,6 +476,57 @@ async fn dedup_leased_by_another_waits_for_the_lease_to_lapse_then_claims() {
 }
 
 #[tokio::test]
+async fn dedup_a_lease_of_an_earlier_run_is_taken_over_only_once_held_for_two_socket_timeouts() {
+    use routemq_bridge::middleware::dedup::lease_prefix;
+    let stage = Stage::start().await;
+    let lease = dedup_rule().lease;
+    // An earlier run of our client id holds the key, just claimed: it may be a process the
+    // broker has just kicked off, its transaction still on its way.
+    let theirs = format!("{}{:016x}", lease_prefix("stages-run"), 7);
+    stage.run(
+        redis::cmd("SET")
+            .arg("dedup:dev-1:1")
+            .arg(&theirs)
+            .arg("PX")
+            .arg(lease.as_millis() as u64),
+    );
+    let json = json!({"seq": 1});
+    let ctx = context(br#"{"seq":1}"#, &json);
+    let mut writes = actions::render(&counting(), &ctx).expect("actions render");
+    let claim = dedup_rule()
+        .prepare(&ctx, &lease_prefix("stages-run"), None, &mut writes.pipe)
+        .expect("claim renders");
+    actions::seal(&mut writes.pipe, true);
+    let env = stage.env();
+    let held_long_enough = async {
+        // Waiting (it asks how long the lease holds), not taking it over at once.
+        while calls(&stage.manager, "pttl").await == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(count(&stage), None, "nothing written under a fresh lease");
+        assert_eq!(stage.get("dedup:dev-1:1").as_deref(), Some(theirs.as_str()));
+        // Now as if it had been held for 2 × socket_timeout and a second: taken over, long
+        // before it would lapse.
+        let held = stage.manager.config().socket_timeout * 2 + Duration::from_secs(1);
+        let left = lease.saturating_sub(held).max(Duration::from_secs(5));
+        stage.run(
+            redis::cmd("PEXPIRE")
+                .arg("dedup:dev-1:1")
+                .arg(left.as_millis() as u64),
+        );
+    };
+    let (written, ()) =
+        bounded(async { tokio::join!(claim.write(&env, false, &writes.pipe), held_long_enough) })
+            .await;
+    assert_eq!(written, Ok(()));
+    assert_eq!(count(&stage), Some(1));
+    assert_eq!(
+        stage.get("dedup:dev-1:1").as_deref(),
+        Some(claim.marks.written())
+    );
+}
+
+#[tokio::test]
 async fn dedup_a_foreign_value_that_is_no_lease_fails_at_once() {
     let stage = Stage::start().await;
     stage.run(
