@@ -636,14 +636,13 @@ impl RedisCluster {
             .expect("a running node");
         let deadline = Instant::now() + CLUSTER_TIMEOUT;
         loop {
-            let output = Command::new(&cli)
-                .args(["--cluster", "check", &entry])
-                .current_dir(self.nodes[0].dir())
-                .stdin(Stdio::null())
-                .output()
-                .expect("run redis-cli --cluster check");
-            let text = String::from_utf8_lossy(&output.stdout);
-            if output.status.success() && !text.contains("[WARNING]") && !text.contains("[ERR]") {
+            let (status, text, _) = output_within(
+                Command::new(&cli)
+                    .args(["--cluster", "check", &entry])
+                    .current_dir(self.nodes[0].dir()),
+                TOOL_TIMEOUT,
+            );
+            if status.success() && !text.contains("[WARNING]") && !text.contains("[ERR]") {
                 return;
             }
             assert!(
@@ -1003,20 +1002,43 @@ impl Mosquitto {
 
 /// Runs `program` with `args` in `dir`, failing the test with its output if it fails.
 fn run_tool(program: &Path, args: &[&str], dir: &Path) {
-    let output = Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
-    assert!(
-        output.status.success(),
-        "{} {args:?} failed with {}: {}{}",
-        program.display(),
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    let (status, stdout, stderr) = output_within(
+        Command::new(program).args(args).current_dir(dir),
+        TOOL_TIMEOUT,
     );
+    assert!(
+        status.success(),
+        "{} {args:?} failed with {status}: {stdout}{stderr}",
+        program.display(),
+    );
+}
+
+/// The longest a tool the harness runs (`redis-cli --cluster reshard`, `… check`,
+/// `mosquitto_passwd`, `openssl`) may take: a hung one fails its test instead of the run.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Runs `command` to its end within `timeout` (killed and a panic past it), its output
+/// captured in files (a pipe could fill and stall a chatty tool such as a reshard):
+/// (status, stdout, stderr).
+pub fn output_within(
+    command: &mut Command,
+    timeout: Duration,
+) -> (std::process::ExitStatus, String, String) {
+    let dir = tempfile::tempdir().expect("a temp dir for the tool's output");
+    let (out, err) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out).expect("stdout file"))
+        .stderr(std::fs::File::create(&err).expect("stderr file"))
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    let Some(status) = wait_with_timeout(&mut child, timeout) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{command:?} did not finish within {timeout:?}");
+    };
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+    (status, read(&out), read(&err))
 }
 
 /// Writes a Mosquitto `password_file` at `path` holding `users` (name, password), hashed by

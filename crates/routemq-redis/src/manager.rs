@@ -540,13 +540,17 @@ impl RedisManager {
             let slot: u16 = self
                 .query(::redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
                 .await?;
+            // The master is the first entry; when its endpoint is unknown, there is no
+            // master to read from (a replica would answer MOVED): none, not a replica.
             return Ok(ranges
                 .into_iter()
                 .find(|(start, end, _)| (*start..=*end).contains(&slot))
-                .and_then(|(_, _, nodes)| nodes.into_iter().next()));
+                .and_then(|(_, _, nodes)| nodes.into_iter().next().flatten()));
         }
-        let mut nodes: Vec<(String, u16)> =
-            ranges.into_iter().flat_map(|(_, _, nodes)| nodes).collect();
+        let mut nodes: Vec<(String, u16)> = ranges
+            .into_iter()
+            .flat_map(|(_, _, nodes)| nodes.into_iter().flatten())
+            .collect();
         nodes.sort();
         nodes.dedup();
         Ok(match nodes.len() {
@@ -879,12 +883,12 @@ fn command_name(cmd: &Cmd) -> String {
 }
 
 /// A range of slots of `CLUSTER SLOTS`: first, last, and the nodes serving it (host, port),
-/// the master first.
-type SlotRange = (u16, u16, Vec<(String, u16)>);
+/// the master first; `None` for a node whose endpoint is unknown.
+type SlotRange = (u16, u16, Vec<Option<(String, u16)>>);
 
 /// `CLUSTER SLOTS` as (first slot, last slot, nodes serving them: the master first, then
-/// its replicas as host and port). Entries it cannot read (an unknown endpoint `?`/empty)
-/// are left out.
+/// its replicas as host and port). A node whose endpoint it cannot read (unknown: `?` or
+/// empty) keeps its place as `None`, so a replica is never taken for the master.
 fn cluster_slots(reply: &::redis::Value) -> Vec<SlotRange> {
     use ::redis::{from_redis_value_ref, Value};
     let Value::Array(ranges) = reply else {
@@ -900,7 +904,7 @@ fn cluster_slots(reply: &::redis::Value) -> Vec<SlotRange> {
             let end: u16 = from_redis_value_ref(fields.get(1)?).ok()?;
             let nodes = fields[2..]
                 .iter()
-                .filter_map(|node| {
+                .map(|node| {
                     let Value::Array(node) = node else {
                         return None;
                     };
@@ -1198,7 +1202,7 @@ mod tests {
     }
 
     #[test]
-    fn cluster_slots_are_read_master_first_and_unknown_endpoints_left_out() {
+    fn cluster_slots_are_read_master_first_and_unknown_endpoints_keep_their_place() {
         let reply = Value::Array(vec![
             Value::Array(vec![
                 Value::Int(0),
@@ -1221,11 +1225,15 @@ mod tests {
                     0,
                     5460,
                     vec![
-                        ("10.0.0.1".to_string(), 7000),
-                        ("10.0.0.4".to_string(), 7003)
+                        Some(("10.0.0.1".to_string(), 7000)),
+                        Some(("10.0.0.4".to_string(), 7003))
                     ]
                 ),
-                (5461, 10922, vec![("10.0.0.5".to_string(), 7004)]),
+                (
+                    5461,
+                    10922,
+                    vec![None, Some(("10.0.0.5".to_string(), 7004))]
+                ),
             ]
         );
         assert!(cluster_slots(&Value::Nil).is_empty());
