@@ -137,12 +137,18 @@ impl Drop for Service {
 
 /// `redis-server` without persistence.
 pub fn redis() -> Res<Service> {
+    redis_server("redis", &[])
+}
+
+/// `redis-server` without persistence in a directory of its own, with `extra` arguments.
+fn redis_server(label: &str, extra: &[&str]) -> Res<Service> {
     let binary = find_binary("redis-server", "redis-server")?;
-    let dir = TempDir::new("redis")?;
+    let dir = TempDir::new(label)?;
     let port = free_port()?;
+    let (port_arg, dir_arg) = (port.to_string(), dir.path().display().to_string());
     let args: Vec<String> = [
         "--port",
-        &port.to_string(),
+        &port_arg,
         "--bind",
         "127.0.0.1",
         "--save",
@@ -150,9 +156,10 @@ pub fn redis() -> Res<Service> {
         "--appendonly",
         "no",
         "--dir",
-        &dir.path().display().to_string(),
+        &dir_arg,
     ]
     .iter()
+    .chain(extra)
     .map(|s| s.to_string())
     .collect();
     Service::start("redis-server", &binary, &args, dir, port)
@@ -162,42 +169,22 @@ pub fn redis() -> Res<Service> {
 /// `redis-cli --cluster create`), no persistence; returns once every node says
 /// `cluster_state:ok`. Replicas would only add replication CPU to what is measured.
 pub fn redis_cluster(masters: usize) -> Res<Vec<Service>> {
-    let binary = find_binary("redis-server", "redis-server")?;
     let cli = find_binary("redis-cli", "redis-tools")?;
-    let mut nodes = Vec::with_capacity(masters);
-    for _ in 0..masters {
-        let dir = TempDir::new("redis-cluster")?;
-        let port = free_port()?;
-        let dir_arg = dir.path().display().to_string();
-        let args: Vec<String> = [
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            &dir_arg,
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            "nodes.conf",
-            "--cluster-node-timeout",
-            "5000",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        nodes.push(Service::start(
-            "redis-server (cluster)",
-            &binary,
-            &args,
-            dir,
-            port,
-        )?);
-    }
+    let nodes = (0..masters)
+        .map(|_| {
+            redis_server(
+                "redis-cluster",
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ],
+            )
+        })
+        .collect::<Res<Vec<_>>>()?;
     let mut create = Command::new(&cli);
     create.arg("--cluster").arg("create");
     for node in &nodes {
