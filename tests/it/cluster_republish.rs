@@ -25,6 +25,17 @@ fn start_bridge(config: &str) -> Bridge {
     bridge
 }
 
+/// [`start_bridge`] for rules with a stream: returns once its consumer group exists.
+fn start_bridge_with_stream(config: &str) -> Bridge {
+    let bridge = start_bridge(config);
+    assert!(
+        bridge.wait_for_log("consumer group created", WAIT),
+        "{}",
+        bridge.log_text()
+    );
+    bridge
+}
+
 /// An MQTT client subscribed to `filter` on `broker`.
 async fn listener(broker: &Mosquitto, id: &str, filter: &str) -> Client {
     let mut client = Client::connect(broker, id).await;
@@ -233,12 +244,7 @@ stream = "{stream}"
 topic = "c9/alerts"
 "#
     );
-    let bridge = start_bridge(&cluster_config(&cluster, &broker, "cluster-c9", &rules));
-    assert!(
-        bridge.wait_for_log("consumer group created", WAIT),
-        "{}",
-        bridge.log_text()
-    );
+    let bridge = start_bridge_with_stream(&cluster_config(&cluster, &broker, "cluster-c9", &rules));
     let other = cluster.nodes()[1].port();
     until_flowing(&mut out, "c9/commands", |i| {
         publish_on(&cluster, other, "c9:commands", &format!("before {i}"));
@@ -428,12 +434,8 @@ stream = "{stream}"
 topic = "c11/out"
 "#
     );
-    let bridge = start_bridge(&cluster_config(&cluster, &broker, "cluster-c11", &rules));
-    assert!(
-        bridge.wait_for_log("consumer group created", WAIT),
-        "{}",
-        bridge.log_text()
-    );
+    let bridge =
+        start_bridge_with_stream(&cluster_config(&cluster, &broker, "cluster-c11", &rules));
     xadd(&cluster, &stream, "before");
     let got = receive_until(&mut out, |got| !got.is_empty()).await;
     assert_eq!(got.first().map(|(_, p)| p.as_str()), Some("before"));
