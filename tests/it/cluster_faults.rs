@@ -1,8 +1,10 @@
 //! The bridge on a Redis Cluster that changes under load (spec §10, §6): a slot migration
 //! (`redis-cli --cluster reshard`) and a replica promotion (`CLUSTER FAILOVER`) while 5,000
 //! QoS 1 messages of 1,000 devices flow through a route with session, rate limit, dedup and
-//! two actions. Nothing may be lost or dead-lettered, and nothing written twice. Each test
-//! starts a cluster of its own ([`RedisCluster::start`]): it disturbs it.
+//! two actions. Nothing may be lost or dead-lettered, and nothing written twice. Nor may the
+//! disturbance cost an outage (issue 13): the manager keeps its connection (no reconnection,
+//! no "connection lost") and `/readyz` answers 200 throughout. Each test starts a cluster of
+//! its own ([`RedisCluster::start`]): it disturbs it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,6 +68,9 @@ pub(crate) struct LoadRig {
     pub bridge: Bridge,
     pub conn: ClusterConnection,
     client_id: String,
+    /// The `/readyz` answers other than 200 seen while [`LoadRig::run`] disturbed the
+    /// cluster and the load drained (time since the disturbance started, status, body).
+    not_ready: Vec<String>,
 }
 
 impl LoadRig {
@@ -95,6 +100,7 @@ impl LoadRig {
             bridge,
             conn,
             client_id: client_id.to_string(),
+            not_ready: Vec::new(),
         }
     }
 
@@ -112,7 +118,8 @@ impl LoadRig {
     /// written `start_after` of it, runs `disturb` on a thread of its own. Waits until the
     /// bridge wrote everything and `disturb` finished; returns (the number written when
     /// `disturb` started, when it ended, the time `disturb` took, the time the whole load
-    /// took).
+    /// took). Meanwhile `/readyz` is polled; its answers other than 200 are kept for
+    /// [`LoadRig::assert_no_outage`].
     pub async fn run(
         &mut self,
         start_after: usize,
@@ -144,6 +151,22 @@ impl LoadRig {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let at_start = self.count("written").await;
+        let http = latest_http_addr(&self.bridge);
+        let (stop_watch, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let watching = tokio::spawn(async move {
+            let t = Instant::now();
+            let mut not_ready = Vec::new();
+            loop {
+                let (code, body) = get(http, "/readyz").await;
+                if code != 200 {
+                    not_ready.push(format!("{:?}: {code} {}", t.elapsed(), body.trim()));
+                }
+                tokio::select! {
+                    _ = &mut stopped => return not_ready,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        });
         let cluster = Arc::clone(&self.cluster);
         let disturbing = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
@@ -165,7 +188,37 @@ impl LoadRig {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let _ = stop_watch.send(());
+        self.not_ready = tokio::time::timeout(Duration::from_secs(30), watching)
+            .await
+            .expect("the /readyz watcher stops")
+            .expect("the /readyz watcher");
         (at_start, at_end, took, started.elapsed())
+    }
+
+    /// The disturbance cost no outage: the manager never lost its connection (a cluster
+    /// client stalled behind its slot refresh times commands out, and the manager then drops
+    /// the connection and reconnects) and `/readyz` stayed 200 while it lasted.
+    pub async fn assert_no_outage(&self) {
+        let (_, metrics) = get(latest_http_addr(&self.bridge), "/metrics").await;
+        let reconnects = sample(
+            &metrics,
+            r#"routemq_bridge_reconnects_total{target="redis"}"#,
+        );
+        let log = self.bridge.log_text();
+        let lost: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("redis connection lost"))
+            .collect();
+        assert!(
+            reconnects == Some(0.0) && lost.is_empty() && self.not_ready.is_empty(),
+            "an outage: redis reconnects {reconnects:?}, connection lost {lost:#?}, /readyz not \
+             200 {} times (first {:?}, last {:?}); log:\n{}",
+            self.not_ready.len(),
+            self.not_ready.first(),
+            self.not_ready.last(),
+            log_counts(&self.bridge, NOTABLE)
+        );
     }
 
     /// Every message written exactly once, nothing else counted, nothing dead-lettered, and
@@ -232,6 +285,8 @@ pub(crate) fn log_counts(bridge: &Bridge, needles: &[&str]) -> String {
 
 /// What the bridge's log says about the disturbance.
 const NOTABLE: &[&str] = &[
+    "beginning slot refresh",
+    "slot refresh complete",
     "moving slot",
     "connection lost",
     "refuses",
@@ -278,6 +333,7 @@ async fn a_slot_migration_under_load_loses_nothing_and_writes_nothing_twice() {
         at_start < TOTAL as f64,
         "the migration started after the load"
     );
+    rig.assert_no_outage().await;
     for d in &moved_devices {
         assert_eq!(rig.cluster.master_of(&format!("{{{d}}}")), to, "{d} moved");
     }
@@ -305,6 +361,7 @@ async fn a_replica_promotion_under_load_loses_nothing_and_writes_nothing_twice()
         at_start < TOTAL as f64,
         "the failover started after the load"
     );
+    rig.assert_no_outage().await;
     assert_eq!(rig.cluster.role(old_master).as_deref(), Some("slave"));
     assert_eq!(rig.cluster.role(promoted).as_deref(), Some("master"));
     eprintln!("bridge log: {}", log_counts(&rig.bridge, NOTABLE));
