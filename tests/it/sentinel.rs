@@ -386,6 +386,17 @@ fn check_names_the_missing_master_and_the_empty_node_list() {
         out.contains("redis.sentinel.mastr"),
         "unknown keys are errors: {out}"
     );
+    // Out of range: an error naming the key, not a silent clamp (4294967296 was u32::MAX).
+    for n in ["17", "4294967296"] {
+        let (code, out) = check(&format!(
+            "{BASE}[redis.sentinel]\nmaster = \"m\"\nnodes = [\"redis://127.0.0.1:26379\"]\nwait_replicas = {n}\n"
+        ));
+        assert_eq!(code, Some(2), "wait_replicas = {n}: {out}");
+        assert!(
+            out.contains("redis.sentinel.wait_replicas") && out.contains("0..=16"),
+            "{out}"
+        );
+    }
     let (code, out) = check(&format!(
         "{BASE}[redis]\ncluster = [\"redis://127.0.0.1:7000\"]\n[redis.sentinel]\nmaster = \"m\"\nnodes = [\"redis://127.0.0.1:26379\"]\n"
     ));
