@@ -591,3 +591,76 @@ key = "w:{id}"
         .expect("LRANGE");
     assert_eq!(entries, ["m0", "m1", "m2", "m3", "m4"], "written once each");
 }
+
+// ---- the manager's replica waits (review findings) ------------------------------------
+
+/// A manager on `topology` (`wait_replicas = 1`, `socket_timeout` 2 s: `WAIT`s of 1 s).
+async fn sentinel_manager(topology: &RedisSentinel) -> routemq_bridge::redis::RedisManager {
+    use routemq_bridge::config::Secret;
+    use routemq_bridge::redis::{config::SentinelConfig, RedisConfig, RedisManager};
+    let config = RedisConfig {
+        socket_timeout: Duration::from_secs(2),
+        socket_connect_timeout: Duration::from_secs(1),
+        sentinel: Some(SentinelConfig {
+            master: crate::harness::SENTINEL_MASTER.to_string(),
+            nodes: topology
+                .sentinel_urls()
+                .into_iter()
+                .map(Secret::new)
+                .collect(),
+            username: None,
+            password: None,
+            wait_replicas: 1,
+        }),
+        ..RedisConfig::default()
+    };
+    let manager = RedisManager::new(config);
+    assert!(manager.initialize().await, "the manager finds the master");
+    manager
+}
+
+/// `WAIT` covers only the writes made on its own server-side connection, so in Sentinel
+/// mode one command connection must never be re-made underneath (a `ConnectionManager`
+/// does): once the server dropped it, it answers nothing more, and the manager reconnects
+/// as a new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sentinel_command_connection_is_one_server_side_connection_for_its_life() {
+    let topology = RedisSentinel::start();
+    let manager = sentinel_manager(&topology).await;
+    let mut command = manager.get_client().expect("the command connection");
+    let id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut command)
+        .await
+        .expect("CLIENT ID");
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(id)
+        .query(&mut conn(&topology))
+        .expect("CLIENT KILL");
+    assert_eq!(killed, 1);
+    // For two seconds, whatever answers through this handle is that same connection.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut answered = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(now) = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async::<i64>(&mut command)
+            .await
+        {
+            answered.push(now);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        answered.iter().all(|now| *now == id),
+        "the handle of connection {id} answered from connections {answered:?}"
+    );
+    // The manager itself moved on to a new connection.
+    let up = eventually(Duration::from_secs(10), || {
+        (manager.reconnects() >= 1 && manager.is_enabled()).then_some(())
+    })
+    .await;
+    assert!(up.is_some(), "the manager reconnected");
+}

@@ -1,9 +1,11 @@
 //! How the manager reaches Redis: one server (plain or TLS) or a cluster, behind one type.
 //!
-//! [`RedisConnection`] wraps either a [`ConnectionManager`] (one multiplexed connection to
-//! one server) or an async [`ClusterConnection`] (one multiplexed connection per node, routed
-//! by slot), and implements `ConnectionLike`, so every command, pipeline and script in the
-//! crate is written once and runs on both. `Target` is the recipe for making one from a
+//! [`RedisConnection`] wraps a [`ConnectionManager`] (one multiplexed connection to one
+//! server, made again by itself after a drop), a plain [`MultiplexedConnection`] (Sentinel
+//! mode: one server-side connection for its whole life, see below) or an async
+//! [`ClusterConnection`] (one multiplexed connection per node, routed by slot), and
+//! implements `ConnectionLike`, so every command, pipeline and script in the crate is
+//! written once and runs on all three. `Target` is the recipe for making one from a
 //! [`RedisConfig`]; it is also where credentials and timeouts are applied, so there is one
 //! place that touches the password.
 //!
@@ -35,6 +37,13 @@
 //! against `max_connections`) and marks the connection down as soon as the sentinels
 //! announce a master other than the one connected to: that only hurries what the lost
 //! connection or `READONLY` would tell a moment later.
+//! The Sentinel command connection is a plain [`MultiplexedConnection`], not a
+//! `ConnectionManager`: `WAIT` only counts the writes made on the server-side connection it
+//! is sent on, and the manager's "acked means replicated" holds per connection epoch. A
+//! `ConnectionManager` would silently reconnect to the same address within one epoch, and a
+//! `WAIT` on the fresh connection answers at once with the replicas online, covering
+//! nothing. A plain connection fails every call once lost, so the manager marks it down
+//! and the health task connects again, through the sentinels, as a new epoch.
 //! (redis-rs's own `sentinel` module finds a master too, but asks each sentinel with no
 //! connect or response timeout — one silent sentinel would stall every reconnection — and
 //! keeps the address to itself, which dedicated connections and `+switch-master` need.)
@@ -42,7 +51,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
@@ -55,10 +66,13 @@ use super::error::{Error, Result};
 
 /// The command connection: what [`super::RedisManager::get_client`] hands out for
 /// pipelines, scripts and anything the manager has no method for. Clones share the
-/// underlying connection. Both variants reconnect on their own after a dropped connection.
+/// underlying connection. `Single` and `Cluster` reconnect on their own after a dropped
+/// connection; `Plain` never does (see the module doc, Sentinel).
 #[derive(Clone)]
 pub enum RedisConnection {
     Single(ConnectionManager),
+    /// Sentinel mode: one server-side connection; once lost, every call fails.
+    Plain(MultiplexedConnection),
     Cluster(ClusterConnection),
 }
 
@@ -67,6 +81,7 @@ impl std::fmt::Debug for RedisConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RedisConnection::Single(_) => f.write_str("RedisConnection::Single"),
+            RedisConnection::Plain(_) => f.write_str("RedisConnection::Plain"),
             RedisConnection::Cluster(_) => f.write_str("RedisConnection::Cluster"),
         }
     }
@@ -76,6 +91,7 @@ impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConnection::Single(c) => c.req_packed_command(cmd),
+            RedisConnection::Plain(c) => c.req_packed_command(cmd),
             RedisConnection::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -88,6 +104,7 @@ impl ConnectionLike for RedisConnection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConnection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Plain(c) => c.req_packed_commands(pipeline, offset, count),
             RedisConnection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -95,6 +112,7 @@ impl ConnectionLike for RedisConnection {
     fn get_db(&self) -> i64 {
         match self {
             RedisConnection::Single(c) => c.get_db(),
+            RedisConnection::Plain(c) => c.get_db(),
             RedisConnection::Cluster(c) => c.get_db(),
         }
     }
@@ -125,7 +143,6 @@ pub(crate) struct SentinelTarget {
     /// The data connection's settings (credentials, database, TLS, TCP); its address is
     /// replaced by the master's.
     data: ConnectionInfo,
-    manager_config: ConnectionManagerConfig,
     connect_timeout: Duration,
     response_timeout: Duration,
     /// The master last connected to.
@@ -253,10 +270,6 @@ impl SentinelTarget {
             master: sentinel.master.clone(),
             sentinels,
             data: connection_info(config)?,
-            manager_config: ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(config.socket_connect_timeout))
-                .set_response_timeout(Some(config.socket_timeout))
-                .set_number_of_retries(0),
             connect_timeout: config.socket_connect_timeout,
             response_timeout: config.socket_timeout,
             current: Arc::new(Mutex::new(None)),
@@ -434,10 +447,16 @@ impl SentinelTarget {
     /// A connection to `info`, proven by PING and by `ROLE` saying `master`.
     async fn open(&self, info: ConnectionInfo) -> Result<(RedisConnection, Option<String>)> {
         let client = Client::open(info).map_err(|e| Error::Invalid(e.to_string()))?;
-        let mut conn = RedisConnection::Single(ConnectionManager::new_lazy_with_config(
-            client,
-            self.manager_config.clone(),
-        )?);
+        // Plain, not a ConnectionManager: one epoch of the manager is one server-side
+        // connection, so a `WAIT` covers the writes made before it (module doc).
+        let config = ::redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout));
+        let mut conn = RedisConnection::Plain(
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?,
+        );
         let refused = match ::redis::cmd("PING").query_async::<String>(&mut conn).await {
             Ok(_) => None,
             Err(e) => match Error::from(e) {
