@@ -596,11 +596,20 @@ key = "w:{id}"
 
 /// A manager on `topology` (`wait_replicas = 1`, `socket_timeout` 2 s: `WAIT`s of 1 s).
 async fn sentinel_manager(topology: &RedisSentinel) -> routemq_bridge::redis::RedisManager {
+    sentinel_manager_with(topology, Duration::from_secs(1), Duration::from_secs(2)).await
+}
+
+/// [`sentinel_manager`] with other `socket_connect_timeout` and `socket_timeout`.
+async fn sentinel_manager_with(
+    topology: &RedisSentinel,
+    connect_timeout: Duration,
+    socket_timeout: Duration,
+) -> routemq_bridge::redis::RedisManager {
     use routemq_bridge::config::Secret;
     use routemq_bridge::redis::{config::SentinelConfig, RedisConfig, RedisManager};
     let config = RedisConfig {
-        socket_timeout: Duration::from_secs(2),
-        socket_connect_timeout: Duration::from_secs(1),
+        socket_timeout,
+        socket_connect_timeout: connect_timeout,
         sentinel: Some(SentinelConfig {
             master: crate::harness::SENTINEL_MASTER.to_string(),
             nodes: topology
@@ -840,4 +849,40 @@ key = "d:{id}"
     tokio::task::block_in_place(|| topology.restart(replica));
     let seen = crate::bridge_middleware::outcomes_at(addr, "d", &[("duplicate", 1.0)]).await;
     assert_eq!(seen, [Some(1.0)], "log:\n{}", bridge.log_text());
+}
+
+/// A frozen master that every sentinel still names (its replica frozen too, so they cannot
+/// fail over): each connect round must stay within one connection budget (here 3 s + 1 s),
+/// not one per sentinel (each naming the same master: 3 × a 3 s connect timeout), or the
+/// health task's heartbeat goes stale and the watchdog restarts the bridge mid-outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_master_named_by_every_sentinel_does_not_stall_the_health_task() {
+    let mut topology = RedisSentinel::start();
+    let manager =
+        sentinel_manager_with(&topology, Duration::from_secs(3), Duration::from_secs(1)).await;
+    let heartbeat = manager.heartbeat();
+    let master = topology.master_port();
+    let replica = replica_port(&topology);
+    replica_node(&mut topology, replica).pause();
+    replica_node(&mut topology, master).pause();
+    let down = eventually(Duration::from_secs(10), || {
+        (!manager.is_enabled()).then_some(())
+    })
+    .await;
+    // Watch the heartbeat through several connect rounds.
+    let mut oldest = Duration::ZERO;
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < until {
+        oldest = oldest.max(heartbeat.age().unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    replica_node(&mut topology, master).resume();
+    replica_node(&mut topology, replica).resume();
+    assert!(down.is_some(), "the frozen master is noticed");
+    // One round (at most 4.1 s; a frozen master takes its 3 s connect timeout once) plus
+    // the longest backoff (2 s); the old round tried it once per sentinel (9 s + 2 s).
+    assert!(
+        oldest < Duration::from_millis(7500),
+        "the health task went {oldest:?} without a round"
+    );
 }

@@ -25,10 +25,16 @@
 //! sends a plain pipeline's commands one by one instead, each to its key's node.
 //!
 //! Sentinel mode (`[redis.sentinel]`, spec §10) is a single-server connection whose address
-//! is asked of the sentinels at every connect: `Target::Sentinel` asks them in turn (each
-//! within the connect timeout) `SENTINEL get-master-addr-by-name <master>`, connects there
+//! is asked of the sentinels at every connect: `Target::Sentinel` asks them in turn
+//! `SENTINEL get-master-addr-by-name <master>`, connects there
 //! with `[redis]`'s credentials and TLS, and accepts the connection only when `ROLE` says
 //! `master` (a replica being promoted, or an old master not yet demoted, is passed over).
+//! One such round (all sentinels and masters tried) is bounded by one connection budget
+//! (`socket_connect_timeout + socket_timeout`), like a single server's connect, so the
+//! health task keeps its heartbeat (the watchdog's `redis` limit) even when a frozen master
+//! is named by every sentinel; an address already tried in the round is not tried again,
+//! and the next round starts with the sentinel after the last one that failed, so a frozen
+//! sentinel does not take every round.
 //! The manager's health task reconnects through it after a lost connection, and asks the
 //! sentinels again while the master refuses writes (`READONLY` from a demoted master), so
 //! every failover is followed; the address last connected to is what dedicated
@@ -147,6 +153,8 @@ pub(crate) struct SentinelTarget {
     response_timeout: Duration,
     /// The master last connected to.
     current: Arc<Mutex<Option<ConnectionInfo>>>,
+    /// The sentinel a connect round asks first: the one after the last that failed.
+    first: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Target {
@@ -273,6 +281,7 @@ impl SentinelTarget {
             connect_timeout: config.socket_connect_timeout,
             response_timeout: config.socket_timeout,
             current: Arc::new(Mutex::new(None)),
+            first: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
     }
 
@@ -411,10 +420,28 @@ impl SentinelTarget {
     }
 
     /// Asks the sentinels in turn; connects to the first master named that says it is one.
+    /// The whole round within one [`SentinelTarget::budget`] (see the module doc).
     async fn connect(&self) -> Result<(RedisConnection, Option<String>)> {
+        use std::sync::atomic::Ordering;
         let mut last = Error::Unavailable("no sentinel configured".into());
-        for i in 0..self.sentinels.len() {
-            let (host, port) = match self.ask(i).await {
+        let deadline = tokio::time::Instant::now() + self.budget();
+        let n = self.sentinels.len();
+        let first = self.first.load(Ordering::Relaxed);
+        let mut tried: Vec<(String, u16)> = Vec::new();
+        for i in (first..first + n).map(|i| i % n) {
+            // Whatever fails moves the next round's start past this sentinel.
+            self.first.store(i + 1, Ordering::Relaxed);
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "no master found within {:?}: {last}",
+                    self.budget()
+                )));
+            }
+            let asked = match tokio::time::timeout_at(deadline, self.ask(i)).await {
+                Ok(asked) => asked,
+                Err(_) => Err(Error::Timeout),
+            };
+            let (host, port) = match asked {
                 Ok(Some(addr)) => addr,
                 Ok(None) => {
                     last = Error::Unavailable(format!(
@@ -428,9 +455,14 @@ impl SentinelTarget {
                     continue;
                 }
             };
+            if tried.contains(&(host.clone(), port)) {
+                continue; // failed already in this round
+            }
+            tried.push((host.clone(), port));
             let info = self.data_info(host.clone(), port);
-            match tokio::time::timeout(self.budget(), self.open(info.clone())).await {
+            match tokio::time::timeout_at(deadline, self.open(info.clone())).await {
                 Ok(Ok(pair)) => {
+                    self.first.store(i, Ordering::Relaxed);
                     tracing::info!(master = %format!("{host}:{port}"), name = %self.master, "redis master found by the sentinels");
                     *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
                     return Ok(pair);
