@@ -444,8 +444,9 @@ impl RedisManager {
 
     /// The command connection, for pipelines, scripts and commands the manager has no
     /// method for. `None` when disabled or before the first successful connection. It
-    /// reconnects by itself, but calls through it bypass the manager's fail-fast and state
-    /// tracking: prefer [`RedisManager::query`] and friends.
+    /// reconnects by itself (except in Sentinel mode, where a lost one stays lost: ask
+    /// again), but calls through it bypass the manager's fail-fast and state tracking:
+    /// prefer [`RedisManager::query`] and friends.
     pub fn get_client(&self) -> Option<RedisConnection> {
         if !self.inner.config.enabled {
             return None;
