@@ -7,7 +7,9 @@
 //! ([`check_url`], [`RedisConfig::validate`]), so this reading and the crate's own
 //! [`RedisConfig::from_env`] refuse the same values with the same messages.
 
-use routemq_redis::config::{check_url, SentinelConfig, DEFAULT_WAIT_REPLICAS};
+use routemq_redis::config::{
+    check_url, wait_replicas_range, SentinelConfig, DEFAULT_WAIT_REPLICAS, MAX_WAIT_REPLICAS,
+};
 use routemq_redis::RedisConfig;
 
 use super::reader::Table;
@@ -122,10 +124,13 @@ fn read_sentinel(mut t: Table<'_>) -> SentinelConfig {
     let username = t.opt_string("username").filter(|u| !u.is_empty());
     let password = t.password("redis_sentinel_password");
     let wait_replicas = t
-        .get::<u64>("wait_replicas")
-        .map_or(DEFAULT_WAIT_REPLICAS, |n| {
-            u32::try_from(n).unwrap_or(u32::MAX)
-        });
+        .parse("wait_replicas", |n: u64| {
+            u32::try_from(n)
+                .ok()
+                .filter(|n| *n <= MAX_WAIT_REPLICAS)
+                .ok_or_else(wait_replicas_range)
+        })
+        .unwrap_or(DEFAULT_WAIT_REPLICAS);
     let sentinel = SentinelConfig {
         master,
         nodes: nodes.into_iter().map(Secret::new).collect(),

@@ -408,12 +408,15 @@ impl DedupClaim {
                 let skip_claim = std::mem::take(&mut holding);
                 async move {
                     if !skip_claim {
+                        let epoch = env.redis.epoch();
                         let claimed = claim(env.redis, &self.key, &self.marks, self.lease).await?;
-                        if claimed == Claim::Written {
-                            // Our write is there, maybe not yet replicated (the earlier
-                            // attempt lost its connection before its WAIT): on Sentinel,
-                            // it counts once replicas have it.
-                            env.redis.replicated().await?;
+                        if claimed != Claim::Ours {
+                            // A write found there (ours: the earlier attempt lost its
+                            // connection before its WAIT; another's: maybe a previous run
+                            // held in WAIT when it stopped) may not be replicated yet: on
+                            // Sentinel it counts, written or duplicate, once replicas have
+                            // it — on the connection the claim read it from.
+                            env.redis.replicated(epoch).await?;
                         }
                         if claimed != Claim::Ours {
                             return Ok(claimed);

@@ -386,6 +386,17 @@ fn check_names_the_missing_master_and_the_empty_node_list() {
         out.contains("redis.sentinel.mastr"),
         "unknown keys are errors: {out}"
     );
+    // Out of range: an error naming the key, not a silent clamp (4294967296 was u32::MAX).
+    for n in ["17", "4294967296"] {
+        let (code, out) = check(&format!(
+            "{BASE}[redis.sentinel]\nmaster = \"m\"\nnodes = [\"redis://127.0.0.1:26379\"]\nwait_replicas = {n}\n"
+        ));
+        assert_eq!(code, Some(2), "wait_replicas = {n}: {out}");
+        assert!(
+            out.contains("redis.sentinel.wait_replicas") && out.contains("0..=16"),
+            "{out}"
+        );
+    }
     let (code, out) = check(&format!(
         "{BASE}[redis]\ncluster = [\"redis://127.0.0.1:7000\"]\n[redis.sentinel]\nmaster = \"m\"\nnodes = [\"redis://127.0.0.1:26379\"]\n"
     ));
@@ -579,4 +590,299 @@ key = "w:{id}"
         .query(&mut conn(&topology))
         .expect("LRANGE");
     assert_eq!(entries, ["m0", "m1", "m2", "m3", "m4"], "written once each");
+}
+
+// ---- the manager's replica waits (review findings) ------------------------------------
+
+/// A manager on `topology` (`wait_replicas = 1`, `socket_timeout` 2 s: `WAIT`s of 1 s).
+async fn sentinel_manager(topology: &RedisSentinel) -> routemq_bridge::redis::RedisManager {
+    sentinel_manager_with(topology, Duration::from_secs(1), Duration::from_secs(2)).await
+}
+
+/// [`sentinel_manager`] with other `socket_connect_timeout` and `socket_timeout`.
+async fn sentinel_manager_with(
+    topology: &RedisSentinel,
+    connect_timeout: Duration,
+    socket_timeout: Duration,
+) -> routemq_bridge::redis::RedisManager {
+    use routemq_bridge::config::Secret;
+    use routemq_bridge::redis::{config::SentinelConfig, RedisConfig, RedisManager};
+    let config = RedisConfig {
+        socket_timeout,
+        socket_connect_timeout: connect_timeout,
+        sentinel: Some(SentinelConfig {
+            master: crate::harness::SENTINEL_MASTER.to_string(),
+            nodes: topology
+                .sentinel_urls()
+                .into_iter()
+                .map(Secret::new)
+                .collect(),
+            username: None,
+            password: None,
+            wait_replicas: 1,
+        }),
+        ..RedisConfig::default()
+    };
+    let manager = RedisManager::new(config);
+    assert!(manager.initialize().await, "the manager finds the master");
+    manager
+}
+
+/// The data node that is not the master.
+fn replica_port(topology: &RedisSentinel) -> u16 {
+    let master = topology.master_port();
+    topology
+        .data
+        .iter()
+        .map(|n| n.port())
+        .find(|p| *p != master)
+        .expect("a replica")
+}
+
+fn replica_node(topology: &mut RedisSentinel, port: u16) -> &mut crate::harness::Redis {
+    topology
+        .data
+        .iter_mut()
+        .find(|n| n.port() == port)
+        .expect("the replica")
+}
+
+fn set_pipe(key: &str) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET").arg(key).arg("v").ignore();
+    pipe
+}
+
+/// A master demoted while a write waits for its replicas answers the blocked `WAIT` with
+/// `UNBLOCKED` (or a `WAIT` sent after with `ERR … replica instances`): the write must fail
+/// as a wait (the caller writes again on the new master), never for good — a permanent
+/// error dead-letters and acks a message that exists only on the old master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_demoted_under_a_wait_fails_the_write_as_a_wait_not_for_good() {
+    let mut topology = RedisSentinel::start();
+    let manager = sentinel_manager(&topology).await;
+    let replica = replica_port(&topology);
+    // SIGSTOP: the replica acknowledges nothing, so every WAIT runs its full second.
+    replica_node(&mut topology, replica).pause();
+    let writer = manager.clone();
+    let write =
+        tokio::spawn(async move { writer.query_pipeline_durable(&set_pipe("demoted:a")).await });
+    let short = eventually(Duration::from_secs(10), || {
+        (manager.replica_waits() >= 1).then_some(())
+    })
+    .await;
+    assert!(short.is_some(), "the write waits for its replica");
+    // Demote the master under the next WAIT.
+    let mut c = conn(&topology);
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(replica)
+        .query(&mut c)
+        .expect("REPLICAOF");
+    let result = tokio::time::timeout(Duration::from_secs(10), write)
+        .await
+        .expect("the write returns within 10 s")
+        .expect("writer task");
+    replica_node(&mut topology, replica).resume();
+    let err = result.expect_err("not acked: no replica has the write");
+    assert!(
+        err.is_transient(),
+        "a demotion is a wait (written again on the new master), not a failure: {err:?}"
+    );
+}
+
+/// `WAIT` covers only the writes made on its own server-side connection, so in Sentinel
+/// mode one command connection must never be re-made underneath (a `ConnectionManager`
+/// does): once the server dropped it, it answers nothing more, and the manager reconnects
+/// as a new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sentinel_command_connection_is_one_server_side_connection_for_its_life() {
+    let topology = RedisSentinel::start();
+    let manager = sentinel_manager(&topology).await;
+    let mut command = manager.get_client().expect("the command connection");
+    let id: i64 = redis::cmd("CLIENT")
+        .arg("ID")
+        .query_async(&mut command)
+        .await
+        .expect("CLIENT ID");
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(id)
+        .query(&mut conn(&topology))
+        .expect("CLIENT KILL");
+    assert_eq!(killed, 1);
+    // For two seconds, whatever answers through this handle is that same connection.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut answered = Vec::new();
+    while tokio::time::Instant::now() < deadline {
+        if let Ok(now) = redis::cmd("CLIENT")
+            .arg("ID")
+            .query_async::<i64>(&mut command)
+            .await
+        {
+            answered.push(now);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        answered.iter().all(|now| *now == id),
+        "the handle of connection {id} answered from connections {answered:?}"
+    );
+    // The manager itself moved on to a new connection.
+    let up = eventually(Duration::from_secs(10), || {
+        (manager.reconnects() >= 1 && manager.is_enabled()).then_some(())
+    })
+    .await;
+    assert!(up.is_some(), "the manager reconnected");
+}
+
+/// After a replica outage, a steady stream of writes (some always waiting for replicas)
+/// must not keep the state `refusing`: the first `WAIT` that counts enough replicas makes
+/// it `up` again (else `/readyz` stays 503 under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_steady_load_the_state_is_up_again_once_replicas_acknowledge() {
+    use routemq_bridge::redis::ConnectionState;
+    let mut topology = RedisSentinel::start();
+    let manager = sentinel_manager(&topology).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..32)
+        .map(|w| {
+            let manager = manager.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let pipe = set_pipe(&format!("load:{w}"));
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if manager.query_pipeline_durable(&pipe).await.is_err() {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            })
+        })
+        .collect();
+    let replica = replica_port(&topology);
+    let mut state = manager.state();
+    replica_node(&mut topology, replica).pause();
+    let refusing = tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| *s == ConnectionState::Refusing),
+    )
+    .await
+    .is_ok();
+    replica_node(&mut topology, replica).resume();
+    assert!(refusing, "short WAITs make the state refusing");
+    let up = tokio::time::timeout(
+        Duration::from_secs(10),
+        state.wait_for(|s| *s == ConnectionState::Up),
+    )
+    .await
+    .is_ok();
+    let now = *manager.state().borrow();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    }
+    assert!(
+        up,
+        "up again under load once the replica is back (state {now:?})"
+    );
+}
+
+/// A bridge stopped while its write waited for the replica (replica down) leaves the done
+/// mark on the master only; the next run finds it as somebody else's write (`duplicate`)
+/// and must not ack it before a replica has it either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_found_on_the_master_is_acked_only_once_a_replica_has_it() {
+    let mut topology = RedisSentinel::start();
+    let broker = Mosquitto::start();
+    let mut bridge = Bridge::start(&sentinel_config(
+        &topology,
+        &broker,
+        "sentinel-d1",
+        r#"
+[[routes]]
+name = "d"
+topic = "d/{id}"
+payload = "text"
+dedup = { key = "dedup:{id}", ttl = "1h" }
+[[routes.actions]]
+op = "rpush"
+key = "d:{id}"
+"#,
+    ));
+    let replica = replica_port(&topology);
+    replica_node(&mut topology, replica).kill();
+    let mut client = Client::connect(&broker, "sentinel-d1-publisher").await;
+    client.publish("d/a", "m0").await;
+    let waits = |addr| async move {
+        let (_, metrics) = get(addr, "/metrics").await;
+        crate::ops::sample(&metrics, "routemq_bridge_redis_replica_waits_total")
+    };
+    let addr = latest_http_addr(&bridge);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while waits(addr).await.is_none_or(|n| n < 1.0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first run waits for the replica; log:\n{}",
+            bridge.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bridge.kill();
+    bridge.spawn();
+    let addr = latest_http_addr(&bridge);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while waits(addr).await.is_none_or(|n| n < 1.0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the second run waits for the replica before its duplicate counts; log:\n{}",
+            bridge.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, metrics) = get(addr, "/metrics").await;
+    let duplicate = crate::ops::sample(
+        &metrics,
+        r#"routemq_bridge_messages_total{route="d",outcome="duplicate"}"#,
+    );
+    assert_eq!(duplicate, None, "not acked before a replica has it");
+    tokio::task::block_in_place(|| topology.restart(replica));
+    let seen = crate::bridge_middleware::outcomes_at(addr, "d", &[("duplicate", 1.0)]).await;
+    assert_eq!(seen, [Some(1.0)], "log:\n{}", bridge.log_text());
+}
+
+/// A frozen master that every sentinel still names (its replica frozen too, so they cannot
+/// fail over): each connect round must stay within one connection budget (here 3 s + 1 s),
+/// not one per sentinel (each naming the same master: 3 × a 3 s connect timeout), or the
+/// health task's heartbeat goes stale and the watchdog restarts the bridge mid-outage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_master_named_by_every_sentinel_does_not_stall_the_health_task() {
+    let mut topology = RedisSentinel::start();
+    let manager =
+        sentinel_manager_with(&topology, Duration::from_secs(3), Duration::from_secs(1)).await;
+    let heartbeat = manager.heartbeat();
+    let master = topology.master_port();
+    let replica = replica_port(&topology);
+    replica_node(&mut topology, replica).pause();
+    replica_node(&mut topology, master).pause();
+    let down = eventually(Duration::from_secs(10), || {
+        (!manager.is_enabled()).then_some(())
+    })
+    .await;
+    // Watch the heartbeat through several connect rounds.
+    let mut oldest = Duration::ZERO;
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    while tokio::time::Instant::now() < until {
+        oldest = oldest.max(heartbeat.age().unwrap_or_default());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    replica_node(&mut topology, master).resume();
+    replica_node(&mut topology, replica).resume();
+    assert!(down.is_some(), "the frozen master is noticed");
+    // One round (at most 4.1 s; a frozen master takes its 3 s connect timeout once) plus
+    // the longest backoff (2 s); the old round tried it once per sentinel (9 s + 2 s).
+    assert!(
+        oldest < Duration::from_millis(7500),
+        "the health task went {oldest:?} without a round"
+    );
 }

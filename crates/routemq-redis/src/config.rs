@@ -65,6 +65,12 @@ pub struct SentinelConfig {
 /// replica has it, so a failover (which promotes a replica) cannot lose it.
 pub const DEFAULT_WAIT_REPLICAS: u32 = 1;
 
+/// Largest `[redis.sentinel] wait_replicas`. `WAIT` counts replicas that exist and are
+/// connected: asking for more than a master has never completes, so every message would
+/// wait unacked forever. 16 is far above any Sentinel deployment's replica count while still
+/// catching a typo (or a negative number gone through a cast).
+pub const MAX_WAIT_REPLICAS: u32 = 16;
+
 impl SentinelConfig {
     /// Why this table cannot work, naming the key (`master`, `nodes`), or `None`.
     pub fn problem(&self) -> Option<(&'static str, String)> {
@@ -82,8 +88,19 @@ impl SentinelConfig {
                 return Some(("nodes", format!("node {i}: {e}")));
             }
         }
+        if self.wait_replicas > MAX_WAIT_REPLICAS {
+            return Some(("wait_replicas", wait_replicas_range()));
+        }
         None
     }
+}
+
+/// The error of a `wait_replicas` out of range.
+pub fn wait_replicas_range() -> String {
+    format!(
+        "must be 0..={MAX_WAIT_REPLICAS} (replicas that must have a write before its message \
+         is acked; more than the master has would hold every message forever)"
+    )
 }
 
 impl Default for RedisConfig {

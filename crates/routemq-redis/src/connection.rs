@@ -1,9 +1,11 @@
 //! How the manager reaches Redis: one server (plain or TLS) or a cluster, behind one type.
 //!
-//! [`RedisConnection`] wraps either a [`ConnectionManager`] (one multiplexed connection to
-//! one server) or an async [`ClusterConnection`] (one multiplexed connection per node, routed
-//! by slot), and implements `ConnectionLike`, so every command, pipeline and script in the
-//! crate is written once and runs on both. `Target` is the recipe for making one from a
+//! [`RedisConnection`] wraps a [`ConnectionManager`] (one multiplexed connection to one
+//! server, made again by itself after a drop), a plain [`MultiplexedConnection`] (Sentinel
+//! mode: one server-side connection for its whole life, see below) or an async
+//! [`ClusterConnection`] (one multiplexed connection per node, routed by slot), and
+//! implements `ConnectionLike`, so every command, pipeline and script in the crate is
+//! written once and runs on all three. `Target` is the recipe for making one from a
 //! [`RedisConfig`]; it is also where credentials and timeouts are applied, so there is one
 //! place that touches the password.
 //!
@@ -23,10 +25,16 @@
 //! sends a plain pipeline's commands one by one instead, each to its key's node.
 //!
 //! Sentinel mode (`[redis.sentinel]`, spec §10) is a single-server connection whose address
-//! is asked of the sentinels at every connect: `Target::Sentinel` asks them in turn (each
-//! within the connect timeout) `SENTINEL get-master-addr-by-name <master>`, connects there
+//! is asked of the sentinels at every connect: `Target::Sentinel` asks them in turn
+//! `SENTINEL get-master-addr-by-name <master>`, connects there
 //! with `[redis]`'s credentials and TLS, and accepts the connection only when `ROLE` says
 //! `master` (a replica being promoted, or an old master not yet demoted, is passed over).
+//! One such round (all sentinels and masters tried) is bounded by one connection budget
+//! (`socket_connect_timeout + socket_timeout`), like a single server's connect, so the
+//! health task keeps its heartbeat (the watchdog's `redis` limit) even when a frozen master
+//! is named by every sentinel; an address already tried in the round is not tried again,
+//! and the next round starts with the sentinel after the last one that failed, so a frozen
+//! sentinel does not take every round.
 //! The manager's health task reconnects through it after a lost connection, and asks the
 //! sentinels again while the master refuses writes (`READONLY` from a demoted master), so
 //! every failover is followed; the address last connected to is what dedicated
@@ -35,6 +43,13 @@
 //! against `max_connections`) and marks the connection down as soon as the sentinels
 //! announce a master other than the one connected to: that only hurries what the lost
 //! connection or `READONLY` would tell a moment later.
+//! The Sentinel command connection is a plain [`MultiplexedConnection`], not a
+//! `ConnectionManager`: `WAIT` only counts the writes made on the server-side connection it
+//! is sent on, and the manager's "acked means replicated" holds per connection epoch. A
+//! `ConnectionManager` would silently reconnect to the same address within one epoch, and a
+//! `WAIT` on the fresh connection answers at once with the replicas online, covering
+//! nothing. A plain connection fails every call once lost, so the manager marks it down
+//! and the health task connects again, through the sentinels, as a new epoch.
 //! (redis-rs's own `sentinel` module finds a master too, but asks each sentinel with no
 //! connect or response timeout — one silent sentinel would stall every reconnection — and
 //! keeps the address to itself, which dedicated connections and `+switch-master` need.)
@@ -42,7 +57,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use ::redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use ::redis::cluster::{ClusterClient, ClusterClientBuilder};
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::io::tcp::{socket2::TcpKeepalive, TcpSettings};
@@ -55,10 +72,13 @@ use super::error::{Error, Result};
 
 /// The command connection: what [`super::RedisManager::get_client`] hands out for
 /// pipelines, scripts and anything the manager has no method for. Clones share the
-/// underlying connection. Both variants reconnect on their own after a dropped connection.
+/// underlying connection. `Single` and `Cluster` reconnect on their own after a dropped
+/// connection; `Plain` never does (see the module doc, Sentinel).
 #[derive(Clone)]
 pub enum RedisConnection {
     Single(ConnectionManager),
+    /// Sentinel mode: one server-side connection; once lost, every call fails.
+    Plain(MultiplexedConnection),
     Cluster(ClusterConnection),
 }
 
@@ -67,6 +87,7 @@ impl std::fmt::Debug for RedisConnection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RedisConnection::Single(_) => f.write_str("RedisConnection::Single"),
+            RedisConnection::Plain(_) => f.write_str("RedisConnection::Plain"),
             RedisConnection::Cluster(_) => f.write_str("RedisConnection::Cluster"),
         }
     }
@@ -76,6 +97,7 @@ impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConnection::Single(c) => c.req_packed_command(cmd),
+            RedisConnection::Plain(c) => c.req_packed_command(cmd),
             RedisConnection::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -88,6 +110,7 @@ impl ConnectionLike for RedisConnection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConnection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Plain(c) => c.req_packed_commands(pipeline, offset, count),
             RedisConnection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -95,6 +118,7 @@ impl ConnectionLike for RedisConnection {
     fn get_db(&self) -> i64 {
         match self {
             RedisConnection::Single(c) => c.get_db(),
+            RedisConnection::Plain(c) => c.get_db(),
             RedisConnection::Cluster(c) => c.get_db(),
         }
     }
@@ -125,11 +149,12 @@ pub(crate) struct SentinelTarget {
     /// The data connection's settings (credentials, database, TLS, TCP); its address is
     /// replaced by the master's.
     data: ConnectionInfo,
-    manager_config: ConnectionManagerConfig,
     connect_timeout: Duration,
     response_timeout: Duration,
     /// The master last connected to.
     current: Arc<Mutex<Option<ConnectionInfo>>>,
+    /// The sentinel a connect round asks first: the one after the last that failed.
+    first: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Target {
@@ -253,13 +278,10 @@ impl SentinelTarget {
             master: sentinel.master.clone(),
             sentinels,
             data: connection_info(config)?,
-            manager_config: ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(config.socket_connect_timeout))
-                .set_response_timeout(Some(config.socket_timeout))
-                .set_number_of_retries(0),
             connect_timeout: config.socket_connect_timeout,
             response_timeout: config.socket_timeout,
             current: Arc::new(Mutex::new(None)),
+            first: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
     }
 
@@ -398,10 +420,28 @@ impl SentinelTarget {
     }
 
     /// Asks the sentinels in turn; connects to the first master named that says it is one.
+    /// The whole round within one [`SentinelTarget::budget`] (see the module doc).
     async fn connect(&self) -> Result<(RedisConnection, Option<String>)> {
+        use std::sync::atomic::Ordering;
         let mut last = Error::Unavailable("no sentinel configured".into());
-        for i in 0..self.sentinels.len() {
-            let (host, port) = match self.ask(i).await {
+        let deadline = tokio::time::Instant::now() + self.budget();
+        let n = self.sentinels.len();
+        let first = self.first.load(Ordering::Relaxed);
+        let mut tried: Vec<(String, u16)> = Vec::new();
+        for i in (first..first + n).map(|i| i % n) {
+            // Whatever fails moves the next round's start past this sentinel.
+            self.first.store(i + 1, Ordering::Relaxed);
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "no master found within {:?}: {last}",
+                    self.budget()
+                )));
+            }
+            let asked = match tokio::time::timeout_at(deadline, self.ask(i)).await {
+                Ok(asked) => asked,
+                Err(_) => Err(Error::Timeout),
+            };
+            let (host, port) = match asked {
                 Ok(Some(addr)) => addr,
                 Ok(None) => {
                     last = Error::Unavailable(format!(
@@ -415,9 +455,14 @@ impl SentinelTarget {
                     continue;
                 }
             };
+            if tried.contains(&(host.clone(), port)) {
+                continue; // failed already in this round
+            }
+            tried.push((host.clone(), port));
             let info = self.data_info(host.clone(), port);
-            match tokio::time::timeout(self.budget(), self.open(info.clone())).await {
+            match tokio::time::timeout_at(deadline, self.open(info.clone())).await {
                 Ok(Ok(pair)) => {
+                    self.first.store(i, Ordering::Relaxed);
                     tracing::info!(master = %format!("{host}:{port}"), name = %self.master, "redis master found by the sentinels");
                     *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
                     return Ok(pair);
@@ -434,10 +479,16 @@ impl SentinelTarget {
     /// A connection to `info`, proven by PING and by `ROLE` saying `master`.
     async fn open(&self, info: ConnectionInfo) -> Result<(RedisConnection, Option<String>)> {
         let client = Client::open(info).map_err(|e| Error::Invalid(e.to_string()))?;
-        let mut conn = RedisConnection::Single(ConnectionManager::new_lazy_with_config(
-            client,
-            self.manager_config.clone(),
-        )?);
+        // Plain, not a ConnectionManager: one epoch of the manager is one server-side
+        // connection, so a `WAIT` covers the writes made before it (module doc).
+        let config = ::redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout));
+        let mut conn = RedisConnection::Plain(
+            client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?,
+        );
         let refused = match ::redis::cmd("PING").query_async::<String>(&mut conn).await {
             Ok(_) => None,
             Err(e) => match Error::from(e) {

@@ -76,7 +76,10 @@ impl std::error::Error for Error {}
 /// that moved or is moving (`MOVED`/`ASK` that reach the caller: the cluster client follows
 /// them for single commands; a transaction is retried by the manager for a while, see
 /// `RedisManager::query_pipeline`). An `EXECABORT` counts as a refusal when a command was
-/// refused with one of these while queueing.
+/// refused with one of these while queueing. `UNBLOCKED` is what a blocked command (`WAIT`,
+/// `BLPOP`, `XREADGROUP BLOCK`) gets when its master is demoted (`-UNBLOCKED force unblock
+/// from blocking operation, instance state changed`): the same command works again on the
+/// new master, so it is a wait, never a failure.
 pub const REFUSALS: &[&str] = &[
     "OOM",
     "READONLY",
@@ -89,6 +92,7 @@ pub const REFUSALS: &[&str] = &[
     "CLUSTERDOWN",
     "MOVED",
     "ASK",
+    "UNBLOCKED",
 ];
 
 /// Whether a Redis error code is one of [`REFUSALS`].
@@ -178,6 +182,7 @@ mod tests {
             "-CLUSTERDOWN The cluster is down\r\n",
             "-MOVED 3999 127.0.0.1:6381\r\n",
             "-ASK 3999 127.0.0.1:6381\r\n",
+            "-UNBLOCKED force unblock from blocking operation, instance state changed (master -> replica?)\r\n",
             "-EXECABORT Transaction discarded because of: -READONLY You can't write against a read only replica.\r\n",
             "-EXECABORT Transaction discarded because of: OOM command not allowed when used memory > 'maxmemory'.\r\n",
         ] {

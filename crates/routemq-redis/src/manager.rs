@@ -3,7 +3,8 @@
 //! # Connection and recovery
 //!
 //! The manager holds one multiplexed command connection (a [`RedisConnection`]: a
-//! `ConnectionManager`, or a cluster connection when `cluster` is set) shared by every clone
+//! `ConnectionManager`, a cluster connection when `cluster` is set, a plain multiplexed
+//! connection with `[redis.sentinel]`) shared by every clone
 //! and every task. A background *health task* owns its life:
 //!
 //! - while Redis is **up** it PINGs every [`HEALTH_INTERVAL`]; a command that fails with an
@@ -38,22 +39,29 @@
 //! With `[redis.sentinel]` the command connection goes to the master the sentinels name
 //! (see [`crate::connection`]); the health task follows every failover: a lost connection
 //! is re-made through the sentinels, and while the master refuses writes (`READONLY`: it was
-//! demoted but is still reachable) the task asks the sentinels at each probe and reconnects
-//! as soon as they name another master. Dedicated connections go to the master last
-//! connected to.
+//! demoted but is still reachable) the task asks the sentinels (at most every
+//! [`SENTINEL_LOOKUP_INTERVAL`]) and reconnects as soon as they name another master.
+//! Dedicated connections go to the master last connected to.
 //!
 //! Acked means replicated: Redis replicates asynchronously, so a master killed by
 //! `kill -9` (or demoted by `SENTINEL FAILOVER` while still taking writes) loses what it
 //! acknowledged but had not yet shipped, and the promoted replica never saw it. With
 //! `wait_replicas = n` (default 1) [`RedisManager::query_pipeline_durable`] follows each
-//! route write with `WAIT n <socket_timeout / 2>` on the same connection. When fewer
+//! route write with `WAIT n <socket_timeout / 2>` on the same connection — the same
+//! server-side connection: one epoch of the command connection is one connection, never
+//! re-made underneath (see [`crate::connection`]), since `WAIT` covers only the writes made
+//! on the connection it is sent on. When fewer
 //! replicas acknowledged, the write is *not* sent again on that master (it is there, only
 //! not yet replicated): `WAIT` is re-issued, counted ([`RedisManager::replica_waits`]) and
 //! logged rate-limited, the state is `refusing` (`/readyz` 503), for as long as the
-//! connection to that master lives — the message stays unacked meanwhile. Once the master
+//! connection to that master lives — the message stays unacked meanwhile; the first `WAIT`
+//! that counts enough replicas makes the state `up` again. Once the master
 //! changed (a failover: the connection was lost or the sentinels named another master) the
 //! call fails as unavailable and the caller's retry writes the message again on the new
-//! master: at least once, exactly once with `dedup`. `WAIT` blocks the connection it is
+//! master: at least once, exactly once with `dedup`. An error reply to `WAIT` (`UNBLOCKED`
+//! when the master is demoted under it, `ERR … replica instances` when it already was)
+//! means the same: the connection is marked down and the call fails as unavailable, never
+//! as a permanent failure. `WAIT` blocks the connection it is
 //! sent on, and the command connection is shared, so one `WAIT` is in flight at a time and
 //! covers every write answered before it was sent (`ReplicaGate`): concurrent writers share
 //! it. The cost: each write's ack waits up to two replica round trips (the `WAIT` in flight
@@ -112,6 +120,11 @@ pub const REFUSAL_PROBE_KEY: &str = "routemq-bridge:probe:never-set";
 /// The channel [`RedisManager::replicated`] publishes an empty message to: a write that
 /// reaches the replicas without touching a key.
 pub const REPLICATION_BARRIER: &str = "routemq-bridge:replication-barrier";
+
+/// Sentinel mode, while the master refuses: how often the health task asks the sentinels
+/// whether they name another master (each ask opens a connection to a sentinel; the
+/// `+switch-master` listener reports a failover sooner anyway).
+pub const SENTINEL_LOOKUP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Whether the manager can talk to Redis right now (for `redis_up` and `/readyz`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,8 +202,12 @@ struct Inner {
     master: RwLock<Option<::redis::ConnectionInfo>>,
     /// `WAIT`s that came back with fewer replicas than `wait_replicas`.
     replica_waits: AtomicU64,
-    /// Writes now waiting for replicas: while any does, a passing probe does not mean up.
+    /// Writes now waiting for replicas (see `WaitingForReplicas`).
     waiting_for_replicas: AtomicU64,
+    /// The last `WAIT` counted fewer replicas than `wait_replicas`: the refusal it caused
+    /// ends with the next `WAIT` that counts enough (or, with no write waiting, with a
+    /// passing probe), not with a probe write, which replicas do not have to acknowledge.
+    replicas_short: AtomicBool,
     /// The `WAIT`s of [`RedisManager::query_pipeline_durable`], one at a time.
     replica_gate: watch::Sender<ReplicaGate>,
     /// Sentinel mode: bumped each time the manager connects to another master.
@@ -208,6 +225,23 @@ struct LeadGuard<'a>(&'a watch::Sender<ReplicaGate>);
 impl Drop for LeadGuard<'_> {
     fn drop(&mut self) {
         self.0.send_modify(|g| g.in_flight = false);
+    }
+}
+
+/// Counts one write waiting for its replicas in `Inner::waiting_for_replicas` for as long
+/// as it lives, so a caller dropped mid-`WAIT` (a cancelled future) is uncounted too.
+struct WaitingForReplicas<'a>(&'a AtomicU64);
+
+impl<'a> WaitingForReplicas<'a> {
+    fn new(count: &'a AtomicU64) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        WaitingForReplicas(count)
+    }
+}
+
+impl Drop for WaitingForReplicas<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -303,6 +337,7 @@ impl RedisManager {
                 master: RwLock::new(None),
                 replica_waits: AtomicU64::new(0),
                 waiting_for_replicas: AtomicU64::new(0),
+                replicas_short: AtomicBool::new(false),
                 replica_gate: watch::Sender::new(ReplicaGate::default()),
                 master_changes: watch::Sender::new(0),
             }),
@@ -409,8 +444,9 @@ impl RedisManager {
 
     /// The command connection, for pipelines, scripts and commands the manager has no
     /// method for. `None` when disabled or before the first successful connection. It
-    /// reconnects by itself, but calls through it bypass the manager's fail-fast and state
-    /// tracking: prefer [`RedisManager::query`] and friends.
+    /// reconnects by itself (except in Sentinel mode, where a lost one stays lost: ask
+    /// again), but calls through it bypass the manager's fail-fast and state tracking:
+    /// prefer [`RedisManager::query`] and friends.
     pub fn get_client(&self) -> Option<RedisConnection> {
         if !self.inner.config.enabled {
             return None;
@@ -702,14 +738,8 @@ impl RedisManager {
         let written = self.settle(epoch, pipe.query_async::<()>(&mut conn).await);
         observe::command(command, Some(started.elapsed()), written.as_ref().err());
         written?;
-        self.inner
-            .waiting_for_replicas
-            .fetch_add(1, Ordering::AcqRel);
-        let waited = self.await_replicas(epoch, &mut conn, replicas).await;
-        self.inner
-            .waiting_for_replicas
-            .fetch_sub(1, Ordering::AcqRel);
-        waited
+        let _waiting = WaitingForReplicas::new(&self.inner.waiting_for_replicas);
+        self.await_replicas(epoch, &mut conn, replicas).await
     }
 
     /// With `[redis.sentinel] wait_replicas = n > 0`: returns once `n` replicas have every
@@ -717,12 +747,21 @@ impl RedisManager {
     /// done mark whose first attempt lost its connection before its `WAIT`). A `PUBLISH`
     /// to [`REPLICATION_BARRIER`] (replicated, changes no key) gives `WAIT` an offset to
     /// wait for on this connection. Elsewhere, `Ok` at once.
-    pub async fn replicated(&self) -> Result<()> {
+    ///
+    /// `since`: the [`RedisManager::epoch`] read before the caller looked at what it found;
+    /// when the command connection is another one now (another master, maybe without that
+    /// write), the call fails as [`Error::Unavailable`] so the caller looks again.
+    pub async fn replicated(&self, since: u64) -> Result<()> {
         let replicas = match &self.inner.config.sentinel {
             Some(s) if s.wait_replicas > 0 => s.wait_replicas,
             _ => return Ok(()),
         };
         let (epoch, mut conn) = self.command_connection()?;
+        if epoch != since {
+            return Err(Error::Unavailable(
+                "the connection changed since the read; reading again".into(),
+            ));
+        }
         let published = self.settle(
             epoch,
             ::redis::cmd("PUBLISH")
@@ -732,14 +771,13 @@ impl RedisManager {
                 .await,
         );
         published?;
-        self.inner
-            .waiting_for_replicas
-            .fetch_add(1, Ordering::AcqRel);
-        let waited = self.await_replicas(epoch, &mut conn, replicas).await;
-        self.inner
-            .waiting_for_replicas
-            .fetch_sub(1, Ordering::AcqRel);
-        waited
+        let _waiting = WaitingForReplicas::new(&self.inner.waiting_for_replicas);
+        self.await_replicas(epoch, &mut conn, replicas).await
+    }
+
+    /// Which command connection is current (0: none), for [`RedisManager::replicated`].
+    pub fn epoch(&self) -> u64 {
+        self.inner.current_epoch.load(Ordering::Acquire)
     }
 
     /// Returns once a `WAIT` sent on the connection of `epoch` after this call began
@@ -758,7 +796,20 @@ impl RedisManager {
         let mut gate = inner.replica_gate.subscribe();
         // A WAIT numbered `needed` or later is sent after our write was answered.
         let needed = gate.borrow().started + 1;
+        let moved = || {
+            Error::Unavailable(
+                "the master changed before its replicas acknowledged a write; writing it again"
+                    .into(),
+            )
+        };
         loop {
+            // Before each WAIT: on another connection (or none) a WAIT here would cover
+            // nothing of ours, or go to a demoted master.
+            if inner.current_epoch.load(Ordering::Acquire) != epoch
+                || !inner.up.load(Ordering::Acquire)
+            {
+                return Err(moved());
+            }
             let covered = |g: &ReplicaGate| g.acked_epoch == epoch && g.acked >= needed;
             // Lead the next WAIT unless one is in flight.
             let mut round = 0;
@@ -775,16 +826,28 @@ impl RedisManager {
                 // Ends our lead however this future ends (also when it is dropped mid-WAIT).
                 let _lead = LeadGuard(&inner.replica_gate);
                 let started = Instant::now();
-                let acked = self.settle(
-                    epoch,
-                    ::redis::cmd("WAIT")
-                        .arg(replicas)
-                        .arg(millis)
-                        .query_async::<i64>(conn)
-                        .await,
-                );
+                let acked = ::redis::cmd("WAIT")
+                    .arg(replicas)
+                    .arg(millis)
+                    .query_async::<i64>(conn)
+                    .await
+                    .map_err(Error::from);
                 observe::command("wait", Some(started.elapsed()), acked.as_ref().err());
-                let enough = matches!(acked, Ok(n) if n >= i64::from(replicas));
+                // Any error: the connection was lost, or the master was demoted under the
+                // WAIT (`UNBLOCKED`) or before it (`ERR WAIT cannot be used with replica
+                // instances`). Either way this connection cannot tell whether our write
+                // reaches a replica: drop it, and let the caller write again on whichever
+                // master the manager reconnects to. Never a permanent failure.
+                let acked = match acked {
+                    Ok(n) => n,
+                    Err(e) => {
+                        inner.mark_down(epoch, &e);
+                        return Err(Error::Unavailable(format!(
+                            "WAIT for replicas failed ({e}); writing again"
+                        )));
+                    }
+                };
+                let enough = acked >= i64::from(replicas);
                 if enough {
                     inner.replica_gate.send_modify(|g| {
                         if (g.acked_epoch, g.acked) < (epoch, round) {
@@ -792,11 +855,9 @@ impl RedisManager {
                             g.acked = round;
                         }
                     });
-                }
-                // An error (the connection was lost): the caller writes again, on whichever
-                // master the manager reconnects to.
-                let acked = acked?;
-                if !enough {
+                    inner.replicas_caught_up(epoch);
+                } else {
+                    inner.replicas_short.store(true, Ordering::Release);
                     inner.replica_waits.fetch_add(1, Ordering::Relaxed);
                     inner.mark_refusing(
                         epoch,
@@ -816,14 +877,6 @@ impl RedisManager {
             }
             if covered(&gate.borrow()) {
                 return Ok(());
-            }
-            if inner.current_epoch.load(Ordering::Acquire) != epoch
-                || !inner.up.load(Ordering::Acquire)
-            {
-                return Err(Error::Unavailable(
-                    "the master changed before its replicas acknowledged a write; writing it again"
-                        .into(),
-                ));
             }
         }
     }
@@ -1071,6 +1124,20 @@ impl Inner {
         }
     }
 
+    /// A `WAIT` on the connection of `epoch` counted enough replicas: a refusal caused by
+    /// short `WAIT`s ends here. (Under load writers are always waiting, so waiting for
+    /// none to wait would keep `refusing` forever.) A refusal of another kind at the same
+    /// time (`OOM`) shows again at its next write.
+    fn replicas_caught_up(&self, epoch: u64) {
+        if self.replicas_short.swap(false, Ordering::AcqRel)
+            && self.current_epoch.load(Ordering::Acquire) == epoch
+            && self.is_refusing()
+        {
+            tracing::info!("redis replicas acknowledge writes again");
+            self.set_state(ConnectionState::Up);
+        }
+    }
+
     fn is_refusing(&self) -> bool {
         *self.state.borrow() == ConnectionState::Refusing
     }
@@ -1086,6 +1153,8 @@ impl Inner {
 /// between rounds, so dropping the last manager clone ends it.
 async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
     let mut backoff = Backoff::new(RECONNECT_MIN_DELAY, RECONNECT_MAX_DELAY);
+    // When the sentinels were last asked whether the master moved (rate-limited).
+    let mut looked_up: Option<Instant> = None;
     loop {
         let up = match inner.upgrade() {
             Some(inner) => inner.up.load(Ordering::Acquire),
@@ -1112,7 +1181,9 @@ async fn health_loop(inner: Weak<Inner>, wake: Arc<Notify>, target: Target) {
                 if inner.is_refusing() {
                     // A demoted master answers READONLY while the sentinels already name
                     // its successor: reconnect there (through the sentinels) at once.
-                    if let Target::Sentinel(sentinel) = &target {
+                    let due = looked_up.is_none_or(|t| t.elapsed() >= SENTINEL_LOOKUP_INTERVAL);
+                    if let (Target::Sentinel(sentinel), true) = (&target, due) {
+                        looked_up = Some(Instant::now());
                         if sentinel.master_moved().await {
                             inner.mark_down(epoch, &"the sentinels name a new master");
                             continue;
@@ -1177,10 +1248,16 @@ async fn probe_writes(inner: &Inner, epoch: u64, conn: &mut RedisConnection) {
         Err(Error::Refused(_)) => {}
         Err(e @ (Error::Unavailable(_) | Error::Timeout)) => inner.mark_down(epoch, &e),
         _ => {
+            // A refusal from short WAITs ends with a WAIT that counts enough replicas
+            // (`replicas_caught_up`); with no write waiting there is none to send, and the
+            // next write finds out again.
+            let replicas_pending = inner.replicas_short.load(Ordering::Acquire)
+                && inner.waiting_for_replicas.load(Ordering::Acquire) > 0;
             if inner.current_epoch.load(Ordering::Acquire) == epoch
                 && inner.is_refusing()
-                && inner.waiting_for_replicas.load(Ordering::Acquire) == 0
+                && !replicas_pending
             {
+                inner.replicas_short.store(false, Ordering::Release);
                 tracing::info!("redis takes writes again");
                 inner.set_state(ConnectionState::Up);
             }
