@@ -25,6 +25,17 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// The `[mqtt]`, `[redis]`, `[limits]` and `[dead_letter]` tables for private services,
 /// followed by `rest` (routes, republish rules, overrides).
 pub fn config(redis: &Redis, broker: &Mosquitto, client_id: &str, rest: &str) -> String {
+    config_on(
+        &format!("url = \"{}\"\nsocket_timeout = \"2s\"\n", redis.url()),
+        broker,
+        client_id,
+        rest,
+    )
+}
+
+/// [`config`] with `redis` as the body of the `[redis]` table (a cluster's seeds, a
+/// Sentinel's sub-table after the table's own keys, …).
+pub fn config_on(redis: &str, broker: &Mosquitto, client_id: &str, rest: &str) -> String {
     format!(
         r#"[mqtt]
 url = "{mqtt}"
@@ -33,9 +44,7 @@ keep_alive = "5s"
 reconnect_max_delay = "1s"
 
 [redis]
-url = "{redis}"
-socket_timeout = "2s"
-
+{redis}
 [http]
 listen = "127.0.0.1:0"
 
@@ -45,7 +54,6 @@ redis_list = "dead_letter"
 {rest}
 "#,
         mqtt = broker.url(),
-        redis = redis.url(),
     )
 }
 
@@ -371,4 +379,28 @@ pub async fn eventually<T>(timeout: Duration, mut check: impl FnMut() -> Option<
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Runs `routemq-bridge check` on `config` (without the environment's `JOURNAL_STREAM`,
+/// `REDIS_HOST` and `REDIS_URL`, which would change what it says): the exit code and what
+/// it printed on stdout and stderr.
+pub fn check_config(config: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bridge.toml");
+    std::fs::write(&path, config).expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_routemq-bridge"))
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .env_remove("JOURNAL_STREAM")
+        .env_remove("REDIS_HOST")
+        .env_remove("REDIS_URL")
+        .output()
+        .expect("run routemq-bridge check");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.code(), text)
 }

@@ -343,6 +343,28 @@ fn an_unknown_argument_exits_2() {
     assert_eq!(run(&["--no-such-flag"]).status.code(), Some(2));
 }
 
+/// `routemq-bridge run --config path` at log level info, and its stderr line by line.
+fn run_reading_stderr(path: &str) -> (std::process::Child, mpsc::Receiver<String>) {
+    let mut child = command()
+        .args(["run", "--config", path])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start routemq-bridge");
+    let (tx, lines) = mpsc::channel();
+    let stderr = child.stderr.take().expect("stderr");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    (child, lines)
+}
+
 /// Waits until a line of `lines` contains `needle`.
 fn wait_line(lines: &mpsc::Receiver<String>, needle: &str, timeout: Duration) -> bool {
     let deadline = std::time::Instant::now() + timeout;
@@ -385,23 +407,7 @@ topic = "a/{{id}}"
 "#
         ),
     );
-    let mut child = command()
-        .args(["run", "--config", &path])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start routemq-bridge");
-    let (tx, lines) = mpsc::channel();
-    let stderr = child.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, lines) = run_reading_stderr(&path);
     // Two failed attempts: it retries instead of giving up (or crashing).
     for attempt in 1..=2 {
         assert!(
@@ -548,23 +554,7 @@ listen = "127.0.0.1:0"
         redis = free_port()
     );
     let path = files.write("bridge.toml", &config);
-    let mut child = command()
-        .args(["run", "--config", &path])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start routemq-bridge");
-    let (tx, lines) = mpsc::channel();
-    let stderr = child.stderr.take().expect("stderr");
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let (mut child, lines) = run_reading_stderr(&path);
     let logged = wait_line(&lines, "config warning", Duration::from_secs(20));
     signal(child.id(), libc::SIGTERM);
     let status = wait_with_timeout(&mut child, Duration::from_secs(20))

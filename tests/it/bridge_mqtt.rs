@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use redis::Commands;
 
-use crate::bridge::{config, eventually, Bridge, Client, SUBSCRIBED};
+use crate::bridge::{check_config, config, eventually, Bridge, Client, SUBSCRIBED};
 use crate::harness::{free_port, mosquitto_password_file, Mosquitto, Pki, Redis};
 
 /// How long a bridge may take to write what was published (debug build, shared CPU).
@@ -391,26 +391,6 @@ async fn with_clean_session_true_messages_published_while_stopped_are_not_delive
     );
 }
 
-/// Runs `routemq-bridge check` on `config`; returns the exit code and what it printed.
-fn check(config: &str) -> (Option<i32>, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("bridge.toml");
-    std::fs::write(&path, config).expect("write config");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_routemq-bridge"))
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .env_remove("JOURNAL_STREAM")
-        .output()
-        .expect("run routemq-bridge check");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.code(), text)
-}
-
 #[test]
 fn check_reports_unusable_tls_files_naming_their_keys() {
     let pki = Pki::generate();
@@ -419,11 +399,11 @@ fn check_reports_unusable_tls_files_naming_their_keys() {
             "[mqtt]\nurl = \"mqtts://localhost:8883\"\n{files}\n[http]\nlisten = \"127.0.0.1:0\"\n"
         )
     };
-    let (code, text) = check(&tls(&tls_files(&pki, &pki)));
+    let (code, text) = check_config(&tls(&tls_files(&pki, &pki)));
     assert_eq!(code, Some(0), "usable TLS files pass: {text}");
 
     // A CA file holding a key, and a client key that belongs to another certificate.
-    let (code, text) = check(&tls(&format!(
+    let (code, text) = check_config(&tls(&format!(
         "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
         pki.ca_key().display(),
         pki.client_cert().display(),
@@ -437,7 +417,7 @@ fn check_reports_unusable_tls_files_naming_their_keys() {
     );
 
     // Missing files, found before the first connection.
-    let (code, text) = check(&tls(
+    let (code, text) = check_config(&tls(
         "ca_file = \"/nonexistent/ca.crt\"\ncert_file = \"/nonexistent/c.crt\"\n\
          key_file = \"/nonexistent/c.key\"",
     ));

@@ -399,35 +399,38 @@ async fn kill_9_one_member_mid_stream(dedup: bool, per_device: usize) -> (Group,
     let messages = stream(per_device);
     let (first, second) = messages.split_at(total_messages / 2);
 
-    publisher.publish_all(first.to_vec()).await;
-    // Mid-stream: member 1 has written some of its share, far from all of it.
+    // Mid-stream: member 1 is frozen (or, with dedup, its next claim held) as soon as it has
+    // written some of its share, while the first half is still being published, so the rest
+    // of its share waits for it however fast it drains on this machine.
     let victim = client_id(1);
-    // Polled tightly: the first half is all in the broker already, and a member drains its
-    // share in well under a second.
-    let deadline = Instant::now() + DRAIN;
-    loop {
-        let n: usize = group.conn.llen(format!("by:{victim}")).unwrap_or(0);
-        if n >= 100 {
-            break;
+    let stop_victim = async {
+        let deadline = Instant::now() + DRAIN;
+        loop {
+            let n: usize = group.conn.llen(format!("by:{victim}")).unwrap_or(0);
+            if n >= 100 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{victim} did not start writing; logs:\n{}",
+                group.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{victim} did not start writing; logs:\n{}",
-            group.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    if group.proxy.is_none() {
-        // Frozen where it is until the kill below, so it dies mid-stream however busy the
-        // machine is (a SIGSTOPped process takes SIGKILL like any other).
-        let pid = group.bridges[1].pid().expect("member 1 runs");
-        crate::harness::signal(pid, libc::SIGSTOP);
-    }
+        match &group.proxy {
+            Some(proxy) => proxy.stall_then_drop_after_request(
+                format!("lease:{victim}:").as_bytes(),
+                Duration::from_secs(600),
+            ),
+            // A SIGSTOPped process takes SIGKILL like any other.
+            None => crate::harness::signal(
+                group.bridges[1].pid().expect("member 1 runs"),
+                libc::SIGSTOP,
+            ),
+        }
+    };
+    tokio::join!(publisher.publish_all(first.to_vec()), stop_victim);
     if let Some(proxy) = &group.proxy {
-        proxy.stall_then_drop_after_request(
-            format!("lease:{victim}:").as_bytes(),
-            Duration::from_secs(600),
-        );
         let holding = eventually(DRAIN, || (proxy.fired() > 0).then_some(())).await;
         assert!(holding.is_some(), "{victim} claimed no dedup key");
     }

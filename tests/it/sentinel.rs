@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::bridge::{eventually, Bridge, Client};
+use crate::bridge::{check_config, config_on, eventually, Bridge, Client};
 use crate::bridge_middleware::latest_http_addr;
 use crate::harness::{Mosquitto, RedisSentinel};
 use crate::ops::{get, get_until};
@@ -24,29 +24,11 @@ fn sentinel_config(
     client_id: &str,
     rest: &str,
 ) -> String {
-    format!(
-        r#"[mqtt]
-url = "{mqtt}"
-client_id = "{client_id}"
-keep_alive = "5s"
-reconnect_max_delay = "1s"
-
-[redis]
-socket_timeout = "2s"
-socket_connect_timeout = "1s"
-
-{sentinel}
-[http]
-listen = "127.0.0.1:0"
-
-[dead_letter]
-redis_list = "dead_letter"
-
-{rest}
-"#,
-        mqtt = broker.url(),
-        sentinel = topology.toml(),
-    )
+    let redis = format!(
+        "socket_timeout = \"2s\"\nsocket_connect_timeout = \"1s\"\n\n{}",
+        topology.toml()
+    );
+    config_on(&redis, broker, client_id, rest)
 }
 
 /// Session (required) + rate limit (a budget admitting all) + dedup + two actions.
@@ -344,41 +326,19 @@ async fn count(listener: &mut Client, tag: &str) -> (usize, usize) {
 
 // ---- config ---------------------------------------------------------------------------
 
-/// Runs `routemq-bridge check` on `config`; the exit code and what it printed.
-fn check(config: &str) -> (Option<i32>, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("bridge.toml");
-    std::fs::write(&path, config).expect("write config");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_routemq-bridge"))
-        .arg("check")
-        .arg("--config")
-        .arg(&path)
-        .env_remove("JOURNAL_STREAM")
-        .env_remove("REDIS_HOST")
-        .env_remove("REDIS_URL")
-        .output()
-        .expect("run routemq-bridge check");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output.status.code(), text)
-}
-
 const BASE: &str = "[http]\nlisten = \"127.0.0.1:0\"\n";
 
 #[test]
 fn check_names_the_missing_master_and_the_empty_node_list() {
-    let (code, out) = check(&format!("{BASE}[redis.sentinel]\nnodes = []\n"));
+    let (code, out) = check_config(&format!("{BASE}[redis.sentinel]\nnodes = []\n"));
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("redis.sentinel.master"), "{out}");
-    let (code, out) = check(&format!(
+    let (code, out) = check_config(&format!(
         "{BASE}[redis.sentinel]\nmaster = \"mymaster\"\nnodes = []\n"
     ));
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("redis.sentinel.nodes"), "{out}");
-    let (code, out) = check(&format!(
+    let (code, out) = check_config(&format!(
         "{BASE}[redis.sentinel]\nmaster = \"m\"\nnodes = [\"redis://127.0.0.1:26379\"]\nmastr = 1\n"
     ));
     assert_eq!(code, Some(2), "{out}");
@@ -388,7 +348,7 @@ fn check_names_the_missing_master_and_the_empty_node_list() {
     );
     // Out of range: an error naming the key, not a silent clamp (4294967296 was u32::MAX).
     for n in ["17", "4294967296"] {
-        let (code, out) = check(&format!(
+        let (code, out) = check_config(&format!(
             "{BASE}[redis.sentinel]\nmaster = \"m\"\nnodes = [\"redis://127.0.0.1:26379\"]\nwait_replicas = {n}\n"
         ));
         assert_eq!(code, Some(2), "wait_replicas = {n}: {out}");
@@ -397,7 +357,7 @@ fn check_names_the_missing_master_and_the_empty_node_list() {
             "{out}"
         );
     }
-    let (code, out) = check(&format!(
+    let (code, out) = check_config(&format!(
         "{BASE}[redis]\ncluster = [\"redis://127.0.0.1:7000\"]\n[redis.sentinel]\nmaster = \"m\"\nnodes = [\"redis://127.0.0.1:26379\"]\n"
     ));
     assert_eq!(code, Some(2), "{out}");
@@ -415,7 +375,7 @@ fn check_warns_that_host_and_url_are_unused_with_sentinel_and_prints_no_secret()
          [redis.sentinel]\nmaster = \"mymaster\"\nnodes = [\"redis://:{SECRET}@127.0.0.1:26379\"]\n\
          password = \"{SECRET}\"\n"
     );
-    let (code, out) = check(&config);
+    let (code, out) = check_config(&config);
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("warning:") && out.contains("redis.host") && out.contains("redis.url"),
@@ -447,7 +407,7 @@ fn check_warns_that_host_and_url_are_unused_with_sentinel_and_prints_no_secret()
         "{out}"
     );
     // Without host/url: no warning.
-    let (code, out) = check(&format!(
+    let (code, out) = check_config(&format!(
         "{BASE}[redis.sentinel]\nmaster = \"mymaster\"\nnodes = [\"redis://127.0.0.1:26379\"]\n"
     ));
     assert_eq!(code, Some(0), "{out}");
