@@ -359,12 +359,30 @@ fn counting() -> Vec<Action> {
 
 /// The engine's render: the actions, the dedup done mark, one transaction.
 fn prepare(ctx: &Context<'_>, actions: &[Action]) -> (DedupClaim, redis::Pipeline) {
+    prepare_as(LEASE_PREFIX, ctx, actions)
+}
+
+/// [`prepare`] with the leases of `lease_prefix` (`lease:<client_id>:<run>`).
+fn prepare_as(
+    lease_prefix: &str,
+    ctx: &Context<'_>,
+    actions: &[Action],
+) -> (DedupClaim, redis::Pipeline) {
     let mut writes = actions::render(actions, ctx).expect("actions render");
     let claim = dedup_rule()
-        .prepare(ctx, LEASE_PREFIX, None, &mut writes.pipe)
+        .prepare(ctx, lease_prefix, None, &mut writes.pipe)
         .expect("claim renders");
     actions::seal(&mut writes.pipe, true);
     (claim, writes.pipe)
+}
+
+/// Returns once the claimer asked how long a lease it found still holds: it does so only
+/// when it is going to wait for it — the event that it is waiting, not a guess at how long
+/// that takes.
+async fn until_waiting_for_a_lease(stage: &Stage) {
+    while calls(&stage.manager, "pttl").await == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 fn count(stage: &Stage) -> Option<i64> {
@@ -452,11 +470,7 @@ async fn dedup_leased_by_another_waits_for_the_lease_to_lapse_then_claims() {
     let (claim, pipe) = prepare(&ctx, &counting());
     let env = stage.env();
     let lease_lapses = async {
-        // The claimer asks how long a lease it found still holds only when it is going to
-        // wait for it: the event that it is waiting, not a guess at how long that takes.
-        while calls(&stage.manager, "pttl").await == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        until_waiting_for_a_lease(&stage).await;
         assert_eq!(count(&stage), None, "nothing written under their lease");
         assert_eq!(
             stage.get("dedup:dev-1:1").as_deref(),
@@ -492,17 +506,11 @@ async fn dedup_a_lease_of_an_earlier_run_is_taken_over_only_once_held_for_two_so
     );
     let json = json!({"seq": 1});
     let ctx = context(br#"{"seq":1}"#, &json);
-    let mut writes = actions::render(&counting(), &ctx).expect("actions render");
-    let claim = dedup_rule()
-        .prepare(&ctx, &lease_prefix("stages-run"), None, &mut writes.pipe)
-        .expect("claim renders");
-    actions::seal(&mut writes.pipe, true);
+    let (claim, pipe) = prepare_as(&lease_prefix("stages-run"), &ctx, &counting());
     let env = stage.env();
     let held_long_enough = async {
-        // Waiting (it asks how long the lease holds), not taking it over at once.
-        while calls(&stage.manager, "pttl").await == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        // Waiting, not taking it over at once.
+        until_waiting_for_a_lease(&stage).await;
         assert_eq!(count(&stage), None, "nothing written under a fresh lease");
         assert_eq!(stage.get("dedup:dev-1:1").as_deref(), Some(theirs.as_str()));
         // Now as if it had been held for 2 × socket_timeout and a second: taken over, long
@@ -516,8 +524,7 @@ async fn dedup_a_lease_of_an_earlier_run_is_taken_over_only_once_held_for_two_so
         );
     };
     let (written, ()) =
-        bounded(async { tokio::join!(claim.write(&env, false, &writes.pipe), held_long_enough) })
-            .await;
+        bounded(async { tokio::join!(claim.write(&env, false, &pipe), held_long_enough) }).await;
     assert_eq!(written, Ok(()));
     assert_eq!(count(&stage), Some(1));
     assert_eq!(
