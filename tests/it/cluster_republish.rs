@@ -260,15 +260,10 @@ topic = "c9/alerts"
     let killed = Instant::now();
     cluster.node_mut(first_seed).kill();
     // The cluster promotes the replica after cluster-node-timeout (2 s).
-    let deadline = Instant::now() + WAIT;
-    while cluster.role(replica).as_deref() != Some("master") {
-        assert!(
-            Instant::now() < deadline,
-            "replica {replica} never promoted"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::task::block_in_place(|| cluster.wait_ok());
+    tokio::task::block_in_place(|| {
+        cluster.wait_master(replica, WAIT);
+        cluster.wait_ok();
+    });
     let promoted = killed.elapsed();
 
     let sent = until_flowing(&mut out, "c9/commands", |i| {
@@ -364,17 +359,12 @@ topic = "c10/commands"
     };
     let killed = Instant::now();
     cluster.node_mut(node).kill();
-    if let Some(replica) = replica {
-        let deadline = Instant::now() + WAIT;
-        while cluster.role(replica).as_deref() != Some("master") {
-            assert!(
-                Instant::now() < deadline,
-                "replica {replica} never promoted"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::task::block_in_place(|| {
+        if let Some(replica) = replica {
+            cluster.wait_master(replica, WAIT);
         }
-    }
-    tokio::task::block_in_place(|| cluster.wait_ok());
+        cluster.wait_ok();
+    });
     let sent = until_flowing(&mut out, "c10/commands", |i| {
         publish_on(
             &cluster,

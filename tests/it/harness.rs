@@ -401,36 +401,13 @@ impl RedisCluster {
 
     /// The port of the master serving `key` now (`CLUSTER KEYSLOT`, then `CLUSTER SLOTS`).
     pub fn master_of(&self, key: &str) -> u16 {
+        let slot = self.slot_of(key);
         let mut conn = self.nodes[0].client().get_connection().expect("connect");
-        let slot: i64 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(key)
-            .query(&mut conn)
-            .expect("CLUSTER KEYSLOT");
-        let slots: redis::Value = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query(&mut conn)
-            .expect("CLUSTER SLOTS");
-        let int = |v: &redis::Value| match v {
-            redis::Value::Int(i) => *i,
-            other => panic!("CLUSTER SLOTS: not an integer: {other:?}"),
-        };
-        let redis::Value::Array(ranges) = slots else {
-            panic!("CLUSTER SLOTS: not an array: {slots:?}");
-        };
-        for range in &ranges {
-            let redis::Value::Array(fields) = range else {
-                continue;
-            };
-            let (Some(start), Some(end), Some(redis::Value::Array(master))) =
-                (fields.first(), fields.get(1), fields.get(2))
-            else {
-                continue;
-            };
-            if (int(start)..=int(end)).contains(&slot) {
-                let port = master.get(1).map(int).expect("master port");
-                return u16::try_from(port).expect("a port");
-            }
+        if let Some((_, _, master)) = slot_ranges(&mut conn)
+            .into_iter()
+            .find(|(start, end, _)| (*start..=*end).contains(&slot))
+        {
+            return master;
         }
         panic!("slot {slot} of {key:?} is served by no master");
     }
@@ -548,11 +525,17 @@ impl RedisCluster {
             .arg("FAILOVER")
             .query(&mut conn)
             .expect("CLUSTER FAILOVER");
-        let deadline = Instant::now() + CLUSTER_TIMEOUT;
+        self.wait_master(replica, CLUSTER_TIMEOUT);
+    }
+
+    /// Waits until the node on `replica` reports itself master (`ROLE`), within `timeout`:
+    /// after `CLUSTER FAILOVER`, or after its master died and the cluster promoted it.
+    pub fn wait_master(&self, replica: u16, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
         while self.role(replica).as_deref() != Some("master") {
             assert!(
                 Instant::now() < deadline,
-                "replica {replica} not promoted within {CLUSTER_TIMEOUT:?}"
+                "replica {replica} not promoted within {timeout:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -595,30 +578,11 @@ impl RedisCluster {
     /// The slots the master on `port` serves now, lowest first (from `CLUSTER SLOTS`).
     pub fn slots_of(&self, port: u16) -> Vec<u16> {
         let mut conn = self.node(port).client().get_connection().expect("connect");
-        let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
-            .arg("SLOTS")
-            .query(&mut conn)
-            .expect("CLUSTER SLOTS");
-        let mut slots = Vec::new();
-        for range in &ranges {
-            let redis::Value::Array(fields) = range else {
-                continue;
-            };
-            let (Some(start), Some(end), Some(redis::Value::Array(master))) =
-                (fields.first(), fields.get(1), fields.get(2))
-            else {
-                continue;
-            };
-            let owner: u16 = master
-                .get(1)
-                .map(|p| redis::from_redis_value_ref(p).expect("port"))
-                .expect("master port");
-            if owner == port {
-                let start: u16 = redis::from_redis_value_ref(start).expect("slot");
-                let end: u16 = redis::from_redis_value_ref(end).expect("slot");
-                slots.extend(start..=end);
-            }
-        }
+        let mut slots: Vec<u16> = slot_ranges(&mut conn)
+            .into_iter()
+            .filter(|(_, _, master)| *master == port)
+            .flat_map(|(start, end, _)| start..=end)
+            .collect();
         slots.sort_unstable();
         slots
     }
@@ -652,6 +616,33 @@ impl RedisCluster {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// `CLUSTER SLOTS` asked on `conn`: (first slot, last slot, port of its master) per range.
+fn slot_ranges(conn: &mut redis::Connection) -> Vec<(u16, u16, u16)> {
+    let ranges: Vec<redis::Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query(conn)
+        .expect("CLUSTER SLOTS");
+    let int = |v: &redis::Value| -> u16 {
+        redis::from_redis_value_ref(v)
+            .unwrap_or_else(|e| panic!("CLUSTER SLOTS: not a slot or port: {v:?}: {e}"))
+    };
+    ranges
+        .iter()
+        .filter_map(|range| {
+            let redis::Value::Array(fields) = range else {
+                return None;
+            };
+            let (Some(start), Some(end), Some(redis::Value::Array(master))) =
+                (fields.first(), fields.get(1), fields.get(2))
+            else {
+                return None;
+            };
+            let port = master.get(1).map(int).expect("master port");
+            Some((int(start), int(end), port))
+        })
+        .collect()
 }
 
 /// The master name the sentinels of [`RedisSentinel`] monitor.
