@@ -13,8 +13,9 @@
 //!
 //! The blocking reads go over a dedicated connection (counted against `max_connections`;
 //! on a cluster, to the master of the stream's slot, asked again before each reconnection,
-//! so a resharding or a failover that moved the stream is followed) with no response timeout, each bounded by a local deadline of BLOCK + `socket_timeout`,
-//! with BLOCK no longer than `socket_timeout`: a dead connection (also a frozen Redis, which
+//! so a resharding or a failover that moved the stream is followed) with no response
+//! timeout, each bounded by a local deadline of BLOCK + `socket_timeout`, with BLOCK no
+//! longer than `socket_timeout`: a dead connection (also a frozen Redis, which
 //! TCP keepalive cannot see) is noticed within 2 × `socket_timeout` (spec §6) and opened
 //! again. XACK, XAUTOCLAIM and the dead letter go through the manager. `{topic}` is the
 //! stream's key; `{field.name}` any field of the entry; the payload is `payload_field`.

@@ -639,11 +639,12 @@ impl RedisManager {
     }
 
     /// The one place every call to Redis passes: takes the command connection (or fails
-    /// fast), runs `call` on it, and reports the round trip and any error to
+    /// fast), runs `call` on it (with the connection's epoch, for callers that go on using
+    /// it), and reports the round trip and any error to
     /// `redis_command_duration_seconds{command}` / `redis_errors_total{kind}`.
     async fn call<T, F, Fut>(&self, command: &str, call: F) -> Result<T>
     where
-        F: FnOnce(RedisConnection) -> Fut,
+        F: FnOnce(u64, RedisConnection) -> Fut,
         Fut: std::future::Future<Output = RedisResult<T>>,
     {
         let (epoch, conn) = match self.command_connection() {
@@ -654,14 +655,14 @@ impl RedisManager {
             }
         };
         let started = Instant::now();
-        let result = self.settle(epoch, call(conn).await);
+        let result = self.settle(epoch, call(epoch, conn).await);
         observe::command(command, Some(started.elapsed()), result.as_ref().err());
         result
     }
 
     /// Run one command. The primitive every method is built on.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
-        self.call(&command_name(cmd), |mut conn| async move {
+        self.call(&command_name(cmd), |_, mut conn| async move {
             cmd.query_async(&mut conn).await
         })
         .await
@@ -676,13 +677,8 @@ impl RedisManager {
     /// for single commands but not inside a transaction. Past that budget the error is a
     /// refusal ([`Error::Refused`]): a wait, not a failure.
     pub async fn query_pipeline<T: FromRedisValue>(&self, pipe: &Pipeline) -> Result<T> {
-        let command = if pipe.is_transaction() {
-            "multi"
-        } else {
-            "pipeline"
-        };
         let budget = self.inner.config.socket_timeout;
-        self.call(command, |mut conn| async move {
+        self.call(pipeline_command(pipe), |_, mut conn| async move {
             if pipe.is_transaction() && matches!(conn, RedisConnection::Cluster(_)) {
                 cluster_transaction(&mut conn, pipe, budget).await
             } else {
@@ -718,26 +714,17 @@ impl RedisManager {
     /// fails as [`Error::Unavailable`] so the caller's retry sends it again on the new
     /// master.
     pub async fn query_pipeline_durable(&self, pipe: &Pipeline) -> Result<()> {
-        let replicas = match &self.inner.config.sentinel {
-            Some(s) if s.wait_replicas > 0 => s.wait_replicas,
-            _ => return self.query_pipeline_spread(pipe).await,
+        let Some(replicas) = self.wait_replicas() else {
+            return self.query_pipeline_spread(pipe).await;
         };
-        let command = if pipe.is_transaction() {
-            "multi"
-        } else {
-            "pipeline"
-        };
-        let (epoch, mut conn) = match self.command_connection() {
-            Ok(conn) => conn,
-            Err(e) => {
-                observe::command(command, None, Some(&e));
-                return Err(e);
-            }
-        };
-        let started = Instant::now();
-        let written = self.settle(epoch, pipe.query_async::<()>(&mut conn).await);
-        observe::command(command, Some(started.elapsed()), written.as_ref().err());
-        written?;
+        // The connection the write went over, for the WAIT that must follow it there.
+        let (epoch, mut conn) = self
+            .call(pipeline_command(pipe), |epoch, mut conn| async move {
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .map(|()| (epoch, conn))
+            })
+            .await?;
         let _waiting = WaitingForReplicas::new(&self.inner.waiting_for_replicas);
         self.await_replicas(epoch, &mut conn, replicas).await
     }
@@ -752,9 +739,8 @@ impl RedisManager {
     /// when the command connection is another one now (another master, maybe without that
     /// write), the call fails as [`Error::Unavailable`] so the caller looks again.
     pub async fn replicated(&self, since: u64) -> Result<()> {
-        let replicas = match &self.inner.config.sentinel {
-            Some(s) if s.wait_replicas > 0 => s.wait_replicas,
-            _ => return Ok(()),
+        let Some(replicas) = self.wait_replicas() else {
+            return Ok(());
         };
         let (epoch, mut conn) = self.command_connection()?;
         if epoch != since {
@@ -773,6 +759,16 @@ impl RedisManager {
         published?;
         let _waiting = WaitingForReplicas::new(&self.inner.waiting_for_replicas);
         self.await_replicas(epoch, &mut conn, replicas).await
+    }
+
+    /// `[redis.sentinel] wait_replicas`, when writes wait for replicas (set and above 0).
+    fn wait_replicas(&self) -> Option<u32> {
+        self.inner
+            .config
+            .sentinel
+            .as_ref()
+            .map(|s| s.wait_replicas)
+            .filter(|&n| n > 0)
     }
 
     /// Which command connection is current (0: none), for [`RedisManager::replicated`].
@@ -898,7 +894,7 @@ impl RedisManager {
         &self,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T> {
-        self.call("evalsha", |mut conn| async move {
+        self.call("evalsha", |_, mut conn| async move {
             invocation.invoke_async(&mut conn).await
         })
         .await
@@ -932,6 +928,15 @@ fn command_name(cmd: &Cmd) -> String {
             String::from_utf8_lossy(name).to_ascii_lowercase()
         }
         _ => "other".to_string(),
+    }
+}
+
+/// The name a pipeline is counted under: `multi` for a transaction, else `pipeline`.
+fn pipeline_command(pipe: &Pipeline) -> &'static str {
+    if pipe.is_transaction() {
+        "multi"
+    } else {
+        "pipeline"
     }
 }
 
