@@ -126,6 +126,10 @@ pub fn check(path: &Path) -> u8 {
             sentinel.wait_replicas
         );
     }
+    match &config.spool {
+        Some(spool) => println!("{}", spool.describe()),
+        None => println!("spool: none (a Redis outage is carried by the broker's queue)"),
+    }
     println!("{} route(s):", routes.routes.len());
     for route in &routes.routes {
         let middleware: Vec<&str> = [

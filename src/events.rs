@@ -36,6 +36,10 @@ pub mod names {
     pub const DEAD_LETTERS: &str = "routemq_bridge_dead_letters_total";
     pub const CONFIG_RELOADS: &str = "routemq_bridge_config_reloads_total";
     pub const BUILD_INFO: &str = "routemq_bridge_build_info";
+    pub const SPOOL_MESSAGES: &str = "routemq_bridge_spool_messages";
+    pub const SPOOL_BYTES: &str = "routemq_bridge_spool_bytes";
+    pub const SPOOL_DROPPED: &str = "routemq_bridge_spool_dropped_total";
+    pub const SPOOL_REPLAYED: &str = "routemq_bridge_spool_replayed_total";
 }
 
 /// Process-wide totals for the systemd `STATUS=` line (the metrics keep the labelled detail).
@@ -306,4 +310,63 @@ pub fn config_needs_restart(what: &'static str) {
         "{what} changed; it takes effect only after a restart (the running {what} stays in \
          effect)"
     );
+}
+
+// The local spool (spec §6.2). Its gauges (`spool_messages`, `spool_bytes`) are sampled from
+// its ledger when scraped, like the connection gauges.
+
+/// Redis has not taken writes for `after`: messages that need it now go to the spool.
+pub fn spool_spilling(after: Duration, path: &std::path::Path) {
+    tracing::warn!(
+        after = %humantime::format_duration(after),
+        spool = %path.display(),
+        "Redis cannot take writes: messages that need Redis are spooled to local disk and \
+         acked once durable; they are replayed when Redis is back"
+    );
+}
+
+/// Redis is back: the spool drains (if it holds anything).
+pub fn spool_draining(messages: u64) {
+    tracing::info!(messages, "Redis is back: replaying the spool");
+}
+
+/// The spool drained completely.
+pub fn spool_drained() {
+    tracing::info!("the spool is empty; every message goes straight to Redis again");
+}
+
+/// `count` records replayed through their routes.
+pub fn spool_replayed(count: u64) {
+    counter!(m::SPOOL_REPLAYED).increment(count);
+}
+
+/// `count` records dropped to make room (`on_full = "drop_oldest"`).
+pub fn spool_dropped(count: u64) {
+    counter!(m::SPOOL_DROPPED).increment(count);
+    tracing::warn!(
+        count,
+        "the spool is full (spool.max_size): dropped its oldest messages \
+         (spool.on_full = \"drop_oldest\"); their topic and time go to the dead letter once \
+         Redis is back"
+    );
+}
+
+/// The spool's file was found damaged at start-up and repaired (the rest is replayed).
+pub fn spool_damage(path: &std::path::Path, what: &str) {
+    tracing::warn!(spool = %path.display(), "the spool was damaged and is repaired: {what}");
+}
+
+/// The spool's file could not be read as a database at all: moved aside, starting empty.
+pub fn spool_set_aside(path: &std::path::Path, aside: &std::path::Path, problem: &str) {
+    tracing::error!(
+        spool = %path.display(),
+        moved_to = %aside.display(),
+        "the spool's file is not a readable database ({problem}); it was moved aside and the \
+         spool starts empty"
+    );
+}
+
+/// The spool's store failed an operation (a full disk, an I/O error).
+pub fn spool_store_error(what: &'static str, error: &str) {
+    tracing::error!(operation = what, error, "spool: the store failed");
 }

@@ -8,7 +8,9 @@
 //! - `GET /readyz`: 200 only when MQTT is connected and subscribed and Redis is reachable
 //!   and takes writes (or is disabled); otherwise 503. The JSON body says which side is
 //!   down: `{"ready":false,"mqtt":"up","redis":"down"}`, or `"redis":"refusing"` while Redis
-//!   answers but refuses writes (`OOM`, `READONLY`, `MISCONF`, …).
+//!   answers but refuses writes (`OOM`, `READONLY`, `MISCONF`, …). With `[spool]`, the body
+//!   also says `"spool":"active"|"idle"`, and while the spool takes what Redis cannot
+//!   (spec §6.2) the answer stays 200: `{"ready":true,"mqtt":"up","redis":"down","spool":"active"}`.
 //!
 //! Three read-only routes do not need a framework: plain hyper 1 with HTTP/1.1, a header
 //! read timeout, and a graceful shutdown that lets in-flight requests finish when the daemon
@@ -69,6 +71,10 @@ pub struct State {
 pub struct Readiness {
     pub mqtt_up: bool,
     pub redis: ConnectionState,
+    /// With `[spool]`: whether it is active (spilling or holding messages).
+    pub spool: Option<bool>,
+    /// The spool takes what Redis cannot right now.
+    pub spilling: bool,
 }
 
 impl Readiness {
@@ -77,18 +83,27 @@ impl Readiness {
         Readiness {
             mqtt_up: mqtt.connected && mqtt.subscribed,
             redis: observed.redis_state(),
+            spool: observed.spool.as_ref().map(|s| s.active()),
+            spilling: observed.spool.as_ref().is_some_and(|s| s.spilling()),
         }
     }
 
     pub fn ready(&self) -> bool {
-        self.mqtt_up && matches!(self.redis, ConnectionState::Up | ConnectionState::Disabled)
+        self.mqtt_up
+            && (matches!(self.redis, ConnectionState::Up | ConnectionState::Disabled)
+                || self.spilling)
     }
 
     /// `{"ready":bool,"mqtt":"up"|"down","redis":"up"|"down"|"refusing"|"disabled"}`, in
     /// that order.
     pub fn body(&self) -> String {
+        let spool = match self.spool {
+            None => "",
+            Some(true) => r#","spool":"active""#,
+            Some(false) => r#","spool":"idle""#,
+        };
         format!(
-            r#"{{"ready":{},"mqtt":"{}","redis":"{}"}}"#,
+            r#"{{"ready":{},"mqtt":"{}","redis":"{}"{spool}}}"#,
             self.ready(),
             if self.mqtt_up { "up" } else { "down" },
             self.redis.as_str()
@@ -240,6 +255,8 @@ mod tests {
         let redis_down = Readiness {
             mqtt_up: true,
             redis: ConnectionState::Down,
+            spool: None,
+            spilling: false,
         };
         assert!(!redis_down.ready());
         assert_eq!(
@@ -249,11 +266,15 @@ mod tests {
         let disabled = Readiness {
             mqtt_up: true,
             redis: ConnectionState::Disabled,
+            spool: None,
+            spilling: false,
         };
         assert!(disabled.ready());
         let refusing = Readiness {
             mqtt_up: true,
             redis: ConnectionState::Refusing,
+            spool: None,
+            spilling: false,
         };
         assert!(!refusing.ready());
         assert_eq!(
@@ -263,8 +284,35 @@ mod tests {
         let mqtt_down = Readiness {
             mqtt_up: false,
             redis: ConnectionState::Up,
+            spool: None,
+            spilling: false,
         };
         assert!(!mqtt_down.ready());
         assert!(mqtt_down.body().contains(r#""mqtt":"down""#));
+    }
+
+    #[test]
+    fn a_spilling_spool_keeps_the_bridge_ready_and_says_so() {
+        let spooling = Readiness {
+            mqtt_up: true,
+            redis: ConnectionState::Down,
+            spool: Some(true),
+            spilling: true,
+        };
+        assert!(spooling.ready());
+        assert_eq!(
+            spooling.body(),
+            r#"{"ready":true,"mqtt":"up","redis":"down","spool":"active"}"#
+        );
+        let waiting = Readiness {
+            spool: Some(false),
+            spilling: false,
+            ..spooling
+        };
+        assert!(!waiting.ready(), "before `after`, Redis being down is not covered yet");
+        assert_eq!(
+            waiting.body(),
+            r#"{"ready":false,"mqtt":"up","redis":"down","spool":"idle"}"#
+        );
     }
 }

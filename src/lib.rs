@@ -31,6 +31,7 @@ pub mod outcome;
 pub use routemq_redis as redis;
 pub mod republish;
 pub mod router;
+pub mod spool;
 pub mod stage;
 pub mod systemd;
 pub mod template;

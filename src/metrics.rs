@@ -101,6 +101,23 @@ fn describe() {
         "Configuration reloads (SIGHUP), per result (applied, rejected)."
     );
     describe_gauge!(
+        SPOOL_MESSAGES,
+        "Messages in the local spool, waiting for Redis (absent without [spool])."
+    );
+    describe_gauge!(
+        SPOOL_BYTES,
+        Unit::Bytes,
+        "Bytes of the messages in the local spool, as spool.max_size counts them."
+    );
+    describe_counter!(
+        SPOOL_DROPPED,
+        "Spooled messages dropped to make room (spool.on_full = \"drop_oldest\")."
+    );
+    describe_counter!(
+        SPOOL_REPLAYED,
+        "Spooled messages replayed through their routes once Redis was back."
+    );
+    describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which build runs."
     );
@@ -147,6 +164,8 @@ pub struct Observed {
     pub redis: RedisManager,
     pub mqtt_status: watch::Receiver<MqttStatus>,
     pub mqtt_stats: Arc<MqttStats>,
+    /// The local spool, when `[spool]` is configured.
+    pub spool: Option<crate::spool::SpoolStatus>,
 }
 
 impl Observed {
@@ -173,6 +192,11 @@ impl Observed {
         counter!(RECONNECTS, "target" => "mqtt").absolute(mqtt_reconnects);
         counter!(RECONNECTS, "target" => "redis").absolute(self.redis.reconnects());
         counter!(REDIS_REPLICA_WAITS).absolute(self.redis.replica_waits());
+        if let Some(spool) = &self.spool {
+            let (messages, bytes) = spool.size();
+            gauge!(SPOOL_MESSAGES).set(messages as f64);
+            gauge!(SPOOL_BYTES).set(bytes as f64);
+        }
     }
 }
 

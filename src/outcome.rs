@@ -14,6 +14,8 @@ pub enum Reason {
     /// A bug in the bridge while handling this message (a panic): the message is
     /// dead-lettered and the next one goes on.
     InternalError,
+    /// Dropped from the full local spool (`spool.on_full = "drop_oldest"`, spec §6.2).
+    SpoolFull,
 }
 
 impl Reason {
@@ -26,6 +28,7 @@ impl Reason {
             Reason::MissingField => "missing_field",
             Reason::RedisError => "redis_error",
             Reason::InternalError => "internal_error",
+            Reason::SpoolFull => "spool_full",
         }
     }
 

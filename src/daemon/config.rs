@@ -15,6 +15,7 @@ use crate::redis::RedisConfig;
 use crate::republish::{read_republish, warn_pubsub_in_share_group, RepublishRule};
 use crate::router::config::read_routes;
 use crate::router::route::RouteTable;
+use crate::spool::SpoolConfig;
 
 pub use crate::config::process_env;
 
@@ -31,6 +32,8 @@ pub struct BridgeConfig {
     pub limits: LimitsConfig,
     pub log: LogConfig,
     pub dead_letter: DeadLetterConfig,
+    /// `[spool]`: `None` when the section is absent (no spool, spec §6.2).
+    pub spool: Option<SpoolConfig>,
     /// `[[routes]]`, not yet read: the route code reads each with [`RawTable::reader`], so
     /// its errors carry paths like `routes[3].actions[0].key`.
     pub routes: Vec<RawTable>,
@@ -91,20 +94,24 @@ impl BridgeConfig {
         more: impl FnOnce(&BridgeConfig, &Errors) -> T,
     ) -> Result<(BridgeConfig, T), ConfigErrors> {
         config::load(path, env, |root, errors| {
-            let mut config = BridgeConfig::read(root);
+            let state_directory = env.get("STATE_DIRECTORY").map(String::as_str);
+            let mut config = BridgeConfig::read(root, state_directory);
             let extra = more(&config, errors);
             config.warnings = errors.take_warnings();
             (config, extra)
         })
     }
 
-    fn read(mut t: Table<'_>) -> BridgeConfig {
+    fn read(mut t: Table<'_>, state_directory: Option<&str>) -> BridgeConfig {
         let mqtt = MqttConfig::read(t.table("mqtt"));
         let redis = config::redis::read(t.table("redis"));
         let http = HttpConfig::read(t.table("http"));
         let limits = LimitsConfig::read(t.table("limits"));
         let log = LogConfig::read(t.table("log"));
         let dead_letter = DeadLetterConfig::read(t.table("dead_letter"));
+        let spool = t
+            .opt_table("spool")
+            .and_then(|s| SpoolConfig::read(s, state_directory));
         let routes = t.raw_tables("routes");
         let republish = t.raw_tables("republish");
         if mqtt.max_packet_size <= limits.max_payload {
@@ -122,6 +129,7 @@ impl BridgeConfig {
             limits,
             log,
             dead_letter,
+            spool,
             routes,
             republish,
             republish_rules: Vec::new(),

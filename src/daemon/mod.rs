@@ -43,6 +43,7 @@ use crate::republish::RepublishService;
 use crate::router::dispatch::Dispatcher;
 use crate::router::engine::Engine;
 use crate::router::route::RouteTable;
+use crate::spool::{Front, Spool};
 use crate::systemd::Notifier;
 
 /// The main loop beats this often, even when no message comes.
@@ -63,6 +64,8 @@ pub enum DaemonError {
     Mqtt(#[from] crate::mqtt::client::OptionsError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Spool(#[from] crate::spool::store::StoreError),
     #[error("the {0} ended unexpectedly; exiting so that systemd restarts the bridge")]
     TaskEnded(&'static str),
 }
@@ -312,6 +315,9 @@ impl RunningDaemon {
         if new.http != old.http {
             events::config_needs_restart("[http]");
         }
+        if new.spool != old.spool {
+            events::config_needs_restart("[spool]");
+        }
         if new.log.format != old.log.format {
             events::config_needs_restart("[log] format");
         }
@@ -334,6 +340,7 @@ impl RunningDaemon {
             mqtt: old.mqtt.clone(),
             redis: old.redis.clone(),
             http: old.http.clone(),
+            spool: old.spool.clone(),
             ..new
         };
         events::config_reload_applied(&format!(
@@ -345,9 +352,40 @@ impl RunningDaemon {
     }
 }
 
+/// The topic lanes: straight to the engine, or through the spool's front when `[spool]` is
+/// configured (spec §6.2). Two types rather than one handler with an `Option` inside, so a
+/// bridge without a spool runs exactly the code it ran before.
+enum Lanes {
+    Direct(Dispatcher<Inbound, Engine>),
+    Spooled(Dispatcher<Inbound, Front>),
+}
+
+impl Lanes {
+    fn dispatch(&self, message: Inbound) {
+        match self {
+            Lanes::Direct(d) => d.dispatch(message),
+            Lanes::Spooled(d) => d.dispatch(message),
+        }
+    }
+
+    fn oldest(&self) -> Box<dyn Fn() -> Option<Instant> + Send + Sync + 'static> {
+        match self {
+            Lanes::Direct(d) => Box::new(d.oldest()),
+            Lanes::Spooled(d) => Box::new(d.oldest()),
+        }
+    }
+
+    async fn drained(&self) {
+        match self {
+            Lanes::Direct(d) => d.drained().await,
+            Lanes::Spooled(d) => d.drained().await,
+        }
+    }
+}
+
 /// Gives a received message to its topic's lane; an overflowed one is only counted, never
 /// queued (a lane stuck waiting for Redis would hold it without bound).
-fn hand_over(dispatcher: &Dispatcher<Inbound, Engine>, engine: &Engine, message: Inbound) {
+fn hand_over(dispatcher: &Lanes, engine: &Engine, message: Inbound) {
     if message.is_overflow() {
         engine.overflow(&message.publish.topic, message.received);
     } else {
@@ -386,6 +424,11 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
              reachable? Reconnecting in the background; messages wait unacked until it answers"
         );
     }
+    // Opened (and repaired, if a crash left it damaged) before any message arrives.
+    let spool = match &config.spool {
+        Some(spool) => Some(Spool::open(spool, &redis)?),
+        None => None,
+    };
     let (source, mut inbound) = MqttSource::start(
         &config.mqtt,
         &routes.subscriptions,
@@ -414,7 +457,13 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         max_payload(&config),
         dead_letter(&config),
     ));
-    let dispatcher = Dispatcher::new(engine.clone());
+    let dispatcher = match &spool {
+        Some(spool) => Lanes::Spooled(Dispatcher::new(Arc::new(Front {
+            engine: engine.clone(),
+            spool: spool.clone(),
+        }))),
+        None => Lanes::Direct(Dispatcher::new(engine.clone())),
+    };
     // The first death is kept: one before this point is heard too.
     let died = crate::liveness::task_died();
     tokio::pin!(died);
@@ -425,6 +474,7 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         redis: redis.clone(),
         mqtt_status: source.status(),
         mqtt_stats: source.stats().clone(),
+        spool: spool.as_ref().map(|s| s.status()),
     };
 
     // Liveness: the loops that must keep turning.
@@ -456,6 +506,16 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    // The drain stops with the lanes, before the connections close.
+    let (drain_stop, drain_stopped) = watch::channel(false);
+    let drain = spool.as_ref().map(|spool| {
+        tokio::spawn(crate::spool::replay::run(
+            spool.clone(),
+            engine.clone(),
+            redis.state(),
+            drain_stopped,
+        ))
+    });
     let metrics = prometheus.map(|handle| Metrics::new(handle, observed.clone()));
     let upkeep = metrics
         .clone()
@@ -550,9 +610,15 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
     // connection closes after the lanes, whose forwards it carries.
     let timeout = config.limits.shutdown_timeout;
     let mut republish = republish;
-    let ((), drained) = tokio::join!(
+    let _ = drain_stop.send(true);
+    let ((), drained, _) = tokio::join!(
         republish.stop_rules(),
-        tokio::time::timeout(timeout, dispatcher.drained())
+        tokio::time::timeout(timeout, dispatcher.drained()),
+        tokio::time::timeout(timeout, async {
+            if let Some(drain) = drain {
+                let _ = drain.await;
+            }
+        })
     );
     if drained.is_err() {
         tracing::warn!(
@@ -560,6 +626,9 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
             ?timeout,
             "shutdown_timeout reached; unfinished messages stay unacked for redelivery"
         );
+    }
+    if let Some(spool) = &spool {
+        spool.close().await;
     }
     tokio::join!(
         source.disconnect(Duration::from_secs(5)),

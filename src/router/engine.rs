@@ -33,6 +33,15 @@ use crate::redis::RedisManager;
 use crate::stage::{Env, Step};
 use crate::template::Context;
 
+/// Which routes of a message [`Engine::process_part`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// The routes that do not wait for Redis (forward-only): never spooled.
+    Direct,
+    /// The routes that wait for Redis ([`Route::waits_for_redis`]).
+    Redis,
+}
+
 /// Processes messages; shared by every topic lane of the dispatcher.
 pub struct Engine {
     table: ArcSwap<RouteTable>,
@@ -107,28 +116,107 @@ impl Engine {
         let mut matched = false;
         for (route, captures) in table.matches(topic) {
             matched = true;
-            events::message_received(&route.name, &route.metrics);
-            // A panic is a bug of ours; caught per route, it is this route's outcome
-            // (`internal_error`, dead-lettered) and the message still finishes and is acked,
-            // instead of holding back every later ack (spec §5.3).
-            let outcome = AssertUnwindSafe(async {
-                crate::fault::in_handler(payload).await;
-                self.run_route(route, topic, payload, &captures, &mut json)
-                    .await
-            })
-            .catch_unwind()
-            .await
-            .unwrap_or_else(|panic| Outcome::Internal {
-                detail: panic_message(panic.as_ref()),
-            });
-            if let Some((reason, detail)) = outcome.dead_letter() {
-                self.record_dead_letter(route, topic, payload, reason, detail)
-                    .await;
-            }
-            events::message_outcome(&route.name, &route.metrics, topic, &outcome, received);
+            self.one_route(route, &captures, topic, payload, &mut json, received)
+                .await;
         }
         if !matched {
             events::unrouted(topic);
+        }
+    }
+
+    /// Which of the routes `topic` matches wait for Redis, and which do not: `(redis,
+    /// direct)` (spec §6.2: the spool takes only the former).
+    pub fn parts(&self, topic: &str) -> (bool, bool) {
+        let table = self.table.load();
+        let (mut redis, mut direct) = (false, false);
+        for (route, _) in table.matches(topic) {
+            if route.waits_for_redis() {
+                redis = true;
+            } else {
+                direct = true;
+            }
+        }
+        (redis, direct)
+    }
+
+    /// One message through the routes of `part` that it matches (the spool's front and its
+    /// replay). Whether it matched any route at all; `unrouted` is the caller's to count.
+    pub async fn process_part(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        received: Instant,
+        part: Part,
+    ) -> bool {
+        let table = self.table.load_full();
+        let mut json: ParsedJson = None;
+        let mut matched = false;
+        for (route, captures) in table.matches(topic) {
+            matched = true;
+            if route.waits_for_redis() != (part == Part::Redis) {
+                continue;
+            }
+            self.one_route(route, &captures, topic, payload, &mut json, received)
+                .await;
+        }
+        matched
+    }
+
+    /// One route's stages, its outcome counted and dead-lettered.
+    async fn one_route(
+        &self,
+        route: &Route,
+        captures: &[&str],
+        topic: &str,
+        payload: &[u8],
+        json: &mut ParsedJson,
+        received: Instant,
+    ) {
+        events::message_received(&route.name, &route.metrics);
+        // A panic is a bug of ours; caught per route, it is this route's outcome
+        // (`internal_error`, dead-lettered) and the message still finishes and is acked,
+        // instead of holding back every later ack (spec §5.3).
+        let outcome = AssertUnwindSafe(async {
+            crate::fault::in_handler(payload).await;
+            self.run_route(route, topic, payload, captures, json).await
+        })
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|panic| Outcome::Internal {
+            detail: panic_message(panic.as_ref()),
+        });
+        if let Some((reason, detail)) = outcome.dead_letter() {
+            self.record_dead_letter(route, topic, payload, reason, detail)
+                .await;
+        }
+        events::message_outcome(&route.name, &route.metrics, topic, &outcome, received);
+    }
+
+    /// The dead-letter record of a message the spool dropped when full (`on_full =
+    /// "drop_oldest"`): its topic and times, no payload (spec §6.2).
+    pub async fn dead_letter_spool_drop(&self, topic: &str, received_ms: i64, dropped_ms: i64) {
+        let target = self.dead_letter.load_full();
+        let detail = format!(
+            "dropped from the full spool (spool.on_full = \"drop_oldest\"); received at unix \
+             ms {received_ms}, dropped at unix ms {dropped_ms}"
+        );
+        let record = target.record(topic, "", Reason::SpoolFull, &detail, b"");
+        let mut pipe = ::redis::pipe();
+        target.push(&mut pipe, &record);
+        let env = Env {
+            redis: &self.redis,
+            limiter: &self.limiter,
+            forwarder: &self.forwarder,
+            route: "spool",
+        };
+        match env
+            .until_redis(|| self.redis.query_pipeline::<()>(&pipe))
+            .await
+        {
+            Ok(()) => events::dead_lettered(Reason::SpoolFull),
+            Err(e) => {
+                tracing::error!(reason = Reason::SpoolFull.as_str(), error = %e, "could not write the dead letter")
+            }
         }
     }
 

@@ -55,6 +55,13 @@ impl Route {
         self.dedup.is_some() || self.actions.iter().any(Action::needs_redis)
     }
 
+    /// Whether a message on this route waits while Redis is down: it writes, dedups, or
+    /// reads a session (a rate limit falls back locally and does not wait). What the spool
+    /// takes (spec §6.2).
+    pub fn waits_for_redis(&self) -> bool {
+        self.needs_redis() || self.session.is_some()
+    }
+
     /// What comes before the stages: the payload fits `max_payload` and is what the route
     /// reads (JSON parsed once into `json`, shared by the message's routes; text valid
     /// UTF-8), and every captured param matches its constraint.

@@ -32,6 +32,7 @@ mod scale_out;
 mod secrets;
 mod sentinel;
 mod session;
+mod spool;
 mod silent_redis;
 mod stages;
 mod vendored_rumqttc;

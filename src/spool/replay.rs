@@ -1,0 +1,219 @@
+//! The drain: spooled messages back through their routes once Redis is up (spec §6.2).
+//!
+//! One task reads the spool in id order (arrival order) and hands each record to its
+//! topic's lane in a dispatcher of its own, so one topic is replayed in order while
+//! different topics proceed at once. At most [`WINDOW`] records are in flight: that bound is
+//! the pacing — a drain adds a bounded load to Redis beside live traffic, which keeps its
+//! latency (the bench measures p99 of live messages during a drain). A record is deleted
+//! only after its replay reached an outcome on every route (deletes are batched), so a
+//! crash during a drain replays at most the records in flight again: at-least-once, and
+//! with `dedup` exactly once. Before the records, the drops of `on_full = "drop_oldest"`
+//! get their dead-letter records.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use super::store::{lock, Stored};
+use super::Spool;
+use crate::events;
+use crate::redis::ConnectionState;
+use crate::router::dispatch::{Dispatcher, Handler, Ordered};
+use crate::router::engine::{Engine, Part};
+
+/// Records replayed at once, all topics together.
+pub const WINDOW: usize = 32;
+
+/// Records read from the file at a time.
+const READ_BATCH: usize = 256;
+
+/// Replayed records are deleted in groups of this many (or when the reading pauses).
+const DELETE_BATCH: usize = 64;
+
+/// How long the drain waits for an append in flight to be committed before reading again.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// A record on its way through the routes again.
+struct Replayed {
+    stored: Stored,
+    started: Instant,
+    _permit: OwnedSemaphorePermit,
+    finished: mpsc::UnboundedSender<i64>,
+}
+
+impl Ordered for Replayed {
+    fn order_key(&self) -> &str {
+        &self.stored.record.topic
+    }
+
+    fn received(&self) -> Instant {
+        self.started
+    }
+}
+
+struct Replayer {
+    engine: Arc<Engine>,
+}
+
+impl Handler<Replayed> for Replayer {
+    async fn handle(&self, message: Replayed) {
+        let record = &message.stored.record;
+        let matched = self
+            .engine
+            .process_part(&record.topic, &record.payload, message.started, Part::Redis)
+            .await;
+        if !matched {
+            events::unrouted(&record.topic);
+        }
+        events::spool_replayed(1);
+        let _ = message.finished.send(message.stored.id);
+    }
+}
+
+/// Drains the spool whenever Redis is up and it holds something, until `stop`.
+pub async fn run(
+    spool: Arc<Spool>,
+    engine: Arc<Engine>,
+    mut redis: watch::Receiver<ConnectionState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let lanes = Dispatcher::new(Arc::new(Replayer {
+        engine: engine.clone(),
+    }));
+    let window = Arc::new(Semaphore::new(WINDOW));
+    let (finished_tx, mut finished) = mpsc::unbounded_channel();
+    let mut done: Vec<i64> = Vec::new();
+    let mut cursor = 0i64;
+    let mut draining = false;
+    loop {
+        // Wait for Redis and for work.
+        let ready = async {
+            loop {
+                let up = matches!(*redis.borrow(), ConnectionState::Up);
+                let work = {
+                    let ledger = lock(&spool.ledger);
+                    ledger.messages > 0 || ledger.dropped_waiting > 0
+                };
+                if up && work {
+                    return true;
+                }
+                let appended = spool.appended.notified();
+                tokio::select! {
+                    changed = redis.changed() => if changed.is_err() { return false },
+                    _ = appended => {}
+                    _ = tokio::time::sleep(IDLE_POLL * 20) => {}
+                }
+            }
+        };
+        let ready = tokio::select! {
+            ready = ready => ready,
+            _ = crate::liveness::stopped(&mut stop) => false,
+        };
+        if !ready {
+            break;
+        }
+        if !draining {
+            draining = true;
+            events::spool_draining(lock(&spool.ledger).messages);
+        }
+        dead_letter_drops(&spool, &engine).await;
+        let batch = match spool.store.read(cursor, READ_BATCH).await {
+            Ok(batch) => batch,
+            Err(e) => {
+                events::spool_store_error("read", &e);
+                tokio::time::sleep(IDLE_POLL * 20).await;
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            // Everything read is in flight or done: let it finish, delete it, and look again
+            // from the start (a record whose delete failed is replayed once more).
+            let all = window.clone().acquire_many_owned(WINDOW as u32).await;
+            collect(&mut finished, &mut done);
+            delete(&spool, &mut done).await;
+            drop(all);
+            let (messages, dropped) = {
+                let ledger = lock(&spool.ledger);
+                (ledger.messages, ledger.dropped_waiting)
+            };
+            if messages == 0 && dropped == 0 {
+                draining = false;
+                events::spool_drained();
+            } else {
+                cursor = 0;
+                let _ = tokio::time::timeout(IDLE_POLL, spool.appended.notified()).await;
+            }
+            continue;
+        }
+        for stored in batch {
+            let permit = tokio::select! {
+                permit = window.clone().acquire_owned() => permit,
+                _ = crate::liveness::stopped(&mut stop) => break,
+            };
+            let Ok(permit) = permit else { break };
+            cursor = stored.id;
+            lanes.dispatch(Replayed {
+                stored,
+                started: Instant::now(),
+                _permit: permit,
+                finished: finished_tx.clone(),
+            });
+            collect(&mut finished, &mut done);
+            if done.len() >= DELETE_BATCH {
+                delete(&spool, &mut done).await;
+            }
+        }
+    }
+    // Stopping: what is in flight finishes (bounded by the daemon's shutdown_timeout);
+    // what is deleted of it need not be replayed again.
+    lanes.drained().await;
+    collect(&mut finished, &mut done);
+    delete(&spool, &mut done).await;
+}
+
+fn collect(finished: &mut mpsc::UnboundedReceiver<i64>, done: &mut Vec<i64>) {
+    while let Ok(id) = finished.try_recv() {
+        done.push(id);
+    }
+}
+
+async fn delete(spool: &Spool, done: &mut Vec<i64>) {
+    if done.is_empty() {
+        return;
+    }
+    if let Err(e) = spool.store.delete(std::mem::take(done)).await {
+        // They stay in the file and are replayed again: at-least-once.
+        events::spool_store_error("delete", &e);
+    }
+}
+
+/// Writes the dead-letter records of what `drop_oldest` dropped.
+async fn dead_letter_drops(spool: &Spool, engine: &Engine) {
+    if lock(&spool.ledger).dropped_waiting == 0 {
+        return;
+    }
+    loop {
+        let dropped = match spool.store.take_dropped(DELETE_BATCH).await {
+            Ok(dropped) if !dropped.is_empty() => dropped,
+            Ok(_) => return,
+            Err(e) => {
+                events::spool_store_error("read", &e);
+                return;
+            }
+        };
+        for d in &dropped {
+            engine
+                .dead_letter_spool_drop(&d.topic, d.received_ms, d.dropped_ms)
+                .await;
+        }
+        if let Err(e) = spool
+            .store
+            .forget_dropped(dropped.iter().map(|d| d.id).collect())
+            .await
+        {
+            events::spool_store_error("delete", &e);
+            return;
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! The local spool (spec §6.2) against the real daemon, Redis and Mosquitto: a long Redis
+//! outage spooled, acked and replayed in order; `kill -9` while spooling and while
+//! draining; a damaged file; a full spool under both `on_full` policies; forward-only
+//! routes flowing while the spool fills.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use redis::Commands;
+
+use crate::bridge::{config, eventually, Bridge, Client};
+use crate::harness::{Mosquitto, Redis};
+use crate::ops::{get, get_until, http_addr, sample};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A route that appends each message to a list per device: the list holds the order in
+/// which the messages were written.
+const LIST_ROUTE: &str = r#"
+[[routes]]
+name = "list"
+topic = "spool/{device}/data"
+payload = "text"
+[[routes.actions]]
+op = "rpush"
+key = "list:{device}"
+"#;
+
+/// [`LIST_ROUTE`] with `dedup` on the payload's sequence number (`<device>/<n>`), whose
+/// lease is short so a claim left by a killed bridge expires quickly.
+const DEDUP_ROUTE: &str = r#"
+[[routes]]
+name = "list"
+topic = "spool/{device}/data"
+payload = "text"
+dedup = { key = "dedup:{device}:{payload_sha256}", lease = "2s", ttl = "10m" }
+[[routes.actions]]
+op = "rpush"
+key = "list:{device}"
+"#;
+
+/// `[spool]` in `dir`, spilling after one second, with `more` keys.
+fn spool_section(dir: &Path, more: &str) -> String {
+    format!(
+        "[spool]\npath = \"{}\"\nafter = \"1s\"\n{more}\n",
+        dir.join("spool.db").display()
+    )
+}
+
+fn payload(device: usize, n: usize) -> String {
+    format!("{device}/{n}")
+}
+
+/// `(topic, payload)` for `per_topic` messages on each of `topics` devices, interleaved.
+fn messages(topics: usize, per_topic: std::ops::Range<usize>) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for n in per_topic {
+        for d in 0..topics {
+            out.push((format!("spool/d{d}/data"), payload(d, n).into_bytes()));
+        }
+    }
+    out
+}
+
+/// One scrape's value of `series`.
+async fn metric(addr: SocketAddr, series: &str) -> Option<f64> {
+    sample(&get(addr, "/metrics").await.1, series)
+}
+
+/// Scrapes until `check` holds for the metrics text; the last text.
+async fn metrics_until(addr: SocketAddr, what: &str, check: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, text) = get(addr, "/metrics").await;
+        if check(&text) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {WAIT:?}; metrics:\n{}",
+            text.lines()
+                .filter(|l| l.contains("spool") || l.contains("inflight"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+const SPOOL_MESSAGES: &str = "routemq_bridge_spool_messages";
+const INFLIGHT: &str = "routemq_bridge_inflight_messages";
+
+/// Waits until the spool holds `n` messages and nothing is in flight (every one of them
+/// committed and acked).
+async fn spooled(addr: SocketAddr, n: usize) {
+    metrics_until(addr, &format!("{n} spooled and acked"), |m| {
+        sample(m, SPOOL_MESSAGES) == Some(n as f64) && sample(m, INFLIGHT) == Some(0.0)
+    })
+    .await;
+}
+
+/// The list of device `d`, as written.
+fn list(conn: &mut redis::Connection, d: usize) -> Vec<String> {
+    conn.lrange(format!("list:d{d}"), 0, -1).expect("LRANGE")
+}
+
+/// Waits until every device's list holds `per_topic` entries, then checks each holds
+/// exactly its messages, once each, in order.
+async fn all_written_once_in_order(redis: &Redis, topics: usize, per_topic: usize) {
+    let mut conn = redis.client().get_connection().expect("redis");
+    let complete = eventually(Duration::from_secs(120), || {
+        (0..topics)
+            .all(|d| {
+                conn.llen::<_, usize>(format!("list:d{d}"))
+                    .is_ok_and(|n| n >= per_topic)
+            })
+            .then_some(())
+    })
+    .await;
+    for d in 0..topics {
+        let got = list(&mut conn, d);
+        let want: Vec<String> = (0..per_topic).map(|n| payload(d, n)).collect();
+        assert!(
+            got == want,
+            "device {d}: {} entries (complete: {}), want {per_topic} in order; first \
+             difference at {:?}",
+            got.len(),
+            complete.is_some(),
+            got.iter().zip(&want).position(|(a, b)| a != b)
+        );
+    }
+}
+
+/// The number of messages Mosquitto holds (queued for sessions, in flight, retained), from
+/// `$SYS` (published every `sys_interval`).
+async fn broker_store_count(watcher: &mut Client) -> Option<u64> {
+    let message = watcher.next_message(Duration::from_secs(5)).await?;
+    std::str::from_utf8(&message.payload).ok()?.trim().parse().ok()
+}
+
+/// Waits until `/readyz` says the spool takes what Redis cannot; its body.
+async fn spilling(addr: SocketAddr) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (code, body) = get(addr, "/readyz").await;
+        if code == 200 && body.contains(r#""redis":"down","spool":"active""#) {
+            return body;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "readyz still {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Mosquitto reporting its store every second.
+fn broker() -> Mosquitto {
+    Mosquitto::start_with("sys_interval 1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_outage_is_spooled_acked_and_replayed_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-outage",
+        &format!("{}{LIST_ROUTE}", spool_section(dir.path(), "")),
+    ));
+    let addr = http_addr(&bridge);
+    assert_eq!(
+        get_until(addr, "/readyz", 200).await,
+        r#"{"ready":true,"mqtt":"up","redis":"up","spool":"idle"}"#
+    );
+
+    redis.stop();
+    // Once Redis has been down for `after`, the spool takes over and the bridge stays ready.
+    assert_eq!(
+        spilling(addr).await,
+        r#"{"ready":true,"mqtt":"up","redis":"down","spool":"active"}"#
+    );
+
+    let (topics, per_topic) = (200, 100);
+    let mut publisher = Client::connect(&broker, "spool-outage-publisher").await;
+    publisher.publish_all(messages(topics, 0..per_topic)).await;
+    spooled(addr, topics * per_topic).await;
+    // Everything was acked to the broker: nothing of it is held there any more.
+    let mut watcher = Client::connect(&broker, "spool-outage-sys").await;
+    watcher.subscribe("$SYS/broker/store/messages/count").await;
+    let mut held = None;
+    for _ in 0..10 {
+        held = broker_store_count(&mut watcher).await;
+        if held == Some(0) {
+            break;
+        }
+    }
+    assert_eq!(held, Some(0), "the broker still holds messages for us");
+    assert!(
+        metric(addr, "routemq_bridge_spool_bytes").await.unwrap_or(0.0)
+            > (topics * per_topic) as f64
+    );
+
+    redis.start_again();
+    all_written_once_in_order(&redis, topics, per_topic).await;
+    let m = metrics_until(addr, "spool drained", |m| {
+        sample(m, SPOOL_MESSAGES) == Some(0.0)
+    })
+    .await;
+    assert_eq!(
+        sample(&m, "routemq_bridge_spool_replayed_total"),
+        Some((topics * per_topic) as f64)
+    );
+    assert_eq!(sample(&m, "routemq_bridge_spool_dropped_total"), Some(0.0));
+    assert_eq!(
+        sample(&m, r#"routemq_bridge_messages_total{route="list",outcome="written"}"#),
+        Some((topics * per_topic) as f64)
+    );
+    assert_eq!(
+        get_until(addr, "/readyz", 200).await,
+        r#"{"ready":true,"mqtt":"up","redis":"up","spool":"idle"}"#
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_spooling_and_while_draining_loses_nothing_and_dedup_writes_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    let mut bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-kill",
+        &format!("{}{DEDUP_ROUTE}", spool_section(dir.path(), "")),
+    ));
+    let addr = http_addr(&bridge);
+    redis.stop();
+    spilling(addr).await;
+
+    let (topics, per_topic) = (20, 200);
+    let mut publisher = Client::connect(&broker, "spool-kill-publisher").await;
+    publisher.publish_all(messages(topics, 0..per_topic / 2)).await;
+    // Killed while it spools: part of the first half is in the spool, the rest with the
+    // broker (acked or not).
+    metrics_until(addr, "spooling under way", |m| {
+        sample(m, SPOOL_MESSAGES).is_some_and(|n| n >= 100.0)
+    })
+    .await;
+    bridge.kill();
+    bridge.spawn();
+    let addr = http_addr_after_restart(&bridge);
+    publisher
+        .publish_all(messages(topics, per_topic / 2..per_topic))
+        .await;
+    // Redeliveries of what was spooled but not yet acked are spooled again: at least all.
+    metrics_until(addr, "everything spooled", |m| {
+        sample(m, SPOOL_MESSAGES).is_some_and(|n| n >= (topics * per_topic) as f64)
+            && sample(m, INFLIGHT) == Some(0.0)
+    })
+    .await;
+
+    redis.start_again();
+    let mut conn = redis.client().get_connection().expect("redis");
+    // Killed while it drains.
+    eventually(WAIT, || {
+        (0..topics)
+            .map(|d| conn.llen::<_, usize>(format!("list:d{d}")).unwrap_or(0))
+            .sum::<usize>()
+            .ge(&(topics * per_topic / 4))
+            .then_some(())
+    })
+    .await
+    .expect("the drain started");
+    bridge.kill();
+    bridge.spawn();
+    all_written_once_in_order(&redis, topics, per_topic).await;
+    let addr = http_addr_after_restart(&bridge);
+    metrics_until(addr, "spool drained", |m| sample(m, SPOOL_MESSAGES) == Some(0.0)).await;
+    assert_eq!(
+        (0..topics)
+            .map(|d| list(&mut conn, d).len())
+            .sum::<usize>(),
+        topics * per_topic,
+        "nothing written twice"
+    );
+}
+
+/// The HTTP address the process spawned last logged.
+fn http_addr_after_restart(bridge: &Bridge) -> SocketAddr {
+    let log = bridge.log_text();
+    let needle = "http listening on ";
+    let start = log.rfind(needle).expect("http address logged") + needle.len();
+    let addr: String = log[start..]
+        .chars()
+        .take_while(|c| !c.is_whitespace())
+        .collect();
+    addr.parse().expect("address")
+}
+
+fn wal_of(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}-wal", path.display()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_last_record_in_the_wal_is_cut_with_a_warning_and_the_rest_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let mut redis = Redis::start();
+    let broker = broker();
+    // `always`: every commit is its own run of frames in the WAL, and nothing is
+    // checkpointed before the kill.
+    let mut bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-torn",
+        &format!("{}{LIST_ROUTE}", spool_section(dir.path(), "fsync = \"always\"")),
+    ));
+    let addr = http_addr(&bridge);
+    redis.stop();
+    spilling(addr).await;
+    let mut publisher = Client::connect(&broker, "spool-torn-publisher").await;
+    publisher.publish_all(messages(1, 0..49)).await;
+    spooled(addr, 49).await;
+    // The last record, in a commit of its own.
+    publisher.publish_all(messages(1, 49..50)).await;
+    spooled(addr, 50).await;
+    bridge.kill();
+
+    // Tear the last frame (the last record's commit) in the middle.
+    let wal = wal_of(&path);
+    let len = std::fs::metadata(&wal).expect("the WAL is there").len();
+    let file = std::fs::OpenOptions::new().write(true).open(&wal).unwrap();
+    file.set_len(len - 100).unwrap();
+    drop(file);
+
+    redis.start_again();
+    let offset = bridge.log_text().len();
+    bridge.spawn();
+    assert!(
+        bridge.wait_for_log_after(offset, "a frame cut short", WAIT),
+        "no warning about the torn WAL; log:\n{}",
+        &bridge.log_text()[offset..]
+    );
+    all_written_once_in_order(&redis, 1, 49).await;
+    // The torn record is gone (never replayed half), and the bridge runs on.
+    let addr = http_addr_after_restart(&bridge);
+    metrics_until(addr, "drained", |m| sample(m, SPOOL_MESSAGES) == Some(0.0)).await;
+    let mut conn = redis.client().get_connection().expect("redis");
+    assert_eq!(list(&mut conn, 0).len(), 49, "the torn record is not replayed");
+    publisher.publish_all(messages(1, 50..51)).await;
+    eventually(WAIT, || (list(&mut conn, 0).len() == 50).then_some(()))
+        .await
+        .expect("the bridge goes on after the repair");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbled_last_page_is_salvaged_with_a_warning_and_the_rest_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let mut redis = Redis::start();
+    let broker = broker();
+    let mut bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-garbled",
+        &format!("{}{LIST_ROUTE}", spool_section(dir.path(), "")),
+    ));
+    let addr = http_addr(&bridge);
+    redis.stop();
+    spilling(addr).await;
+    let mut publisher = Client::connect(&broker, "spool-garbled-publisher").await;
+    let n = 300;
+    publisher
+        .publish_all((0..n).map(|i| {
+            (
+                "spool/d0/data".to_string(),
+                payload(0, i).into_bytes(),
+            )
+        }))
+        .await;
+    spooled(addr, n).await;
+    // A clean stop folds the WAL into the database file.
+    assert!(bridge.terminate(WAIT).success());
+    assert!(!wal_of(&path).exists(), "the WAL is folded in at a clean stop");
+
+    // Garble the file's last page.
+    let bytes = std::fs::read(&path).unwrap();
+    let page = 4096;
+    assert!(bytes.len() >= 3 * page, "{} bytes", bytes.len());
+    let mut damaged = bytes.clone();
+    let from = bytes.len() - page;
+    for (i, b) in damaged[from..].iter_mut().enumerate() {
+        *b = (i as u8).wrapping_mul(37).wrapping_add(11);
+    }
+    std::fs::write(&path, damaged).unwrap();
+
+    redis.start_again();
+    let offset = bridge.log_text().len();
+    bridge.spawn();
+    assert!(
+        bridge.wait_for_log_after(offset, "the database file is damaged", WAIT),
+        "no warning about the damaged page; log:\n{}",
+        &bridge.log_text()[offset..]
+    );
+    let addr = http_addr_after_restart(&bridge);
+    metrics_until(addr, "drained", |m| sample(m, SPOOL_MESSAGES) == Some(0.0)).await;
+    let mut conn = redis.client().get_connection().expect("redis");
+    let got = list(&mut conn, 0);
+    // What was readable is replayed, in order, each once: the records of the garbled page
+    // (the newest) are missing, nothing else.
+    let want: Vec<String> = (0..got.len()).map(|i| payload(0, i)).collect();
+    assert_eq!(got, want, "a prefix, in order");
+    assert!(
+        got.len() >= n - 40 && got.len() < n,
+        "{} of {n} replayed: one page's worth lost",
+        got.len()
+    );
+    // The bridge runs on (no crash loop): a new message still goes through.
+    publisher
+        .publish_all([("spool/d1/data".to_string(), b"after".to_vec())])
+        .await;
+    eventually(WAIT, || (list(&mut conn, 1) == ["after"]).then_some(()))
+        .await
+        .expect("the bridge goes on after the repair");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_with_backpressure_stops_acking_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-backpressure",
+        &format!(
+            "{}{LIST_ROUTE}",
+            spool_section(dir.path(), "max_size = \"64KiB\"\non_full = \"backpressure\"")
+        ),
+    ));
+    let addr = http_addr(&bridge);
+    redis.stop();
+    spilling(addr).await;
+    let (topics, per_topic) = (10, 20);
+    let pad = "x".repeat(1000);
+    let mut publisher = Client::connect(&broker, "spool-backpressure-publisher").await;
+    let all: Vec<(String, Vec<u8>)> = messages(topics, 0..per_topic)
+        .into_iter()
+        .map(|(t, p)| (t, [p, pad.as_bytes().to_vec()].concat()))
+        .collect();
+    let size = "spool/d0/data".len() + all[0].1.len() + 32;
+    let fit = 64 * 1024 / size;
+    publisher.publish_all(all.clone()).await;
+    // The spool fills up to max_size and then holds the next message unacked.
+    let m = metrics_until(addr, "spool full, a message held", |m| {
+        sample(m, SPOOL_MESSAGES) == Some(fit as f64)
+            && sample(m, INFLIGHT).is_some_and(|n| n >= 1.0)
+    })
+    .await;
+    assert!(sample(&m, "routemq_bridge_spool_bytes").unwrap() <= 65536.0);
+    assert_eq!(sample(&m, "routemq_bridge_spool_dropped_total"), Some(0.0));
+    // Not acked: the broker still holds the rest for us.
+    let mut watcher = Client::connect(&broker, "spool-backpressure-sys").await;
+    watcher.subscribe("$SYS/broker/store/messages/count").await;
+    let held = broker_store_count(&mut watcher).await.expect("$SYS count");
+    assert!(held > 0, "the broker holds the unacked rest");
+
+    redis.start_again();
+    // Every message, spooled or held by the broker, lands once, in order per topic.
+    let mut want = Vec::new();
+    let mut conn = redis.client().get_connection().expect("redis");
+    let complete = eventually(Duration::from_secs(120), || {
+        (0..topics)
+            .all(|d| conn.llen::<_, usize>(format!("list:d{d}")).is_ok_and(|n| n >= per_topic))
+            .then_some(())
+    })
+    .await;
+    assert!(complete.is_some(), "not every message arrived");
+    for d in 0..topics {
+        want.clear();
+        for n in 0..per_topic {
+            want.push(format!("{}{pad}", payload(d, n)));
+        }
+        assert_eq!(list(&mut conn, d), want, "device {d}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_spool_with_drop_oldest_counts_and_dead_letters_the_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-drop",
+        &format!(
+            "{}{LIST_ROUTE}",
+            spool_section(dir.path(), "max_size = \"64KiB\"\non_full = \"drop_oldest\"")
+        ),
+    ));
+    let addr = http_addr(&bridge);
+    redis.stop();
+    spilling(addr).await;
+    let n = 200;
+    let pad = "x".repeat(1000);
+    let mut publisher = Client::connect(&broker, "spool-drop-publisher").await;
+    let all: Vec<(String, Vec<u8>)> = messages(1, 0..n)
+        .into_iter()
+        .map(|(t, p)| (t, [p, pad.as_bytes().to_vec()].concat()))
+        .collect();
+    let size = "spool/d0/data".len() + all[0].1.len() + 32;
+    let fit = 64 * 1024 / size;
+    publisher.publish_all(all).await;
+    let m = metrics_until(addr, "every message taken, the oldest dropped", |m| {
+        sample(m, SPOOL_MESSAGES) == Some(fit as f64) && sample(m, INFLIGHT) == Some(0.0)
+    })
+    .await;
+    let dropped = n - fit;
+    assert_eq!(
+        sample(&m, "routemq_bridge_spool_dropped_total"),
+        Some(dropped as f64)
+    );
+
+    redis.start_again();
+    let mut conn = redis.client().get_connection().expect("redis");
+    // The newest `fit` are written, in order.
+    eventually(Duration::from_secs(60), || {
+        (list(&mut conn, 0).len() >= fit).then_some(())
+    })
+    .await
+    .expect("the kept messages are replayed");
+    let want: Vec<String> = (dropped..n).map(|i| format!("{}{pad}", payload(0, i))).collect();
+    assert_eq!(list(&mut conn, 0), want);
+    // Each dropped one has its dead-letter record: topic and times, reason spool_full.
+    let records: Vec<String> = eventually(Duration::from_secs(30), || {
+        let records: Vec<String> = conn.lrange("dead_letter", 0, -1).ok()?;
+        (records.len() >= dropped).then_some(records)
+    })
+    .await
+    .expect("dead letters of the drops");
+    assert_eq!(records.len(), dropped);
+    for record in &records {
+        let v: serde_json::Value = serde_json::from_str(record).unwrap();
+        assert_eq!(v["reason"], "spool_full", "{record}");
+        assert_eq!(v["topic"], "spool/d0/data", "{record}");
+        assert!(
+            v["detail"].as_str().unwrap().contains("received at unix ms"),
+            "{record}"
+        );
+    }
+    let m = metrics_until(addr, "dead letters counted", |m| {
+        sample(m, r#"routemq_bridge_dead_letters_total{reason="spool_full"}"#)
+            == Some(dropped as f64)
+    })
+    .await;
+    assert_eq!(sample(&m, SPOOL_MESSAGES), Some(0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_only_route_keeps_flowing_while_the_spool_fills() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    // One topic, two routes: a forward that needs no Redis, and a write that does.
+    let routes = r#"
+[[routes]]
+name = "forward"
+topic = "spool/{device}/data"
+payload = "text"
+[[routes.actions]]
+op = "mqtt_publish"
+topic = "out/{device}"
+
+[[routes]]
+name = "list"
+topic = "spool/{device}/data"
+payload = "text"
+[[routes.actions]]
+op = "rpush"
+key = "list:{device}"
+"#;
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-forward",
+        &format!("{}{routes}", spool_section(dir.path(), "")),
+    ));
+    let addr = http_addr(&bridge);
+    let mut subscriber = Client::connect(&broker, "spool-forward-subscriber").await;
+    subscriber.subscribe("out/#").await;
+    redis.stop();
+    spilling(addr).await;
+    let (topics, per_topic) = (5, 40);
+    let mut publisher = Client::connect(&broker, "spool-forward-publisher").await;
+    publisher.publish_all(messages(topics, 0..per_topic)).await;
+    let mut forwarded = 0;
+    while forwarded < topics * per_topic {
+        subscriber
+            .next_message(WAIT)
+            .await
+            .expect("every forward arrives while Redis is down");
+        forwarded += 1;
+    }
+    spooled(addr, topics * per_topic).await;
+    let m = metrics_until(addr, "forwards counted", |_| true).await;
+    assert_eq!(
+        sample(&m, r#"routemq_bridge_messages_total{route="forward",outcome="written"}"#),
+        Some((topics * per_topic) as f64)
+    );
+    redis.start_again();
+    all_written_once_in_order(&redis, topics, per_topic).await;
+}
+
+#[test]
+fn check_prints_the_spool_and_names_the_key_of_a_bad_value() {
+    let redis_and_broker = "[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\n";
+    let (code, out) = crate::bridge::check_config(&format!(
+        "{redis_and_broker}[spool]\npath = \"/tmp/x/spool.db\"\nmax_size = \"1MiB\"\non_full = \"drop_oldest\"\nfsync = \"always\"\n"
+    ));
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("spool /tmp/x/spool.db (max_size 1048576 bytes, on_full drop_oldest, fsync always, after 5s)"),
+        "{out}"
+    );
+    let (code, out) = crate::bridge::check_config(&format!(
+        "{redis_and_broker}[spool]\npath = \"/tmp/x/spool.db\"\non_full = \"block\"\nbatch_window = \"0s\"\nmax_size = 10\n"
+    ));
+    assert_ne!(code, Some(0), "{out}");
+    for key in ["spool.on_full", "spool.batch_window", "spool.max_size"] {
+        assert!(out.contains(key), "{key} in:\n{out}");
+    }
+}
