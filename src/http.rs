@@ -309,7 +309,10 @@ mod tests {
             spilling: false,
             ..spooling
         };
-        assert!(!waiting.ready(), "before `after`, Redis being down is not covered yet");
+        assert!(
+            !waiting.ready(),
+            "before `after`, Redis being down is not covered yet"
+        );
         assert_eq!(
             waiting.body(),
             r#"{"ready":false,"mqtt":"up","redis":"down","spool":"idle"}"#

@@ -76,10 +76,7 @@ impl SpoolConfig {
         let max_size = t
             .parse("max_size", |n: Size| {
                 if n.0 < 64 * 1024 {
-                    Err(format!(
-                        "must be at least \"64KiB\", found {} bytes",
-                        n.0
-                    ))
+                    Err(format!("must be at least \"64KiB\", found {} bytes", n.0))
                 } else {
                     Ok(n.0)
                 }
@@ -127,10 +124,7 @@ impl SpoolConfig {
             },
             match self.fsync {
                 Fsync::Always => String::new(),
-                Fsync::Batch => format!(
-                    " every {}",
-                    humantime::format_duration(self.batch_window)
-                ),
+                Fsync::Batch => format!(" every {}", humantime::format_duration(self.batch_window)),
             },
             humantime::format_duration(self.after)
         )

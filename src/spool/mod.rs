@@ -58,8 +58,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{watch, Notify};
 
-pub use config::SpoolConfig;
 use config::OnFull;
+pub use config::SpoolConfig;
 use store::{lock, Record, SharedLedger, Store, StoreError};
 
 use crate::events;
@@ -178,7 +178,12 @@ impl Spool {
         }
         if direct {
             engine
-                .process_part(&publish.topic, &publish.payload, inbound.received, Part::Direct)
+                .process_part(
+                    &publish.topic,
+                    &publish.payload,
+                    inbound.received,
+                    Part::Direct,
+                )
                 .await;
         }
         if self.must_spool(&publish.topic) {
@@ -232,7 +237,12 @@ impl Spool {
                 store::forget(&self.ledger, &topic, size);
                 events::spool_store_error("append", &e);
                 engine
-                    .process_part(&publish.topic, &publish.payload, inbound.received, Part::Redis)
+                    .process_part(
+                        &publish.topic,
+                        &publish.payload,
+                        inbound.received,
+                        Part::Redis,
+                    )
                     .await;
                 inbound.finish();
             }
@@ -248,7 +258,8 @@ async fn watch_redis(
     path: std::path::PathBuf,
     spilling: watch::Sender<bool>,
 ) {
-    let unwritable = |s: &ConnectionState| matches!(s, ConnectionState::Down | ConnectionState::Refusing);
+    let unwritable =
+        |s: &ConnectionState| matches!(s, ConnectionState::Down | ConnectionState::Refusing);
     loop {
         if state.wait_for(unwritable).await.is_err() {
             return;

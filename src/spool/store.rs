@@ -454,7 +454,12 @@ fn copy_readable(old: &Connection, new: &Connection) -> (u64, Vec<String>) {
 
 /// Copies the records after `after` until the end (`Ok(None)`) or a read error
 /// (`Err(last id copied)`).
-fn copy_from(old: &Connection, new: &Connection, after: i64, kept: &mut u64) -> Result<Option<i64>, i64> {
+fn copy_from(
+    old: &Connection,
+    new: &Connection,
+    after: i64,
+    kept: &mut u64,
+) -> Result<Option<i64>, i64> {
     let mut last = after;
     let mut stmt = old
         .prepare(
@@ -531,8 +536,9 @@ fn load_ledger(conn: &Connection, ledger: &mut Ledger) -> rusqlite::Result<()> {
         ledger.bytes += bytes.max(0) as u64 + count * RECORD_OVERHEAD;
         ledger.topics.insert(topic, count);
     }
-    ledger.dropped_waiting =
-        conn.query_row("SELECT COUNT(*) FROM dropped", [], |r| r.get::<_, i64>(0))?.max(0) as u64;
+    ledger.dropped_waiting = conn
+        .query_row("SELECT COUNT(*) FROM dropped", [], |r| r.get::<_, i64>(0))?
+        .max(0) as u64;
     Ok(())
 }
 
@@ -950,7 +956,10 @@ fn drop_oldest(
     let (over, cursor) = {
         let ledger = lock(ledger);
         (
-            ledger.bytes.saturating_sub(drops.bytes).saturating_sub(max_size),
+            ledger
+                .bytes
+                .saturating_sub(drops.bytes)
+                .saturating_sub(max_size),
             ledger.replay_cursor,
         )
     };
@@ -1023,8 +1032,12 @@ mod tests {
     async fn records_come_back_in_order_and_leave_when_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let ledger = SharedLedger::default();
-        let store = Store::open(&config(dir.path(), Fsync::Batch), ledger.clone(), Arc::default())
-            .unwrap();
+        let store = Store::open(
+            &config(dir.path(), Fsync::Batch),
+            ledger.clone(),
+            Arc::default(),
+        )
+        .unwrap();
         for n in 0..10 {
             let r = record(if n % 2 == 0 { "a" } else { "b" }, n);
             lock(&ledger).add(&r.topic, r.size());
@@ -1039,7 +1052,10 @@ mod tests {
         assert_eq!(ns[0], "{\"n\":0}");
         assert_eq!(ns[9], "{\"n\":9}");
         assert_eq!(lock(&ledger).messages, 10);
-        store.delete(read.iter().map(|s| s.id).collect()).await.unwrap();
+        store
+            .delete(read.iter().map(|s| s.id).collect())
+            .await
+            .unwrap();
         assert_eq!(lock(&ledger).messages, 0);
         assert!(lock(&ledger).topics.is_empty());
         assert_eq!(lock(&ledger).bytes, 0);
@@ -1050,9 +1066,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let ledger = SharedLedger::default();
-            let store =
-                Store::open(&config(dir.path(), Fsync::Always), ledger.clone(), Arc::default())
-                    .unwrap();
+            let store = Store::open(
+                &config(dir.path(), Fsync::Always),
+                ledger.clone(),
+                Arc::default(),
+            )
+            .unwrap();
             for n in 0..5 {
                 let r = record("t", n);
                 lock(&ledger).add(&r.topic, r.size());
@@ -1063,9 +1082,11 @@ mod tests {
         let ledger = SharedLedger::default();
         let mut opened = None;
         for _ in 0..100 {
-            if let Ok(store) =
-                Store::open(&config(dir.path(), Fsync::Always), ledger.clone(), Arc::default())
-            {
+            if let Ok(store) = Store::open(
+                &config(dir.path(), Fsync::Always),
+                ledger.clone(),
+                Arc::default(),
+            ) {
                 opened = Some(store);
                 break;
             }

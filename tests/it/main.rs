@@ -32,7 +32,7 @@ mod scale_out;
 mod secrets;
 mod sentinel;
 mod session;
-mod spool;
 mod silent_redis;
+mod spool;
 mod stages;
 mod vendored_rumqttc;

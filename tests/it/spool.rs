@@ -132,13 +132,6 @@ async fn all_written_once_in_order(redis: &Redis, topics: usize, per_topic: usiz
     }
 }
 
-/// The number of messages Mosquitto holds (queued for sessions, in flight, retained), from
-/// `$SYS` (published every `sys_interval`).
-async fn broker_store_count(watcher: &mut Client) -> Option<u64> {
-    let message = watcher.next_message(Duration::from_secs(5)).await?;
-    std::str::from_utf8(&message.payload).ok()?.trim().parse().ok()
-}
-
 /// Waits until `/readyz` says the spool takes what Redis cannot; its body.
 async fn spilling(addr: SocketAddr) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -155,9 +148,8 @@ async fn spilling(addr: SocketAddr) -> String {
     }
 }
 
-/// Mosquitto reporting its store every second.
 fn broker() -> Mosquitto {
-    Mosquitto::start_with("sys_interval 1")
+    Mosquitto::start()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,19 +180,23 @@ async fn a_long_outage_is_spooled_acked_and_replayed_once_in_order() {
     let mut publisher = Client::connect(&broker, "spool-outage-publisher").await;
     publisher.publish_all(messages(topics, 0..per_topic)).await;
     spooled(addr, topics * per_topic).await;
-    // Everything was acked to the broker: nothing of it is held there any more.
-    let mut watcher = Client::connect(&broker, "spool-outage-sys").await;
-    watcher.subscribe("$SYS/broker/store/messages/count").await;
-    let mut held = None;
-    for _ in 0..10 {
-        held = broker_store_count(&mut watcher).await;
-        if held == Some(0) {
-            break;
-        }
-    }
-    assert_eq!(held, Some(0), "the broker still holds messages for us");
+    // Every message was acked to the broker: the session holds nothing for us any more. A
+    // clean restart shows it — the spool is still there, and the broker would redeliver
+    // anything unacked before a marker published after the restart (nothing is spooled
+    // twice: no dedup on this route).
+    let mut bridge = bridge;
+    assert!(bridge.terminate(WAIT).success());
+    bridge.spawn();
+    let addr = http_addr_after_restart(&bridge);
+    spilling(addr).await;
+    publisher
+        .publish_all([("spool/marker/data".to_string(), b"marker".to_vec())])
+        .await;
+    spooled(addr, topics * per_topic + 1).await;
     assert!(
-        metric(addr, "routemq_bridge_spool_bytes").await.unwrap_or(0.0)
+        metric(addr, "routemq_bridge_spool_bytes")
+            .await
+            .unwrap_or(0.0)
             > (topics * per_topic) as f64
     );
 
@@ -210,14 +206,18 @@ async fn a_long_outage_is_spooled_acked_and_replayed_once_in_order() {
         sample(m, SPOOL_MESSAGES) == Some(0.0)
     })
     .await;
+    // The marker too; counted since the restart.
     assert_eq!(
         sample(&m, "routemq_bridge_spool_replayed_total"),
-        Some((topics * per_topic) as f64)
+        Some((topics * per_topic + 1) as f64)
     );
     assert_eq!(sample(&m, "routemq_bridge_spool_dropped_total"), Some(0.0));
     assert_eq!(
-        sample(&m, r#"routemq_bridge_messages_total{route="list",outcome="written"}"#),
-        Some((topics * per_topic) as f64)
+        sample(
+            &m,
+            r#"routemq_bridge_messages_total{route="list",outcome="written"}"#
+        ),
+        Some((topics * per_topic + 1) as f64)
     );
     assert_eq!(
         get_until(addr, "/readyz", 200).await,
@@ -242,7 +242,9 @@ async fn kill_9_while_spooling_and_while_draining_loses_nothing_and_dedup_writes
 
     let (topics, per_topic) = (20, 200);
     let mut publisher = Client::connect(&broker, "spool-kill-publisher").await;
-    publisher.publish_all(messages(topics, 0..per_topic / 2)).await;
+    publisher
+        .publish_all(messages(topics, 0..per_topic / 2))
+        .await;
     // Killed while it spools: part of the first half is in the spool, the rest with the
     // broker (acked or not).
     metrics_until(addr, "spooling under way", |m| {
@@ -278,11 +280,12 @@ async fn kill_9_while_spooling_and_while_draining_loses_nothing_and_dedup_writes
     bridge.spawn();
     all_written_once_in_order(&redis, topics, per_topic).await;
     let addr = http_addr_after_restart(&bridge);
-    metrics_until(addr, "spool drained", |m| sample(m, SPOOL_MESSAGES) == Some(0.0)).await;
+    metrics_until(addr, "spool drained", |m| {
+        sample(m, SPOOL_MESSAGES) == Some(0.0)
+    })
+    .await;
     assert_eq!(
-        (0..topics)
-            .map(|d| list(&mut conn, d).len())
-            .sum::<usize>(),
+        (0..topics).map(|d| list(&mut conn, d).len()).sum::<usize>(),
         topics * per_topic,
         "nothing written twice"
     );
@@ -316,7 +319,10 @@ async fn a_torn_last_record_in_the_wal_is_cut_with_a_warning_and_the_rest_replay
         &redis,
         &broker,
         "spool-torn",
-        &format!("{}{LIST_ROUTE}", spool_section(dir.path(), "fsync = \"always\"")),
+        &format!(
+            "{}{LIST_ROUTE}",
+            spool_section(dir.path(), "fsync = \"always\"")
+        ),
     ));
     let addr = http_addr(&bridge);
     redis.stop();
@@ -349,7 +355,11 @@ async fn a_torn_last_record_in_the_wal_is_cut_with_a_warning_and_the_rest_replay
     let addr = http_addr_after_restart(&bridge);
     metrics_until(addr, "drained", |m| sample(m, SPOOL_MESSAGES) == Some(0.0)).await;
     let mut conn = redis.client().get_connection().expect("redis");
-    assert_eq!(list(&mut conn, 0).len(), 49, "the torn record is not replayed");
+    assert_eq!(
+        list(&mut conn, 0).len(),
+        49,
+        "the torn record is not replayed"
+    );
     publisher.publish_all(messages(1, 50..51)).await;
     eventually(WAIT, || (list(&mut conn, 0).len() == 50).then_some(()))
         .await
@@ -372,19 +382,24 @@ async fn a_garbled_last_page_is_salvaged_with_a_warning_and_the_rest_replayed() 
     redis.stop();
     spilling(addr).await;
     let mut publisher = Client::connect(&broker, "spool-garbled-publisher").await;
-    let n = 300;
+    // 200-byte payloads: about 17 records to a 4 KiB page.
+    let n = 1000;
+    let pad = "p".repeat(200);
     publisher
         .publish_all((0..n).map(|i| {
             (
                 "spool/d0/data".to_string(),
-                payload(0, i).into_bytes(),
+                format!("{}{pad}", payload(0, i)).into_bytes(),
             )
         }))
         .await;
     spooled(addr, n).await;
     // A clean stop folds the WAL into the database file.
     assert!(bridge.terminate(WAIT).success());
-    assert!(!wal_of(&path).exists(), "the WAL is folded in at a clean stop");
+    assert!(
+        !wal_of(&path).exists(),
+        "the WAL is folded in at a clean stop"
+    );
 
     // Garble the file's last page.
     let bytes = std::fs::read(&path).unwrap();
@@ -411,10 +426,12 @@ async fn a_garbled_last_page_is_salvaged_with_a_warning_and_the_rest_replayed() 
     let got = list(&mut conn, 0);
     // What was readable is replayed, in order, each once: the records of the garbled page
     // (the newest) are missing, nothing else.
-    let want: Vec<String> = (0..got.len()).map(|i| payload(0, i)).collect();
+    let want: Vec<String> = (0..got.len())
+        .map(|i| format!("{}{pad}", payload(0, i)))
+        .collect();
     assert_eq!(got, want, "a prefix, in order");
     assert!(
-        got.len() >= n - 40 && got.len() < n,
+        got.len() >= n - 20 && got.len() < n,
         "{} of {n} replayed: one page's worth lost",
         got.len()
     );
@@ -438,7 +455,10 @@ async fn a_full_spool_with_backpressure_stops_acking_and_loses_nothing() {
         "spool-backpressure",
         &format!(
             "{}{LIST_ROUTE}",
-            spool_section(dir.path(), "max_size = \"64KiB\"\non_full = \"backpressure\"")
+            spool_section(
+                dir.path(),
+                "max_size = \"64KiB\"\non_full = \"backpressure\""
+            )
         ),
     ));
     let addr = http_addr(&bridge);
@@ -462,19 +482,16 @@ async fn a_full_spool_with_backpressure_stops_acking_and_loses_nothing() {
     .await;
     assert!(sample(&m, "routemq_bridge_spool_bytes").unwrap() <= 65536.0);
     assert_eq!(sample(&m, "routemq_bridge_spool_dropped_total"), Some(0.0));
-    // Not acked: the broker still holds the rest for us.
-    let mut watcher = Client::connect(&broker, "spool-backpressure-sys").await;
-    watcher.subscribe("$SYS/broker/store/messages/count").await;
-    let held = broker_store_count(&mut watcher).await.expect("$SYS count");
-    assert!(held > 0, "the broker holds the unacked rest");
-
     redis.start_again();
     // Every message, spooled or held by the broker, lands once, in order per topic.
     let mut want = Vec::new();
     let mut conn = redis.client().get_connection().expect("redis");
     let complete = eventually(Duration::from_secs(120), || {
         (0..topics)
-            .all(|d| conn.llen::<_, usize>(format!("list:d{d}")).is_ok_and(|n| n >= per_topic))
+            .all(|d| {
+                conn.llen::<_, usize>(format!("list:d{d}"))
+                    .is_ok_and(|n| n >= per_topic)
+            })
             .then_some(())
     })
     .await;
@@ -499,7 +516,10 @@ async fn a_full_spool_with_drop_oldest_counts_and_dead_letters_the_drops() {
         "spool-drop",
         &format!(
             "{}{LIST_ROUTE}",
-            spool_section(dir.path(), "max_size = \"64KiB\"\non_full = \"drop_oldest\"")
+            spool_section(
+                dir.path(),
+                "max_size = \"64KiB\"\non_full = \"drop_oldest\""
+            )
         ),
     ));
     let addr = http_addr(&bridge);
@@ -533,7 +553,9 @@ async fn a_full_spool_with_drop_oldest_counts_and_dead_letters_the_drops() {
     })
     .await
     .expect("the kept messages are replayed");
-    let want: Vec<String> = (dropped..n).map(|i| format!("{}{pad}", payload(0, i))).collect();
+    let want: Vec<String> = (dropped..n)
+        .map(|i| format!("{}{pad}", payload(0, i)))
+        .collect();
     assert_eq!(list(&mut conn, 0), want);
     // Each dropped one has its dead-letter record: topic and times, reason spool_full.
     let records: Vec<String> = eventually(Duration::from_secs(30), || {
@@ -548,13 +570,18 @@ async fn a_full_spool_with_drop_oldest_counts_and_dead_letters_the_drops() {
         assert_eq!(v["reason"], "spool_full", "{record}");
         assert_eq!(v["topic"], "spool/d0/data", "{record}");
         assert!(
-            v["detail"].as_str().unwrap().contains("received at unix ms"),
+            v["detail"]
+                .as_str()
+                .unwrap()
+                .contains("received at unix ms"),
             "{record}"
         );
     }
     let m = metrics_until(addr, "dead letters counted", |m| {
-        sample(m, r#"routemq_bridge_dead_letters_total{reason="spool_full"}"#)
-            == Some(dropped as f64)
+        sample(
+            m,
+            r#"routemq_bridge_dead_letters_total{reason="spool_full"}"#,
+        ) == Some(dropped as f64)
     })
     .await;
     assert_eq!(sample(&m, SPOOL_MESSAGES), Some(0.0));
@@ -608,7 +635,10 @@ key = "list:{device}"
     spooled(addr, topics * per_topic).await;
     let m = metrics_until(addr, "forwards counted", |_| true).await;
     assert_eq!(
-        sample(&m, r#"routemq_bridge_messages_total{route="forward",outcome="written"}"#),
+        sample(
+            &m,
+            r#"routemq_bridge_messages_total{route="forward",outcome="written"}"#
+        ),
         Some((topics * per_topic) as f64)
     );
     redis.start_again();
@@ -617,7 +647,8 @@ key = "list:{device}"
 
 #[test]
 fn check_prints_the_spool_and_names_the_key_of_a_bad_value() {
-    let redis_and_broker = "[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\n";
+    let redis_and_broker =
+        "[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\n";
     let (code, out) = crate::bridge::check_config(&format!(
         "{redis_and_broker}[spool]\npath = \"/tmp/x/spool.db\"\nmax_size = \"1MiB\"\non_full = \"drop_oldest\"\nfsync = \"always\"\n"
     ));
