@@ -7,7 +7,10 @@
 //!    empty that queue; (b) and (c) are reported as ratios to (a), all from one run;
 //! 2. **live** — publishes at fixed rates to a running bridge and measures publish →
 //!    visible-in-Redis latency (keyspace notifications), RSS under load and idle, CPU;
-//! 3. **accounting** — every message must be in Redis (its own key), nothing in the dead
+//! 3. **spool** (`--parts spool`, not by default) — the bridge spools N messages while its
+//!    Redis is not there yet, then drains them with live traffic on other topics: append
+//!    and replay rates, live p99 during the drain against after it (spec §6.2);
+//! 4. **accounting** — every message must be in Redis (its own key), nothing in the dead
 //!    letter, outcome counters (when the bridge serves `/metrics`) all `written`, and
 //!    nothing left unacknowledged in the broker.
 //!
@@ -18,6 +21,7 @@ mod mqtt;
 mod procstat;
 mod report;
 mod services;
+mod spool;
 mod store;
 
 use std::collections::BTreeMap;
@@ -67,13 +71,17 @@ struct Args {
     /// `{run}` becomes drain-b, live-c, ...; footprint numbers are then the wrapper's.
     #[arg(long, allow_hyphen_values = true)]
     bridge_prefix: Option<String>,
-    /// What to run: drain, live (comma-separated).
+    /// What to run: drain, live, spool (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "drain,live")]
     parts: Vec<String>,
     /// Routes for the live runs: b (one set), c (the full route), f (one set and an
     /// `mqtt_publish` forward, to measure what confirming forwards costs).
     #[arg(long, value_delimiter = ',', default_value = "b,c")]
     live_routes: Vec<String>,
+    /// The live rate during and after the spool's drain (`--parts spool`), messages per
+    /// second, for `--live-seconds` each.
+    #[arg(long, default_value_t = 1000)]
+    spool_rate: u64,
     /// Where the JSON goes.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/out"))]
     out: PathBuf,
@@ -785,6 +793,13 @@ async fn run(args: Args) -> Res<Report> {
                     .map(|p| format!("live ({}): {p}", route.short())),
             );
         }
+    }
+    if args.parts.iter().any(|p| p == "spool") {
+        eprintln!(
+            "spool: {} messages spooled, then drained with live traffic at {} msg/s...",
+            args.messages, args.spool_rate
+        );
+        report.spool = Some(bench.spool().await?);
     }
     Ok(report)
 }

@@ -242,13 +242,27 @@ impl Paced {
     /// fixed schedule (late slots are sent at once, so a stall shows up as latency, not as
     /// a lower rate). Returns when each was handed to the client.
     pub async fn run(&self, first: u64, count: u64, rate: u64, devices: u64) -> Res<Vec<Instant>> {
+        self.run_offset(first, count, rate, devices, 0).await
+    }
+
+    /// [`Paced::run`] on devices `dev-<offset>` … `dev-<offset + devices - 1>` (topics no
+    /// other part of the run uses).
+    pub async fn run_offset(
+        &self,
+        first: u64,
+        count: u64,
+        rate: u64,
+        devices: u64,
+        offset: u64,
+    ) -> Res<Vec<Instant>> {
         let mut sent = Vec::with_capacity(count as usize);
         let start = tokio::time::Instant::now();
         for i in 0..count {
             let slot = start + Duration::from_nanos(i * 1_000_000_000 / rate.max(1));
             tokio::time::sleep_until(slot).await;
             let seq = first + i;
-            let (t, p) = (topic(seq, devices), payload(seq, devices));
+            let t = format!("bench/dev-{}/data", offset + seq % devices);
+            let p = payload(seq, devices);
             sent.push(Instant::now());
             self.client.publish(t, QoS::AtLeastOnce, false, p).await?;
         }

@@ -93,6 +93,29 @@ pub struct LiveRow {
     pub cpu_s: f64,
 }
 
+/// `--parts spool`: the spool's append and replay rates, and live latency during its drain.
+pub struct SpoolRow {
+    pub messages: u64,
+    pub append_s: f64,
+    pub append_rate: f64,
+    pub spool_file_bytes: u64,
+    pub drain_s: f64,
+    pub replay_rate: f64,
+    pub live_rate: u64,
+    /// Live messages sent while the drain ran, and their latencies.
+    pub during_count: u64,
+    pub during_p50_ms: f64,
+    pub during_p99_ms: f64,
+    /// The same traffic after the drain.
+    pub baseline_p50_ms: f64,
+    pub baseline_p99_ms: f64,
+    pub accounted: bool,
+    pub problems: Vec<String>,
+}
+
+/// Spec §6.2 / issue 15: live p99 during a drain within this factor of p99 without one.
+pub const MAX_DRAIN_P99_FACTOR: f64 = 3.0;
+
 pub struct IdleRow {
     pub when: String,
     pub rss_kib: u64,
@@ -108,6 +131,7 @@ pub struct Report {
     pub drain: Vec<DrainRow>,
     pub live: Vec<LiveRow>,
     pub idle: Vec<IdleRow>,
+    pub spool: Option<SpoolRow>,
     pub problems: Vec<String>,
     pub wall_s: f64,
     /// 1-minute load average at the start and end of the run.
@@ -133,6 +157,7 @@ impl Report {
             drain: Vec::new(),
             live: Vec::new(),
             idle: Vec::new(),
+            spool: None,
             problems: Vec::new(),
             wall_s: 0.0,
             load_start: String::new(),
@@ -155,6 +180,10 @@ impl Report {
     pub fn all_accounted(&self) -> bool {
         self.drain.iter().all(DrainRow::accounted_for)
             && self.live.iter().all(|l| l.seen == l.sent)
+            && self
+                .spool
+                .as_ref()
+                .is_none_or(|s| s.accounted && s.problems.is_empty())
             && self.problems.is_empty()
     }
 
@@ -197,6 +226,20 @@ impl Report {
                 format!("{} idle CPU ~ 0", idle.when),
                 Some(idle.cpu_s <= MAX_IDLE_CPU_SHARE * idle.window_s),
                 format!("{:.2} s in {:.0} s", idle.cpu_s, idle.window_s),
+            ));
+        }
+        if let Some(s) = &self.spool {
+            t.push((
+                format!(
+                    "spool: live p99 during a drain <= {MAX_DRAIN_P99_FACTOR} x without"
+                ),
+                Some(s.during_p99_ms <= MAX_DRAIN_P99_FACTOR * s.baseline_p99_ms),
+                format!(
+                    "{:.2} ms vs {:.2} ms ({:.1} x)",
+                    s.during_p99_ms,
+                    s.baseline_p99_ms,
+                    s.during_p99_ms / s.baseline_p99_ms
+                ),
             ));
         }
         t.push((
@@ -338,6 +381,30 @@ impl Report {
                 }
             );
         }
+        if let Some(sp) = &self.spool {
+            let _ = writeln!(
+                s,
+                "\nspool (spec §6.2): {} messages appended in {:.1} s ({:.0} msg/s, file {:.1} MiB), \
+                 replayed in {:.1} s ({:.0} msg/s)\n  live at {} msg/s on other topics: during \
+                 the drain ({} messages) p50 {:.2} ms p99 {:.2} ms; after it p50 {:.2} ms p99 \
+                 {:.2} ms",
+                sp.messages,
+                sp.append_s,
+                sp.append_rate,
+                sp.spool_file_bytes as f64 / (1024.0 * 1024.0),
+                sp.drain_s,
+                sp.replay_rate,
+                sp.live_rate,
+                sp.during_count,
+                sp.during_p50_ms,
+                sp.during_p99_ms,
+                sp.baseline_p50_ms,
+                sp.baseline_p99_ms
+            );
+            for p in &sp.problems {
+                let _ = writeln!(s, "problem (spool): {p}");
+            }
+        }
         for p in &self.problems {
             let _ = writeln!(s, "problem: {p}");
         }
@@ -414,6 +481,22 @@ impl Report {
                 "cpu_s": i.cpu_s,
                 "window_s": i.window_s,
             })).collect::<Vec<_>>(),
+            "spool": self.spool.as_ref().map(|s| json!({
+                "messages": s.messages,
+                "append_s": s.append_s,
+                "append_rate_msg_s": s.append_rate,
+                "spool_file_bytes": s.spool_file_bytes,
+                "drain_s": s.drain_s,
+                "replay_rate_msg_s": s.replay_rate,
+                "live_rate_msg_s": s.live_rate,
+                "during_drain_messages": s.during_count,
+                "during_drain_p50_ms": s.during_p50_ms,
+                "during_drain_p99_ms": s.during_p99_ms,
+                "after_drain_p50_ms": s.baseline_p50_ms,
+                "after_drain_p99_ms": s.baseline_p99_ms,
+                "accounted": s.accounted,
+                "problems": s.problems,
+            })),
             "targets": self.targets().into_iter().map(|(name, ok, value)| json!({
                 "target": name, "met": ok, "value": value,
             })).collect::<Vec<_>>(),

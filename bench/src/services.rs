@@ -140,11 +140,20 @@ pub fn redis() -> Res<Service> {
     redis_server("redis", &[])
 }
 
+/// `redis-server` without persistence on `port` (the spool part starts it only once the
+/// bridge has spooled its load).
+pub fn redis_on(port: u16) -> Res<Service> {
+    redis_server_on("redis-late", &[], port)
+}
+
 /// `redis-server` without persistence in a directory of its own, with `extra` arguments.
 fn redis_server(label: &str, extra: &[&str]) -> Res<Service> {
+    redis_server_on(label, extra, free_port()?)
+}
+
+fn redis_server_on(label: &str, extra: &[&str], port: u16) -> Res<Service> {
     let binary = find_binary("redis-server", "redis-server")?;
     let dir = TempDir::new(label)?;
-    let port = free_port()?;
     let (port_arg, dir_arg) = (port.to_string(), dir.path().display().to_string());
     let args: Vec<String> = [
         "--port",
