@@ -7,6 +7,8 @@
 //! payload, so a flood of large bad messages cannot fill Redis — which would then refuse
 //! every write (`OOM`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -20,6 +22,22 @@ pub const TRUNCATE_AT: usize = 1024;
 
 /// The default of `[dead_letter] max_payload`.
 pub const DEFAULT_MAX_PAYLOAD: usize = 64 * 1024;
+
+/// Somewhere to keep dead-letter records while Redis cannot take them: the local spool
+/// (spec §6.2). Without one, a record waits for Redis, and so does its message's ack — and,
+/// acks leaving in arrival order, every later message's: during a long outage one invalid
+/// message would hold back everything the spool took.
+pub trait Keeper: Send + Sync {
+    /// Resolves once records should be kept rather than waited for.
+    fn spilling(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Keeps `record` until Redis is back; `false` when it could not (the caller waits for
+    /// Redis then).
+    fn keep(
+        &self,
+        reason: Reason,
+        record: String,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + '_>>;
+}
 
 /// Where refused messages are recorded (`[dead_letter]`).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -32,6 +32,22 @@ impl Reason {
         }
     }
 
+    /// The reason named `name` (as [`Reason::as_str`] writes it).
+    pub fn parse(name: &str) -> Option<Reason> {
+        [
+            Reason::InvalidJson,
+            Reason::InvalidUtf8,
+            Reason::PayloadTooLarge,
+            Reason::InvalidParam,
+            Reason::MissingField,
+            Reason::RedisError,
+            Reason::InternalError,
+            Reason::SpoolFull,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == name)
+    }
+
     pub fn from_render(e: &crate::template::RenderError) -> Reason {
         match e.reason() {
             "invalid_utf8" => Reason::InvalidUtf8,

@@ -230,9 +230,7 @@ impl Report {
         }
         if let Some(s) = &self.spool {
             t.push((
-                format!(
-                    "spool: live p99 during a drain <= {MAX_DRAIN_P99_FACTOR} x without"
-                ),
+                format!("spool: live p99 during a drain <= {MAX_DRAIN_P99_FACTOR} x without"),
                 Some(s.during_p99_ms <= MAX_DRAIN_P99_FACTOR * s.baseline_p99_ms),
                 format!(
                     "{:.2} ms vs {:.2} ms ({:.1} x)",

@@ -457,6 +457,9 @@ pub async fn run(loaded: Loaded) -> Result<(), DaemonError> {
         max_payload(&config),
         dead_letter(&config),
     ));
+    if let Some(spool) = &spool {
+        engine.set_keeper(spool.clone());
+    }
     let dispatcher = match &spool {
         Some(spool) => Lanes::Spooled(Dispatcher::new(Arc::new(Front {
             engine: engine.clone(),

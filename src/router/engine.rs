@@ -13,7 +13,7 @@
 //! (WRONGTYPE, a bad payload) becomes `failed`/`invalid` and a dead-letter record.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use arc_swap::ArcSwap;
@@ -54,6 +54,8 @@ pub struct Engine {
     /// `lease:<client_id>:<run>`; the rest of the nonce, per message, completes a dedup
     /// lease value.
     lease_prefix: String,
+    /// With `[spool]`: keeps dead-letter records while Redis cannot take them.
+    keeper: OnceLock<Arc<dyn crate::dead_letter::Keeper>>,
 }
 
 impl Engine {
@@ -74,6 +76,7 @@ impl Engine {
             max_payload: ArcSwap::from_pointee(max_payload),
             dead_letter: ArcSwap::from_pointee(dead_letter),
             lease_prefix: crate::middleware::dedup::lease_prefix(client_id),
+            keeper: OnceLock::new(),
         }
     }
 
@@ -93,6 +96,11 @@ impl Engine {
         self.table.store(Arc::new(table));
         self.max_payload.store(Arc::new(max_payload));
         self.dead_letter.store(Arc::new(dead_letter));
+    }
+
+    /// Dead-letter records go to `keeper` while it spills, instead of waiting for Redis.
+    pub fn set_keeper(&self, keeper: Arc<dyn crate::dead_letter::Keeper>) {
+        let _ = self.keeper.set(keeper);
     }
 
     pub fn routes(&self) -> Arc<RouteTable> {
@@ -192,17 +200,12 @@ impl Engine {
         events::message_outcome(&route.name, &route.metrics, topic, &outcome, received);
     }
 
-    /// The dead-letter record of a message the spool dropped when full (`on_full =
-    /// "drop_oldest"`): its topic and times, no payload (spec §6.2).
-    pub async fn dead_letter_spool_drop(&self, topic: &str, received_ms: i64, dropped_ms: i64) {
+    /// Writes a dead-letter record the spool kept while Redis was down (spec §6.2),
+    /// waiting for Redis; counted now, when it is in Redis.
+    pub async fn push_dead_letter(&self, reason: Reason, record: &str) {
         let target = self.dead_letter.load_full();
-        let detail = format!(
-            "dropped from the full spool (spool.on_full = \"drop_oldest\"); received at unix \
-             ms {received_ms}, dropped at unix ms {dropped_ms}"
-        );
-        let record = target.record(topic, "", Reason::SpoolFull, &detail, b"");
         let mut pipe = ::redis::pipe();
-        target.push(&mut pipe, &record);
+        target.push(&mut pipe, record);
         let env = Env {
             redis: &self.redis,
             limiter: &self.limiter,
@@ -213,9 +216,9 @@ impl Engine {
             .until_redis(|| self.redis.query_pipeline::<()>(&pipe))
             .await
         {
-            Ok(()) => events::dead_lettered(Reason::SpoolFull),
+            Ok(()) => events::dead_lettered(reason),
             Err(e) => {
-                tracing::error!(reason = Reason::SpoolFull.as_str(), error = %e, "could not write the dead letter")
+                tracing::error!(reason = reason.as_str(), error = %e, "could not write the dead letter")
             }
         }
     }
@@ -387,10 +390,25 @@ impl Engine {
     ) {
         let mut pipe = ::redis::pipe();
         target.push(&mut pipe, &record);
-        let result = self
-            .env(route)
-            .until_redis(|| self.redis.query_pipeline::<()>(&pipe))
-            .await;
+        let env = self.env(route);
+        let write = env.until_redis(|| self.redis.query_pipeline::<()>(&pipe));
+        let result = match self.keeper.get() {
+            None => write.await,
+            // With a spool, a record that waits for Redis longer than the spool's `after`
+            // is kept there instead, so its message can be acked (spec §6.2).
+            Some(keeper) => {
+                tokio::select! {
+                    biased;
+                    result = write => result,
+                    () = keeper.spilling() => {
+                        if keeper.keep(reason, record.clone()).await {
+                            return;
+                        }
+                        env.until_redis(|| self.redis.query_pipeline::<()>(&pipe)).await
+                    }
+                }
+            }
+        };
         match result {
             Ok(()) => events::dead_lettered(reason),
             Err(e) => {

@@ -39,6 +39,11 @@
 //!   pages). `backpressure` holds the message (unacked, its lane waits) until the drain
 //!   makes room; `drop_oldest` deletes the oldest records not yet taken by the replay and
 //!   keeps their topic and times for the dead letter, written once Redis is back.
+//! - **Dead letters.** A message refused while Redis is down (invalid JSON on a forward
+//!   route, an oversized packet) needs Redis for its dead-letter record, and its ack waits
+//!   for that record — holding back every later ack. Once spilling, such records are kept
+//!   in the spool (the [`Keeper`](crate::dead_letter::Keeper) the engine is given) and
+//!   written before the replayed messages when Redis is back.
 //! - **Pacing.** The replay keeps at most [`replay::WINDOW`] messages in flight, each in its
 //!   topic's lane of a dispatcher of its own, so a drain is a bounded extra load on Redis
 //!   beside live traffic rather than a flood.
@@ -52,7 +57,8 @@ pub mod config;
 pub mod replay;
 pub mod store;
 
-use std::pin::pin;
+use std::future::Future;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -64,6 +70,7 @@ use store::{lock, Record, SharedLedger, Store, StoreError};
 
 use crate::events;
 use crate::mqtt::Inbound;
+use crate::outcome::Reason;
 use crate::redis::{ConnectionState, RedisManager};
 use crate::router::dispatch::Handler;
 use crate::router::engine::{Engine, Part};
@@ -247,6 +254,39 @@ impl Spool {
                 inbound.finish();
             }
         }
+    }
+}
+
+/// Dead-letter records of messages refused while Redis cannot take writes (an invalid
+/// payload on any route, an oversized packet) are kept in the spool too, and written when
+/// Redis is back: otherwise each would hold its message's ack, and with it every later ack.
+impl crate::dead_letter::Keeper for Spool {
+    fn spilling(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        let mut spilling = self.spilling.clone();
+        Box::pin(async move {
+            if spilling.wait_for(|s| *s).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        })
+    }
+
+    fn keep(
+        &self,
+        reason: Reason,
+        record: String,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(async move {
+            match self.store.append_letter(reason.as_str(), record).await {
+                Ok(()) => {
+                    self.appended.notify_one();
+                    true
+                }
+                Err(e) => {
+                    events::spool_store_error("append", &e);
+                    false
+                }
+            }
+        })
     }
 }
 

@@ -7,8 +7,8 @@
 //! latency (the bench measures p99 of live messages during a drain). A record is deleted
 //! only after its replay reached an outcome on every route (deletes are batched), so a
 //! crash during a drain replays at most the records in flight again: at-least-once, and
-//! with `dedup` exactly once. Before the records, the drops of `on_full = "drop_oldest"`
-//! get their dead-letter records.
+//! with `dedup` exactly once. Before the records go the dead-letter records the spool kept
+//! (drops of `on_full = "drop_oldest"`, messages refused while Redis was down).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use super::store::{lock, Stored};
 use super::Spool;
 use crate::events;
+use crate::outcome::Reason;
 use crate::redis::ConnectionState;
 use crate::router::dispatch::{Dispatcher, Handler, Ordered};
 use crate::router::engine::{Engine, Part};
@@ -93,7 +94,7 @@ pub async fn run(
                 let up = matches!(*redis.borrow(), ConnectionState::Up);
                 let work = {
                     let ledger = lock(&spool.ledger);
-                    ledger.messages > 0 || ledger.dropped_waiting > 0
+                    ledger.messages > 0 || ledger.letters > 0
                 };
                 if up && work {
                     return true;
@@ -117,7 +118,7 @@ pub async fn run(
             draining = true;
             events::spool_draining(lock(&spool.ledger).messages);
         }
-        dead_letter_drops(&spool, &engine).await;
+        push_letters(&spool, &engine).await;
         let batch = match spool.store.read(cursor, READ_BATCH).await {
             Ok(batch) => batch,
             Err(e) => {
@@ -135,7 +136,7 @@ pub async fn run(
             drop(all);
             let (messages, dropped) = {
                 let ledger = lock(&spool.ledger);
-                (ledger.messages, ledger.dropped_waiting)
+                (ledger.messages, ledger.letters)
             };
             if messages == 0 && dropped == 0 {
                 draining = false;
@@ -188,28 +189,28 @@ async fn delete(spool: &Spool, done: &mut Vec<i64>) {
     }
 }
 
-/// Writes the dead-letter records of what `drop_oldest` dropped.
-async fn dead_letter_drops(spool: &Spool, engine: &Engine) {
-    if lock(&spool.ledger).dropped_waiting == 0 {
+/// Writes the dead-letter records kept while Redis was down (drops of `drop_oldest`,
+/// messages refused meanwhile).
+async fn push_letters(spool: &Spool, engine: &Engine) {
+    if lock(&spool.ledger).letters == 0 {
         return;
     }
     loop {
-        let dropped = match spool.store.take_dropped(DELETE_BATCH).await {
-            Ok(dropped) if !dropped.is_empty() => dropped,
+        let letters = match spool.store.take_letters(DELETE_BATCH).await {
+            Ok(letters) if !letters.is_empty() => letters,
             Ok(_) => return,
             Err(e) => {
                 events::spool_store_error("read", &e);
                 return;
             }
         };
-        for d in &dropped {
-            engine
-                .dead_letter_spool_drop(&d.topic, d.received_ms, d.dropped_ms)
-                .await;
+        for letter in &letters {
+            let reason = Reason::parse(&letter.reason).unwrap_or(Reason::InternalError);
+            engine.push_dead_letter(reason, &letter.record).await;
         }
         if let Err(e) = spool
             .store
-            .forget_dropped(dropped.iter().map(|d| d.id).collect())
+            .forget_letters(letters.iter().map(|l| l.id).collect())
             .await
         {
             events::spool_store_error("delete", &e);

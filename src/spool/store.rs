@@ -43,6 +43,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::config::{Fsync, OnFull, SpoolConfig};
 use crate::events;
+use crate::outcome::Reason;
 
 /// Accounting overhead of one record on top of its topic and payload (its id, QoS, time and
 /// SQLite's cell header, roughly): what `max_size` and `spool_bytes` count.
@@ -79,13 +80,15 @@ pub struct Stored {
     pub record: Record,
 }
 
-/// A record dropped by `on_full = "drop_oldest"`, waiting for its dead-letter record.
+/// A dead-letter record kept until Redis can take it: a message dropped by `on_full =
+/// "drop_oldest"`, or the record of a message refused while Redis was down.
 #[derive(Debug, Clone)]
-pub struct Dropped {
+pub struct Letter {
     pub id: i64,
-    pub topic: String,
-    pub received_ms: i64,
-    pub dropped_ms: i64,
+    /// The dead-letter reason (`spool_full`, `invalid_json`, …).
+    pub reason: String,
+    /// The record, as it goes to the dead-letter list.
+    pub record: String,
 }
 
 /// What the spool holds, shared by the store thread (which removes) and the front (which
@@ -96,8 +99,8 @@ pub struct Ledger {
     pub topics: HashMap<String, u64>,
     pub messages: u64,
     pub bytes: u64,
-    /// Records dropped (drop_oldest) whose dead-letter record is not written yet.
-    pub dropped_waiting: u64,
+    /// Dead-letter records waiting for Redis (see [`Letter`]).
+    pub letters: u64,
     /// The highest id handed to the replay: `drop_oldest` never drops a record being
     /// replayed (its topic's order would break).
     pub replay_cursor: i64,
@@ -149,8 +152,9 @@ enum Command {
     Append(Record, Reply<()>),
     Read(i64, usize, Reply<Vec<Stored>>),
     Delete(Vec<i64>, Reply<()>),
-    TakeDropped(usize, Reply<Vec<Dropped>>),
-    ForgetDropped(Vec<i64>, Reply<()>),
+    AppendLetter(String, String, Reply<()>),
+    TakeLetters(usize, Reply<Vec<Letter>>),
+    ForgetLetters(Vec<i64>, Reply<()>),
     /// Fold the WAL into the database and close the file (a clean stop).
     Close(oneshot::Sender<()>),
 }
@@ -232,12 +236,19 @@ impl Store {
         self.ask(|reply| Command::Delete(ids, reply)).await
     }
 
-    pub async fn take_dropped(&self, limit: usize) -> Result<Vec<Dropped>, String> {
-        self.ask(|reply| Command::TakeDropped(limit, reply)).await
+    /// Keeps a dead-letter `record` (with its `reason`) until Redis can take it.
+    pub async fn append_letter(&self, reason: &str, record: String) -> Result<(), String> {
+        let reason = reason.to_string();
+        self.ask(|reply| Command::AppendLetter(reason, record, reply))
+            .await
     }
 
-    pub async fn forget_dropped(&self, ids: Vec<i64>) -> Result<(), String> {
-        self.ask(|reply| Command::ForgetDropped(ids, reply)).await
+    pub async fn take_letters(&self, limit: usize) -> Result<Vec<Letter>, String> {
+        self.ask(|reply| Command::TakeLetters(limit, reply)).await
+    }
+
+    pub async fn forget_letters(&self, ids: Vec<i64>) -> Result<(), String> {
+        self.ask(|reply| Command::ForgetLetters(ids, reply)).await
     }
 
     /// Closes the file after a last checkpoint; later commands fail. What is committed is
@@ -260,11 +271,11 @@ CREATE TABLE IF NOT EXISTS messages (
     -- MQTT 5 properties, serialized (NULL under MQTT 3.1.1)
     props BLOB
 );
-CREATE TABLE IF NOT EXISTS dropped (
+-- dead-letter records waiting for Redis (drop_oldest drops, messages refused meanwhile)
+CREATE TABLE IF NOT EXISTS letters (
     id INTEGER PRIMARY KEY,
-    topic TEXT NOT NULL,
-    received_ms INTEGER NOT NULL,
-    dropped_ms INTEGER NOT NULL
+    reason TEXT NOT NULL,
+    record TEXT NOT NULL
 );
 ";
 
@@ -431,20 +442,19 @@ fn copy_readable(old: &Connection, new: &Connection) -> (u64, Vec<String>) {
             }
         }
     }
-    // The drop records are small and only feed dead letters: keep what reads.
-    if let Ok(mut stmt) = old.prepare("SELECT id, topic, received_ms, dropped_ms FROM dropped") {
+    // The waiting dead-letter records: keep what reads.
+    if let Ok(mut stmt) = old.prepare("SELECT id, reason, record FROM letters") {
         if let Ok(rows) = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, i64>(3)?,
+                r.get::<_, String>(2)?,
             ))
         }) {
-            for (id, topic, received, dropped) in rows.flatten() {
+            for (id, reason, record) in rows.flatten() {
                 let _ = new.execute(
-                    "INSERT INTO dropped (id, topic, received_ms, dropped_ms) VALUES (?1, ?2, ?3, ?4)",
-                    params![id, topic, received, dropped],
+                    "INSERT INTO letters (id, reason, record) VALUES (?1, ?2, ?3)",
+                    params![id, reason, record],
                 );
             }
         }
@@ -536,8 +546,8 @@ fn load_ledger(conn: &Connection, ledger: &mut Ledger) -> rusqlite::Result<()> {
         ledger.bytes += bytes.max(0) as u64 + count * RECORD_OVERHEAD;
         ledger.topics.insert(topic, count);
     }
-    ledger.dropped_waiting = conn
-        .query_row("SELECT COUNT(*) FROM dropped", [], |r| r.get::<_, i64>(0))?
+    ledger.letters = conn
+        .query_row("SELECT COUNT(*) FROM letters", [], |r| r.get::<_, i64>(0))?
         .max(0) as u64;
     Ok(())
 }
@@ -806,18 +816,23 @@ impl Worker {
                         }
                         answers.push(Answer::Deleted(removed, reply));
                     }
-                    Command::ForgetDropped(ids, reply) => {
+                    Command::AppendLetter(reason, record, reply) => {
+                        tx.prepare_cached("INSERT INTO letters (reason, record) VALUES (?1, ?2)")?
+                            .execute(params![reason, record])?;
+                        answers.push(Answer::Lettered(reply));
+                    }
+                    Command::ForgetLetters(ids, reply) => {
                         let mut forgotten = 0u64;
                         {
                             let mut stmt =
-                                tx.prepare_cached("DELETE FROM dropped WHERE id = ?1")?;
+                                tx.prepare_cached("DELETE FROM letters WHERE id = ?1")?;
                             for id in ids {
                                 forgotten += stmt.execute([id])? as u64;
                             }
                         }
                         answers.push(Answer::Forgotten(forgotten, reply));
                     }
-                    read @ (Command::Read(..) | Command::TakeDropped(..)) => reads.push(read),
+                    read @ (Command::Read(..) | Command::TakeLetters(..)) => reads.push(read),
                     Command::Close(_) => {} // split off before the group is served
                 }
             }
@@ -839,7 +854,7 @@ impl Worker {
                 for (topic, size) in &drops.records {
                     ledger.remove(topic, *size);
                 }
-                ledger.dropped_waiting += drops.records.len() as u64;
+                ledger.letters += drops.records.len() as u64;
                 for answer in &answers {
                     match answer {
                         Answer::Deleted(removed, _) => {
@@ -849,8 +864,9 @@ impl Worker {
                             }
                         }
                         Answer::Forgotten(n, _) => {
-                            ledger.dropped_waiting = ledger.dropped_waiting.saturating_sub(*n)
+                            ledger.letters = ledger.letters.saturating_sub(*n)
                         }
+                        Answer::Lettered(_) => ledger.letters += 1,
                     }
                 }
             }
@@ -866,7 +882,9 @@ impl Worker {
         }
         for answer in answers {
             let reply = match answer {
-                Answer::Deleted(_, reply) | Answer::Forgotten(_, reply) => reply,
+                Answer::Deleted(_, reply)
+                | Answer::Forgotten(_, reply)
+                | Answer::Lettered(reply) => reply,
             };
             let _ = reply.send(result.clone());
         }
@@ -887,8 +905,8 @@ impl Worker {
                 }
                 let _ = reply.send(rows);
             }
-            Command::TakeDropped(limit, reply) => {
-                let rows = read_dropped(&self.conn, limit).map_err(|e| e.to_string());
+            Command::TakeLetters(limit, reply) => {
+                let rows = read_letters(&self.conn, limit).map_err(|e| e.to_string());
                 let _ = reply.send(rows);
             }
             _ => {}
@@ -914,16 +932,14 @@ fn read_records(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result
     rows.collect()
 }
 
-fn read_dropped(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Dropped>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, topic, received_ms, dropped_ms FROM dropped ORDER BY id LIMIT ?1",
-    )?;
+fn read_letters(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Letter>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT id, reason, record FROM letters ORDER BY id LIMIT ?1")?;
     let rows = stmt.query_map([limit as i64], |r| {
-        Ok(Dropped {
+        Ok(Letter {
             id: r.get(0)?,
-            topic: r.get(1)?,
-            received_ms: r.get(2)?,
-            dropped_ms: r.get(3)?,
+            reason: r.get(1)?,
+            record: r.get(2)?,
         })
     })?;
     rows.collect()
@@ -934,6 +950,7 @@ enum Answer {
     /// The records removed (topic and size): the ledger forgets them after the commit.
     Deleted(Vec<(String, u64)>, Reply<()>),
     Forgotten(u64, Reply<()>),
+    Lettered(Reply<()>),
 }
 
 /// What `drop_oldest` dropped in the transaction being built.
@@ -993,10 +1010,13 @@ fn drop_oldest(
     for (id, topic, received_ms, size) in chosen {
         tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?
             .execute([id])?;
-        tx.prepare_cached(
-            "INSERT INTO dropped (topic, received_ms, dropped_ms) VALUES (?1, ?2, ?3)",
-        )?
-        .execute(params![topic, received_ms, now])?;
+        let detail = format!(
+            "dropped from the full spool (spool.on_full = \"drop_oldest\"); received at unix \
+             ms {received_ms}, dropped at unix ms {now}"
+        );
+        let record = crate::dead_letter::record(&topic, "", Reason::SpoolFull, &detail, b"", 0);
+        tx.prepare_cached("INSERT INTO letters (reason, record) VALUES (?1, ?2)")?
+            .execute(params![Reason::SpoolFull.as_str(), record])?;
         drops.last_id = id;
         drops.bytes += size;
         drops.records.push((topic, size));

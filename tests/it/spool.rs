@@ -665,3 +665,54 @@ fn check_prints_the_spool_and_names_the_key_of_a_bad_value() {
         assert!(out.contains(key), "{key} in:\n{out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_refused_during_the_outage_does_not_hold_back_the_acks_of_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    // A forward route that reads JSON: an invalid payload is dead-lettered, which needs Redis.
+    let routes = format!(
+        r#"
+[[routes]]
+name = "forward"
+topic = "json/{{device}}"
+[[routes.actions]]
+op = "mqtt_publish"
+topic = "out/{{device}}"
+{LIST_ROUTE}"#
+    );
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-refused",
+        &format!("{}{routes}", spool_section(dir.path(), "")),
+    ));
+    let addr = http_addr(&bridge);
+    redis.stop();
+    spilling(addr).await;
+    let mut publisher = Client::connect(&broker, "spool-refused-publisher").await;
+    publisher
+        .publish_all([("json/d9".to_string(), b"not json".to_vec())])
+        .await;
+    publisher.publish_all(messages(3, 0..10)).await;
+    // Everything after the invalid message is spooled and acked: its dead-letter record was
+    // kept in the spool instead of waiting for Redis.
+    spooled(addr, 30).await;
+
+    redis.start_again();
+    all_written_once_in_order(&redis, 3, 10).await;
+    let mut conn = redis.client().get_connection().expect("redis");
+    let records: Vec<String> = eventually(WAIT, || {
+        let records: Vec<String> = conn.lrange("dead_letter", 0, -1).ok()?;
+        (!records.is_empty()).then_some(records)
+    })
+    .await
+    .expect("the kept dead-letter record is written once Redis is back");
+    assert_eq!(records.len(), 1, "{records:?}");
+    let v: serde_json::Value = serde_json::from_str(&records[0]).unwrap();
+    assert_eq!(v["reason"], "invalid_json");
+    assert_eq!(v["topic"], "json/d9");
+    assert_eq!(v["route"], "forward");
+    assert_eq!(v["payload"], "not json");
+}
