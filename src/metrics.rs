@@ -100,6 +100,10 @@ fn describe() {
         CONFIG_RELOADS,
         "Configuration reloads (SIGHUP), per result (applied, rejected)."
     );
+    describe_counter!(
+        MQTT_REASON_CODES,
+        "Failure reason codes the MQTT broker answered (MQTT 5), per packet and code."
+    );
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which build runs."
@@ -128,6 +132,7 @@ fn register_fixed_series() {
         Reason::InvalidParam,
         Reason::MissingField,
         Reason::RedisError,
+        Reason::Expired,
     ] {
         counter!(DEAD_LETTERS, "reason" => reason.as_str()).absolute(0);
     }
