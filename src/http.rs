@@ -8,7 +8,10 @@
 //! - `GET /readyz`: 200 only when MQTT is connected and subscribed and Redis is reachable
 //!   and takes writes (or is disabled); otherwise 503. The JSON body says which side is
 //!   down: `{"ready":false,"mqtt":"up","redis":"down"}`, or `"redis":"refusing"` while Redis
-//!   answers but refuses writes (`OOM`, `READONLY`, `MISCONF`, …).
+//!   answers but refuses writes (`OOM`, `READONLY`, `MISCONF`, …). A subscription the
+//!   broker refused (MQTT 5 reason code, e.g. an ACL) keeps it 503 with the filters named:
+//!   `{"ready":false,"mqtt":"down","redis":"up","refused":["alerts/#"]}` — the other routes
+//!   run, but one of them gets nothing.
 //!
 //! Three read-only routes do not need a framework: plain hyper 1 with HTTP/1.1, a header
 //! read timeout, and a graceful shutdown that lets in-flight requests finish when the daemon
@@ -69,14 +72,17 @@ pub struct State {
 pub struct Readiness {
     pub mqtt_up: bool,
     pub redis: ConnectionState,
+    /// Filters the broker refused.
+    pub refused: Vec<String>,
 }
 
 impl Readiness {
     pub fn of(observed: &Observed) -> Readiness {
         let mqtt = observed.mqtt();
         Readiness {
-            mqtt_up: mqtt.connected && mqtt.subscribed,
+            mqtt_up: mqtt.connected && mqtt.subscribed && mqtt.refused.is_empty(),
             redis: observed.redis_state(),
+            refused: mqtt.refused,
         }
     }
 
@@ -85,14 +91,20 @@ impl Readiness {
     }
 
     /// `{"ready":bool,"mqtt":"up"|"down","redis":"up"|"down"|"refusing"|"disabled"}`, in
-    /// that order.
+    /// that order, then `"refused":[filters]` when the broker refused subscriptions.
     pub fn body(&self) -> String {
-        format!(
-            r#"{{"ready":{},"mqtt":"{}","redis":"{}"}}"#,
+        let mut body = format!(
+            r#"{{"ready":{},"mqtt":"{}","redis":"{}""#,
             self.ready(),
             if self.mqtt_up { "up" } else { "down" },
             self.redis.as_str()
-        )
+        );
+        if !self.refused.is_empty() {
+            body.push_str(r#","refused":"#);
+            body.push_str(&json!(self.refused).to_string());
+        }
+        body.push('}');
+        body
     }
 }
 
@@ -240,6 +252,7 @@ mod tests {
         let redis_down = Readiness {
             mqtt_up: true,
             redis: ConnectionState::Down,
+            refused: Vec::new(),
         };
         assert!(!redis_down.ready());
         assert_eq!(
@@ -249,11 +262,13 @@ mod tests {
         let disabled = Readiness {
             mqtt_up: true,
             redis: ConnectionState::Disabled,
+            refused: Vec::new(),
         };
         assert!(disabled.ready());
         let refusing = Readiness {
             mqtt_up: true,
             redis: ConnectionState::Refusing,
+            refused: Vec::new(),
         };
         assert!(!refusing.ready());
         assert_eq!(
@@ -263,8 +278,19 @@ mod tests {
         let mqtt_down = Readiness {
             mqtt_up: false,
             redis: ConnectionState::Up,
+            refused: Vec::new(),
         };
         assert!(!mqtt_down.ready());
+        let refused = Readiness {
+            mqtt_up: false,
+            redis: ConnectionState::Up,
+            refused: vec!["alerts/#".to_string()],
+        };
+        assert!(!refused.ready());
+        assert_eq!(
+            refused.body(),
+            r#"{"ready":false,"mqtt":"down","redis":"up","refused":["alerts/#"]}"#
+        );
         assert!(mqtt_down.body().contains(r#""mqtt":"down""#));
     }
 }

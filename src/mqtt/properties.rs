@@ -29,7 +29,8 @@ pub struct PropertyTemplates {
     user: Vec<(String, Template)>,
     /// A topic: its message-controlled values are checked as in any topic.
     response_topic: Option<Template>,
-    /// Sent as the rendered text's bytes.
+    /// Sent as the rendered text's bytes; exactly `{prop.correlation_data}` passes the
+    /// received bytes through unchanged.
     correlation_data: Option<Template>,
 }
 
@@ -90,7 +91,18 @@ impl PropertyTemplates {
             message_expiry: self.message_expiry,
             user,
             response_topic: render(&self.response_topic)?,
-            correlation_data: render(&self.correlation_data)?.map(bytes::Bytes::from),
+            correlation_data: match &self.correlation_data {
+                // Passed through as the bytes received, not their base64 text: a reply
+                // must carry the requester's correlation data unchanged.
+                Some(t) if t.source() == "{prop.correlation_data}" => ctx
+                    .properties
+                    .and_then(|p| p.correlation_data.clone())
+                    .map(Ok)
+                    .unwrap_or_else(|| t.render(ctx).map(bytes::Bytes::from))
+                    .map(Some)?,
+                Some(t) => Some(bytes::Bytes::from(t.render(ctx)?)),
+                None => None,
+            },
         })
     }
 }

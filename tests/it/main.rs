@@ -20,6 +20,7 @@ mod harness;
 mod harness_selftest;
 mod lock;
 mod module_graph;
+mod mqtt5;
 mod newcomer;
 mod ops;
 mod pubsub;
