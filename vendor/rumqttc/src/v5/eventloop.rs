@@ -303,6 +303,7 @@ impl EventLoop {
                 self.options.pending_throttle
             ), if requests_enabled => match o {
                 Ok(request) => {
+                    check_outgoing_size(network, &request)?;
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
                     }
@@ -326,6 +327,7 @@ impl EventLoop {
                             Err(_) => break,
                         };
                         let ack = matches!(request, Request::PubAck(_) | Request::PubRec(_));
+                        check_outgoing_size(network, &request)?;
                         if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                             network.write(outgoing).await?;
                         }
@@ -409,6 +411,29 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// routemq-bridge patch (PATCHED.md, "v5: the broker's Maximum Packet Size"): a publish over
+/// the Maximum Packet Size of the broker's CONNACK is refused before the state takes it.
+/// Upstream's codec refused it only when writing, after the state had registered it: the
+/// connection ended, the publish was retransmitted after the reconnect, and failed again,
+/// for ever. It still ends the connection (as upstream, an `Err` from `poll`), but once.
+fn check_outgoing_size(network: &Network, request: &Request) -> Result<(), StateError> {
+    if let (Request::Publish(publish), Some(max)) = (request, network.max_outgoing_size()) {
+        let size = publish.size();
+        if size > max as usize {
+            warn!(
+                "publish of {size} bytes to {:?} over the broker's maximum packet size {max}: \
+                 dropped",
+                String::from_utf8_lossy(&publish.topic)
+            );
+            return Err(StateError::OutgoingPacketTooLarge {
+                pkt_size: u32::try_from(size).unwrap_or(u32::MAX),
+                max,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// This stream internally processes requests from the request stream provided to the eventloop

@@ -65,6 +65,12 @@ impl Network {
         self.framed.codec_mut().max_outgoing_size = max_outgoing_size;
     }
 
+    /// routemq-bridge patch (PATCHED.md, "v5: the broker's Maximum Packet Size"): the
+    /// broker's limit for what we send, if it announced one.
+    pub(crate) fn max_outgoing_size(&self) -> Option<u32> {
+        self.framed.codec().max_outgoing_size
+    }
+
     /// Reads and returns a single packet from network
     pub async fn read(&mut self) -> Result<Incoming, StateError> {
         match self.framed.next().await {
