@@ -402,4 +402,42 @@ mod skip_tests {
             other => panic!("expected a publish, got {other:?}"),
         }
     }
+    /// A string property that is not UTF-8 is decoded lossily (Change 6); upstream failed
+    /// the packet with `TopicNotUtf8`, which ended the connection.
+    #[test]
+    fn a_property_that_is_not_utf8_is_delivered_lossily() {
+        let mut properties = BytesMut::new();
+        properties.put_u8(0x26); // user property
+        properties.put_u16(3);
+        properties.put_slice(b"k\xffy");
+        properties.put_u16(1);
+        properties.put_slice(b"v");
+        properties.put_u8(0x03); // content type
+        properties.put_u16(2);
+        properties.put_slice(b"\xc3(");
+        let mut body = BytesMut::new();
+        body.put_u16(1);
+        body.put_slice(b"t");
+        body.put_u16(3); // packet id
+        body.put_u8(properties.len() as u8);
+        body.put_slice(&properties);
+        body.put_slice(b"payload");
+        let mut stream = BytesMut::new();
+        stream.put_u8(0x32);
+        stream.put_u8(body.len() as u8);
+        stream.put_slice(&body);
+        let mut codec = Codec::new(Some(1024), None);
+        match codec.decode(&mut stream) {
+            Ok(Some(Packet::Publish(publish))) => {
+                let properties = publish.properties.expect("properties");
+                assert_eq!(
+                    properties.user_properties,
+                    [("k\u{fffd}y".to_string(), "v".to_string())]
+                );
+                assert_eq!(properties.content_type.as_deref(), Some("\u{fffd}("));
+                assert_eq!(&publish.payload[..], b"payload");
+            }
+            other => panic!("expected a publish, got {other:?}"),
+        }
+    }
 }

@@ -168,6 +168,18 @@ impl Publish {
     }
 }
 
+/// routemq-bridge patch (PATCHED.md, Change 6): a string property of an incoming PUBLISH
+/// (content type, response topic, user property) that is not UTF-8 is decoded lossily
+/// (U+FFFD for each invalid sequence). Upstream failed the packet (`Error::TopicNotUtf8`),
+/// which ends the connection, and the broker redelivers it first after every reconnect.
+fn read_lossy_string(stream: &mut Bytes) -> Result<String, Error> {
+    let raw = read_mqtt_bytes(stream)?;
+    Ok(match String::from_utf8(raw.to_vec()) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PublishProperties {
     pub payload_format_indicator: Option<u8>,
@@ -255,7 +267,7 @@ impl PublishProperties {
                     cursor += 2;
                 }
                 PropertyType::ResponseTopic => {
-                    let topic = read_mqtt_string(bytes)?;
+                    let topic = read_lossy_string(bytes)?;
                     cursor += 2 + topic.len();
                     response_topic = Some(topic);
                 }
@@ -265,8 +277,8 @@ impl PublishProperties {
                     correlation_data = Some(data);
                 }
                 PropertyType::UserProperty => {
-                    let key = read_mqtt_string(bytes)?;
-                    let value = read_mqtt_string(bytes)?;
+                    let key = read_lossy_string(bytes)?;
+                    let value = read_lossy_string(bytes)?;
                     cursor += 2 + key.len() + 2 + value.len();
                     user_properties.push((key, value));
                 }
@@ -277,7 +289,7 @@ impl PublishProperties {
                     subscription_identifiers.push(id);
                 }
                 PropertyType::ContentType => {
-                    let typ = read_mqtt_string(bytes)?;
+                    let typ = read_lossy_string(bytes)?;
                     cursor += 2 + typ.len();
                     content_type = Some(typ);
                 }
