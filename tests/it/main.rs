@@ -36,3 +36,4 @@ mod session;
 mod silent_redis;
 mod stages;
 mod vendored_rumqttc;
+mod vendored_rumqttc_v5;
