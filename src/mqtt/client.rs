@@ -95,8 +95,8 @@ fn options(config: &MqttConfig) -> Result<MqttOptions, OptionsError> {
 
 /// rumqttc MQTT 5 options for `config` (spec §6.1): the session lives `session_expiry`
 /// instead of `clean_session`; CONNECT announces Receive Maximum = `max_inflight` (capped
-/// at 65,535) and our Maximum Packet Size, so a broker that honours them sends neither
-/// more unacked messages nor larger packets than we take.
+/// at 65,535), so a broker that honours it sends no more unacked messages than we hold
+/// (reading is still paused at the bound, for brokers that do not).
 fn options_v5(
     config: &MqttConfig,
     max_inflight: usize,
@@ -116,8 +116,11 @@ fn options_v5(
         .set_manual_acks(true)
         .set_request_channel_capacity(CHANNEL)
         .set_receive_maximum(Some(receive_maximum))
-        .set_max_packet_size(Some(max_packet));
-    // PENDING v5vendor: options.set_max_request_batch(MAX_REQUEST_BATCH);
+        // Our limit is not announced: a broker that honours it would drop a bigger message
+        // unseen, while the codec skips it as it streams in and the bridge dead-letters it
+        // (`payload_too_large`), as under 3.1.1 (vendor/rumqttc/PATCHED.md, Change 5).
+        .set_default_max_incoming_size(max_packet)
+        .set_max_request_batch(MAX_REQUEST_BATCH);
     if let Some((user, password)) = credentials(config) {
         options.set_credentials(user, password);
     }

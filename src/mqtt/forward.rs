@@ -89,7 +89,7 @@ impl Forwarder {
                     // redelivered, as anything unfinished at a stop (spec §6).
                     return std::future::pending().await;
                 }
-                Err(PublishError::Refused(why)) => return Err(why),
+                Err(PublishError::Refused(why) | PublishError::TooLarge(why)) => return Err(why),
             }
             tokio::time::sleep(backoff.next_delay()).await;
         }

@@ -19,6 +19,7 @@
 //! [`Tracker`] (`MqttSource::publisher` hands out the handle).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{oneshot, watch};
@@ -114,7 +115,9 @@ impl Tracker {
                 }
             }
             Ok(Event::PubComp { pkid }) => self.complete(*pkid, Ok(())),
-            Ok(Event::ConnAck { session_present }) => {
+            Ok(Event::ConnAck {
+                session_present, ..
+            }) => {
                 if !session_present {
                     // rumqttc cleared its pending requests and in-flight publishes.
                     self.written.clear();
@@ -149,6 +152,23 @@ impl Tracker {
     }
 }
 
+/// A PUBLISH's size on the wire, at most: fixed header (≤ 5), topic (2 + length), packet
+/// id (2), properties (length ≤ 4 + each property) and payload.
+fn packet_size(topic: &str, payload: usize, properties: Option<&OutProperties>) -> usize {
+    let string = |s: &Option<String>| s.as_ref().map_or(0, |s| 3 + s.len());
+    let properties = properties.map_or(0, |p| {
+        4 + string(&p.content_type)
+            + string(&p.response_topic)
+            + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
+            + p.message_expiry.map_or(0, |_| 5)
+            + p.user
+                .iter()
+                .map(|(k, v)| 5 + k.len() + v.len())
+                .sum::<usize>()
+    });
+    5 + 2 + topic.len() + 2 + properties + payload
+}
+
 /// Publishing with acknowledgement tracking, for the republisher (spec §7). Clones share
 /// one connection.
 #[derive(Clone)]
@@ -156,6 +176,8 @@ pub struct MqttPublisher {
     client: Client,
     tracker: Arc<Mutex<Tracker>>,
     status: watch::Receiver<MqttStatus>,
+    /// The broker's Maximum Packet Size (MQTT 5 CONNACK; 0 = none said).
+    broker_max: Arc<AtomicU32>,
 }
 
 /// Why a publish could not be queued.
@@ -167,6 +189,9 @@ pub enum PublishError {
     /// The topic is not a valid topic name, or the event loop has ended.
     #[error("MQTT publish refused: {0}")]
     Refused(String),
+    /// Larger than the broker's Maximum Packet Size (MQTT 5): it would never be taken.
+    #[error("MQTT publish refused: {0}")]
+    TooLarge(String),
 }
 
 impl MqttPublisher {
@@ -174,11 +199,13 @@ impl MqttPublisher {
         client: Client,
         tracker: Arc<Mutex<Tracker>>,
         status: watch::Receiver<MqttStatus>,
+        broker_max: Arc<AtomicU32>,
     ) -> MqttPublisher {
         MqttPublisher {
             client,
             tracker,
             status,
+            broker_max,
         }
     }
 
@@ -196,6 +223,14 @@ impl MqttPublisher {
         if topic.is_empty() || topic.contains(['+', '#', '\0']) {
             return Err(PublishError::Refused(format!(
                 "{topic:?} is not a topic name"
+            )));
+        }
+        let broker_max = self.broker_max.load(Ordering::Relaxed);
+        let size = packet_size(topic, payload.len(), properties);
+        if broker_max != 0 && size > broker_max as usize {
+            return Err(PublishError::TooLarge(format!(
+                "a publish to {topic:?} of {size} bytes is over the broker's Maximum Packet \
+                 Size ({broker_max})"
             )));
         }
         let (tx, rx) = oneshot::channel();
@@ -251,7 +286,10 @@ mod tracker_tests {
     }
 
     fn connack(session_present: bool) -> Observed {
-        Ok(Event::ConnAck { session_present })
+        Ok(Event::ConnAck {
+            session_present,
+            max_packet_size: None,
+        })
     }
 
     fn lost() -> Observed {

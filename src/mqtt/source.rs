@@ -182,6 +182,7 @@ pub struct MqttSource {
     task: JoinHandle<()>,
     tracker: Arc<Mutex<Tracker>>,
     acks: Arc<AckForwarder>,
+    broker_max: Arc<std::sync::atomic::AtomicU32>,
     subscribes: Subscribes,
     share_group: String,
     updates: watch::Sender<SubscriptionSet>,
@@ -218,6 +219,8 @@ struct Loop {
     /// `[mqtt] max_packet_size`, in bytes (rumqttc's incoming and outgoing limit).
     max_packet_size: usize,
     tracker: Arc<Mutex<Tracker>>,
+    /// The broker's Maximum Packet Size from its CONNACK (0 = none), for the publisher.
+    broker_max: Arc<std::sync::atomic::AtomicU32>,
     updates: watch::Receiver<SubscriptionSet>,
     heartbeat: Heartbeat,
     /// Until the first connection: the broker's URL (`mqtt.url`, which holds no
@@ -323,6 +326,7 @@ impl MqttSource {
         let subscribes = Subscribes::default();
         let sink: Arc<dyn super::acks::AckSink> = acks.clone();
         let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let broker_max = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let run = Loop {
             eventloop,
             client: client.clone(),
@@ -339,6 +343,7 @@ impl MqttSource {
             pending_subacks: 0,
             max_packet_size: usize::try_from(config.max_packet_size).unwrap_or(usize::MAX),
             tracker: tracker.clone(),
+            broker_max: broker_max.clone(),
             updates: updates_rx,
             heartbeat: heartbeat.clone(),
             waiting_for: Some(config.url.clone()),
@@ -360,6 +365,7 @@ impl MqttSource {
                 stop,
                 task,
                 tracker,
+                broker_max,
                 acks,
                 subscribes,
                 share_group: config.share_group.clone(),
@@ -453,6 +459,7 @@ impl MqttSource {
             self.client.clone(),
             self.tracker.clone(),
             self.status.clone(),
+            self.broker_max.clone(),
         )
     }
 
@@ -502,7 +509,12 @@ impl Loop {
             self.heartbeat.beat();
             self.take_subscription_update();
             match event {
-                Ok(Event::ConnAck { session_present }) => {
+                Ok(Event::ConnAck {
+                    session_present,
+                    max_packet_size,
+                }) => {
+                    self.broker_max
+                        .store(max_packet_size.unwrap_or(0), Ordering::Relaxed);
                     self.backoff.reset();
                     self.waiting_for = None;
                     tracing::info!(

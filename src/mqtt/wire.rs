@@ -65,6 +65,8 @@ pub struct ReasonCode(pub String);
 pub enum Event {
     ConnAck {
         session_present: bool,
+        /// The broker's Maximum Packet Size (MQTT 5), if it said one.
+        max_packet_size: Option<u32>,
     },
     /// A SUBACK: per filter of its SUBSCRIBE, in order, `None` if granted or the refusal.
     SubAck {
@@ -265,9 +267,7 @@ impl EventLoop {
     pub fn pause_reading(&mut self, paused: bool) {
         match self {
             EventLoop::V4(el) => el.pause_reading(paused),
-            EventLoop::V5(el) => {
-                let _ = (el, paused); // PENDING v5vendor: el.pause_reading(paused)
-            }
+            EventLoop::V5(el) => el.pause_reading(paused),
         }
     }
 
@@ -314,6 +314,7 @@ fn event4(event: rumqttc::Event) -> Event {
         rumqttc::Event::Incoming(packet) => match packet {
             Packet::ConnAck(ack) => Event::ConnAck {
                 session_present: ack.session_present,
+                max_packet_size: None,
             },
             Packet::SubAck(ack) => Event::SubAck {
                 pkid: ack.pkid,
@@ -372,6 +373,7 @@ fn event5(event: five::Event) -> Event {
         five::Event::Incoming(packet) => match packet {
             Packet::ConnAck(ack) => Event::ConnAck {
                 session_present: ack.session_present,
+                max_packet_size: ack.properties.as_ref().and_then(|p| p.max_packet_size),
             },
             Packet::SubAck(ack) => Event::SubAck {
                 pkid: ack.pkid,
@@ -443,8 +445,8 @@ fn received5(publish: packets5::Publish) -> Received {
             properties: properties.filter(|p| !p.is_empty()).map(Box::new),
         },
         ack,
-        oversized: None, // PENDING v5vendor: publish.oversized
-        raw_topic,
+        oversized: publish.oversized,
+        raw_topic: raw_topic.or(publish.raw_topic),
     }
 }
 

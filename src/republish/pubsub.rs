@@ -190,7 +190,9 @@ async fn send(
                     full = true;
                     break;
                 }
-                Err(PublishError::Refused(why)) => shared.stats.record(&rule.name, FAILED, &why),
+                Err(PublishError::Refused(why) | PublishError::TooLarge(why)) => {
+                    shared.stats.record(&rule.name, FAILED, &why)
+                }
             }
         }
         tokio::select! {

@@ -34,6 +34,10 @@ use crate::outcome::Reason;
 use crate::redis::Error as RedisError;
 use crate::template::Context;
 
+/// One entry's publish on its way: its id, and `Some(true)` once published, `Some(false)`
+/// when the broker refused it (done with, as `failed`), `None` when lost with the session.
+type Published =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (String, Option<bool>)> + Send>>;
 /// Entries read (or claimed) at once.
 const BATCH: usize = 100;
 /// Longest a blocking read waits before the loop looks at claims and stop again.
@@ -443,7 +447,7 @@ impl Worker {
             _ = self.stop.wait_for(|s| *s) => return Err(Stopped),
         }
         let qos = self.rule.qos;
-        let mut waiting = Vec::with_capacity(publishes.len());
+        let mut waiting: Vec<Published> = Vec::with_capacity(publishes.len());
         for (id, rendered) in publishes {
             loop {
                 match self.shared.mqtt.publish_tracked(
@@ -453,9 +457,16 @@ impl Worker {
                     rendered.payload.clone(),
                     rendered.properties.as_deref(),
                 ) {
+                    Err(PublishError::TooLarge(why)) => {
+                        // Over the broker's Maximum Packet Size: never publishable. Acked
+                        // as `failed` like a refusal, not retried for ever (spec §7).
+                        tracing::warn!(rule = %self.rule.name, topic = %rendered.topic, "{why}");
+                        waiting.push(Box::pin(std::future::ready((id, Some(false)))));
+                        break;
+                    }
                     Ok(ack) => {
                         let topic = rendered.topic.clone();
-                        waiting.push(async move {
+                        waiting.push(Box::pin(async move {
                             match ack.await {
                                 Ok(Ok(())) => (id, Some(true)),
                                 // Refused by the broker (MQTT 5 reason code): publishing it
@@ -471,7 +482,7 @@ impl Worker {
                                 }
                                 Err(_) => (id, None),
                             }
-                        });
+                        }));
                         break;
                     }
                     Err(PublishError::Full) => {

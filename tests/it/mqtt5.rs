@@ -502,3 +502,58 @@ key = "secret:{id}"
 crate::bridge::under_both_protocols!(
     a_subscription_the_acl_refuses_is_named_readyz_is_503_and_the_other_routes_run,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_over_the_brokers_maximum_packet_size_fails_alone_and_the_rest_flow() {
+    let redis = Redis::start();
+    // The broker's Maximum Packet Size, told in its CONNACK.
+    let broker = Mosquitto::start_with("max_packet_size 2000\n");
+    let bridge = Bridge::start(&v5_config(
+        &redis,
+        &broker,
+        "mqtt5-broker-max",
+        r#"
+[[routes]]
+name = "triple"
+topic = "in/{id}"
+payload = "text"
+[[routes.actions]]
+op = "mqtt_publish"
+topic = "out/{id}"
+payload = "{payload}{payload}{payload}"
+"#,
+    ));
+    let mut subscriber = Client5::connect(&broker, "mqtt5-broker-max-subscriber").await;
+    subscriber.subscribe("out/#").await;
+    let mut client = Client5::connect(&broker, "mqtt5-broker-max-publisher").await;
+    client
+        .publish("in/big", &"x".repeat(800), PublishProperties::default())
+        .await;
+    client
+        .publish("in/small", "ok", PublishProperties::default())
+        .await;
+
+    let forward = subscriber.next_message().await;
+    assert_eq!(
+        &forward.topic[..],
+        b"out/small",
+        "the small forward went out"
+    );
+    let mut conn = redis.client().get_connection().expect("redis");
+    let record = eventually(WAIT, || dead_letters(&mut conn).into_iter().next())
+        .await
+        .unwrap_or_else(|| panic!("no dead letter; log:\n{}", bridge.log_text()));
+    assert_eq!(record["topic"], "in/big", "{record}");
+    assert!(
+        record["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("Maximum Packet Size"),
+        "{record}"
+    );
+    assert!(
+        !bridge.log_text().contains("MQTT connection lost"),
+        "the outgoing connection was not dropped; log:\n{}",
+        bridge.log_text()
+    );
+}

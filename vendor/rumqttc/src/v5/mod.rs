@@ -400,6 +400,16 @@ impl MqttOptions {
         }
     }
 
+    /// routemq-bridge patch (PATCHED.md, Change 5, "v5: the incoming limit unannounced"):
+    /// the incoming packet limit when CONNECT announces no Maximum Packet Size (upstream
+    /// fixes it at 10 KiB with no setter). A broker told nothing sends every publish, and
+    /// one over this limit is skipped as it streams in (`Publish::oversized`), so the
+    /// application sees it instead of the broker dropping it unseen.
+    pub fn set_default_max_incoming_size(&mut self, size: u32) -> &mut Self {
+        self.default_max_incoming_size = size;
+        self
+    }
+
     /// get max packet size from connection properties
     pub fn max_packet_size(&self) -> Option<u32> {
         if let Some(conn_props) = &self.connect_properties {
