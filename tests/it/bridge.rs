@@ -203,13 +203,15 @@ impl Bridge {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start routemq-bridge");
+        // Before the pipes are read: a fast start can log "subscribed" before the length
+        // taken after `collect` would be, and a wait from there would never see it.
+        self.spawned_at = self.log_text().len();
         // The daemon logs to stderr and prints nothing on stdout; stdout is kept anyway,
         // so a test that greps "everything it said" (secrets) sees both.
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         self.log.collect(stdout);
         self.log.collect(stderr);
-        self.spawned_at = self.log_text().len();
         self.child = Some(child);
     }
 

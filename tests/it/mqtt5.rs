@@ -396,7 +396,8 @@ correlation_data = "{field.id}"
     assert_eq!(p.correlation_data.as_deref(), Some(&b"a-17"[..]));
 }
 
-/// A Mosquitto whose ACL refuses anonymous clients every subscription under `secret/`.
+/// A Mosquitto whose ACL refuses anonymous clients every subscription and publish under
+/// `secret/`.
 /// Mosquitto 2.0.11's `acl_file` grants every SUBSCRIBE and filters only delivery (its
 /// subscribe check is a FIXME there), so the ACL is its dynamic-security plugin's, which
 /// refuses the SUBSCRIBE itself: 0x87 not authorized under MQTT 5, 0x80 under 3.1.1.
@@ -408,7 +409,10 @@ fn broker_refusing_secret(dir: &std::path::Path) -> Mosquitto {
   "defaultACLAccess": {"publishClientSend": true, "publishClientReceive": true, "subscribe": true, "unsubscribe": true},
   "clients": [],
   "groups": [{"groupname": "anonymous", "roles": [{"rolename": "anonymous"}]}],
-  "roles": [{"rolename": "anonymous", "acls": [{"acltype": "subscribePattern", "topic": "secret/#", "allow": false, "priority": 1}]}],
+  "roles": [{"rolename": "anonymous", "acls": [
+    {"acltype": "subscribePattern", "topic": "secret/#", "allow": false, "priority": 1},
+    {"acltype": "publishClientSend", "topic": "secret/#", "allow": false, "priority": 1}
+  ]}],
   "anonymousGroup": "anonymous"
 }"#,
     )
@@ -555,5 +559,62 @@ payload = "{payload}{payload}{payload}"
         !bridge.log_text().contains("MQTT connection lost"),
         "the outgoing connection was not dropped; log:\n{}",
         bridge.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_the_broker_refuses_is_failed_with_its_reason_code_and_counted() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = broker_refusing_secret(dir.path());
+    let bridge = Bridge::start(&v5_config(
+        &redis,
+        &broker,
+        "mqtt5-puback",
+        r#"
+[[routes]]
+name = "leak"
+topic = "sensors/{id}/data"
+payload = "text"
+[[routes.actions]]
+op = "mqtt_publish"
+topic = "secret/{id}"
+"#,
+    ));
+    let addr = http_addr(&bridge);
+    let mut client = Client5::connect(&broker, "mqtt5-puback-publisher").await;
+    client
+        .publish("sensors/s1/data", "psst", PublishProperties::default())
+        .await;
+    let mut conn = redis.client().get_connection().expect("redis");
+    let record = eventually(WAIT, || dead_letters(&mut conn).into_iter().next())
+        .await
+        .unwrap_or_else(|| panic!("no dead letter; log:\n{}", bridge.log_text()));
+    assert_eq!(record["topic"], "sensors/s1/data", "{record}");
+    assert!(
+        record["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not_authorized"),
+        "{record}"
+    );
+    assert!(
+        bridge
+            .log_text()
+            .lines()
+            .any(|l| l.contains("refused a publish") && l.contains("secret/s1")),
+        "the refusal is logged with its topic; log:\n{}",
+        bridge.log_text()
+    );
+    let metrics = crate::ops::get(addr, "/metrics").await.1;
+    assert!(
+        metrics.contains(
+            r#"routemq_bridge_mqtt_reason_codes_total{packet="puback",code="not_authorized"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"routemq_bridge_messages_total{route="leak",outcome="failed"} 1"#),
+        "{metrics}"
     );
 }
