@@ -461,7 +461,9 @@ async fn vendored_rumqttc_v5_notices_a_silent_broker_while_reading_is_paused() {
         matches!(error, ConnectionError::MqttState(StateError::AwaitPingResp)),
         "{error:?}"
     );
-    assert_eq!(pings, 1, "noticed half a keep-alive after the first ping");
+    // Half a keep-alive after the first ping (a loaded machine may get the second ping out
+    // first, which re-arms the deadline).
+    assert!((1..=2).contains(&pings), "noticed after {pings} pings");
 }
 
 /// Mosquitto's dynamic security plugin, from the `mosquitto` package.
