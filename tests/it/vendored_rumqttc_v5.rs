@@ -724,6 +724,30 @@ async fn vendored_rumqttc_v5_mosquitto_drops_what_is_over_our_maximum_packet_siz
     client.ack(&first).await.expect("ack");
 }
 
+/// What Mosquitto does with our Receive Maximum (told in CONNECT, `set_receive_maximum`):
+/// no more unacknowledged QoS 1 messages sent to us than that; each ack lets one more come.
+/// Under MQTT 5 this is the bridge's first bound (spec §6.1), paused reading the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vendored_rumqttc_v5_mosquitto_keeps_to_our_receive_maximum() {
+    let broker = Mosquitto::start();
+    let mut options = persistent("v5-recv-max", broker.port());
+    options.set_receive_maximum(Some(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 20);
+    connected(&mut eventloop).await;
+    subscribe(&client, &mut eventloop, "open/r", QoS::AtLeastOnce).await;
+    publish_all(broker.port(), "open/r", QoS::AtLeastOnce, 20).await;
+    let mut received = Vec::new();
+    while received.len() < 5 {
+        received.push(next_publish(&mut eventloop).await);
+    }
+    // A second's polling: no sixth while five wait for our ack.
+    let more = timeout(Duration::from_secs(1), next_publish(&mut eventloop)).await;
+    assert!(more.is_err(), "a sixth message came: {more:?}");
+    client.ack(&received[0]).await.expect("ack");
+    let sixth = next_publish(&mut eventloop).await;
+    assert_eq!(&sixth.payload[..], b"5");
+}
+
 /// An unknown PUBREL's PUBCOMP says what it is (0x92, "Packet Identifier not found", not an
 /// error during recovery): checked on the wire, from a fake broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
