@@ -163,8 +163,8 @@ async fn accept(listener: &TcpListener) -> (TcpStream, Vec<u8>) {
     (stream, connect)
 }
 
-/// A fake broker on a free loopback port, and a client of it with `options` (their address
-/// replaced) connected.
+/// A fake broker on a free loopback port, and a client of it connected, with the settings
+/// of `options` that these tests use (see `with_port`).
 async fn fake_broker(options: MqttOptions) -> (TcpStream, Vec<u8>, AsyncClient, EventLoop) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("address").port();
@@ -173,7 +173,8 @@ async fn fake_broker(options: MqttOptions) -> (TcpStream, Vec<u8>, AsyncClient, 
     (stream, connect, client, eventloop)
 }
 
-/// `options` pointed at `127.0.0.1:port`.
+/// `options` pointed at `127.0.0.1:port`: client id, manual acks, keep-alive, request batch
+/// and connect properties carried over (`MqttOptions` has no address setter).
 fn with_port(options: MqttOptions, port: u16) -> MqttOptions {
     let mut moved = MqttOptions::new(options.client_id(), "127.0.0.1", port);
     moved
