@@ -163,8 +163,8 @@ async fn accept(listener: &TcpListener) -> (TcpStream, Vec<u8>) {
     (stream, connect)
 }
 
-/// A fake broker on a free loopback port, and a client of it with `options` (their address
-/// replaced) connected.
+/// A fake broker on a free loopback port, and a client of it connected, with the settings
+/// of `options` that these tests use (see `with_port`).
 async fn fake_broker(options: MqttOptions) -> (TcpStream, Vec<u8>, AsyncClient, EventLoop) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let port = listener.local_addr().expect("address").port();
@@ -173,7 +173,8 @@ async fn fake_broker(options: MqttOptions) -> (TcpStream, Vec<u8>, AsyncClient, 
     (stream, connect, client, eventloop)
 }
 
-/// `options` pointed at `127.0.0.1:port`.
+/// `options` pointed at `127.0.0.1:port`: client id, manual acks, keep-alive, request batch
+/// and connect properties carried over (`MqttOptions` has no address setter).
 fn with_port(options: MqttOptions, port: u16) -> MqttOptions {
     let mut moved = MqttOptions::new(options.client_id(), "127.0.0.1", port);
     moved
@@ -461,7 +462,9 @@ async fn vendored_rumqttc_v5_notices_a_silent_broker_while_reading_is_paused() {
         matches!(error, ConnectionError::MqttState(StateError::AwaitPingResp)),
         "{error:?}"
     );
-    assert_eq!(pings, 1, "noticed half a keep-alive after the first ping");
+    // Half a keep-alive after the first ping (a loaded machine may get the second ping out
+    // first, which re-arms the deadline).
+    assert!((1..=2).contains(&pings), "noticed after {pings} pings");
 }
 
 /// Mosquitto's dynamic security plugin, from the `mosquitto` package.
@@ -720,6 +723,30 @@ async fn vendored_rumqttc_v5_mosquitto_drops_what_is_over_our_maximum_packet_siz
     let first = next_publish(&mut eventloop).await;
     assert_eq!(&first.payload[..], b"small");
     client.ack(&first).await.expect("ack");
+}
+
+/// What Mosquitto does with our Receive Maximum (told in CONNECT, `set_receive_maximum`):
+/// no more unacknowledged QoS 1 messages sent to us than that; each ack lets one more come.
+/// Under MQTT 5 this is the bridge's first bound (spec §6.1), paused reading the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vendored_rumqttc_v5_mosquitto_keeps_to_our_receive_maximum() {
+    let broker = Mosquitto::start();
+    let mut options = persistent("v5-recv-max", broker.port());
+    options.set_receive_maximum(Some(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 20);
+    connected(&mut eventloop).await;
+    subscribe(&client, &mut eventloop, "open/r", QoS::AtLeastOnce).await;
+    publish_all(broker.port(), "open/r", QoS::AtLeastOnce, 20).await;
+    let mut received = Vec::new();
+    while received.len() < 5 {
+        received.push(next_publish(&mut eventloop).await);
+    }
+    // A second's polling: no sixth while five wait for our ack.
+    let more = timeout(Duration::from_secs(1), next_publish(&mut eventloop)).await;
+    assert!(more.is_err(), "a sixth message came: {more:?}");
+    client.ack(&received[0]).await.expect("ack");
+    let sixth = next_publish(&mut eventloop).await;
+    assert_eq!(&sixth.payload[..], b"5");
 }
 
 /// An unknown PUBREL's PUBCOMP says what it is (0x92, "Packet Identifier not found", not an

@@ -684,3 +684,48 @@ async fn mqtt_connect(
         packet => Err(ConnectionError::NotConnAck(packet)),
     }
 }
+
+/// routemq-bridge patch (PATCHED.md, Change 7): the PINGRESP deadline's verdict, shared by
+/// the 3.1.1 and the v5 event loop.
+#[cfg(test)]
+mod ping_check_tests {
+    use super::PingCheck;
+    use std::time::Duration;
+
+    const BUFFER: Option<usize> = Some(128 * 1024);
+
+    /// A check taken when 100 bytes had been received and `unread` waited in the socket.
+    fn check(unread: Option<usize>) -> PingCheck {
+        PingCheck::new(Duration::from_secs(2), 100, unread)
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_sent_nothing_since_the_ping_is_silent() {
+        assert!(check(Some(0)).overdue(true, false, 100, Some(0), BUFFER));
+    }
+
+    #[tokio::test]
+    async fn a_pingresp_read_or_any_byte_received_is_a_sign_of_life() {
+        // PINGRESP read.
+        assert!(!check(Some(0)).overdue(false, false, 100, Some(0), BUFFER));
+        // A packet (or part of one) decoded, skipped or buffered since.
+        assert!(!check(Some(0)).overdue(true, false, 101, Some(0), BUFFER));
+        // Bytes waiting unread may be the PINGRESP: read them first.
+        assert!(!check(Some(0)).overdue(true, false, 100, Some(2), BUFFER));
+        // No socket to ask: no verdict.
+        assert!(!check(None).overdue(true, false, 100, None, BUFFER));
+    }
+
+    #[tokio::test]
+    async fn while_paused_only_an_open_window_that_stayed_still_is_silence() {
+        // Nothing more arrived although the window was open.
+        assert!(check(Some(500)).overdue(true, true, 100, Some(500), BUFFER));
+        // The unread count moved: the broker sends (the PINGRESP behind publishes).
+        assert!(!check(Some(500)).overdue(true, true, 100, Some(502), BUFFER));
+        // A buffer filling up (a closed window): no verdict, TCP watches that case.
+        let full = 20 * 1024;
+        assert!(!check(Some(full)).overdue(true, true, 100, Some(full), BUFFER));
+        // No socket to ask: no verdict.
+        assert!(!check(None).overdue(true, true, 100, None, None));
+    }
+}
