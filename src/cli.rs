@@ -93,8 +93,15 @@ pub fn check(path: &Path) -> u8 {
     for warning in &config.warnings {
         eprintln!("warning: {warning}");
     }
+    let protocol = match config.mqtt.protocol {
+        crate::mqtt::config::Protocol::V311 => "MQTT 3.1.1".to_string(),
+        crate::mqtt::config::Protocol::V5 => format!(
+            "MQTT 5, session expiry {}",
+            humantime::format_duration(config.mqtt.session_expiry)
+        ),
+    };
     println!(
-        "mqtt {} as {:?}; redis {}",
+        "mqtt {} as {:?} ({protocol}); redis {}",
         config.mqtt.url,
         config.mqtt.client_id,
         if config.redis.enabled {

@@ -40,6 +40,7 @@ pub mod names {
     pub const SPOOL_BYTES: &str = "routemq_bridge_spool_bytes";
     pub const SPOOL_DROPPED: &str = "routemq_bridge_spool_dropped_total";
     pub const SPOOL_REPLAYED: &str = "routemq_bridge_spool_replayed_total";
+    pub const MQTT_REASON_CODES: &str = "routemq_bridge_mqtt_reason_codes_total";
 }
 
 /// Process-wide totals for the systemd `STATUS=` line (the metrics keep the labelled detail).
@@ -216,6 +217,30 @@ pub fn forward_retry(topic: &str) {
         topic,
         "forward lost with the broker's session; sending it again"
     );
+}
+
+/// The broker answered with a failure reason code (MQTT 5, spec §6.1): counted by packet
+/// (`suback`, `puback`, `pubrec`) and code (`not_authorized`, …).
+pub fn mqtt_reason_code(packet: &'static str, code: &str) {
+    counter!(m::MQTT_REASON_CODES, "packet" => packet, "code" => code.to_string()).increment(1);
+}
+
+/// The broker refused a subscription: an error naming the filter (the route behind it gets
+/// nothing; `/readyz` says so), counted as [`mqtt_reason_code`].
+pub fn mqtt_refused(packet: &'static str, code: &str, filter: &str, client_id: &str) {
+    mqtt_reason_code(packet, code);
+    tracing::error!(
+        client_id,
+        filter,
+        code,
+        "the MQTT broker refused the subscription (check its ACL); the other routes run"
+    );
+}
+
+/// The broker refused a publish (a forward or a republish) with a failure reason code.
+/// `packet` and `code` as [`mqtt_reason_code`], which the connection's loop counted.
+pub fn mqtt_publish_refused(topic: &str, packet: &str, code: &str) {
+    tracing::error!(topic, packet, code, "the MQTT broker refused a publish");
 }
 
 /// A republish rule (spec §7) finished with one Redis message or stream entry: `outcome` is

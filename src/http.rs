@@ -8,9 +8,13 @@
 //! - `GET /readyz`: 200 only when MQTT is connected and subscribed and Redis is reachable
 //!   and takes writes (or is disabled); otherwise 503. The JSON body says which side is
 //!   down: `{"ready":false,"mqtt":"up","redis":"down"}`, or `"redis":"refusing"` while Redis
-//!   answers but refuses writes (`OOM`, `READONLY`, `MISCONF`, …). With `[spool]`, the body
-//!   also says `"spool":"active"|"idle"`, and while the spool takes what Redis cannot
-//!   (spec §6.2) the answer stays 200: `{"ready":true,"mqtt":"up","redis":"down","spool":"active"}`.
+//!   answers but refuses writes (`OOM`, `READONLY`, `MISCONF`, …). A subscription the
+//!   broker refused (MQTT 5 reason code, e.g. an ACL) keeps it 503 with the filters named:
+//!   `{"ready":false,"mqtt":"down","redis":"up","refused":["alerts/#"]}` — the other routes
+//!   run, but one of them gets nothing. With `[spool]`, the body also says
+//!   `"spool":"active"|"idle"` (after `"redis"`), and while the spool takes what Redis
+//!   cannot (spec §6.2) the answer stays 200:
+//!   `{"ready":true,"mqtt":"up","redis":"down","spool":"active"}`.
 //!
 //! Three read-only routes do not need a framework: plain hyper 1 with HTTP/1.1, a header
 //! read timeout, and a graceful shutdown that lets in-flight requests finish when the daemon
@@ -71,6 +75,8 @@ pub struct State {
 pub struct Readiness {
     pub mqtt_up: bool,
     pub redis: ConnectionState,
+    /// Filters the broker refused.
+    pub refused: Vec<String>,
     /// With `[spool]`: whether it is active (spilling or holding messages).
     pub spool: Option<bool>,
     /// The spool takes what Redis cannot right now.
@@ -81,8 +87,9 @@ impl Readiness {
     pub fn of(observed: &Observed) -> Readiness {
         let mqtt = observed.mqtt();
         Readiness {
-            mqtt_up: mqtt.connected && mqtt.subscribed,
+            mqtt_up: mqtt.connected && mqtt.subscribed && mqtt.refused.is_empty(),
             redis: observed.redis_state(),
+            refused: mqtt.refused,
             spool: observed.spool.as_ref().map(|s| s.active()),
             spilling: observed.spool.as_ref().is_some_and(|s| s.spilling()),
         }
@@ -95,19 +102,26 @@ impl Readiness {
     }
 
     /// `{"ready":bool,"mqtt":"up"|"down","redis":"up"|"down"|"refusing"|"disabled"}`, in
-    /// that order.
+    /// that order, then `"spool":"active"|"idle"` with `[spool]`, then `"refused":[filters]`
+    /// when the broker refused subscriptions.
     pub fn body(&self) -> String {
-        let spool = match self.spool {
-            None => "",
-            Some(true) => r#","spool":"active""#,
-            Some(false) => r#","spool":"idle""#,
-        };
-        format!(
-            r#"{{"ready":{},"mqtt":"{}","redis":"{}"{spool}}}"#,
+        let mut body = format!(
+            r#"{{"ready":{},"mqtt":"{}","redis":"{}""#,
             self.ready(),
             if self.mqtt_up { "up" } else { "down" },
             self.redis.as_str()
-        )
+        );
+        match self.spool {
+            None => {}
+            Some(true) => body.push_str(r#","spool":"active""#),
+            Some(false) => body.push_str(r#","spool":"idle""#),
+        }
+        if !self.refused.is_empty() {
+            body.push_str(r#","refused":"#);
+            body.push_str(&json!(self.refused).to_string());
+        }
+        body.push('}');
+        body
     }
 }
 
@@ -255,6 +269,7 @@ mod tests {
         let redis_down = Readiness {
             mqtt_up: true,
             redis: ConnectionState::Down,
+            refused: Vec::new(),
             spool: None,
             spilling: false,
         };
@@ -266,6 +281,7 @@ mod tests {
         let disabled = Readiness {
             mqtt_up: true,
             redis: ConnectionState::Disabled,
+            refused: Vec::new(),
             spool: None,
             spilling: false,
         };
@@ -273,6 +289,7 @@ mod tests {
         let refusing = Readiness {
             mqtt_up: true,
             redis: ConnectionState::Refusing,
+            refused: Vec::new(),
             spool: None,
             spilling: false,
         };
@@ -284,10 +301,23 @@ mod tests {
         let mqtt_down = Readiness {
             mqtt_up: false,
             redis: ConnectionState::Up,
+            refused: Vec::new(),
             spool: None,
             spilling: false,
         };
         assert!(!mqtt_down.ready());
+        let refused = Readiness {
+            mqtt_up: false,
+            redis: ConnectionState::Up,
+            refused: vec!["alerts/#".to_string()],
+            spool: None,
+            spilling: false,
+        };
+        assert!(!refused.ready());
+        assert_eq!(
+            refused.body(),
+            r#"{"ready":false,"mqtt":"down","redis":"up","refused":["alerts/#"]}"#
+        );
         assert!(mqtt_down.body().contains(r#""mqtt":"down""#));
     }
 
@@ -296,6 +326,7 @@ mod tests {
         let spooling = Readiness {
             mqtt_up: true,
             redis: ConnectionState::Down,
+            refused: Vec::new(),
             spool: Some(true),
             spilling: true,
         };

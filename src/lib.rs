@@ -22,6 +22,7 @@ pub mod fault;
 pub mod http;
 pub mod liveness;
 pub mod logging;
+pub mod message;
 pub mod metrics;
 pub mod middleware;
 pub mod mqtt;

@@ -100,6 +100,10 @@ fn describe() {
         CONFIG_RELOADS,
         "Configuration reloads (SIGHUP), per result (applied, rejected)."
     );
+    describe_counter!(
+        MQTT_REASON_CODES,
+        "Failure reason codes the MQTT broker answered (MQTT 5), per packet and code."
+    );
     describe_gauge!(
         SPOOL_MESSAGES,
         "Messages in the local spool, waiting for Redis (absent without [spool])."
@@ -145,6 +149,7 @@ fn register_fixed_series() {
         Reason::InvalidParam,
         Reason::MissingField,
         Reason::RedisError,
+        Reason::Expired,
     ] {
         counter!(DEAD_LETTERS, "reason" => reason.as_str()).absolute(0);
     }

@@ -11,6 +11,8 @@ pub enum Reason {
     InvalidParam,
     MissingField,
     RedisError,
+    /// MQTT 5: the Message Expiry Interval passed before the message could be written.
+    Expired,
     /// A bug in the bridge while handling this message (a panic): the message is
     /// dead-lettered and the next one goes on.
     InternalError,
@@ -27,6 +29,7 @@ impl Reason {
             Reason::InvalidParam => "invalid_param",
             Reason::MissingField => "missing_field",
             Reason::RedisError => "redis_error",
+            Reason::Expired => "expired",
             Reason::InternalError => "internal_error",
             Reason::SpoolFull => "spool_full",
         }

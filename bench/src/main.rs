@@ -97,6 +97,9 @@ struct Args {
     /// Bridges draining the queue together, as one `share_group` (drain only).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=16))]
     instances: u32,
+    /// The MQTT protocol the bridge speaks (spec §6.1); the publishers speak 3.1.1.
+    #[arg(long, default_value = "3.1.1", value_parser = ["3.1.1", "5"])]
+    protocol: String,
 }
 
 /// The two bridge configurations measured.
@@ -247,11 +250,17 @@ impl Bench {
         } else {
             String::new()
         };
+        // Under MQTT 5 the session is kept by session_expiry (its default, 7 days).
+        let session = if self.args.protocol == "5" {
+            "protocol = \"5\""
+        } else {
+            "clean_session = false"
+        };
         let text = format!(
             r#"[mqtt]
 url = "mqtt://127.0.0.1:{mqtt}"
 client_id = "{client_id}"
-clean_session = false
+{session}
 {share_group}
 [redis]
 {redis}
@@ -469,6 +478,9 @@ format = "text"
             name = format!("{name} ×{instances} (shares {shares:?}){cluster}");
         } else {
             name.push_str(&cluster);
+        }
+        if self.args.protocol == "5" {
+            name.push_str(", MQTT 5");
         }
         Ok(DrainRow {
             name,

@@ -18,6 +18,7 @@ use ::redis::Pipeline;
 use serde_json::{Map, Value};
 
 pub use crate::mqtt::forward::MqttOut;
+use crate::mqtt::properties::PropertyTemplates;
 use crate::outcome::{Outcome, Reason};
 use crate::stage::{failed, Env, Step};
 use crate::template::json::{compact, json_text};
@@ -130,6 +131,8 @@ pub enum Op {
         payload: Template,
         qos: u8,
         retain: bool,
+        /// MQTT 5 publish properties.
+        properties: Option<Box<PropertyTemplates>>,
     },
 }
 
@@ -369,12 +372,18 @@ impl Action {
                 payload,
                 qos,
                 retain,
+                properties,
             } => {
+                let properties = match properties {
+                    Some(p) => Some(Box::new(p.render(ctx)?)),
+                    None => None,
+                };
                 return Ok(Some(MqttOut {
                     topic: topic.render(ctx)?,
                     payload: payload.render_bytes(ctx)?.into_owned(),
                     qos: *qos,
                     retain: *retain,
+                    properties,
                 }));
             }
         }
@@ -463,6 +472,7 @@ mod tests {
             json: true,
             session: false,
             fields: false,
+            properties: false,
             constraints: &[],
         };
         Action {

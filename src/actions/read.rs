@@ -8,6 +8,7 @@ use figment::value::Value;
 
 use super::{Action, Expiry, HashFields, JsonTemplate, Op};
 use crate::config::reader::{found, Table};
+use crate::mqtt::properties::PropertyTemplates;
 use crate::template::{read as template, Scope, Target, Template};
 
 /// Every op an action may name.
@@ -167,11 +168,14 @@ pub(crate) fn read_action(a: &mut Table<'_>, scope: &Scope<'_>, route_qos: u8) -
             let payload = value(a, "payload");
             let qos = a.qos("qos", route_qos);
             let retain = a.bool("retain", false);
+            // A route's scope has properties exactly when the bridge speaks MQTT 5.
+            let properties = PropertyTemplates::read(a, scope, scope.properties).map(Box::new);
             Op::MqttPublish {
                 topic: topic?,
                 payload: payload?,
                 qos,
                 retain,
+                properties,
             }
         }
     };

@@ -10,10 +10,11 @@ use crate::config::{
     self, ConfigErrors, ConfigWarning, HttpConfig, LimitsConfig, LogConfig, RawTable,
 };
 use crate::dead_letter::DeadLetterConfig;
+use crate::mqtt::config::Protocol;
 use crate::mqtt::MqttConfig;
 use crate::redis::RedisConfig;
 use crate::republish::{read_republish, warn_pubsub_in_share_group, RepublishRule};
-use crate::router::config::read_routes;
+use crate::router::config::{read_routes, RouteEnv};
 use crate::router::route::RouteTable;
 use crate::spool::SpoolConfig;
 
@@ -69,13 +70,13 @@ impl BridgeConfig {
         env: &HashMap<String, String>,
     ) -> Result<(BridgeConfig, RouteTable), ConfigErrors> {
         Self::load_and(path, env, |config, errors| {
-            let routes = read_routes(
-                &config.routes,
-                config.redis.enabled,
-                !config.redis.cluster.is_empty(),
-                errors,
-            );
-            let rules = read_republish(&config.republish, config.redis.enabled, errors);
+            let env = RouteEnv {
+                redis_enabled: config.redis.enabled,
+                cluster: !config.redis.cluster.is_empty(),
+                mqtt5: config.mqtt.protocol == Protocol::V5,
+            };
+            let routes = read_routes(&config.routes, env, errors);
+            let rules = read_republish(&config.republish, config.redis.enabled, env.mqtt5, errors);
             if !config.mqtt.share_group.is_empty() {
                 warn_pubsub_in_share_group(&config.republish, &rules, errors);
             }

@@ -387,7 +387,7 @@ impl Lanes {
 /// queued (a lane stuck waiting for Redis would hold it without bound).
 fn hand_over(dispatcher: &Lanes, engine: &Engine, message: Inbound) {
     if message.is_overflow() {
-        engine.overflow(&message.publish.topic, message.received);
+        engine.overflow(&message.message.topic, message.received);
     } else {
         dispatcher.dispatch(message);
     }

@@ -433,6 +433,7 @@ impl DedupClaim {
             Ok(Claim::Ours | Claim::Written) => Ok(()),
             Err(e) => {
                 let released = env
+                    .without_deadline()
                     .until_redis(|| release(env.redis, &self.key, &self.marks))
                     .await;
                 if let Err(e) = released {

@@ -186,6 +186,7 @@ impl RateLimitRule {
                     payload: reply_payload(decision).into_bytes(),
                     qos: *qos,
                     retain: false,
+                    properties: None,
                 };
                 env.forwarder.post(reply)
             }

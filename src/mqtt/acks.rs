@@ -15,22 +15,22 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rumqttc::Publish;
 use tokio::sync::{mpsc, oneshot};
 
+use super::wire::{AckId, Client};
 use crate::liveness::Busy;
 
 /// Where acks go: the [`AckForwarder`] in the daemon; tests record them.
 pub trait AckSink: Send + Sync + 'static {
     /// Called in ack order, under the sequencer's lock: must not block.
-    fn ack(&self, publish: &Publish, epoch: u64);
+    fn ack(&self, id: AckId, epoch: u64);
 
     /// The sequencer moved to a new connection's epoch (acks of older epochs are void).
     fn new_epoch(&self, _epoch: u64) {}
 }
 
 enum Forward {
-    Ack(Publish, u64),
+    Ack(AckId, u64),
     Flush(oneshot::Sender<()>),
 }
 
@@ -51,7 +51,7 @@ pub struct AckForwarder {
 
 impl AckForwarder {
     /// Starts the forwarding task for `client`.
-    pub fn spawn(client: rumqttc::AsyncClient, capacity: usize) -> AckForwarder {
+    pub fn spawn(client: Client, capacity: usize) -> AckForwarder {
         let (tx, mut rx) = mpsc::channel::<Forward>(capacity.max(1));
         let epoch = Arc::new(AtomicU64::new(0));
         let current = epoch.clone();
@@ -61,14 +61,14 @@ impl AckForwarder {
             let _lifeline = crate::liveness::Lifeline::new("ack path");
             while let Some(forward) = rx.recv().await {
                 match forward {
-                    Forward::Ack(publish, epoch) => {
+                    Forward::Ack(id, epoch) => {
                         if epoch != current.load(Ordering::Acquire) {
                             continue;
                         }
                         on_ack.start();
-                        if let Err(e) = client.ack(&publish).await {
+                        if let Err(e) = client.ack(id).await {
                             // The event loop is gone (shutdown): redelivered later.
-                            tracing::debug!(error = %e, pkid = publish.pkid, "MQTT ack not sent");
+                            tracing::debug!(error = %e, pkid = id.pkid, "MQTT ack not sent");
                         }
                         on_ack.done();
                     }
@@ -98,9 +98,9 @@ impl AckForwarder {
 }
 
 impl AckSink for AckForwarder {
-    fn ack(&self, publish: &Publish, epoch: u64) {
-        if let Err(e) = self.tx.try_send(Forward::Ack(publish.clone(), epoch)) {
-            tracing::warn!(error = %e, pkid = publish.pkid, "MQTT ack queue full; the message will be redelivered");
+    fn ack(&self, id: AckId, epoch: u64) {
+        if let Err(e) = self.tx.try_send(Forward::Ack(id, epoch)) {
+            tracing::warn!(error = %e, pkid = id.pkid, "MQTT ack queue full; the message will be redelivered");
         }
     }
 
@@ -110,7 +110,7 @@ impl AckSink for AckForwarder {
 }
 
 struct Entry {
-    publish: Publish,
+    id: AckId,
     done: bool,
 }
 
@@ -157,13 +157,10 @@ impl AckSequencer {
     }
 
     /// Registers a message that needs an ack (QoS 1 or 2), in arrival order.
-    pub fn register(&self, publish: Publish) -> Ticket {
+    pub fn register(&self, id: AckId) -> Ticket {
         let mut q = self.lock();
         let seq = q.head + q.entries.len() as u64;
-        q.entries.push_back(Entry {
-            publish,
-            done: false,
-        });
+        q.entries.push_back(Entry { id, done: false });
         Ticket {
             epoch: q.epoch,
             seq,
@@ -199,7 +196,7 @@ impl AckSequencer {
         // sink only queues the ack (`try_send`), it never waits.
         while q.entries.front().is_some_and(|e| e.done) {
             if let Some(entry) = q.entries.pop_front() {
-                self.sink.ack(&entry.publish, q.epoch);
+                self.sink.ack(entry.id, q.epoch);
             }
             q.head += 1;
         }
@@ -216,21 +213,18 @@ impl Ticket {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rumqttc::QoS;
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<u16>>);
 
     impl AckSink for Recorder {
-        fn ack(&self, publish: &Publish, _epoch: u64) {
-            self.0.lock().unwrap().push(publish.pkid);
+        fn ack(&self, id: AckId, _epoch: u64) {
+            self.0.lock().unwrap().push(id.pkid);
         }
     }
 
-    fn publish(pkid: u16) -> Publish {
-        let mut p = Publish::new("t", QoS::AtLeastOnce, "x");
-        p.pkid = pkid;
-        p
+    fn publish(pkid: u16) -> AckId {
+        AckId { pkid, qos: 1 }
     }
 
     #[test]

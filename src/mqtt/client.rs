@@ -12,6 +12,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::config::{MqttConfig, Protocol};
+use super::wire::{Client, EventLoop};
 
 /// Why the MQTT client could not be configured (bad URL, unreadable certificate, …).
 #[derive(Debug, thiserror::Error)]
@@ -22,28 +23,115 @@ pub struct OptionsError(pub String);
 /// most a few KiB of acks; larger publishes make the codec flush earlier anyway.
 const MAX_REQUEST_BATCH: usize = 128;
 
-/// rumqttc options for `config`, with manual acks (we ack only what reached Redis).
-pub fn options(config: &MqttConfig) -> Result<MqttOptions, OptionsError> {
-    if config.protocol == Protocol::V5 {
-        return Err(OptionsError(
-            "protocol = \"5\" is not supported yet; use \"3.1.1\"".into(),
-        ));
+/// The broker connection for `config`, in its protocol (spec §6.1), not yet connected:
+/// the event loop connects when first polled. Manual acks (we ack only what reached Redis),
+/// TCP_NODELAY, the dead-peer timeout, and under MQTT 5 Receive Maximum = `max_inflight`.
+pub fn connect(
+    config: &MqttConfig,
+    max_inflight: usize,
+) -> Result<(Client, EventLoop), OptionsError> {
+    // TCP_NODELAY (rumqttc leaves it off). With Nagle, a PUBACK written while the
+    // previous one is unacknowledged waits for the broker's delayed ACK (40 ms on Linux);
+    // with the broker's in-flight window full meanwhile, every message waits: p99 of 20-
+    // 47 ms at 5-10k msg/s in the bench, against 1-4 ms with it on. The acks of a
+    // backlog still share segments: the event loop writes queued acks in batches
+    // (`MAX_REQUEST_BATCH`, see docs/benchmarks.md).
+    //
+    // A broker gone without FIN or RST (a pulled cable, a NAT that forgot the flow):
+    // what we send (a ping every keep-alive) unacknowledged by its TCP for half a
+    // keep-alive ends the connection, so it is noticed within ~1.5 × keep_alive, also
+    // while reading is paused. A broker process that hangs with its kernel alive is
+    // caught by the PINGRESP deadline in the event loop (vendor/rumqttc, Change 7).
+    let keep_alive = config.keep_alive.max(Duration::from_secs(1));
+    let network = |mut network: rumqttc::NetworkOptions| {
+        network.set_tcp_nodelay(true);
+        network.set_dead_peer_timeout(keep_alive / 2);
+        network
+    };
+    match config.protocol {
+        Protocol::V311 => {
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(options(config)?, CHANNEL);
+            eventloop.set_network_options(network(eventloop.network_options()));
+            Ok((Client::V4(client), EventLoop::V4(Box::new(eventloop))))
+        }
+        Protocol::V5 => {
+            let options = options_v5(config, max_inflight)?;
+            let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, CHANNEL);
+            let net = network(eventloop.options.network_options());
+            eventloop.options.set_network_options(net);
+            Ok((Client::V5(client), EventLoop::V5(Box::new(eventloop))))
+        }
     }
+}
+
+/// rumqttc's request channel: acks, forwards and subscriptions queue here; generous so
+/// `try_ack` never finds it full in practice (the broker's in-flight window bounds what we
+/// hold).
+const CHANNEL: usize = 4096;
+
+/// rumqttc 3.1.1 options for `config`.
+fn options(config: &MqttConfig) -> Result<MqttOptions, OptionsError> {
     let broker = config.broker().map_err(OptionsError)?;
-    let mut options = MqttOptions::new(config.client_id.clone(), broker.host, broker.port);
+    let mut options = MqttOptions::new(config.client_id.clone(), broker.host.clone(), broker.port);
     options
         .set_clean_session(config.clean_session)
         .set_keep_alive(config.keep_alive.max(Duration::from_secs(1)))
         .set_manual_acks(true)
-        // Acks, forwards and subscriptions queue here; generous so `try_ack` never finds it
-        // full in practice (the broker's in-flight window bounds what we hold).
-        .set_request_channel_capacity(4096)
+        .set_request_channel_capacity(CHANNEL)
         // Write up to this many queued requests before one flush (our patch of rumqttc,
         // vendor/rumqttc/PATCHED.md): the acks of a burst leave in one write, not one
-        // system call and TCP segment each (TCP_NODELAY is on, see `source`).
+        // system call and TCP segment each (TCP_NODELAY is on, see `connect`).
         .set_max_request_batch(MAX_REQUEST_BATCH);
     let max = usize::try_from(config.max_packet_size).unwrap_or(usize::MAX);
     options.set_max_packet_size(max, max);
+    if let Some((user, password)) = credentials(config) {
+        options.set_credentials(user, password);
+    }
+    if let Some(transport) = transport(config, &broker)? {
+        options.set_transport(transport);
+    }
+    Ok(options)
+}
+
+/// rumqttc MQTT 5 options for `config` (spec §6.1): the session lives `session_expiry`
+/// instead of `clean_session`; CONNECT announces Receive Maximum = `max_inflight` (capped
+/// at 65,535), so a broker that honours it sends no more unacked messages than we hold
+/// (reading is still paused at the bound, for brokers that do not).
+fn options_v5(
+    config: &MqttConfig,
+    max_inflight: usize,
+) -> Result<rumqttc::v5::MqttOptions, OptionsError> {
+    let broker = config.broker().map_err(OptionsError)?;
+    let mut options =
+        rumqttc::v5::MqttOptions::new(config.client_id.clone(), broker.host.clone(), broker.port);
+    let expiry = u32::try_from(config.session_expiry.as_secs()).unwrap_or(u32::MAX);
+    let receive_maximum = u16::try_from(max_inflight.max(1)).unwrap_or(u16::MAX);
+    let max_packet = u32::try_from(config.max_packet_size).unwrap_or(u32::MAX);
+    options
+        // A new session only when the old one may not be kept: expiry 0 ends it with the
+        // connection anyway; otherwise the broker resumes what it holds for us.
+        .set_clean_start(expiry == 0)
+        .set_session_expiry_interval(Some(expiry))
+        .set_keep_alive(config.keep_alive.max(Duration::from_secs(1)))
+        .set_manual_acks(true)
+        .set_request_channel_capacity(CHANNEL)
+        .set_receive_maximum(Some(receive_maximum))
+        // Our limit is not announced: a broker that honours it would drop a bigger message
+        // unseen, while the codec skips it as it streams in and the bridge dead-letters it
+        // (`payload_too_large`), as under 3.1.1 (vendor/rumqttc/PATCHED.md, Change 5).
+        .set_default_max_incoming_size(max_packet)
+        .set_max_request_batch(MAX_REQUEST_BATCH);
+    if let Some((user, password)) = credentials(config) {
+        options.set_credentials(user, password);
+    }
+    if let Some(transport) = transport(config, &broker)? {
+        options.set_transport(transport);
+    }
+    Ok(options)
+}
+
+/// The user name and password to send, if any.
+fn credentials(config: &MqttConfig) -> Option<(String, String)> {
     match (&config.username, &config.password) {
         (Some(user), password) => {
             // No password: rumqttc then sends the user name alone, as MQTT allows.
@@ -51,22 +139,32 @@ pub fn options(config: &MqttConfig) -> Result<MqttOptions, OptionsError> {
                 .as_ref()
                 .map(|p| p.expose().to_string())
                 .unwrap_or_default();
-            options.set_credentials(user.clone(), password);
+            Some((user.clone(), password))
         }
         // Not an error at load: a RouteMQ `.env` may carry MQTT_PASSWORD for a broker
         // that ignores it. But the operator should learn that it is not sent.
-        (None, Some(_)) => tracing::warn!(
-            "mqtt.password is set but mqtt.username is not; MQTT 3.1.1 sends a password only \
-             with a user name, so the bridge connects without credentials"
-        ),
-        (None, None) => {}
+        (None, Some(_)) => {
+            tracing::warn!(
+                "mqtt.password is set but mqtt.username is not; MQTT sends a password only \
+                 with a user name here, so the bridge connects without credentials"
+            );
+            None
+        }
+        (None, None) => None,
     }
-    if broker.tls {
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls_config(config)?),
-        )));
+}
+
+/// TLS for `mqtts://`.
+fn transport(
+    config: &MqttConfig,
+    broker: &crate::config::BrokerAddress,
+) -> Result<Option<Transport>, OptionsError> {
+    if !broker.tls {
+        return Ok(None);
     }
-    Ok(options)
+    Ok(Some(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(tls_config(config)?),
+    ))))
 }
 
 fn tls_config(config: &MqttConfig) -> Result<rustls::ClientConfig, OptionsError> {

@@ -25,6 +25,9 @@ pub struct MqttConfig {
     /// Stable, so the broker keeps our persistent session across restarts.
     pub client_id: String,
     pub clean_session: bool,
+    /// MQTT 5: how long the broker keeps our session after a disconnect (replaces
+    /// `clean_session`; 0 = the session ends with the connection).
+    pub session_expiry: Duration,
     pub keep_alive: Duration,
     /// Incoming and outgoing packet limit, in bytes.
     pub max_packet_size: u64,
@@ -45,6 +48,7 @@ impl Default for MqttConfig {
             url: "mqtt://127.0.0.1:1883".to_string(),
             client_id: "routemq-bridge".to_string(),
             clean_session: false,
+            session_expiry: Duration::from_secs(7 * 24 * 3600),
             keep_alive: Duration::from_secs(30),
             max_packet_size: 1024 * 1024,
             share_group: String::new(),
@@ -97,13 +101,22 @@ impl MqttConfig {
             .unwrap_or(d.share_group);
         let reconnect_max_delay = t.positive_duration("reconnect_max_delay", d.reconnect_max_delay);
         let protocol = t.get("protocol").unwrap_or(d.protocol);
-        // Refused here, not at start: `check` must catch what `run` would fail on (exit 2,
-        // which the unit does not restart), instead of a restart loop.
-        if protocol == Protocol::V5 {
-            t.error(
-                "protocol",
-                "MQTT 5 is not supported yet; use \"3.1.1\" (the default)",
-            );
+        let session_expiry = t.duration("session_expiry", d.session_expiry);
+        match protocol {
+            Protocol::V311 if t.has("session_expiry") => t.error(
+                "session_expiry",
+                "exists only in MQTT 5 (protocol = \"5\"); under 3.1.1 use clean_session",
+            ),
+            Protocol::V5 if t.has("clean_session") => t.error(
+                "clean_session",
+                "under MQTT 5 the session is kept for session_expiry (default \"7d\"; \"0\" \
+                 ends it with the connection): remove clean_session",
+            ),
+            Protocol::V5 if session_expiry.as_secs() > u64::from(u32::MAX) => t.error(
+                "session_expiry",
+                "MQTT 5 carries at most 4294967295 seconds (about 136 years)",
+            ),
+            _ => {}
         }
         let username = t.opt_string("username").filter(|u| !u.is_empty());
         let password = t.password("mqtt_password");
@@ -153,6 +166,7 @@ impl MqttConfig {
             url,
             client_id,
             clean_session,
+            session_expiry,
             keep_alive,
             max_packet_size,
             share_group,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 
 use super::publisher::{MqttPublisher, PublishError};
-use super::qos;
+use super::wire::OutProperties;
 use crate::backoff::Backoff;
 use crate::events;
 
@@ -19,6 +19,8 @@ pub struct MqttOut {
     pub payload: Vec<u8>,
     pub qos: u8,
     pub retain: bool,
+    /// MQTT 5 properties.
+    pub properties: Option<Box<OutProperties>>,
 }
 
 /// The outgoing connection forwards go out on. The publisher is swapped in when a reload
@@ -56,14 +58,26 @@ impl Forwarder {
         loop {
             let queued = publisher.publish_tracked(
                 &out.topic,
-                qos(out.qos),
+                out.qos,
                 out.retain,
                 out.payload.clone(),
+                out.properties.as_deref(),
             );
             match queued {
                 Ok(acked) => {
-                    if acked.await.is_ok() {
-                        return Ok(());
+                    match acked.await {
+                        Ok(Ok(())) => return Ok(()),
+                        // Refused by the broker (MQTT 5 reason code, e.g. not authorized):
+                        // sending it again would be refused again.
+                        Ok(Err(refusal)) => {
+                            events::mqtt_publish_refused(
+                                &out.topic,
+                                refusal.packet,
+                                &refusal.code.0,
+                            );
+                            return Err(format!("forward to {:?}: {refusal}", out.topic));
+                        }
+                        Err(_) => {}
                     }
                     // Lost with the broker's session (or the loop restarted): send again.
                     events::forward_retry(&out.topic);
@@ -75,7 +89,7 @@ impl Forwarder {
                     // redelivered, as anything unfinished at a stop (spec §6).
                     return std::future::pending().await;
                 }
-                Err(PublishError::Refused(why)) => return Err(why),
+                Err(PublishError::Refused(why) | PublishError::TooLarge(why)) => return Err(why),
             }
             tokio::time::sleep(backoff.next_delay()).await;
         }
@@ -91,7 +105,13 @@ impl Forwarder {
             .ok_or_else(|| "no outgoing MQTT connection".to_string())?;
         check_size(&out, self.max_packet_size)?;
         publisher
-            .publish_tracked(&out.topic, qos(out.qos), out.retain, out.payload)
+            .publish_tracked(
+                &out.topic,
+                out.qos,
+                out.retain,
+                out.payload,
+                out.properties.as_deref(),
+            )
             .map(drop)
             .map_err(|e| e.to_string())
     }

@@ -3,8 +3,10 @@
 pub mod acks;
 pub mod client;
 pub mod config;
+pub mod properties;
 pub mod publisher;
 pub mod source;
+pub mod wire;
 
 pub mod forward;
 
@@ -27,8 +29,11 @@ pub fn qos(level: u8) -> rumqttc::QoS {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MqttStatus {
     pub connected: bool,
-    /// Every filter of the cover was granted by the broker.
+    /// Every SUBSCRIBE of the cover was answered by the broker.
     pub subscribed: bool,
+    /// Filters the broker refused (a SUBACK failure code, e.g. not authorized): the other
+    /// routes run, `/readyz` answers 503 naming these.
+    pub refused: Vec<String>,
 }
 
 /// One subscription of the route table's cover: the filter and the highest QoS among the

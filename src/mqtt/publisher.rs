@@ -19,12 +19,33 @@
 //! [`Tracker`] (`MqttSource::publisher` hands out the handle).
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rumqttc::{AsyncClient, ClientError, Event, Outgoing, Packet, QoS, Request};
 use tokio::sync::{oneshot, watch};
 
+use super::wire::{Client, ConnectionError, Event, OutProperties, ReasonCode, RequestError};
 use super::MqttStatus;
+
+/// The broker refused a publish (MQTT 5: a PUBACK or PUBREC with a failure reason code):
+/// sending it again will not help.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// `puback` or `pubrec`.
+    pub packet: &'static str,
+    pub code: ReasonCode,
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the broker refused it ({} {})", self.packet, self.code.0)
+    }
+}
+
+/// Completes when the broker acknowledged a publish (`Ok(Ok(()))`) or refused it
+/// (`Ok(Err(_))`); fails when it was lost with the session or the loop ended.
+pub type Acked = oneshot::Receiver<Result<(), Refusal>>;
+type Waiter = oneshot::Sender<Result<(), Refusal>>;
 
 /// A poisoned lock only means a thread panicked while holding it; the tracker's data is
 /// still usable (at worst a waiter completes late or not at all, as on a lost session).
@@ -36,11 +57,11 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Default)]
 pub(super) struct Tracker {
     /// Waiters of publishes queued to rumqttc and not yet written, in queue order.
-    queued: VecDeque<oneshot::Sender<()>>,
+    queued: VecDeque<Waiter>,
     /// Written QoS 1/2 publishes waiting for PUBACK/PUBCOMP, by packet id.
-    written: HashMap<u16, oneshot::Sender<()>>,
+    written: HashMap<u16, Waiter>,
     /// A publish rumqttc holds back because its packet id is still in flight.
-    collided: Option<(u16, oneshot::Sender<()>)>,
+    collided: Option<(u16, Waiter)>,
     /// How many of `queued` sat in rumqttc's `pending` at the last connection loss: those
     /// are dropped with it when the broker did not keep the session; the rest of `queued`
     /// were still in the request channel and survive.
@@ -48,13 +69,11 @@ pub(super) struct Tracker {
 }
 
 impl Tracker {
-    pub(super) fn observe(
-        &mut self,
-        event: &Result<Event, rumqttc::ConnectionError>,
-        pending: &VecDeque<Request>,
-    ) {
+    /// `pending_new` is, after a connection loss, how many new publishes rumqttc moved to
+    /// its `pending` ([`EventLoop::pending_new_publishes`](super::wire::EventLoop::pending_new_publishes)).
+    pub(super) fn observe(&mut self, event: &Result<Event, ConnectionError>, pending_new: usize) {
         match event {
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+            Ok(Event::OutgoingPublish(pkid)) => {
                 if *pkid != 0 && self.written.contains_key(pkid) {
                     return; // a retransmission
                 }
@@ -67,21 +86,39 @@ impl Tracker {
                 };
                 if let Some(waiter) = waiter {
                     if *pkid == 0 {
-                        let _ = waiter.send(()); // QoS 0: written is all there is
+                        let _ = waiter.send(Ok(())); // QoS 0: written is all there is
                     } else {
                         self.written.insert(*pkid, waiter);
                     }
                 }
             }
-            Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+            Ok(Event::OutgoingAwaitAck(pkid)) => {
                 if let Some(waiter) = self.pop() {
                     self.collided = Some((*pkid, waiter));
                 }
             }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => self.complete(ack.pkid),
-            Ok(Event::Incoming(Packet::PubComp(comp))) => self.complete(comp.pkid),
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                if !ack.session_present {
+            Ok(Event::PubAck {
+                pkid,
+                packet,
+                refused,
+            }) => {
+                let result = match refused {
+                    Some(code) => Err(Refusal {
+                        packet,
+                        code: code.clone(),
+                    }),
+                    None => Ok(()),
+                };
+                // A PUBREC that did not refuse is no completion: PUBCOMP is.
+                if refused.is_some() || *packet == "puback" {
+                    self.complete(*pkid, result);
+                }
+            }
+            Ok(Event::PubComp { pkid }) => self.complete(*pkid, Ok(())),
+            Ok(Event::ConnAck {
+                session_present, ..
+            }) => {
+                if !session_present {
                     // rumqttc cleared its pending requests and in-flight publishes.
                     self.written.clear();
                     self.collided = None;
@@ -93,24 +130,20 @@ impl Tracker {
             Ok(_) => {}
             Err(_) => {
                 // New publishes (no packet id yet) that rumqttc moved to `pending`.
-                let moved = pending
-                    .iter()
-                    .filter(|r| matches!(r, Request::Publish(p) if p.pkid == 0))
-                    .count();
-                self.in_pending = moved.min(self.queued.len());
+                self.in_pending = pending_new.min(self.queued.len());
             }
         }
     }
 
-    fn pop(&mut self) -> Option<oneshot::Sender<()>> {
+    fn pop(&mut self) -> Option<Waiter> {
         let waiter = self.queued.pop_front();
         self.in_pending = self.in_pending.saturating_sub(1);
         waiter
     }
 
-    fn complete(&mut self, pkid: u16) {
+    fn complete(&mut self, pkid: u16, result: Result<(), Refusal>) {
         if let Some(waiter) = self.written.remove(&pkid) {
-            let _ = waiter.send(());
+            let _ = waiter.send(result);
         }
     }
 
@@ -119,13 +152,32 @@ impl Tracker {
     }
 }
 
+/// A PUBLISH's size on the wire, at most: fixed header (≤ 5), topic (2 + length), packet
+/// id (2), properties (length ≤ 4 + each property) and payload.
+fn packet_size(topic: &str, payload: usize, properties: Option<&OutProperties>) -> usize {
+    let string = |s: &Option<String>| s.as_ref().map_or(0, |s| 3 + s.len());
+    let properties = properties.map_or(0, |p| {
+        4 + string(&p.content_type)
+            + string(&p.response_topic)
+            + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
+            + p.message_expiry.map_or(0, |_| 5)
+            + p.user
+                .iter()
+                .map(|(k, v)| 5 + k.len() + v.len())
+                .sum::<usize>()
+    });
+    5 + 2 + topic.len() + 2 + properties + payload
+}
+
 /// Publishing with acknowledgement tracking, for the republisher (spec §7). Clones share
 /// one connection.
 #[derive(Clone)]
 pub struct MqttPublisher {
-    client: AsyncClient,
+    client: Client,
     tracker: Arc<Mutex<Tracker>>,
     status: watch::Receiver<MqttStatus>,
+    /// The broker's Maximum Packet Size (MQTT 5 CONNACK; 0 = none said).
+    broker_max: Arc<AtomicU32>,
 }
 
 /// Why a publish could not be queued.
@@ -137,47 +189,65 @@ pub enum PublishError {
     /// The topic is not a valid topic name, or the event loop has ended.
     #[error("MQTT publish refused: {0}")]
     Refused(String),
+    /// Larger than the broker's Maximum Packet Size (MQTT 5): it would never be taken.
+    #[error("MQTT publish refused: {0}")]
+    TooLarge(String),
 }
 
 impl MqttPublisher {
     pub(super) fn new(
-        client: AsyncClient,
+        client: Client,
         tracker: Arc<Mutex<Tracker>>,
         status: watch::Receiver<MqttStatus>,
+        broker_max: Arc<AtomicU32>,
     ) -> MqttPublisher {
         MqttPublisher {
             client,
             tracker,
             status,
+            broker_max,
         }
     }
 
     /// Queues a publish; the receiver completes once the broker acknowledged it (QoS 1/2)
     /// or it was written (QoS 0), and fails if it was lost with the session or the loop
-    /// ended — then publish again.
+    /// ended — then publish again. `properties` go out under MQTT 5 only.
     pub fn publish_tracked(
         &self,
         topic: &str,
-        qos: QoS,
+        qos: u8,
         retain: bool,
         payload: Vec<u8>,
-    ) -> Result<oneshot::Receiver<()>, PublishError> {
+        properties: Option<&OutProperties>,
+    ) -> Result<Acked, PublishError> {
         if topic.is_empty() || topic.contains(['+', '#', '\0']) {
             return Err(PublishError::Refused(format!(
                 "{topic:?} is not a topic name"
+            )));
+        }
+        let broker_max = self.broker_max.load(Ordering::Relaxed);
+        let size = packet_size(topic, payload.len(), properties);
+        if broker_max != 0 && size > broker_max as usize {
+            return Err(PublishError::TooLarge(format!(
+                "a publish to {topic:?} of {size} bytes is over the broker's Maximum Packet \
+                 Size ({broker_max})"
             )));
         }
         let (tx, rx) = oneshot::channel();
         // One lock around both steps keeps the FIFO in the request channel's order.
         let mut tracker = lock(&self.tracker);
         tracker.queued.push_back(tx);
-        match self.client.try_publish(topic, qos, retain, payload) {
+        match self
+            .client
+            .try_publish(topic, qos, retain, payload, properties)
+        {
             Ok(()) => Ok(rx),
             Err(e) => {
                 tracker.queued.pop_back();
                 match e {
-                    ClientError::TryRequest(_) if !self.client_closed() => Err(PublishError::Full),
-                    other => Err(PublishError::Refused(other.to_string())),
+                    RequestError::Full if !self.client_closed() => Err(PublishError::Full),
+                    RequestError::Full => Err(PublishError::Refused("the MQTT loop ended".into())),
+                    RequestError::Refused(why) => Err(PublishError::Refused(why)),
                 }
             }
         }
@@ -198,74 +268,96 @@ impl MqttPublisher {
 }
 
 #[cfg(test)]
-#[allow(clippy::result_large_err)] // mirrors what `EventLoop::poll` returns
 mod tracker_tests {
     use super::*;
-    use rumqttc::{ConnAck, ConnectReturnCode, ConnectionError, PubAck, Publish};
 
     type Observed = Result<Event, ConnectionError>;
 
     fn written(pkid: u16) -> Observed {
-        Ok(Event::Outgoing(Outgoing::Publish(pkid)))
+        Ok(Event::OutgoingPublish(pkid))
     }
 
     fn puback(pkid: u16) -> Observed {
-        Ok(Event::Incoming(Packet::PubAck(PubAck::new(pkid))))
+        Ok(Event::PubAck {
+            pkid,
+            packet: "puback",
+            refused: None,
+        })
     }
 
     fn connack(session_present: bool) -> Observed {
-        Ok(Event::Incoming(Packet::ConnAck(ConnAck::new(
-            ConnectReturnCode::Success,
+        Ok(Event::ConnAck {
             session_present,
-        ))))
+            max_packet_size: None,
+        })
     }
 
-    fn queue(tracker: &mut Tracker) -> oneshot::Receiver<()> {
+    fn lost() -> Observed {
+        Err(ConnectionError("network timeout".into()))
+    }
+
+    fn queue(tracker: &mut Tracker) -> Acked {
         let (tx, rx) = oneshot::channel();
         tracker.queued.push_back(tx);
         rx
     }
 
-    fn new_publish() -> Request {
-        Request::Publish(Publish::new("t", QoS::AtLeastOnce, "p"))
-    }
-
     #[test]
     fn a_publish_completes_on_its_own_puback_not_before() {
         let mut t = Tracker::default();
-        let none = VecDeque::new();
         let mut first = queue(&mut t);
         let mut second = queue(&mut t);
-        t.observe(&written(1), &none);
-        t.observe(&written(2), &none);
+        t.observe(&written(1), 0);
+        t.observe(&written(2), 0);
         assert!(first.try_recv().is_err() && second.try_recv().is_err());
-        t.observe(&puback(2), &none);
-        assert!(second.try_recv().is_ok());
+        t.observe(&puback(2), 0);
+        assert!(second.try_recv() == Ok(Ok(())));
         assert!(first.try_recv().is_err());
         // A retransmission keeps its waiter; the ack still completes it.
-        t.observe(&written(1), &none);
-        t.observe(&puback(1), &none);
-        assert!(first.try_recv().is_ok());
+        t.observe(&written(1), 0);
+        t.observe(&puback(1), 0);
+        assert!(first.try_recv() == Ok(Ok(())));
+    }
+
+    #[test]
+    fn a_refused_publish_completes_with_the_reason_code() {
+        let mut t = Tracker::default();
+        let mut rx = queue(&mut t);
+        t.observe(&written(3), 0);
+        t.observe(
+            &Ok(Event::PubAck {
+                pkid: 3,
+                packet: "puback",
+                refused: Some(ReasonCode("not_authorized".into())),
+            }),
+            0,
+        );
+        assert_eq!(
+            rx.try_recv(),
+            Ok(Err(Refusal {
+                packet: "puback",
+                code: ReasonCode("not_authorized".into())
+            }))
+        );
     }
 
     #[test]
     fn qos0_publishes_complete_when_written() {
         let mut t = Tracker::default();
         let mut rx = queue(&mut t);
-        t.observe(&written(0), &VecDeque::new());
-        assert!(rx.try_recv().is_ok());
+        t.observe(&written(0), 0);
+        assert!(rx.try_recv() == Ok(Ok(())));
     }
 
     #[test]
     fn a_lost_session_fails_what_rumqttc_dropped_and_keeps_the_rest() {
         let mut t = Tracker::default();
         let mut in_flight = queue(&mut t);
-        t.observe(&written(1), &VecDeque::new());
+        t.observe(&written(1), 0);
         let mut moved = queue(&mut t); // moved to rumqttc's pending at the loss
         let mut late = queue(&mut t); // still in the request channel
-        let pending = VecDeque::from([new_publish()]);
-        t.observe(&Err(ConnectionError::NetworkTimeout), &pending);
-        t.observe(&connack(false), &VecDeque::new());
+        t.observe(&lost(), 1);
+        t.observe(&connack(false), 0);
         assert!(matches!(
             in_flight.try_recv(),
             Err(oneshot::error::TryRecvError::Closed)
@@ -275,27 +367,24 @@ mod tracker_tests {
             Err(oneshot::error::TryRecvError::Closed)
         ));
         // The survivor is the next one written.
-        t.observe(&written(1), &VecDeque::new());
-        t.observe(&puback(1), &VecDeque::new());
-        assert!(late.try_recv().is_ok());
+        t.observe(&written(1), 0);
+        t.observe(&puback(1), 0);
+        assert!(late.try_recv() == Ok(Ok(())));
     }
 
     #[test]
     fn a_kept_session_keeps_every_waiter() {
         let mut t = Tracker::default();
         let mut in_flight = queue(&mut t);
-        t.observe(&written(1), &VecDeque::new());
+        t.observe(&written(1), 0);
         let mut moved = queue(&mut t);
-        t.observe(
-            &Err(ConnectionError::NetworkTimeout),
-            &VecDeque::from([new_publish()]),
-        );
-        t.observe(&connack(true), &VecDeque::new());
-        t.observe(&written(1), &VecDeque::new()); // retransmitted
-        t.observe(&written(2), &VecDeque::new()); // the moved one
-        t.observe(&puback(1), &VecDeque::new());
-        t.observe(&puback(2), &VecDeque::new());
-        assert!(in_flight.try_recv().is_ok());
-        assert!(moved.try_recv().is_ok());
+        t.observe(&lost(), 1);
+        t.observe(&connack(true), 0);
+        t.observe(&written(1), 0); // retransmitted
+        t.observe(&written(2), 0); // the moved one
+        t.observe(&puback(1), 0);
+        t.observe(&puback(2), 0);
+        assert!(in_flight.try_recv() == Ok(Ok(())));
+        assert!(moved.try_recv() == Ok(Ok(())));
     }
 }

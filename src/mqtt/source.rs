@@ -48,17 +48,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use rumqttc::{AsyncClient, Event, EventLoop, Outgoing, Packet, Publish, QoS, SubscribeFilter};
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 use super::acks::{AckForwarder, AckSequencer, Ticket};
-use super::client::{options, OptionsError};
+use super::client::{connect, OptionsError};
 use super::config::MqttConfig;
 use super::publisher::{lock, MqttPublisher, Tracker};
+use super::wire::{Client, Event, EventLoop, Filter, Received};
 use super::{MqttStatus, Subscription};
 use crate::backoff::Backoff;
+use crate::events;
 use crate::liveness::Heartbeat;
+use crate::message::Message;
 use crate::outcome::Reason;
 
 /// Counters the source keeps; the metrics layer reads them.
@@ -86,7 +88,7 @@ impl MqttStats {
 /// slot and lets its ack go out (in arrival order); dropping it unfinished leaves it unacked,
 /// so the broker redelivers it.
 pub struct Inbound {
-    pub publish: Publish,
+    pub message: Message,
     pub received: Instant,
     ticket: Option<Ticket>,
     /// `None` for an overflowed message: it holds no in-flight slot.
@@ -120,10 +122,10 @@ impl Inbound {
 }
 
 /// What [`Inbound::refusal`] says of `publish`, as our rumqttc patches marked it.
-fn refusal(publish: &Publish, max_packet_size: usize) -> Option<(Reason, String)> {
+fn refusal(publish: &Received, max_packet_size: usize) -> Option<(Reason, String)> {
     if let Some(size) = publish.oversized {
         tracing::warn!(
-            topic = %publish.topic,
+            topic = %publish.message.topic,
             size,
             max_packet_size,
             "the broker sent a message larger than mqtt.max_packet_size; skipped as it \
@@ -135,7 +137,7 @@ fn refusal(publish: &Publish, max_packet_size: usize) -> Option<(Reason, String)
             format!(
                 "{size} bytes, over mqtt.max_packet_size ({max_packet_size}); skipped as it \
                  arrived, only the first {} kept",
-                publish.payload.len()
+                publish.message.payload.len()
             ),
         ));
     }
@@ -172,7 +174,7 @@ impl Drop for InflightSlot {
 
 /// A running MQTT source.
 pub struct MqttSource {
-    client: AsyncClient,
+    client: Client,
     status: watch::Receiver<MqttStatus>,
     stats: Arc<MqttStats>,
     receiving: Arc<AtomicBool>,
@@ -180,6 +182,8 @@ pub struct MqttSource {
     task: JoinHandle<()>,
     tracker: Arc<Mutex<Tracker>>,
     acks: Arc<AckForwarder>,
+    broker_max: Arc<std::sync::atomic::AtomicU32>,
+    subscribes: Subscribes,
     share_group: String,
     updates: watch::Sender<SubscriptionSet>,
     max_inflight: Arc<AtomicUsize>,
@@ -192,16 +196,19 @@ pub struct MqttSource {
 /// SUBACKs the reload's own SUBSCRIBE will bring (0 or 1).
 #[derive(Clone, Default)]
 struct SubscriptionSet {
-    filters: Vec<SubscribeFilter>,
+    filters: Vec<Filter>,
     subacks: usize,
 }
 
 struct Loop {
     eventloop: EventLoop,
-    client: AsyncClient,
+    client: Client,
     sequencer: AckSequencer,
     inbound: mpsc::Sender<Inbound>,
-    subscriptions: Vec<SubscribeFilter>,
+    subscriptions: Vec<Filter>,
+    /// SUBSCRIBEs queued and not yet written, with their filters in order, and those
+    /// written, by packet id: a SUBACK's reason codes name the filters they refuse.
+    subscribes: Subscribes,
     status: watch::Sender<MqttStatus>,
     stats: Arc<MqttStats>,
     receiving: Arc<AtomicBool>,
@@ -212,6 +219,8 @@ struct Loop {
     /// `[mqtt] max_packet_size`, in bytes (rumqttc's incoming and outgoing limit).
     max_packet_size: usize,
     tracker: Arc<Mutex<Tracker>>,
+    /// The broker's Maximum Packet Size from its CONNACK (0 = none), for the publisher.
+    broker_max: Arc<std::sync::atomic::AtomicU32>,
     updates: watch::Receiver<SubscriptionSet>,
     heartbeat: Heartbeat,
     /// Until the first connection: the broker's URL (`mqtt.url`, which holds no
@@ -222,8 +231,60 @@ struct Loop {
     client_id: String,
 }
 
+/// SUBSCRIBEs on their way, to name the filters a SUBACK refuses (spec §6.1). Queued under
+/// the lock in the request channel's order, so each `Outgoing::Subscribe` belongs to the
+/// oldest queued one.
+#[derive(Clone, Default)]
+struct Subscribes(Arc<tokio::sync::Mutex<SubscribesState>>);
+
+#[derive(Default)]
+struct SubscribesState {
+    queued: std::collections::VecDeque<Vec<String>>,
+    written: std::collections::HashMap<u16, Vec<String>>,
+}
+
+impl Subscribes {
+    /// Queues a SUBSCRIBE of `filters` on `client`, remembering their paths.
+    async fn send(&self, client: &Client, filters: Vec<Filter>) -> Result<(), String> {
+        let mut state = self.0.lock().await;
+        state
+            .queued
+            .push_back(filters.iter().map(|f| f.path.clone()).collect());
+        let sent = client.subscribe_many(filters).await;
+        if sent.is_err() {
+            state.queued.pop_back();
+        }
+        sent
+    }
+
+    fn written(&self, pkid: u16) {
+        if let Ok(mut state) = self.0.try_lock() {
+            if let Some(paths) = state.queued.pop_front() {
+                state.written.insert(pkid, paths);
+            }
+        }
+    }
+
+    /// The filters of the SUBSCRIBE answered by the SUBACK `pkid`.
+    fn answered(&self, pkid: u16) -> Vec<String> {
+        self.0
+            .try_lock()
+            .ok()
+            .and_then(|mut state| state.written.remove(&pkid))
+            .unwrap_or_default()
+    }
+
+    /// A new connection: what was queued and not written is gone with rumqttc's pending
+    /// requests or will be written again; forget the packet ids.
+    fn reset(&self) {
+        if let Ok(mut state) = self.0.try_lock() {
+            state.written.clear();
+        }
+    }
+}
+
 /// The cover as SUBSCRIBE filters, with `$share/<group>/` when scaling out.
-fn filters(subscriptions: &[Subscription], share_group: &str) -> Vec<SubscribeFilter> {
+fn filters(subscriptions: &[Subscription], share_group: &str) -> Vec<Filter> {
     subscriptions
         .iter()
         .map(|s| {
@@ -232,7 +293,7 @@ fn filters(subscriptions: &[Subscription], share_group: &str) -> Vec<SubscribeFi
             } else {
                 format!("$share/{share_group}/{}", s.filter)
             };
-            SubscribeFilter::new(path, super::qos(s.qos))
+            Filter { path, qos: s.qos }
         })
         .collect()
 }
@@ -245,24 +306,7 @@ impl MqttSource {
         subscriptions: &[Subscription],
         max_inflight: usize,
     ) -> Result<(MqttSource, mpsc::Receiver<Inbound>), OptionsError> {
-        let options = options(config)?;
-        let (client, mut eventloop) = AsyncClient::new(options, 4096);
-        // TCP_NODELAY (rumqttc leaves it off). With Nagle, a PUBACK written while the
-        // previous one is unacknowledged waits for the broker's delayed ACK (40 ms on Linux);
-        // with the broker's in-flight window full meanwhile, every message waits: p99 of 20-
-        // 47 ms at 5-10k msg/s in the bench, against 1-4 ms with it on. The acks of a
-        // backlog still share segments: the event loop writes queued acks in batches
-        // (`client::MAX_REQUEST_BATCH`, see docs/benchmarks.md).
-        let mut network = eventloop.network_options();
-        network.set_tcp_nodelay(true);
-        // A broker gone without FIN or RST (a pulled cable, a NAT that forgot the flow):
-        // what we send (a ping every keep-alive) unacknowledged by its TCP for half a
-        // keep-alive ends the connection, so it is noticed within ~1.5 × keep_alive, also
-        // while reading is paused. A broker process that hangs with its kernel alive is
-        // caught by the PINGRESP deadline in the event loop (vendor/rumqttc, Change 7).
-        let keep_alive = config.keep_alive.max(Duration::from_secs(1));
-        network.set_dead_peer_timeout(keep_alive / 2);
-        eventloop.set_network_options(network);
+        let (client, eventloop) = connect(config, max_inflight)?;
         // Big enough for everything the bounds allow (QoS 0 up to max_inflight, QoS 1/2 up
         // to the broker's window, at most 65535 packet ids), so the loop never finds it full.
         let capacity = max_inflight.max(1) + usize::from(u16::MAX);
@@ -279,14 +323,17 @@ impl MqttSource {
         let max_inflight = Arc::new(AtomicUsize::new(max_inflight));
         let heartbeat = Heartbeat::new();
         let acks = Arc::new(AckForwarder::spawn(client.clone(), capacity));
+        let subscribes = Subscribes::default();
         let sink: Arc<dyn super::acks::AckSink> = acks.clone();
         let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let broker_max = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let run = Loop {
             eventloop,
             client: client.clone(),
             sequencer: AckSequencer::new(sink),
             inbound: tx,
             subscriptions: filters,
+            subscribes: subscribes.clone(),
             status: status_tx,
             stats: stats.clone(),
             receiving: receiving.clone(),
@@ -296,6 +343,7 @@ impl MqttSource {
             pending_subacks: 0,
             max_packet_size: usize::try_from(config.max_packet_size).unwrap_or(usize::MAX),
             tracker: tracker.clone(),
+            broker_max: broker_max.clone(),
             updates: updates_rx,
             heartbeat: heartbeat.clone(),
             waiting_for: Some(config.url.clone()),
@@ -317,7 +365,9 @@ impl MqttSource {
                 stop,
                 task,
                 tracker,
+                broker_max,
                 acks,
+                subscribes,
                 share_group: config.share_group.clone(),
                 updates: updates_tx,
                 max_inflight_cap: max_inflight
@@ -349,8 +399,7 @@ impl MqttSource {
     pub fn update_subscriptions(&self, subscriptions: &[Subscription]) -> (usize, usize) {
         let new = filters(subscriptions, &self.share_group);
         let old = self.updates.borrow().filters.clone();
-        let added: Vec<SubscribeFilter> =
-            new.iter().filter(|f| !old.contains(f)).cloned().collect();
+        let added: Vec<Filter> = new.iter().filter(|f| !old.contains(f)).cloned().collect();
         let removed: Vec<String> = old
             .iter()
             .filter(|f| !new.iter().any(|n| n.path == f.path))
@@ -366,9 +415,10 @@ impl MqttSource {
             subacks: usize::from(!added.is_empty()),
         });
         let client = self.client.clone();
+        let subscribes = self.subscribes.clone();
         tokio::spawn(async move {
             if !added.is_empty() {
-                if let Err(e) = client.subscribe_many(added).await {
+                if let Err(e) = subscribes.send(&client, added).await {
                     tracing::warn!(error = %e, "could not queue the new MQTT subscriptions");
                 }
             }
@@ -395,11 +445,6 @@ impl MqttSource {
         self.max_inflight.store(capped, Ordering::Relaxed);
     }
 
-    /// The client, for publishing (`mqtt_publish`, republish). Never await it on the loop.
-    pub fn client(&self) -> &AsyncClient {
-        &self.client
-    }
-
     pub fn status(&self) -> watch::Receiver<MqttStatus> {
         self.status.clone()
     }
@@ -414,6 +459,7 @@ impl MqttSource {
             self.client.clone(),
             self.tracker.clone(),
             self.status.clone(),
+            self.broker_max.clone(),
         )
     }
 
@@ -455,58 +501,98 @@ impl Loop {
                 _ = self.stop.notified() => return,
                 event = self.eventloop.poll() => event,
             };
-            lock(&self.tracker).observe(&event, &self.eventloop.pending);
+            let pending_new = match &event {
+                Err(_) => self.eventloop.pending_new_publishes(),
+                Ok(_) => 0,
+            };
+            lock(&self.tracker).observe(&event, pending_new);
             self.heartbeat.beat();
             self.take_subscription_update();
             match event {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                Ok(Event::ConnAck {
+                    session_present,
+                    max_packet_size,
+                }) => {
+                    self.broker_max
+                        .store(max_packet_size.unwrap_or(0), Ordering::Relaxed);
                     self.backoff.reset();
                     self.waiting_for = None;
                     tracing::info!(
                         client_id = %self.client_id,
-                        session_present = ack.session_present,
+                        session_present,
                         "connected to the MQTT broker"
                     );
                     // Subscribe on the first connection too: the broker's stored session may
                     // hold another route set than this config's.
-                    let subscribe = first_connection || !ack.session_present;
+                    let subscribe = first_connection || !session_present;
                     first_connection = false;
                     self.status.send_modify(|s| {
                         s.connected = true;
                         s.subscribed = !subscribe || self.subscriptions.is_empty();
+                        if subscribe {
+                            s.refused.clear(); // asked again: the SUBACK will tell
+                        }
                     });
                     if subscribe && !self.subscriptions.is_empty() {
                         self.pending_subacks = 1;
                         let client = self.client.clone();
                         let filters = self.subscriptions.clone();
+                        let subscribes = self.subscribes.clone();
                         tokio::spawn(async move {
-                            if let Err(e) = client.subscribe_many(filters).await {
+                            if let Err(e) = subscribes.send(&client, filters).await {
                                 tracing::warn!(error = %e, "could not queue the MQTT subscription");
                             }
                         });
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(suback))) => {
-                    let refused = suback
-                        .return_codes
-                        .iter()
-                        .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                        .count();
-                    if refused > 0 {
-                        tracing::error!(
-                            refused,
-                            "the broker refused subscriptions (check its ACL)"
-                        );
-                    } else if self.pending_subacks > 0 {
-                        self.pending_subacks -= 1;
-                        if self.pending_subacks == 0 {
-                            tracing::info!(filters = self.subscriptions.len(), "subscribed");
-                            self.status.send_modify(|s| s.subscribed = true);
+                Ok(Event::OutgoingSubscribe(pkid)) => self.subscribes.written(pkid),
+                Ok(Event::SubAck { pkid, codes }) => {
+                    let paths = self.subscribes.answered(pkid);
+                    let mut refused = Vec::new();
+                    for (i, code) in codes.iter().enumerate() {
+                        if let Some(code) = code {
+                            let filter = paths.get(i).map_or("(unknown filter)", String::as_str);
+                            events::mqtt_refused("suback", &code.0, filter, &self.client_id);
+                            refused.push(filter.to_string());
                         }
                     }
+                    let answered = self.pending_subacks > 0;
+                    self.pending_subacks = self.pending_subacks.saturating_sub(1);
+                    let done = answered && self.pending_subacks == 0;
+                    self.status.send_modify(|s| {
+                        for filter in refused {
+                            if !s.refused.contains(&filter) {
+                                s.refused.push(filter);
+                            }
+                        }
+                        if done {
+                            tracing::info!(
+                                filters = self.subscriptions.len(),
+                                refused = s.refused.len(),
+                                "subscribed"
+                            );
+                            s.subscribed = true;
+                        }
+                    });
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) => self.receive(publish).await,
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
+                Ok(Event::Publish(publish)) => self.receive(*publish).await,
+                Ok(Event::PubAck {
+                    packet,
+                    refused: Some(code),
+                    ..
+                }) => {
+                    // The publish's topic is known to whoever waits for it (the tracker
+                    // hands them the refusal), which logs it; here it is counted.
+                    events::mqtt_reason_code(packet, &code.0);
+                }
+                Ok(Event::Disconnect { reason }) => {
+                    tracing::warn!(
+                        client_id = %self.client_id,
+                        reason = %reason,
+                        "the MQTT broker disconnected us"
+                    );
+                }
+                Ok(Event::OutgoingDisconnect) => return,
                 Ok(_) => {}
                 Err(e) => {
                     let was_connected = self.status.borrow().connected;
@@ -516,6 +602,7 @@ impl Loop {
                     });
                     // Acks of the old connection would confirm redelivered copies unseen.
                     self.sequencer.reset();
+                    self.subscribes.reset();
                     if !self.receiving.load(Ordering::Relaxed) && !was_connected {
                         return;
                     }
@@ -557,6 +644,13 @@ impl Loop {
         let update = self.updates.borrow_and_update().clone();
         self.subscriptions = update.filters;
         self.pending_subacks += update.subacks;
+        // Filters the broker refused and no route needs any more no longer count.
+        let kept = &self.subscriptions;
+        self.status.send_if_modified(|s| {
+            let before = s.refused.len();
+            s.refused.retain(|f| kept.iter().any(|k| k.path == *f));
+            before != s.refused.len()
+        });
     }
 
     /// The bridge holds `max_inflight` QoS 1/2 messages: read nothing more until some are
@@ -567,27 +661,26 @@ impl Loop {
     /// window or collide: only reading their PUBACKs lets rumqttc write requests — our acks
     /// among them — again.
     fn held_back(&self) -> bool {
-        let state = &self.eventloop.state;
         self.receiving.load(Ordering::Relaxed)
-            && state.collision.is_none()
-            && state.inflight() < self.eventloop.mqtt_options.inflight()
+            && self.eventloop.can_write()
             && self.stats.unacked() >= self.max_inflight.load(Ordering::Relaxed).max(1)
     }
 
-    async fn receive(&mut self, publish: Publish) {
-        crate::fault::in_mqtt_loop(&publish.payload);
+    async fn receive(&mut self, publish: Received) {
+        crate::fault::in_mqtt_loop(&publish.message.payload);
         if !self.receiving.load(Ordering::Relaxed) {
             return; // shutting down: unacked, redelivered later
         }
-        if publish.qos == QoS::AtMostOnce
+        if publish.ack.is_none()
             && self.stats.inflight() >= self.max_inflight.load(Ordering::Relaxed)
         {
             // Only the router knows which routes to count `overflow` on: hand it the
             // topic, without the payload this bound exists to not hold.
-            let mut publish = publish;
-            publish.payload = Default::default();
+            let mut message = publish.message;
+            message.payload = Default::default();
+            message.properties = None;
             let _ = self.inbound.try_send(Inbound {
-                publish,
+                message,
                 received: Instant::now(),
                 ticket: None,
                 slot: None,
@@ -595,19 +688,12 @@ impl Loop {
             });
             return;
         }
-        let slot = Some(InflightSlot::take(
-            &self.stats,
-            publish.qos != QoS::AtMostOnce,
-        ));
-        let ticket = (publish.qos != QoS::AtMostOnce).then(|| {
-            // The ack needs only the packet id and QoS: don't keep topic and payload twice.
-            let mut ack = Publish::new("", publish.qos, Vec::new());
-            ack.pkid = publish.pkid;
-            self.sequencer.register(ack)
-        });
+        let slot = Some(InflightSlot::take(&self.stats, publish.ack.is_some()));
+        // The ack needs only the packet id and QoS: topic and payload are not kept twice.
+        let ticket = publish.ack.map(|id| self.sequencer.register(id));
         let inbound = Inbound {
             refusal: refusal(&publish, self.max_packet_size),
-            publish,
+            message: publish.message,
             received: Instant::now(),
             ticket,
             slot,

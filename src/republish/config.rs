@@ -9,6 +9,7 @@ use std::time::Duration;
 use super::channel::ChannelPattern;
 use crate::config::reader::{Errors, Table};
 use crate::config::RawTable;
+use crate::mqtt::properties::PropertyTemplates;
 use crate::template::read as template;
 use crate::template::{Constraint, Scope, Target, Template};
 
@@ -50,6 +51,9 @@ pub struct RepublishRule {
     pub retain: bool,
     /// MQTT filters the rendered topic must match; empty = any topic.
     pub allow_topics: Vec<String>,
+    /// MQTT 5 publish properties (a stream rule maps entry fields into them with
+    /// `{field.*}` templates).
+    pub properties: Option<PropertyTemplates>,
 }
 
 impl RepublishRule {
@@ -67,6 +71,7 @@ impl RepublishRule {
 pub fn read_republish(
     raw: &[RawTable],
     redis_enabled: bool,
+    mqtt5: bool,
     errors: &Errors,
 ) -> Vec<RepublishRule> {
     let mut names = HashSet::new();
@@ -79,7 +84,7 @@ pub fn read_republish(
                 "republishing reads Redis, but redis.enabled is false (ENABLE_REDIS)",
             );
         }
-        if let Some(rule) = read_rule(&mut t, &mut names) {
+        if let Some(rule) = read_rule(&mut t, &mut names, mqtt5) {
             rules.push(rule);
         }
         t.finish();
@@ -109,7 +114,7 @@ pub fn warn_pubsub_in_share_group(raw: &[RawTable], rules: &[RepublishRule], err
     }
 }
 
-fn read_rule(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<RepublishRule> {
+fn read_rule(t: &mut Table<'_>, names: &mut HashSet<String>, mqtt5: bool) -> Option<RepublishRule> {
     let name = t.opt_string("name");
     match &name {
         None if !t.has("name") => t.error("name", "is required"),
@@ -211,8 +216,10 @@ fn read_rule(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Republish
         json: false,
         session: false,
         fields: is_stream,
+        properties: false,
         constraints: &constraints,
     };
+    let properties = PropertyTemplates::read(t, &scope, mqtt5);
 
     let topic = template(t, "topic", Target::Topic, &scope, None);
     if let Some(topic) = &topic {
@@ -279,6 +286,7 @@ fn read_rule(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Republish
         qos,
         retain,
         allow_topics,
+        properties,
     })
 }
 
@@ -344,7 +352,7 @@ mod tests {
         std::fs::write(&path, toml).expect("write config");
         crate::config::load(&path, &Default::default(), |mut root, errors| {
             let enabled = crate::config::redis::read(root.table("redis")).enabled;
-            let rules = read_republish(&root.raw_tables("republish"), enabled, errors);
+            let rules = read_republish(&root.raw_tables("republish"), enabled, false, errors);
             root.finish();
             rules
         })

@@ -42,6 +42,7 @@ pub use config::{read_republish, warn_pubsub_in_share_group, RepublishRule, Sour
 use crate::dead_letter::DeadLetter;
 use crate::mqtt::client::OptionsError;
 use crate::mqtt::publisher::MqttPublisher;
+use crate::mqtt::wire::OutProperties;
 use crate::mqtt::{MqttConfig, MqttSource};
 use crate::outcome::Reason;
 use crate::redis::pubsub::Monitor;
@@ -89,6 +90,8 @@ impl Stats {
 pub(crate) struct Rendered {
     pub topic: String,
     pub payload: Vec<u8>,
+    /// MQTT 5 publish properties.
+    pub properties: Option<Box<OutProperties>>,
 }
 
 /// What every worker shares.
@@ -145,7 +148,19 @@ impl Shared {
                 ),
             ));
         }
-        Ok(Rendered { topic, payload })
+        let properties = match &rule.properties {
+            Some(p) => {
+                Some(Box::new(p.render(ctx).map_err(|e| {
+                    (Reason::from_render(&e), format!("properties: {e}"))
+                })?))
+            }
+            None => None,
+        };
+        Ok(Rendered {
+            topic,
+            payload,
+            properties,
+        })
     }
 }
 

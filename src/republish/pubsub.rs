@@ -10,7 +10,6 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::mqtt::qos;
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use tokio::sync::{watch, Notify};
@@ -178,23 +177,32 @@ async fn send(
                 break;
             };
             let payload = item.payload.clone();
-            match shared
-                .mqtt
-                .publish_tracked(&item.topic, qos(rule.qos), rule.retain, payload)
-            {
-                Ok(ack) => inflight.push(async move { (ack.await.is_ok(), item) }),
+            match shared.mqtt.publish_tracked(
+                &item.topic,
+                rule.qos,
+                rule.retain,
+                payload,
+                item.properties.as_deref(),
+            ) {
+                Ok(ack) => inflight.push(async move { (ack.await, item) }),
                 Err(PublishError::Full) => {
                     outbox.push_front(item);
                     full = true;
                     break;
                 }
-                Err(PublishError::Refused(why)) => shared.stats.record(&rule.name, FAILED, &why),
+                Err(PublishError::Refused(why) | PublishError::TooLarge(why)) => {
+                    shared.stats.record(&rule.name, FAILED, &why)
+                }
             }
         }
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             Some((acked, item)) = inflight.next(), if !inflight.is_empty() => {
-                if acked {
+                if let Ok(Err(refusal)) = &acked {
+                    // Refused by the broker (MQTT 5 reason code): never published.
+                    crate::events::mqtt_publish_refused(&item.topic, refusal.packet, &refusal.code.0);
+                    shared.stats.record(&rule.name, FAILED, &refusal.to_string());
+                } else if acked.is_ok() {
                     shared.stats.record(&rule.name, PUBLISHED, "");
                 } else if outbox.push_front(item).is_some() {
                     // Lost with the broker's session: publish again.

@@ -34,6 +34,10 @@ use crate::outcome::Reason;
 use crate::redis::Error as RedisError;
 use crate::template::Context;
 
+/// One entry's publish on its way: its id, and `Some(true)` once published, `Some(false)`
+/// when the broker refused it (done with, as `failed`), `None` when lost with the session.
+type Published =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (String, Option<bool>)> + Send>>;
 /// Entries read (or claimed) at once.
 const BATCH: usize = 100;
 /// Longest a blocking read waits before the loop looks at claims and stop again.
@@ -442,8 +446,8 @@ impl Worker {
             r = status.wait_for(|s| s.connected) => if r.is_err() { return Err(Stopped) },
             _ = self.stop.wait_for(|s| *s) => return Err(Stopped),
         }
-        let qos = crate::mqtt::qos(self.rule.qos);
-        let mut waiting = Vec::with_capacity(publishes.len());
+        let qos = self.rule.qos;
+        let mut waiting: Vec<Published> = Vec::with_capacity(publishes.len());
         for (id, rendered) in publishes {
             loop {
                 match self.shared.mqtt.publish_tracked(
@@ -451,9 +455,34 @@ impl Worker {
                     qos,
                     self.rule.retain,
                     rendered.payload.clone(),
+                    rendered.properties.as_deref(),
                 ) {
+                    Err(PublishError::TooLarge(why)) => {
+                        // Over the broker's Maximum Packet Size: never publishable. Acked
+                        // as `failed` like a refusal, not retried for ever (spec §7).
+                        tracing::warn!(rule = %self.rule.name, topic = %rendered.topic, "{why}");
+                        waiting.push(Box::pin(std::future::ready((id, Some(false)))));
+                        break;
+                    }
                     Ok(ack) => {
-                        waiting.push(async move { (id, ack.await.is_ok()) });
+                        let topic = rendered.topic.clone();
+                        waiting.push(Box::pin(async move {
+                            match ack.await {
+                                Ok(Ok(())) => (id, Some(true)),
+                                // Refused by the broker (MQTT 5 reason code): publishing it
+                                // again would be refused again; acked as `failed`, not
+                                // retried for ever (spec §7).
+                                Ok(Err(refusal)) => {
+                                    crate::events::mqtt_publish_refused(
+                                        &topic,
+                                        refusal.packet,
+                                        &refusal.code.0,
+                                    );
+                                    (id, Some(false))
+                                }
+                                Err(_) => (id, None),
+                            }
+                        }));
                         break;
                     }
                     Err(PublishError::Full) => {
@@ -473,16 +502,25 @@ impl Worker {
             r = futures_util::future::join_all(waiting) => r,
             _ = self.stop.wait_for(|s| *s) => return Err(Stopped),
         };
+        // Published or refused: either way done with (acked); lost: read again.
         let acked: Vec<String> = results
             .iter()
-            .filter(|(_, ok)| *ok)
+            .filter(|(_, done)| done.is_some())
             .map(|(id, _)| id.clone())
             .collect();
         let all = acked.len() == results.len();
         if !acked.is_empty() {
             self.xack(&acked).await?;
-            for _ in &acked {
-                self.shared.stats.record(&self.rule.name, PUBLISHED, "");
+            for (_, done) in &results {
+                match done {
+                    Some(true) => self.shared.stats.record(&self.rule.name, PUBLISHED, ""),
+                    Some(false) => self.shared.stats.record(
+                        &self.rule.name,
+                        FAILED,
+                        "the broker refused the publish",
+                    ),
+                    None => {}
+                }
             }
         }
         if !all {

@@ -22,6 +22,8 @@ struct RouteScope {
     rest_param: Option<String>,
     json: bool,
     session: bool,
+    /// Messages arrive over MQTT 5: `{prop.*}` and `{user.*}` exist.
+    properties: bool,
     constraints: Vec<(String, Arc<Constraint>)>,
 }
 
@@ -33,25 +35,37 @@ impl RouteScope {
             json: self.json,
             session: self.session,
             fields: false,
+            properties: self.properties,
             constraints: &self.constraints,
         }
     }
 }
 
-/// Reads every route; errors go to `errors`. `redis_enabled` = false refuses routes that
-/// need Redis; `cluster` (`[redis] cluster` set) refuses atomic routes whose keys may land in
-/// different slots (spec §10).
-pub fn read_routes(
-    raw: &[RawTable],
-    redis_enabled: bool,
-    cluster: bool,
-    errors: &Errors,
-) -> RouteTable {
+/// What the rest of the config decides about every route.
+#[derive(Clone, Copy, Debug)]
+pub struct RouteEnv {
+    /// `redis.enabled` = false refuses routes that need Redis.
+    pub redis_enabled: bool,
+    /// `[redis] cluster` set: atomic routes whose keys may land in different slots are
+    /// refused (spec §10).
+    pub cluster: bool,
+    /// `mqtt.protocol = "5"`: properties (`{prop.*}`, `{user.*}`) and `honor_expiry` exist
+    /// (spec §6.1); under 3.1.1 they are config errors that say so.
+    pub mqtt5: bool,
+}
+
+/// Reads every route; errors go to `errors`.
+pub fn read_routes(raw: &[RawTable], env: RouteEnv, errors: &Errors) -> RouteTable {
+    let RouteEnv {
+        redis_enabled,
+        cluster,
+        mqtt5,
+    } = env;
     let mut names = HashSet::new();
     let mut routes = Vec::new();
     for table in raw {
         let mut t = table.reader(errors);
-        if let Some(route) = read_route(&mut t, &mut names) {
+        if let Some(route) = read_route(&mut t, &mut names, mqtt5) {
             if !redis_enabled && (route.needs_redis() || route.session.is_some()) {
                 t.error(
                     "actions",
@@ -119,7 +133,7 @@ fn cross_slot(route: &Route) -> Option<String> {
     ))
 }
 
-fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
+fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>, mqtt5: bool) -> Option<Route> {
     let name = t.opt_string("name");
     match &name {
         None if !t.has("name") => t.error("name", "is required"),
@@ -155,6 +169,13 @@ fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
         PayloadKind::Json,
     );
     let atomic = t.bool("atomic", true);
+    let honor_expiry = t.bool("honor_expiry", true);
+    if t.has("honor_expiry") && !mqtt5 {
+        t.error(
+            "honor_expiry",
+            "message expiry exists only in MQTT 5: set mqtt.protocol = \"5\" or remove it",
+        );
+    }
     let params: Vec<String> = pattern
         .as_ref()
         .map(|p| p.params().map(str::to_string).collect())
@@ -174,12 +195,14 @@ fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
             };
             let known = params.contains(&key)
                 || (key.starts_with("json.") && payload == PayloadKind::Json)
-                || (key.starts_with("session.") && has_session);
+                || (key.starts_with("session.") && has_session)
+                || ((key.starts_with("user.") || key.starts_with("prop.")) && mqtt5);
             if !known {
                 p.error(
                     &key,
                     format!(
-                        "not a captured param of the topic (captured: {}), nor a json.* or session.* field",
+                        "not a captured param of the topic (captured: {}), nor a json.*, session.* (with a session), \
+                         user.* or prop.* (with mqtt.protocol = \"5\") field",
                         if params.is_empty() { "none".to_string() } else { params.join(", ") }
                     ),
                 );
@@ -204,6 +227,7 @@ fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
         rest_param,
         json: payload == PayloadKind::Json,
         session: has_session,
+        properties: mqtt5,
         constraints,
     };
 
@@ -249,6 +273,7 @@ fn read_route(t: &mut Table<'_>, names: &mut HashSet<String>) -> Option<Route> {
         dedup,
         actions,
         atomic,
+        honor_expiry: honor_expiry && mqtt5,
         metrics: Default::default(),
     })
 }
@@ -269,7 +294,12 @@ mod tests {
         let path = dir.path().join("bridge.toml");
         std::fs::write(&path, toml).expect("write config");
         crate::config::load(&path, &Default::default(), |mut root, errors| {
-            let routes = read_routes(&root.raw_tables("routes"), true, cluster, errors);
+            let env = RouteEnv {
+                redis_enabled: true,
+                cluster,
+                mqtt5: false,
+            };
+            let routes = read_routes(&root.raw_tables("routes"), env, errors);
             root.finish();
             routes
         })

@@ -36,7 +36,7 @@ pub trait Ordered: Send + 'static {
 
 impl Ordered for crate::mqtt::Inbound {
     fn order_key(&self) -> &str {
-        &self.publish.topic
+        &self.message.topic
     }
 
     fn received(&self) -> Instant {

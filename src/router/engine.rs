@@ -24,6 +24,7 @@ use super::route::{ParsedJson, Route, RouteTable};
 use crate::actions;
 use crate::dead_letter::DeadLetter;
 use crate::events;
+use crate::message::Message;
 use crate::mqtt::forward::Forwarder;
 use crate::mqtt::publisher::MqttPublisher;
 use crate::mqtt::Inbound;
@@ -114,21 +115,22 @@ impl Engine {
             limiter: &self.limiter,
             forwarder: &self.forwarder,
             route: &route.name,
+            deadline: None,
         }
     }
 
     /// One message through every route it matches.
-    pub async fn process(&self, topic: &str, payload: &[u8], received: Instant) {
+    pub async fn process(&self, message: &Message, received: Instant) {
         let table = self.table.load_full();
         let mut json: ParsedJson = None;
         let mut matched = false;
-        for (route, captures) in table.matches(topic) {
+        for (route, captures) in table.matches(&message.topic) {
             matched = true;
-            self.one_route(route, &captures, topic, payload, &mut json, received)
+            self.one_route(route, &captures, message, &mut json, received)
                 .await;
         }
         if !matched {
-            events::unrouted(topic);
+            events::unrouted(&message.topic);
         }
     }
 
@@ -149,22 +151,16 @@ impl Engine {
 
     /// One message through the routes of `part` that it matches (the spool's front and its
     /// replay). Whether it matched any route at all; `unrouted` is the caller's to count.
-    pub async fn process_part(
-        &self,
-        topic: &str,
-        payload: &[u8],
-        received: Instant,
-        part: Part,
-    ) -> bool {
+    pub async fn process_part(&self, message: &Message, received: Instant, part: Part) -> bool {
         let table = self.table.load_full();
         let mut json: ParsedJson = None;
         let mut matched = false;
-        for (route, captures) in table.matches(topic) {
+        for (route, captures) in table.matches(&message.topic) {
             matched = true;
             if route.waits_for_redis() != (part == Part::Redis) {
                 continue;
             }
-            self.one_route(route, &captures, topic, payload, &mut json, received)
+            self.one_route(route, &captures, message, &mut json, received)
                 .await;
         }
         matched
@@ -175,18 +171,19 @@ impl Engine {
         &self,
         route: &Route,
         captures: &[&str],
-        topic: &str,
-        payload: &[u8],
+        message: &Message,
         json: &mut ParsedJson,
         received: Instant,
     ) {
+        let (topic, payload) = (message.topic.as_str(), &message.payload[..]);
         events::message_received(&route.name, &route.metrics);
         // A panic is a bug of ours; caught per route, it is this route's outcome
         // (`internal_error`, dead-lettered) and the message still finishes and is acked,
         // instead of holding back every later ack (spec §5.3).
         let outcome = AssertUnwindSafe(async {
             crate::fault::in_handler(payload).await;
-            self.run_route(route, topic, payload, captures, json).await
+            self.run_route(route, message, received, captures, json)
+                .await
         })
         .catch_unwind()
         .await
@@ -211,6 +208,7 @@ impl Engine {
             limiter: &self.limiter,
             forwarder: &self.forwarder,
             route: "spool",
+            deadline: None,
         };
         match env
             .until_redis(|| self.redis.query_pipeline::<()>(&pipe))
@@ -284,12 +282,12 @@ impl Engine {
     async fn run_route(
         &self,
         route: &Route,
-        topic: &str,
-        payload: &[u8],
+        message: &Message,
+        received: Instant,
         captures: &[&str],
         json: &mut ParsedJson,
     ) -> Outcome {
-        match self.stages(route, topic, payload, captures, json).await {
+        match self.stages(route, message, received, captures, json).await {
             Ok(()) => Outcome::Written,
             Err(outcome) => outcome,
         }
@@ -299,12 +297,20 @@ impl Engine {
     async fn stages(
         &self,
         route: &Route,
-        topic: &str,
-        payload: &[u8],
+        message: &Message,
+        received: Instant,
         captures: &[&str],
         json: &mut ParsedJson,
     ) -> Step<()> {
-        let env = self.env(route);
+        let (topic, payload) = (message.topic.as_str(), &message.payload[..]);
+        let mut env = self.env(route);
+        if route.honor_expiry {
+            // Waiting for Redis ends at the expiry (spec §6.1): checked before each attempt.
+            env.deadline = message.expires(received);
+            if env.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Err(crate::stage::expired());
+            }
+        }
         let json = route.admit(payload, captures, **self.max_payload.load(), json)?;
         let mut ctx = Context {
             topic,
@@ -313,6 +319,7 @@ impl Engine {
             json,
             session: None,
             fields: &[],
+            properties: message.properties.as_deref(),
             now: SystemTime::now(),
         };
         let session = match &route.session {
@@ -434,12 +441,12 @@ impl Handler<Inbound> for Engine {
         // `process` catches a panic per route; one outside a route (in its dead-letter
         // write, say) is caught here, so the message is still finished and acked rather
         // than holding back every later ack until a reconnect.
-        let publish = &inbound.publish;
+        let message = &inbound.message;
         let handled = match inbound.refusal() {
             Some(refusal) => {
                 AssertUnwindSafe(self.refuse(
-                    &publish.topic,
-                    &publish.payload,
+                    &message.topic,
+                    &message.payload,
                     refusal,
                     inbound.received,
                 ))
@@ -447,14 +454,14 @@ impl Handler<Inbound> for Engine {
                 .await
             }
             None => {
-                AssertUnwindSafe(self.process(&publish.topic, &publish.payload, inbound.received))
+                AssertUnwindSafe(self.process(message, inbound.received))
                     .catch_unwind()
                     .await
             }
         };
         if let Err(panic) = handled {
             tracing::error!(
-                topic = %inbound.publish.topic,
+                topic = %inbound.message.topic,
                 error = %panic_message(panic.as_ref()),
                 "BUG: a panic outside a route's handling; the message is acked without its outcome"
             );

@@ -44,6 +44,9 @@ pub struct Route {
     pub actions: Vec<Action>,
     /// One MULTI/EXEC per message (default), or a plain pipeline.
     pub atomic: bool,
+    /// MQTT 5: a message whose Message Expiry Interval passed before it could be written
+    /// is outcome `invalid` (`expired`), not written late (spec §6.1).
+    pub honor_expiry: bool,
     /// This route's metric handles (taken on first use).
     pub metrics: crate::events::RouteMetrics,
 }

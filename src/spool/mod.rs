@@ -173,33 +173,28 @@ impl Spool {
     /// One message from the MQTT source: its direct routes at once, its Redis part to Redis
     /// or to the spool.
     async fn handle(&self, engine: &Engine, inbound: Inbound) {
-        let publish = &inbound.publish;
         // A message refused before any route (oversized, a bad topic) only writes its
-        // dead-letter records, as without a spool.
+        // dead-letter records, as without a spool (kept in the spool while spilling).
         if inbound.refusal().is_some() {
             return engine.handle(inbound).await;
         }
-        let (redis, direct) = engine.parts(&publish.topic);
+        let message = &inbound.message;
+        let (redis, direct) = engine.parts(&message.topic);
         if !redis {
             return engine.handle(inbound).await;
         }
         if direct {
             engine
-                .process_part(
-                    &publish.topic,
-                    &publish.payload,
-                    inbound.received,
-                    Part::Direct,
-                )
+                .process_part(message, inbound.received, Part::Direct)
                 .await;
         }
-        if self.must_spool(&publish.topic) {
+        if self.must_spool(&message.topic) {
             return self.append(engine, inbound).await;
         }
         let mut spilling = self.spilling.clone();
         let written = tokio::select! {
             biased;
-            _ = engine.process_part(&publish.topic, &publish.payload, inbound.received, Part::Redis) => true,
+            _ = engine.process_part(message, inbound.received, Part::Redis) => true,
             _ = spilling.wait_for(|s| *s) => false,
         };
         if written {
@@ -212,11 +207,11 @@ impl Spool {
     /// Appends `inbound` to the spool and acks it once durable. With `backpressure`, a full
     /// spool holds it (unacked) until the drain makes room.
     async fn append(&self, engine: &Engine, inbound: Inbound) {
-        let publish = &inbound.publish;
+        let message = &inbound.message;
         let record = Record {
-            topic: publish.topic.clone(),
-            payload: publish.payload.to_vec(),
-            qos: publish.qos as u8,
+            topic: message.topic.clone(),
+            payload: message.payload.to_vec(),
+            qos: message.qos,
             received_ms: unix_ms(),
         };
         let size = record.size();
@@ -244,12 +239,7 @@ impl Spool {
                 store::forget(&self.ledger, &topic, size);
                 events::spool_store_error("append", &e);
                 engine
-                    .process_part(
-                        &publish.topic,
-                        &publish.payload,
-                        inbound.received,
-                        Part::Redis,
-                    )
+                    .process_part(message, inbound.received, Part::Redis)
                     .await;
                 inbound.finish();
             }

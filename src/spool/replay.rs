@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use super::store::{lock, Stored};
 use super::Spool;
 use crate::events;
+use crate::message::Message;
 use crate::outcome::Reason;
 use crate::redis::ConnectionState;
 use crate::router::dispatch::{Dispatcher, Handler, Ordered};
@@ -60,9 +61,17 @@ struct Replayer {
 impl Handler<Replayed> for Replayer {
     async fn handle(&self, message: Replayed) {
         let record = &message.stored.record;
+        // Acked when it was spooled: no ack ticket of its own. Properties are not kept
+        // yet (the `props` column is NULL).
+        let replayed = Message {
+            topic: record.topic.clone(),
+            payload: record.payload.clone().into(),
+            qos: record.qos,
+            properties: None,
+        };
         let matched = self
             .engine
-            .process_part(&record.topic, &record.payload, message.started, Part::Redis)
+            .process_part(&replayed, message.started, Part::Redis)
             .await;
         if !matched {
             events::unrouted(&record.topic);

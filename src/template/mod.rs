@@ -18,7 +18,10 @@ use regex::Regex;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use base64::Engine as _;
 use json::push_json_text;
+
+use crate::message::Properties;
 
 use crate::config::reader::Table;
 
@@ -196,6 +199,16 @@ enum Part {
         name: String,
         check: Check,
     },
+    /// `{prop.content_type}`, `{prop.response_topic}`, `{prop.correlation_data}` (MQTT 5).
+    Prop {
+        prop: Prop,
+        check: Check,
+    },
+    /// `{user.NAME}`: an MQTT 5 user property.
+    User {
+        name: String,
+        check: Check,
+    },
     Now,
     NowMs,
     Uuid,
@@ -213,6 +226,8 @@ impl Part {
             Part::Json { path, .. } => path.to_string(),
             Part::Session { field, .. } => format!("session.{field}"),
             Part::Field { name, .. } => format!("field.{name}"),
+            Part::Prop { prop, .. } => format!("prop.{}", prop.name()),
+            Part::User { name, .. } => format!("user.{name}"),
             Part::Now => "now".into(),
             Part::NowMs => "now_ms".into(),
             Part::Uuid => "uuid".into(),
@@ -228,7 +243,9 @@ impl Part {
             Part::Param { check, .. }
             | Part::Json { check, .. }
             | Part::Session { check, .. }
-            | Part::Field { check, .. } => matches!(check, Check::Default | Check::DefaultRest),
+            | Part::Field { check, .. }
+            | Part::Prop { check, .. }
+            | Part::User { check, .. } => matches!(check, Check::Default | Check::DefaultRest),
             Part::PayloadSha256 | Part::Now | Part::NowMs | Part::Uuid => true,
             Part::Topic | Part::Payload => false,
         }
@@ -247,6 +264,8 @@ pub struct Scope<'a> {
     pub session: bool,
     /// Whether `{field.*}` is allowed (stream entries).
     pub fields: bool,
+    /// Whether `{prop.*}` and `{user.*}` are allowed (messages received over MQTT 5).
+    pub properties: bool,
     /// `params.<name>` constraints: `(name, regex)` with names like `device_id`,
     /// `json.a.b`, `session.user`, `field.site`.
     pub constraints: &'a [(String, Arc<Constraint>)],
@@ -326,6 +345,8 @@ pub struct Context<'a> {
     pub session: Option<&'a serde_json::Map<String, Value>>,
     /// Stream entry fields, for `{field.*}`.
     pub fields: &'a [(String, Vec<u8>)],
+    /// MQTT 5 properties, for `{prop.*}` and `{user.*}`.
+    pub properties: Option<&'a Properties>,
     pub now: SystemTime,
 }
 
@@ -339,6 +360,7 @@ impl<'a> Context<'a> {
             json: None,
             session: None,
             fields: &[],
+            properties: None,
             now: SystemTime::now(),
         }
     }
@@ -446,6 +468,24 @@ impl Template {
                     Part::Field {
                         check: scope.check(name, target, false),
                         name: field,
+                    }
+                } else if let Some(prop) = dotted("prop.")? {
+                    let Some(prop) = Prop::parse(&prop) else {
+                        return Err(format!(
+                            "`{{{name}}}` is not a property; known: prop.content_type, \
+                             prop.response_topic, prop.correlation_data, user.NAME"
+                        ));
+                    };
+                    needs_properties(name, scope)?;
+                    Part::Prop {
+                        check: scope.check(name, target, false),
+                        prop,
+                    }
+                } else if let Some(user) = dotted("user.")? {
+                    needs_properties(name, scope)?;
+                    Part::User {
+                        check: scope.check(name, target, false),
+                        name: user,
                     }
                 } else if let Some(index) = scope.params.iter().position(|p| p == name) {
                     let rest = scope.rest_param == Some(name);
@@ -585,6 +625,31 @@ impl Template {
                         std::str::from_utf8(&value.1).map_err(|_| RenderError::InvalidUtf8)?;
                     self.push_checked(&mut out, || format!("field.{name}"), text, check)?;
                 }
+                Part::Prop { prop, check } => {
+                    let missing = || RenderError::MissingField(format!("prop.{}", prop.name()));
+                    let props = ctx.properties.ok_or_else(missing)?;
+                    let start = out.len();
+                    match prop {
+                        Prop::ContentType => {
+                            out.push_str(props.content_type.as_deref().ok_or_else(missing)?)
+                        }
+                        Prop::ResponseTopic => {
+                            out.push_str(props.response_topic.as_deref().ok_or_else(missing)?)
+                        }
+                        Prop::CorrelationData => {
+                            let data = props.correlation_data.as_ref().ok_or_else(missing)?;
+                            base64::engine::general_purpose::STANDARD.encode_string(data, &mut out);
+                        }
+                    }
+                    self.check_tail(&out, start, || format!("prop.{}", prop.name()), check)?;
+                }
+                Part::User { name, check } => {
+                    let value = ctx
+                        .properties
+                        .and_then(|p| p.user(name))
+                        .ok_or_else(|| RenderError::MissingField(format!("user.{name}")))?;
+                    self.push_checked(&mut out, || format!("user.{name}"), value, check)?;
+                }
             }
         }
         if self.target == Target::Topic && out.starts_with('$') {
@@ -625,6 +690,46 @@ impl Template {
     }
 }
 
+/// A PUBLISH property a template can read (`{prop.NAME}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prop {
+    ContentType,
+    ResponseTopic,
+    /// Binary in MQTT: rendered in base64.
+    CorrelationData,
+}
+
+impl Prop {
+    fn parse(name: &str) -> Option<Prop> {
+        match name {
+            "content_type" => Some(Prop::ContentType),
+            "response_topic" => Some(Prop::ResponseTopic),
+            "correlation_data" => Some(Prop::CorrelationData),
+            _ => None,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Prop::ContentType => "content_type",
+            Prop::ResponseTopic => "response_topic",
+            Prop::CorrelationData => "correlation_data",
+        }
+    }
+}
+
+/// `{prop.*}` and `{user.*}` exist only where messages arrive over MQTT 5.
+fn needs_properties(name: &str, scope: &Scope<'_>) -> Result<(), String> {
+    if scope.properties {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{{{name}}}` needs MQTT 5 properties: set mqtt.protocol = \"5\" (only route \
+             messages carry them)"
+        ))
+    }
+}
+
 fn target_name(target: Target) -> &'static str {
     match target {
         Target::Key => "key",
@@ -649,6 +754,7 @@ mod tests {
             json: true,
             session: true,
             fields: false,
+            properties: true,
             constraints,
         }
     }
@@ -858,7 +964,7 @@ mod properties {
             param in ".{0,16}",
         ) {
             let params = vec!["id".to_string()];
-            let scope = Scope { params: &params, rest_param: None, json: true, session: true, fields: true, constraints: &[] };
+            let scope = Scope { params: &params, rest_param: None, json: true, session: true, fields: true, properties: true, constraints: &[] };
             for target in [Target::Key, Target::Value, Target::Topic] {
                 if let Ok(t) = Template::compile(&source, target, &scope) {
                     let json = serde_json::from_slice::<Value>(&payload).ok();

@@ -280,12 +280,12 @@ async fn healthz_answers_during_a_flood_of_clients_that_never_read() {
 }
 
 #[test]
-fn check_refuses_mqtt_5_with_exit_2_naming_the_key() {
+fn an_mqtt_5_key_under_3_1_1_is_refused_with_exit_2_naming_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("bridge.toml");
     std::fs::write(
         &path,
-        "[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\nprotocol = \"5\"\n",
+        "[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\nsession_expiry = \"1h\"\n",
     )
     .expect("write config");
     for command in ["check", "run"] {
@@ -305,6 +305,10 @@ fn check_refuses_mqtt_5_with_exit_2_naming_the_key() {
             std::io::Read::read_to_string(&mut err, &mut stderr).ok();
         }
         assert_eq!(status.code(), Some(2), "{command}: {stderr}");
-        assert!(stderr.contains("mqtt.protocol"), "{command}: {stderr}");
+        assert!(
+            stderr.contains("mqtt.session_expiry"),
+            "{command}: {stderr}"
+        );
+        assert!(stderr.contains("MQTT 5"), "{command}: {stderr}");
     }
 }

@@ -6,13 +6,17 @@
 //! msg:{json.n}`), an effect that is idempotent under at-least-once redelivery, so the tests
 //! can assert that the *set* of written numbers is complete. Where order or exactly-once
 //! matters, an `rpush` list is compared with what was published.
+//!
+//! Every promise holds under MQTT 3.1.1 and MQTT 5 alike (spec §6.1): each test is written
+//! once, taking the bridge's protocol, and runs twice (`v3_1_1::…`, `v5::…`); the test
+//! publisher speaks 3.1.1 either way, the broker translates.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use redis::Commands;
 
-use crate::bridge::{config, eventually, Bridge, Client, SUBSCRIBED};
+use crate::bridge::{eventually, Bridge, Client, Protocol, SUBSCRIBED};
 use crate::harness::{FaultProxy, Mosquitto, Redis};
 
 /// How long the bridge may take to catch up with a backlog (debug build, shared CPU).
@@ -126,18 +130,13 @@ fn connection(redis: &Redis) -> redis::Connection {
         .expect("test connection to redis")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_arriving_while_redis_is_down_are_all_written_once_it_is_back() {
+async fn messages_arriving_while_redis_is_down_are_all_written_once_it_is_back(protocol: Protocol) {
     // Redis with an fsync'ed append-only file, so what was written before the crash
     // survives it and the count at the end can be exact.
     let mut redis = Redis::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
     let broker = Mosquitto::start();
-    let bridge = Bridge::start(&config(
-        &redis,
-        &broker,
-        "bridge-redis-down",
-        NUMBERED_ROUTE,
-    ));
+    let bridge =
+        Bridge::start(&protocol.config(&redis, &broker, "bridge-redis-down", NUMBERED_ROUTE));
     let mut client = Client::connect(&broker, "redis-down-publisher").await;
     let mut conn = connection(&redis);
 
@@ -162,11 +161,11 @@ async fn messages_arriving_while_redis_is_down_are_all_written_once_it_is_back()
     assert_all_written_without_reconnecting(&redis, 200, &bridge, "Redis going down").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_the_bridge_loses_nothing_at_qos_1() {
+async fn kill_9_of_the_bridge_loses_nothing_at_qos_1(protocol: Protocol) {
     let redis = Redis::start();
     let broker = Mosquitto::start();
-    let mut bridge = Bridge::start(&config(&redis, &broker, "bridge-kill-9", NUMBERED_ROUTE));
+    let mut bridge =
+        Bridge::start(&protocol.config(&redis, &broker, "bridge-kill-9", NUMBERED_ROUTE));
     let mut client = Client::connect(&broker, "kill-9-publisher").await;
     let mut conn = connection(&redis);
 
@@ -197,11 +196,10 @@ async fn kill_9_of_the_bridge_loses_nothing_at_qos_1() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_on_one_topic_are_applied_in_arrival_order() {
+async fn messages_on_one_topic_are_applied_in_arrival_order(protocol: Protocol) {
     let redis = Redis::start();
     let broker = Mosquitto::start();
-    let bridge = Bridge::start(&config(
+    let bridge = Bridge::start(&protocol.config(
         &redis,
         &broker,
         "bridge-order",
@@ -267,16 +265,16 @@ key = "other"
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_1_mib_message_is_written_without_a_disconnect() {
+async fn a_1_mib_message_is_written_without_a_disconnect(protocol: Protocol) {
     let redis = Redis::start();
     let broker = Mosquitto::start();
     let bridge = Bridge::start(
-        &config(
-            &redis,
-            &broker,
-            "bridge-big",
-            r#"
+        &protocol
+            .config(
+                &redis,
+                &broker,
+                "bridge-big",
+                r#"
 [limits]
 max_payload = "2MiB"
 
@@ -288,11 +286,11 @@ payload = "bytes"
 op = "set"
 key = "blob:{id}"
 "#,
-        )
-        .replace(
-            "reconnect_max_delay = \"1s\"",
-            "reconnect_max_delay = \"1s\"\nmax_packet_size = \"4MiB\"",
-        ),
+            )
+            .replace(
+                "reconnect_max_delay = \"1s\"",
+                "reconnect_max_delay = \"1s\"\nmax_packet_size = \"4MiB\"",
+            ),
     );
     let mut client = Client::connect(&broker, "big-publisher").await;
     let big: Vec<u8> = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
@@ -326,16 +324,13 @@ key = "blob:{id}"
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_bridge_reconnects_after_a_broker_restart_with_and_without_its_session() {
+async fn the_bridge_reconnects_after_a_broker_restart_with_and_without_its_session(
+    protocol: Protocol,
+) {
     let redis = Redis::start();
     let mut broker = Mosquitto::start();
-    let bridge = Bridge::start(&config(
-        &redis,
-        &broker,
-        "bridge-broker-restart",
-        NUMBERED_ROUTE,
-    ));
+    let bridge =
+        Bridge::start(&protocol.config(&redis, &broker, "bridge-broker-restart", NUMBERED_ROUTE));
     let mut conn = connection(&redis);
     {
         let mut client = Client::connect(&broker, "restart-publisher-1").await;
@@ -397,12 +392,12 @@ fn broker_persistence(broker: &Mosquitto) -> std::path::PathBuf {
     broker.dir().join("mosquitto.db")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_mid_stream_exits_0_and_acks_only_what_was_written() {
+async fn sigterm_mid_stream_exits_0_and_acks_only_what_was_written(protocol: Protocol) {
     const TOTAL: u32 = 3000;
     let redis = Redis::start();
     let broker = Mosquitto::start();
-    let mut bridge = Bridge::start(&config(&redis, &broker, "bridge-sigterm", NUMBERED_ROUTE));
+    let mut bridge =
+        Bridge::start(&protocol.config(&redis, &broker, "bridge-sigterm", NUMBERED_ROUTE));
     let mut client = Client::connect(&broker, "sigterm-publisher").await;
     let mut conn = connection(&redis);
 
@@ -442,11 +437,11 @@ async fn sigterm_mid_stream_exits_0_and_acks_only_what_was_written() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_finishes_the_messages_in_flight_before_exiting() {
+async fn sigterm_finishes_the_messages_in_flight_before_exiting(protocol: Protocol) {
     let mut redis = Redis::start();
     let broker = Mosquitto::start();
-    let mut bridge = Bridge::start(&config(&redis, &broker, "bridge-drain", NUMBERED_ROUTE));
+    let mut bridge =
+        Bridge::start(&protocol.config(&redis, &broker, "bridge-drain", NUMBERED_ROUTE));
     let mut client = Client::connect(&broker, "drain-publisher").await;
 
     // Messages in flight: received, waiting for a stalled Redis.
@@ -490,11 +485,12 @@ async fn sigterm_finishes_the_messages_in_flight_before_exiting() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn what_cannot_finish_within_shutdown_timeout_stays_unacked_for_redelivery() {
+async fn what_cannot_finish_within_shutdown_timeout_stays_unacked_for_redelivery(
+    protocol: Protocol,
+) {
     let mut redis = Redis::start();
     let broker = Mosquitto::start();
-    let mut bridge = Bridge::start(&config(
+    let mut bridge = Bridge::start(&protocol.config(
         &redis,
         &broker,
         "bridge-drain-timeout",
@@ -556,11 +552,10 @@ async fn holding_at_least(bridge: &Bridge, n: f64) -> f64 {
     held
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_backlog_beyond_max_inflight_waits_in_the_broker_not_in_the_bridge() {
+async fn a_backlog_beyond_max_inflight_waits_in_the_broker_not_in_the_bridge(protocol: Protocol) {
     let mut redis = Redis::start();
     let broker = Mosquitto::start();
-    let bridge = Bridge::start(&config(
+    let bridge = Bridge::start(&protocol.config(
         &redis,
         &broker,
         "bridge-held-back",
@@ -590,22 +585,22 @@ async fn a_backlog_beyond_max_inflight_waits_in_the_broker_not_in_the_bridge() {
     assert_all_written_without_reconnecting(&redis, 300, &bridge, "holding back").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_broker_gone_silent_while_held_back_is_noticed_and_nothing_is_lost() {
+async fn a_broker_gone_silent_while_held_back_is_noticed_and_nothing_is_lost(protocol: Protocol) {
     let mut redis = Redis::start();
     let broker = Mosquitto::start();
     // The bridge reaches the broker through a proxy that can go silent: no FIN, no RST, no
     // answer — a broker that hangs, a network that stops carrying data.
     let proxy = FaultProxy::start(broker.port());
     let bridge = Bridge::start(
-        &config(
-            &redis,
-            &broker,
-            "bridge-silent-broker",
-            &numbered_route_holding(5),
-        )
-        .replace(&broker.url(), &format!("mqtt://127.0.0.1:{}", proxy.port()))
-        .replace("keep_alive = \"5s\"", "keep_alive = \"2s\""),
+        &protocol
+            .config(
+                &redis,
+                &broker,
+                "bridge-silent-broker",
+                &numbered_route_holding(5),
+            )
+            .replace(&broker.url(), &format!("mqtt://127.0.0.1:{}", proxy.port()))
+            .replace("keep_alive = \"5s\"", "keep_alive = \"2s\""),
     );
     let mut client = Client::connect(&broker, "silent-broker-publisher").await;
     redis.kill();
@@ -636,11 +631,10 @@ async fn a_broker_gone_silent_while_held_back_is_noticed_and_nothing_is_lost() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_inflight_bound_holds_across_broker_restarts() {
+async fn the_inflight_bound_holds_across_broker_restarts(protocol: Protocol) {
     let mut redis = Redis::start();
     let mut broker = Mosquitto::start();
-    let bridge = Bridge::start(&config(
+    let bridge = Bridge::start(&protocol.config(
         &redis,
         &broker,
         "bridge-held-across-restarts",
@@ -680,11 +674,12 @@ async fn the_inflight_bound_holds_across_broker_restarts() {
     assert_all_written(&mut conn, 300, &bridge, "after the restarts").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_restart_into_a_backlog_with_redis_down_becomes_ready_while_held_back() {
+async fn a_restart_into_a_backlog_with_redis_down_becomes_ready_while_held_back(
+    protocol: Protocol,
+) {
     let mut redis = Redis::start();
     let broker = Mosquitto::start();
-    let mut bridge = Bridge::start(&config(
+    let mut bridge = Bridge::start(&protocol.config(
         &redis,
         &broker,
         "bridge-ready-held-back",
@@ -718,13 +713,14 @@ async fn a_restart_into_a_backlog_with_redis_down_becomes_ready_while_held_back(
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_stalled_longer_than_keep_alive_does_not_cost_the_mqtt_connection() {
+async fn a_redis_stalled_longer_than_keep_alive_does_not_cost_the_mqtt_connection(
+    protocol: Protocol,
+) {
     let mut redis = Redis::start();
     let broker = Mosquitto::start();
     // max_inflight below the broker's window (20): the bridge is also held back from reading
     // while Redis stalls, and must still keep the connection alive.
-    let bridge = Bridge::start(&config(
+    let bridge = Bridge::start(&protocol.config(
         &redis,
         &broker,
         "bridge-slow-redis",
@@ -748,8 +744,7 @@ async fn a_redis_stalled_longer_than_keep_alive_does_not_cost_the_mqtt_connectio
     assert_all_written_without_reconnecting(&redis, 100, &bridge, "a Redis stall").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_still_processing_holds_back_the_acks_of_later_ones() {
+async fn a_message_still_processing_holds_back_the_acks_of_later_ones(protocol: Protocol) {
     let redis = Redis::start();
     let broker = Mosquitto::start();
     let mut conn = connection(&redis);
@@ -761,7 +756,7 @@ async fn a_message_still_processing_holds_back_the_acks_of_later_ones() {
         .arg(120_000)
         .query(&mut conn)
         .expect("plant a foreign lease");
-    let mut bridge = Bridge::start(&config(
+    let mut bridge = Bridge::start(&protocol.config(
         &redis,
         &broker,
         "bridge-ack-order",
@@ -817,11 +812,12 @@ topic = "gate/{{id}}"
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_over_max_packet_size_is_dead_lettered_instead_of_wedging_the_session() {
+async fn a_message_over_max_packet_size_is_dead_lettered_instead_of_wedging_the_session(
+    protocol: Protocol,
+) {
     let redis = Redis::start();
     let broker = Mosquitto::start();
-    let bridge = Bridge::start(&config(&redis, &broker, "bridge-too-big", NUMBERED_ROUTE));
+    let bridge = Bridge::start(&protocol.config(&redis, &broker, "bridge-too-big", NUMBERED_ROUTE));
     let mut client = Client::connect(&broker, "too-big-publisher").await;
     // Default max_packet_size is 1 MiB: the broker (no limit of its own) sends it anyway.
     client
@@ -844,17 +840,12 @@ async fn a_message_over_max_packet_size_is_dead_lettered_instead_of_wedging_the_
     assert_eq!(record["topic"], "load/data", "{record}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn messages_wait_for_a_redis_that_is_down_at_start_up() {
+async fn messages_wait_for_a_redis_that_is_down_at_start_up(protocol: Protocol) {
     let mut redis = Redis::start();
     redis.kill();
     let broker = Mosquitto::start();
-    let bridge = Bridge::start(&config(
-        &redis,
-        &broker,
-        "bridge-redis-late",
-        NUMBERED_ROUTE,
-    ));
+    let bridge =
+        Bridge::start(&protocol.config(&redis, &broker, "bridge-redis-late", NUMBERED_ROUTE));
     let mut client = Client::connect(&broker, "redis-late-publisher").await;
     let offset = bridge.log_text().len();
     client.publish_all(numbered(0..20)).await;
@@ -874,11 +865,11 @@ async fn messages_wait_for_a_redis_that_is_down_at_start_up() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_while_the_broker_is_gone_still_exits_0() {
+async fn sigterm_while_the_broker_is_gone_still_exits_0(protocol: Protocol) {
     let redis = Redis::start();
     let mut broker = Mosquitto::start();
-    let mut bridge = Bridge::start(&config(&redis, &broker, "bridge-no-broker", NUMBERED_ROUTE));
+    let mut bridge =
+        Bridge::start(&protocol.config(&redis, &broker, "bridge-no-broker", NUMBERED_ROUTE));
     let offset = bridge.log_text().len();
     broker.kill();
     assert!(
@@ -889,3 +880,23 @@ async fn sigterm_while_the_broker_is_gone_still_exits_0() {
     let status = bridge.terminate(Duration::from_secs(30));
     assert_eq!(status.code(), Some(0), "log:\n{}", bridge.log_text());
 }
+
+crate::bridge::under_both_protocols!(
+    messages_arriving_while_redis_is_down_are_all_written_once_it_is_back,
+    kill_9_of_the_bridge_loses_nothing_at_qos_1,
+    messages_on_one_topic_are_applied_in_arrival_order,
+    a_1_mib_message_is_written_without_a_disconnect,
+    the_bridge_reconnects_after_a_broker_restart_with_and_without_its_session,
+    sigterm_mid_stream_exits_0_and_acks_only_what_was_written,
+    sigterm_finishes_the_messages_in_flight_before_exiting,
+    what_cannot_finish_within_shutdown_timeout_stays_unacked_for_redelivery,
+    a_backlog_beyond_max_inflight_waits_in_the_broker_not_in_the_bridge,
+    a_broker_gone_silent_while_held_back_is_noticed_and_nothing_is_lost,
+    the_inflight_bound_holds_across_broker_restarts,
+    a_restart_into_a_backlog_with_redis_down_becomes_ready_while_held_back,
+    a_redis_stalled_longer_than_keep_alive_does_not_cost_the_mqtt_connection,
+    a_message_still_processing_holds_back_the_acks_of_later_ones,
+    a_message_over_max_packet_size_is_dead_lettered_instead_of_wedging_the_session,
+    messages_wait_for_a_redis_that_is_down_at_start_up,
+    sigterm_while_the_broker_is_gone_still_exits_0,
+);

@@ -54,6 +54,7 @@ impl Stage {
             limiter: &self.limiter,
             forwarder: &self.forwarder,
             route: "stages",
+            deadline: None,
         }
     }
 
@@ -82,6 +83,7 @@ fn template(source: &str, target: Target) -> Template {
         json: true,
         session: true,
         fields: false,
+        properties: false,
         constraints: &[],
     };
     Template::compile(source, target, &scope).expect("template compiles")

@@ -26,6 +26,9 @@ pub enum Error {
     PoolExhausted,
     /// A bad argument from the caller (e.g. an invalid URL).
     Invalid(String),
+    /// The caller's deadline passed while waiting for Redis
+    /// ([`until_ready_by`](crate::retry::until_ready_by)); nothing more was sent.
+    DeadlinePassed,
 }
 
 impl Error {
@@ -64,6 +67,7 @@ impl fmt::Display for Error {
             Error::Decode(msg) => write!(f, "unexpected redis value: {msg}"),
             Error::PoolExhausted => f.write_str("redis max_connections reached"),
             Error::Invalid(msg) => write!(f, "invalid redis request: {msg}"),
+            Error::DeadlinePassed => f.write_str("gave up waiting for redis: the deadline passed"),
         }
     }
 }

@@ -47,6 +47,36 @@ where
     }
 }
 
+/// [`until_ready`] that gives up once `deadline` has passed: checked before every attempt,
+/// never cancelling one in flight (a write that was sent is not abandoned half-way, so
+/// [`Error::DeadlinePassed`] means the step was not sent again after the deadline). For
+/// work that is worthless late, such as a message with an expiry.
+pub async fn until_ready_by<T, F, Fut>(
+    deadline: Option<std::time::Instant>,
+    mut step: F,
+    on_retry: impl FnMut(&Error),
+) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Error>>,
+{
+    until_ready(
+        || {
+            let passed = deadline.is_some_and(|d| std::time::Instant::now() >= d);
+            // Futures are lazy: an attempt made after the deadline is dropped unsent.
+            let attempt = step();
+            async move {
+                if passed {
+                    return Err(Error::DeadlinePassed);
+                }
+                attempt.await
+            }
+        },
+        on_retry,
+    )
+    .await
+}
+
 /// [`until_ready`] that gives up when `stop` completes, during an attempt or a wait: `None`
 /// then.
 pub async fn until_ready_or<T, F, Fut>(
@@ -120,6 +150,23 @@ mod tests {
         .await;
         assert!(matches!(result, Err(Error::Response(_))));
         assert_eq!(attempts.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_passed_deadline_ends_the_wait_between_attempts() {
+        let attempts = Cell::new(0);
+        let deadline = std::time::Instant::now() + Duration::from_millis(200);
+        let result: Result<(), Error> = until_ready_by(
+            Some(deadline),
+            || {
+                attempts.set(attempts.get() + 1);
+                async { Err(Error::Timeout) }
+            },
+            |_| std::thread::sleep(Duration::from_millis(60)),
+        )
+        .await;
+        assert_eq!(result, Err(Error::DeadlinePassed));
+        assert!((2..=5).contains(&attempts.get()), "{}", attempts.get());
     }
 
     #[tokio::test(start_paused = true)]

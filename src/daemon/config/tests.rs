@@ -575,21 +575,111 @@ fn cluster_nodes_the_client_would_refuse_are_a_config_error() {
     assert!(errs[0].message.contains("TLS"), "{}", errs[0].message);
 }
 
+/// The (path, message) of every error of a config whose routes and rules are compiled.
+fn compile_errors(toml: &str) -> Vec<(String, String)> {
+    let (_dir, path) = file(toml);
+    match BridgeConfig::compile(&path, &env(&[])) {
+        Ok(_) => panic!("expected errors, compiled:\n{toml}"),
+        Err(e) => e
+            .into_vec()
+            .into_iter()
+            .map(|e| (e.path, e.message))
+            .collect(),
+    }
+}
+
 #[test]
-fn mqtt_5_is_refused_at_load_naming_mqtt_protocol() {
+fn mqtt_5_is_chosen_by_protocol_in_the_file_or_the_environment() {
     for (toml, env) in [
         ("[mqtt]\nprotocol = \"5\"\n", &[][..]),
         ("", &[("ROUTEMQ_BRIDGE_MQTT__PROTOCOL", "5")][..]),
     ] {
-        let (errs, _) = errors(toml, env);
-        assert_eq!(errs.len(), 1, "{errs:?}");
-        assert_eq!(errs[0].path, "mqtt.protocol");
+        let c = load(toml, env);
+        assert_eq!(c.mqtt.protocol, Protocol::V5);
+        assert_eq!(c.mqtt.session_expiry, Duration::from_secs(7 * 24 * 3600));
+    }
+    let c = load("[mqtt]\nprotocol = \"5\"\nsession_expiry = \"1h\"\n", &[]);
+    assert_eq!(c.mqtt.session_expiry, Duration::from_secs(3600));
+}
+
+/// A route and a republish rule using every MQTT 5 key (spec §6.1).
+const MQTT5_KEYS: &str = r#"
+[[routes]]
+name = "r"
+topic = "t/{id}"
+honor_expiry = false
+params."user.tenant" = "[a-z]+"
+[[routes.actions]]
+op = "hset"
+key = "k:{user.tenant}:{id}"
+fields = { ct = "{prop.content_type}", rt = "{prop.response_topic}", cd = "{prop.correlation_data}" }
+[[routes.actions]]
+op = "mqtt_publish"
+topic = "out/{id}"
+content_type = "application/json"
+message_expiry = "30s"
+user_properties = { tenant = "{user.tenant}" }
+response_topic = "reply/{id}"
+correlation_data = "{prop.correlation_data}"
+
+[[republish]]
+name = "s"
+source = "stream"
+stream = "out"
+topic = "cmd/{field.site}"
+content_type = "text/plain"
+user_properties = { site = "{field.site}" }
+"#;
+
+#[test]
+fn every_mqtt_5_key_compiles_with_protocol_5() {
+    let (_dir, path) = file(&format!("[mqtt]\nprotocol = \"5\"\n{MQTT5_KEYS}"));
+    if let Err(e) = BridgeConfig::compile(&path, &env(&[])) {
+        panic!("expected a valid config, got:\n{e}");
+    }
+}
+
+#[test]
+fn every_mqtt_5_key_under_3_1_1_is_an_error_saying_why() {
+    let errs = compile_errors(MQTT5_KEYS);
+    for path in [
+        "routes[0].honor_expiry",
+        "routes[0].params.user.tenant",
+        "routes[0].actions[0].key",
+        "routes[0].actions[0].fields.ct",
+        "routes[0].actions[1].content_type",
+        "routes[0].actions[1].message_expiry",
+        "routes[0].actions[1].user_properties",
+        "routes[0].actions[1].response_topic",
+        "routes[0].actions[1].correlation_data",
+        "republish[0].content_type",
+        "republish[0].user_properties",
+    ] {
+        let found = errs.iter().find(|(p, _)| p.starts_with(path));
+        let Some((_, message)) = found else {
+            panic!("no error at {path}: {errs:?}");
+        };
         assert!(
-            errs[0].message.contains("not supported"),
-            "{}",
-            errs[0].message
+            message.contains("MQTT 5") || message.contains("protocol = \"5\""),
+            "{path}: {message}"
         );
     }
+}
+
+#[test]
+fn session_expiry_and_clean_session_each_belong_to_one_protocol() {
+    let (errs, _) = errors("[mqtt]\nsession_expiry = \"1h\"\n", &[]);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].path, "mqtt.session_expiry");
+    assert!(errs[0].message.contains("MQTT 5"), "{}", errs[0].message);
+    let (errs, _) = errors("[mqtt]\nprotocol = \"5\"\nclean_session = true\n", &[]);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].path, "mqtt.clean_session");
+    assert!(
+        errs[0].message.contains("session_expiry"),
+        "{}",
+        errs[0].message
+    );
 }
 
 #[test]

@@ -96,17 +96,59 @@ pub struct EventLoop {
 /// routemq-bridge patch (PATCHED.md, Change 7): half a keep-alive after each PINGREQ, whether
 /// the broker answered — or, while reading is paused (the PINGRESP may sit unread behind
 /// publishes), whether it sent anything at all.
-struct PingCheck {
-    deadline: Pin<Box<Sleep>>,
+/// Shared by the 3.1.1 and the v5 event loop.
+pub(crate) struct PingCheck {
+    pub(crate) deadline: Pin<Box<Sleep>>,
     /// Bytes received from the broker by then (see `Network::received`).
-    received: u64,
+    pub(crate) received: u64,
     /// Bytes waiting unread in the socket then (`None`: not a socket we can ask).
-    unread: Option<usize>,
+    pub(crate) unread: Option<usize>,
+}
+
+impl PingCheck {
+    /// Half a keep-alive from now, with what the broker had sent before the PINGREQ.
+    pub(crate) fn new(keep_alive: Duration, received: u64, unread: Option<usize>) -> PingCheck {
+        PingCheck {
+            deadline: Box::pin(time::sleep(keep_alive / 2)),
+            received,
+            unread,
+        }
+    }
+
+    /// Whether the broker missed this deadline: no PINGRESP was read (`await_pingresp`),
+    /// no byte arrived since (`received`: a big packet still streaming in, or one being
+    /// skipped, is a sign of life), and — while reading is paused, when the PINGRESP may
+    /// sit unread behind publishes — the kernel's count of unread bytes (FIONREAD,
+    /// `unread`) did not move although it is below an eighth of the receive buffer
+    /// (`recv_buffer`; a closed window means the broker may well be sending: TCP's user
+    /// timeout and keepalive watch that case).
+    pub(crate) fn overdue(
+        &self,
+        await_pingresp: bool,
+        read_paused: bool,
+        received: u64,
+        unread: Option<usize>,
+        recv_buffer: Option<usize>,
+    ) -> bool {
+        if !await_pingresp || received != self.received {
+            return false;
+        }
+        if !read_paused {
+            // Bytes waiting unread may be the PINGRESP: read them first (a busy loop
+            // reaching this branch before the read one is no dead broker).
+            return unread == Some(0);
+        }
+        match (self.unread, unread, recv_buffer) {
+            (Some(then), Some(now), Some(buffer)) => now == then && now < buffer / 8,
+            _ => false,
+        }
+    }
 }
 
 /// routemq-bridge patch: bytes a request batch may buffer before it stops (below
 /// tokio-util's 8 KiB backpressure boundary, where `feed` would flush on its own).
-const BATCH_BYTES: usize = 4096;
+/// Shared by the 3.1.1 and the v5 event loop (PATCHED.md, Change 1).
+pub(crate) const BATCH_BYTES: usize = 4096;
 
 /// Events which can be yielded by the event loop
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -228,29 +270,18 @@ impl EventLoop {
     }
 
     /// routemq-bridge patch (PATCHED.md, Change 7): whether the broker missed the deadline of
-    /// the last PINGREQ: no PINGRESP was read, no byte arrived since (a big packet still
-    /// streaming in, or one being skipped, is a sign of life), and — while reading is
-    /// paused, when the PINGRESP may sit unread behind publishes — the kernel's count of
-    /// unread bytes (FIONREAD) did not move although it is below an eighth of the receive
-    /// buffer (a closed window means the broker may well be sending: TCP's user timeout and
-    /// keepalive watch that case).
+    /// the last PINGREQ (see `PingCheck::overdue`).
     fn ping_overdue(&self, check: &PingCheck) -> bool {
         let Some(network) = &self.network else {
             return false;
         };
-        if !self.state.await_pingresp || network.received() != check.received {
-            return false;
-        }
-        let unread = network.unread_bytes();
-        if !self.read_paused {
-            // Bytes waiting unread may be the PINGRESP: read them first (a busy loop
-            // reaching this branch before the read one is no dead broker).
-            return unread == Some(0);
-        }
-        match (check.unread, unread, network.recv_buffer_size()) {
-            (Some(then), Some(now), Some(buffer)) => now == then && now < buffer / 8,
-            _ => false,
-        }
+        check.overdue(
+            self.state.await_pingresp,
+            self.read_paused,
+            network.received(),
+            network.unread_bytes(),
+            network.recv_buffer_size(),
+        )
     }
 
     async fn select_once(&mut self) -> Result<Option<Event>, ConnectionError> {
@@ -384,11 +415,7 @@ impl EventLoop {
                 };
                 // routemq-bridge patch (PATCHED.md, Change 7): judge the broker's answer
                 // half a keep-alive from now.
-                self.ping_check = Some(PingCheck {
-                    deadline: Box::pin(time::sleep(self.mqtt_options.keep_alive / 2)),
-                    received,
-                    unread,
-                });
+                self.ping_check = Some(PingCheck::new(self.mqtt_options.keep_alive, received, unread));
                 Ok(self.state.events.pop_front())
             },
             // routemq-bridge patch (PATCHED.md, Change 7): the PINGRESP deadline.
@@ -535,9 +562,9 @@ async fn network_connect(
         _ => options.broker_address(),
     };
 
-    #[cfg(unix)]
+    // routemq-bridge patch (PATCHED.md, Change 7): the TCP socket, to ask what waits unread.
     #[allow(unused_mut, unused_assignments)]
-    let mut raw_fd: Option<std::os::fd::RawFd> = None;
+    let mut probe = crate::framed::SocketProbe::default();
     let tcp_stream: Box<dyn AsyncReadWrite> = {
         #[cfg(feature = "proxy")]
         match options.proxy() {
@@ -555,7 +582,8 @@ async fn network_connect(
             // routemq-bridge patch (PATCHED.md, Change 7): the socket, to ask what waits unread.
             #[cfg(unix)]
             {
-                raw_fd = Some(std::os::fd::AsRawFd::as_raw_fd(&tcp));
+                probe =
+                    crate::framed::SocketProbe::new(Some(std::os::fd::AsRawFd::as_raw_fd(&tcp)));
             }
             Box::new(tcp)
         }
@@ -630,8 +658,7 @@ async fn network_connect(
         }
     };
     // routemq-bridge patch (PATCHED.md, Change 7).
-    #[cfg(unix)]
-    network.set_raw_fd(raw_fd);
+    network.set_socket(probe);
 
     Ok(network)
 }
@@ -655,5 +682,50 @@ async fn mqtt_connect(
         Incoming::ConnAck(connack) if connack.code == ConnectReturnCode::Success => Ok(connack),
         Incoming::ConnAck(connack) => Err(ConnectionError::ConnectionRefused(connack.code)),
         packet => Err(ConnectionError::NotConnAck(packet)),
+    }
+}
+
+/// routemq-bridge patch (PATCHED.md, Change 7): the PINGRESP deadline's verdict, shared by
+/// the 3.1.1 and the v5 event loop.
+#[cfg(test)]
+mod ping_check_tests {
+    use super::PingCheck;
+    use std::time::Duration;
+
+    const BUFFER: Option<usize> = Some(128 * 1024);
+
+    /// A check taken when 100 bytes had been received and `unread` waited in the socket.
+    fn check(unread: Option<usize>) -> PingCheck {
+        PingCheck::new(Duration::from_secs(2), 100, unread)
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_sent_nothing_since_the_ping_is_silent() {
+        assert!(check(Some(0)).overdue(true, false, 100, Some(0), BUFFER));
+    }
+
+    #[tokio::test]
+    async fn a_pingresp_read_or_any_byte_received_is_a_sign_of_life() {
+        // PINGRESP read.
+        assert!(!check(Some(0)).overdue(false, false, 100, Some(0), BUFFER));
+        // A packet (or part of one) decoded, skipped or buffered since.
+        assert!(!check(Some(0)).overdue(true, false, 101, Some(0), BUFFER));
+        // Bytes waiting unread may be the PINGRESP: read them first.
+        assert!(!check(Some(0)).overdue(true, false, 100, Some(2), BUFFER));
+        // No socket to ask: no verdict.
+        assert!(!check(None).overdue(true, false, 100, None, BUFFER));
+    }
+
+    #[tokio::test]
+    async fn while_paused_only_an_open_window_that_stayed_still_is_silence() {
+        // Nothing more arrived although the window was open.
+        assert!(check(Some(500)).overdue(true, true, 100, Some(500), BUFFER));
+        // The unread count moved: the broker sends (the PINGRESP behind publishes).
+        assert!(!check(Some(500)).overdue(true, true, 100, Some(502), BUFFER));
+        // A buffer filling up (a closed window): no verdict, TCP watches that case.
+        let full = 20 * 1024;
+        assert!(!check(Some(full)).overdue(true, true, 100, Some(full), BUFFER));
+        // No socket to ask: no verdict.
+        assert!(!check(None).overdue(true, true, 100, None, None));
     }
 }

@@ -14,8 +14,50 @@ pub struct Network {
     /// Maximum readv count
     max_readb_count: usize,
     /// routemq-bridge patch (PATCHED.md, Change 7): the TCP socket underneath, if any.
+    socket: SocketProbe,
+}
+
+/// routemq-bridge patch (PATCHED.md, Change 7): asks the kernel about the TCP socket under a
+/// network (what waits unread, how big the receive buffer is); shared by the 3.1.1 and the
+/// v5 `Network`. Empty (every answer `None`) without a TCP socket or off Unix.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct SocketProbe {
     #[cfg(unix)]
-    raw_fd: Option<std::os::fd::RawFd>,
+    fd: Option<std::os::fd::RawFd>,
+}
+
+impl SocketProbe {
+    /// A probe of `fd`, which must stay open as long as the probe is used (the network
+    /// holding the probe owns the socket).
+    #[cfg(unix)]
+    pub(crate) fn new(fd: Option<std::os::fd::RawFd>) -> SocketProbe {
+        SocketProbe { fd }
+    }
+
+    /// Bytes received by the kernel and not read yet (FIONREAD).
+    pub(crate) fn unread_bytes(&self) -> Option<usize> {
+        #[cfg(unix)]
+        if let Some(fd) = self.fd {
+            let mut n: libc::c_int = 0;
+            // SAFETY: `fd` is the socket the network owns, open for as long as the network
+            // holding this probe lives; FIONREAD writes one c_int.
+            if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } == 0 {
+                return usize::try_from(n).ok();
+            }
+        }
+        None
+    }
+
+    /// The socket's receive buffer (SO_RCVBUF, as the kernel reports it).
+    pub(crate) fn recv_buffer_size(&self) -> Option<usize> {
+        #[cfg(unix)]
+        if let Some(fd) = self.fd {
+            // SAFETY: as in `unread_bytes`; the fd is open while the network lives.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            return socket2::SockRef::from(&fd).recv_buffer_size().ok();
+        }
+        None
+    }
 }
 
 impl Network {
@@ -32,30 +74,19 @@ impl Network {
         Network {
             framed,
             max_readb_count: 10,
-            #[cfg(unix)]
-            raw_fd: None,
+            socket: SocketProbe::default(),
         }
     }
 
     /// routemq-bridge patch (PATCHED.md, Change 7): the TCP socket this network reads.
-    #[cfg(unix)]
-    pub(crate) fn set_raw_fd(&mut self, fd: Option<std::os::fd::RawFd>) {
-        self.raw_fd = fd;
+    pub(crate) fn set_socket(&mut self, socket: SocketProbe) {
+        self.socket = socket;
     }
 
     /// routemq-bridge patch (PATCHED.md, Change 7): bytes received by the kernel and not
     /// read yet (FIONREAD); `None` without a TCP socket.
     pub(crate) fn unread_bytes(&self) -> Option<usize> {
-        #[cfg(unix)]
-        if let Some(fd) = self.raw_fd {
-            let mut n: libc::c_int = 0;
-            // SAFETY: `fd` is the socket `framed` owns, open for as long as `self` lives;
-            // FIONREAD writes one c_int.
-            if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } == 0 {
-                return usize::try_from(n).ok();
-            }
-        }
-        None
+        self.socket.unread_bytes()
     }
 
     /// routemq-bridge patch (PATCHED.md, Change 7): bytes received from the broker so far
@@ -68,13 +99,7 @@ impl Network {
     /// routemq-bridge patch (PATCHED.md, Change 7): the socket's receive buffer (SO_RCVBUF,
     /// as the kernel reports it); `None` without a TCP socket.
     pub(crate) fn recv_buffer_size(&self) -> Option<usize> {
-        #[cfg(unix)]
-        if let Some(fd) = self.raw_fd {
-            // SAFETY: as in `unread_bytes`; the fd is open while `self` lives.
-            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-            return socket2::SockRef::from(&fd).recv_buffer_size().ok();
-        }
-        None
+        self.socket.recv_buffer_size()
     }
 
     /// Reads and returns a single packet from network

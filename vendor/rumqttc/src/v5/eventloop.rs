@@ -1,8 +1,9 @@
 use super::framed::Network;
 use super::mqttbytes::v5::*;
 use super::{Incoming, MqttOptions, MqttState, Outgoing, Request, StateError, Transport};
-use crate::eventloop::socket_connect;
-use crate::framed::AsyncReadWrite;
+use crate::eventloop::{socket_connect, PingCheck, BATCH_BYTES};
+use crate::framed::{AsyncReadWrite, SocketProbe};
+use crate::NetworkOptions;
 
 use flume::{bounded, Receiver, Sender};
 use tokio::select;
@@ -55,6 +56,10 @@ pub enum ConnectionError {
     NotConnAck(Box<Packet>),
     #[error("Requests done")]
     RequestsDone,
+    /// routemq-bridge patch (PATCHED.md, Change 2): a flush that took longer than the
+    /// network options' connection timeout, as the 3.1.1 event loop reports it.
+    #[error("Flush timeout")]
+    FlushTimeout,
     #[cfg(feature = "websocket")]
     #[error("Invalid Url: {0}")]
     InvalidUrl(#[from] UrlError),
@@ -82,6 +87,14 @@ pub struct EventLoop {
     network: Option<Network>,
     /// Keep alive time
     keepalive_timeout: Option<Pin<Box<Sleep>>>,
+    /// routemq-bridge patch (PATCHED.md, Change 2): read nothing from the network (see
+    /// `pause_reading`).
+    read_paused: bool,
+    /// routemq-bridge patch (PATCHED.md, Change 2): reading was paused at some point since
+    /// the last PINGREQ.
+    paused_since_ping: bool,
+    /// routemq-bridge patch (PATCHED.md, Change 7): the PINGRESP deadline of the last PINGREQ.
+    ping_check: Option<PingCheck>,
 }
 
 /// Events which can be yielded by the event loop
@@ -110,6 +123,9 @@ impl EventLoop {
             pending,
             network: None,
             keepalive_timeout: None,
+            read_paused: false,
+            paused_since_ping: false,
+            ping_check: None,
         }
     }
 
@@ -123,6 +139,7 @@ impl EventLoop {
     pub fn clean(&mut self) {
         self.network = None;
         self.keepalive_timeout = None;
+        self.ping_check = None;
         self.pending.extend(self.state.clean());
 
         // drain requests from channel which weren't yet received
@@ -136,6 +153,30 @@ impl EventLoop {
         });
 
         self.pending.extend(requests_in_channel);
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 2): while paused, `poll` reads nothing from
+    /// the network (the broker's further packets wait in the socket: TCP backpressure) but
+    /// still writes requests (acks, publishes, DISCONNECT) and keep-alive pings. A paused
+    /// connection does not wait for PINGRESP (it may sit behind unread publishes): the
+    /// broker hears from us every keep-alive, and a dead connection shows as a write error,
+    /// a flush timeout or the PINGRESP deadline's verdict (Change 7). Packets already read
+    /// and buffered are still returned. Takes effect at the next poll.
+    pub fn pause_reading(&mut self, paused: bool) {
+        self.read_paused = paused;
+    }
+
+    /// routemq-bridge patch: the network options (as the 3.1.1 `EventLoop::network_options`;
+    /// under v5 they live in `options`).
+    pub fn network_options(&self) -> NetworkOptions {
+        self.options.network_options()
+    }
+
+    /// routemq-bridge patch: sets the network options used from the next connection on (as
+    /// the 3.1.1 `EventLoop::set_network_options`).
+    pub fn set_network_options(&mut self, network_options: NetworkOptions) -> &mut Self {
+        self.options.set_network_options(network_options);
+        self
     }
 
     /// Yields Next notification or outgoing request and periodically pings
@@ -176,15 +217,53 @@ impl EventLoop {
 
     /// Select on network and requests and generate keepalive pings when necessary
     async fn select(&mut self) -> Result<Event, ConnectionError> {
+        // routemq-bridge patch (PATCHED.md, Change 7): a PINGRESP check that finds the
+        // broker alive yields no event; select again.
+        loop {
+            if let Some(event) = self.select_once().await? {
+                return Ok(event);
+            }
+        }
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 7): whether the broker missed the deadline of
+    /// the last PINGREQ (see `PingCheck::overdue`).
+    fn ping_overdue(&self, check: &PingCheck) -> bool {
+        let Some(network) = &self.network else {
+            return false;
+        };
+        check.overdue(
+            self.state.await_pingresp,
+            self.read_paused,
+            network.received(),
+            network.unread_bytes(),
+            network.recv_buffer_size(),
+        )
+    }
+
+    async fn select_once(&mut self) -> Result<Option<Event>, ConnectionError> {
         let network = self.network.as_mut().unwrap();
         // let await_acks = self.state.await_acks;
 
         let inflight_full = self.state.inflight >= self.state.max_outgoing_inflight;
         let collision = self.state.collision.is_some();
+        // routemq-bridge patch (PATCHED.md, Change 2): flushes are bounded as in the 3.1.1
+        // event loop (upstream's v5 loop waited for ever on a peer that stopped reading).
+        let network_timeout =
+            Duration::from_secs(self.options.network_options.connection_timeout());
+        // routemq-bridge patch (PATCHED.md, Change 2): never pause with every other branch
+        // disabled too (select! would have nothing to wait for).
+        let requests_enabled = !self.pending.is_empty() || (!inflight_full && !collision);
+        // routemq-bridge patch (PATCHED.md, Change 2): as the 3.1.1 loop, no pings with a
+        // zero keep-alive (a broker's Server Keep Alive may be 0); upstream's v5 loop then
+        // pinged on every poll.
+        let pings_enabled = self.keepalive_timeout.is_some() && !self.options.keep_alive.is_zero();
+        let read_paused = self.read_paused && (requests_enabled || pings_enabled);
+        self.paused_since_ping |= read_paused;
 
         // Read buffered events from previous polls before calling a new poll
         if let Some(event) = self.state.events.pop_front() {
-            return Ok(event);
+            return Ok(Some(event));
         }
 
         // this loop is necessary since self.incoming.pop_front() might return None. In that case,
@@ -222,34 +301,95 @@ impl EventLoop {
                 &mut self.pending,
                 &self.requests_rx,
                 self.options.pending_throttle
-            ), if !self.pending.is_empty() || (!inflight_full && !collision) => match o {
+            ), if requests_enabled => match o {
                 Ok(request) => {
+                    check_outgoing_size(network, &request)?;
                     if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
                         network.write(outgoing).await?;
                     }
-                    network.flush().await?;
-                    Ok(self.state.events.pop_front().unwrap())
+                    // routemq-bridge patch (PATCHED.md, Change 1): the acks (PUBACK, PUBREC)
+                    // queued right behind this request go into the same write, up to
+                    // `max_request_batch` requests and a few KiB (so the codec never
+                    // flushes inside the batch, outside the flush timeout). The first other
+                    // request ends the batch: it is written too, and only acks are ever
+                    // written ahead of a flush that may fail (their `Outgoing` events name
+                    // nothing to retransmit).
+                    let mut batch = 1;
+                    while batch < self.options.max_request_batch
+                        && network.buffered() < BATCH_BYTES
+                        // the branch guard's flow control, for the request that may end it
+                        && self.pending.is_empty()
+                        && self.state.inflight < self.state.max_outgoing_inflight
+                        && self.state.collision.is_none()
+                    {
+                        let request = match self.requests_rx.try_recv() {
+                            Ok(request) => request,
+                            Err(_) => break,
+                        };
+                        let ack = matches!(request, Request::PubAck(_) | Request::PubRec(_));
+                        check_outgoing_size(network, &request)?;
+                        if let Some(outgoing) = self.state.handle_outgoing_packet(request)? {
+                            network.write(outgoing).await?;
+                        }
+                        if !ack {
+                            break;
+                        }
+                        batch += 1;
+                    }
+                    match time::timeout(network_timeout, network.flush()).await {
+                        Ok(inner) => inner?,
+                        Err(_) => return Err(ConnectionError::FlushTimeout),
+                    };
+                    Ok(self.state.events.pop_front())
                 }
                 Err(_) => Err(ConnectionError::RequestsDone),
             },
             // Pull a bunch of packets from network, reply in bunch and yield the first item
-            o = network.readb(&mut self.state) => {
+            o = network.readb(&mut self.state), if !read_paused => {
                 o?;
                 // flush all the acks and return first incoming packet
-                network.flush().await?;
-                Ok(self.state.events.pop_front().unwrap())
+                match time::timeout(network_timeout, network.flush()).await {
+                    Ok(inner) => inner?,
+                    Err(_) => return Err(ConnectionError::FlushTimeout),
+                };
+                Ok(self.state.events.pop_front())
             },
             // We generate pings irrespective of network activity. This keeps the ping logic
             // simple. We can change this behavior in future if necessary (to prevent extra pings)
-            _ = self.keepalive_timeout.as_mut().unwrap() => {
+            _ = self.keepalive_timeout.as_mut().unwrap(), if pings_enabled => {
                 let timeout = self.keepalive_timeout.as_mut().unwrap();
                 timeout.as_mut().reset(Instant::now() + self.options.keep_alive);
+                if self.paused_since_ping {
+                    // routemq-bridge patch (PATCHED.md, Change 2): the last PINGRESP may be
+                    // unread behind publishes that arrived while reading was paused.
+                    self.state.await_pingresp = false;
+                }
+                self.paused_since_ping = read_paused;
 
+                // routemq-bridge patch (PATCHED.md, Change 7): what the broker had sent before
+                // this PINGREQ (taken before it goes out: on loopback the PINGRESP can be
+                // back before the next statement).
+                let (received, unread) = (network.received(), network.unread_bytes());
                 if let Some(outgoing) = self.state.handle_outgoing_packet(Request::PingReq)? {
                     network.write(outgoing).await?;
                 }
-                network.flush().await?;
-                Ok(self.state.events.pop_front().unwrap())
+                match time::timeout(network_timeout, network.flush()).await {
+                    Ok(inner) => inner?,
+                    Err(_) => return Err(ConnectionError::FlushTimeout),
+                };
+                // routemq-bridge patch (PATCHED.md, Change 7): judge the broker's answer
+                // half a keep-alive from now.
+                self.ping_check = Some(PingCheck::new(self.options.keep_alive, received, unread));
+                Ok(self.state.events.pop_front())
+            },
+            // routemq-bridge patch (PATCHED.md, Change 7): the PINGRESP deadline.
+            _ = async { self.ping_check.as_mut().unwrap().deadline.as_mut().await },
+                if self.ping_check.is_some() => {
+                let check = self.ping_check.take().unwrap();
+                if self.ping_overdue(&check) {
+                    return Err(ConnectionError::MqttState(StateError::AwaitPingResp));
+                }
+                Ok(None)
             }
         }
     }
@@ -271,6 +411,29 @@ impl EventLoop {
             }
         }
     }
+}
+
+/// routemq-bridge patch (PATCHED.md, "v5: the broker's Maximum Packet Size"): a publish over
+/// the Maximum Packet Size of the broker's CONNACK is refused before the state takes it.
+/// Upstream's codec refused it only when writing, after the state had registered it: the
+/// connection ended, the publish was retransmitted after the reconnect, and failed again,
+/// for ever. It still ends the connection (as upstream, an `Err` from `poll`), but once.
+fn check_outgoing_size(network: &Network, request: &Request) -> Result<(), StateError> {
+    if let (Request::Publish(publish), Some(max)) = (request, network.max_outgoing_size()) {
+        let size = publish.size();
+        if size > max as usize {
+            warn!(
+                "publish of {size} bytes to {:?} over the broker's maximum packet size {max}: \
+                 dropped",
+                String::from_utf8_lossy(&publish.topic)
+            );
+            return Err(StateError::OutgoingPacketTooLarge {
+                pkt_size: u32::try_from(size).unwrap_or(u32::MAX),
+                max,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// This stream internally processes requests from the request stream provided to the eventloop
@@ -297,6 +460,10 @@ async fn network_connect(options: &MqttOptions) -> Result<Network, ConnectionErr
             max_incoming_pkt_size = Some(max_size);
         }
     }
+
+    // routemq-bridge patch (PATCHED.md, Change 7): the TCP socket, to ask what waits unread.
+    #[allow(unused_mut, unused_assignments)]
+    let mut probe = SocketProbe::default();
 
     // Process Unix files early, as proxy is not supported for them.
     #[cfg(unix)]
@@ -334,11 +501,17 @@ async fn network_connect(options: &MqttOptions) -> Result<Network, ConnectionErr
         {
             let addr = format!("{domain}:{port}");
             let tcp = socket_connect(addr, options.network_options()).await?;
+            // routemq-bridge patch (PATCHED.md, Change 7): the socket, to ask what waits
+            // unread.
+            #[cfg(unix)]
+            {
+                probe = SocketProbe::new(Some(std::os::fd::AsRawFd::as_raw_fd(&tcp)));
+            }
             Box::new(tcp)
         }
     };
 
-    let network = match options.transport() {
+    let mut network = match options.transport() {
         Transport::Tcp => Network::new(tcp_stream, max_incoming_pkt_size),
         #[cfg(any(feature = "use-native-tls", feature = "use-rustls-no-provider"))]
         Transport::Tls(tls_config) => {
@@ -390,6 +563,8 @@ async fn network_connect(options: &MqttOptions) -> Result<Network, ConnectionErr
             Network::new(WsStream::new(socket), max_incoming_pkt_size)
         }
     };
+    // routemq-bridge patch (PATCHED.md, Change 7).
+    network.set_socket(probe);
 
     Ok(network)
 }

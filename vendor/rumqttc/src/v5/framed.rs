@@ -2,7 +2,7 @@ use futures_util::{FutureExt, SinkExt};
 use tokio_stream::StreamExt;
 use tokio_util::codec::Framed;
 
-use crate::framed::AsyncReadWrite;
+use crate::framed::{AsyncReadWrite, SocketProbe};
 
 use super::mqttbytes::v5::Packet;
 use super::{mqttbytes, Codec, Incoming, MqttState, StateError};
@@ -15,24 +15,60 @@ pub struct Network {
     framed: Framed<Box<dyn AsyncReadWrite>, Codec>,
     /// Maximum readv count
     max_readb_count: usize,
+    /// routemq-bridge patch (PATCHED.md, Change 7): the TCP socket underneath, if any.
+    socket: SocketProbe,
 }
 impl Network {
     pub fn new(socket: impl AsyncReadWrite + 'static, max_incoming_size: Option<u32>) -> Network {
         let socket = Box::new(socket) as Box<dyn AsyncReadWrite>;
-        let codec = Codec {
-            max_incoming_size,
-            max_outgoing_size: None,
-        };
+        // routemq-bridge patch (PATCHED.md, Change 5): the codec now keeps state.
+        let codec = Codec::new(max_incoming_size, None);
         let framed = Framed::new(socket, codec);
 
         Network {
             framed,
             max_readb_count: 10,
+            socket: SocketProbe::default(),
         }
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 7): the TCP socket this network reads.
+    pub(crate) fn set_socket(&mut self, socket: SocketProbe) {
+        self.socket = socket;
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 7): bytes received by the kernel and not
+    /// read yet (FIONREAD); `None` without a TCP socket.
+    pub(crate) fn unread_bytes(&self) -> Option<usize> {
+        self.socket.unread_bytes()
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 7): bytes received from the broker so far
+    /// (decoded, skipped, or buffered for a packet still arriving): it grows while the
+    /// broker sends anything at all.
+    pub(crate) fn received(&self) -> u64 {
+        self.framed.codec().consumed + self.framed.read_buffer().len() as u64
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 7): the socket's receive buffer (SO_RCVBUF,
+    /// as the kernel reports it); `None` without a TCP socket.
+    pub(crate) fn recv_buffer_size(&self) -> Option<usize> {
+        self.socket.recv_buffer_size()
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 1): bytes written and not yet flushed.
+    pub fn buffered(&self) -> usize {
+        self.framed.write_buffer().len()
     }
 
     pub fn set_max_outgoing_size(&mut self, max_outgoing_size: Option<u32>) {
         self.framed.codec_mut().max_outgoing_size = max_outgoing_size;
+    }
+
+    /// routemq-bridge patch (PATCHED.md, "v5: the broker's Maximum Packet Size"): the
+    /// broker's limit for what we send, if it announced one.
+    pub(crate) fn max_outgoing_size(&self) -> Option<u32> {
+        self.framed.codec().max_outgoing_size
     }
 
     /// Reads and returns a single packet from network

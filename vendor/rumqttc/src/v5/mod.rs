@@ -233,8 +233,16 @@ impl MqttOptions {
 
     /// Set number of seconds after which client should ping the broker
     /// if there is no other data exchange
+    ///
+    /// routemq-bridge patch: zero or at least a second, as the 3.1.1 `MqttOptions` (upstream's
+    /// v5 options panicked below 5 s; the bridge's keep-alive may be shorter, and its tests
+    /// use 1-2 s to notice a silent broker quickly).
     pub fn set_keep_alive(&mut self, duration: Duration) -> &mut Self {
-        assert!(duration.as_secs() >= 5, "Keep alives should be >= 5 secs");
+        assert!(
+            duration.is_zero() || duration >= Duration::from_secs(1),
+            "Keep alives should be specified in seconds. Durations less than \
+            a second are not allowed, except for Duration::ZERO."
+        );
 
         self.keep_alive = duration;
         self
@@ -290,6 +298,19 @@ impl MqttOptions {
     /// Request channel capacity
     pub fn request_channel_capacity(&self) -> usize {
         self.request_channel_capacity
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 1): how many queued requests (acks,
+    /// publishes, ...) the event loop writes before one flush. 0 or 1: one flush per request
+    /// (upstream behaviour).
+    pub fn set_max_request_batch(&mut self, max: usize) -> &mut Self {
+        self.max_request_batch = max;
+        self
+    }
+
+    /// Requests written per flush (see [`MqttOptions::set_max_request_batch`]).
+    pub fn max_request_batch(&self) -> usize {
+        self.max_request_batch
     }
 
     /// Enables throttling and sets outoing message rate to the specified 'rate'
@@ -377,6 +398,16 @@ impl MqttOptions {
             conn_props.max_packet_size = max_size;
             self.set_connect_properties(conn_props)
         }
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 5, "v5: the incoming limit unannounced"):
+    /// the incoming packet limit when CONNECT announces no Maximum Packet Size (upstream
+    /// fixes it at 10 KiB with no setter). A broker told nothing sends every publish, and
+    /// one over this limit is skipped as it streams in (`Publish::oversized`), so the
+    /// application sees it instead of the broker dropping it unseen.
+    pub fn set_default_max_incoming_size(&mut self, size: u32) -> &mut Self {
+        self.default_max_incoming_size = size;
+        self
     }
 
     /// get max packet size from connection properties

@@ -314,13 +314,16 @@ impl MqttState {
             None => None,
         };
 
+        // routemq-bridge patch (PATCHED.md, Change 6): an alias maps to the topic as
+        // received, so a publish through it gets the same `topic` and `raw_topic`.
         if !publish.topic.is_empty() {
             if let Some(alias) = topic_alias {
-                self.topic_alises.insert(alias, publish.topic.clone());
+                self.topic_alises
+                    .insert(alias, publish.received_topic().clone());
             }
         } else if let Some(alias) = topic_alias {
             if let Some(topic) = self.topic_alises.get(&alias) {
-                topic.clone_into(&mut publish.topic);
+                publish.set_received_topic(topic.clone());
             } else {
                 self.handle_protocol_error()?;
             };
@@ -368,7 +371,10 @@ impl MqttState {
                 "PubAck Pkid = {:?}, reason: {:?}",
                 puback.pkid, puback.reason
             );
-            return Ok(None);
+            // routemq-bridge patch (PATCHED.md, "v5: reason codes"): a refused publish
+            // frees its packet id like an accepted one; upstream returned here without
+            // sending the publish waiting for that id, which then stopped every request
+            // until the next ping ended the connection (`CollisionTimeout`).
         }
 
         if let Some(publish) = self.check_collision(puback.pkid) {
@@ -404,7 +410,20 @@ impl MqttState {
                 "PubRec Pkid = {:?}, reason: {:?}",
                 pubrec.pkid, pubrec.reason
             );
-            return Ok(None);
+            // routemq-bridge patch (PATCHED.md, "v5: reason codes"): a PUBREC with a failure
+            // code ends the QoS 2 flow (no PUBREL, no PUBCOMP): MQTT 5 §4.9 gives its
+            // quota back then. Upstream kept it counted in `inflight` for ever, so each
+            // refused QoS 2 publish shrank the window until nothing could be sent. The
+            // publish waiting for this packet id goes out, as after a PUBACK.
+            self.inflight -= 1;
+            return Ok(self.check_collision(pubrec.pkid).map(|publish| {
+                self.outgoing_pub[publish.pkid as usize] = Some(publish.clone());
+                self.inflight += 1;
+                self.events
+                    .push_back(Event::Outgoing(Outgoing::Publish(publish.pkid)));
+                self.collision_ping_count = 0;
+                Packet::Publish(publish)
+            }));
         }
 
         // NOTE: Inflight - 1 for qos2 in comp
@@ -417,8 +436,21 @@ impl MqttState {
 
     fn handle_incoming_pubrel(&mut self, pubrel: &PubRel) -> Result<Option<Packet>, StateError> {
         if !self.incoming_pub.contains(pubrel.pkid as usize) {
-            error!("Unsolicited pubrel packet: {:?}", pubrel.pkid);
-            return Err(StateError::Unsolicited(pubrel.pkid));
+            // routemq-bridge patch (PATCHED.md, Change 3): a PUBREL we hold no state for is
+            // the broker resending it after a reconnect (`clean` forgets incoming QoS 2
+            // ids). MQTT 5 §4.3.3: the receiver answers every PUBREL with PUBCOMP, here
+            // with reason 0x92 (Packet Identifier not found: "not an error during
+            // recovery", §3.7.2.1). Upstream dropped the connection here, which the
+            // redelivered PUBREL then did again on every reconnect.
+            warn!(
+                "PUBREL for an unknown packet id {}: answering PUBCOMP",
+                pubrel.pkid
+            );
+            let event = Event::Outgoing(Outgoing::PubComp(pubrel.pkid));
+            self.events.push_back(event);
+            let mut pubcomp = PubComp::new(pubrel.pkid, None);
+            pubcomp.reason = PubCompReason::PacketIdentifierNotFound;
+            return Ok(Some(Packet::PubComp(pubcomp)));
         }
         self.incoming_pub.set(pubrel.pkid as usize, false);
 
@@ -1012,5 +1044,112 @@ mod test {
 
         // should ping
         mqtt.outgoing_ping().unwrap();
+    }
+    /// routemq-bridge patch (PATCHED.md, Change 3): a PUBREL for a packet id we hold no
+    /// state for (the broker resending it after a reconnect) is answered with PUBCOMP
+    /// (reason 0x92), and the connection lives on. Upstream: `StateError::Unsolicited`.
+    #[test]
+    fn an_unknown_pubrel_is_answered_with_pubcomp() {
+        let mut mqtt = build_mqttstate();
+        match mqtt.handle_incoming_packet(Incoming::PubRel(PubRel::new(9, None))) {
+            Ok(Some(Packet::PubComp(pubcomp))) => {
+                assert_eq!(pubcomp.pkid, 9);
+                assert_eq!(pubcomp.reason, PubCompReason::PacketIdentifierNotFound);
+            }
+            other => panic!("expected a PUBCOMP, got {other:?}"),
+        }
+        let events: Vec<Event> = mqtt.events.drain(..).collect();
+        assert_eq!(
+            events,
+            [
+                Event::Incoming(Incoming::PubRel(PubRel::new(9, None))),
+                Event::Outgoing(Outgoing::PubComp(9)),
+            ]
+        );
+    }
+
+    fn refused_pubrec(pkid: u16) -> PubRec {
+        let mut pubrec = PubRec::new(pkid, None);
+        pubrec.reason = PubRecReason::NotAuthorized;
+        pubrec
+    }
+
+    /// routemq-bridge patch (PATCHED.md, "v5: reason codes"): a PUBREC with a failure code
+    /// ends the QoS 2 flow and gives its place in the window back. Upstream kept it counted,
+    /// so `max_outgoing_inflight` refusals stopped every later publish.
+    #[test]
+    fn a_refused_qos2_publish_frees_its_place_in_the_window() {
+        let mut mqtt = MqttState::new(2, false);
+        for _ in 0..4 {
+            let publish = build_outgoing_publish(QoS::ExactlyOnce);
+            match mqtt.handle_outgoing_packet(Request::Publish(publish)) {
+                Ok(Some(Packet::Publish(publish))) => {
+                    assert_eq!(mqtt.inflight, 1);
+                    let out =
+                        mqtt.handle_incoming_packet(Incoming::PubRec(refused_pubrec(publish.pkid)));
+                    assert!(matches!(out, Ok(None)), "{out:?}");
+                    assert_eq!(mqtt.inflight, 0, "the refused publish is not in flight");
+                }
+                other => panic!("expected a publish, got {other:?}"),
+            }
+        }
+    }
+
+    /// routemq-bridge patch (PATCHED.md, "v5: reason codes"): the publish waiting for a
+    /// packet id (a collision) goes out when that id's PUBACK or PUBREC refuses, as when it
+    /// accepts. Upstream left it waiting (requests stopped until `CollisionTimeout`).
+    #[test]
+    fn a_refusal_releases_the_publish_waiting_for_its_packet_id() {
+        for qos in [QoS::AtLeastOnce, QoS::ExactlyOnce] {
+            let mut mqtt = MqttState::new(3, false);
+            let mut first = build_outgoing_publish(qos);
+            first.pkid = 1;
+            mqtt.handle_outgoing_packet(Request::Publish(first))
+                .expect("first publish");
+            let mut second = build_outgoing_publish(qos);
+            second.pkid = 1;
+            let out = mqtt.handle_outgoing_packet(Request::Publish(second));
+            assert!(matches!(out, Ok(None)), "{out:?}");
+            assert!(mqtt.collision.is_some());
+            let refusal = match qos {
+                QoS::AtLeastOnce => {
+                    let mut puback = PubAck::new(1, None);
+                    puback.reason = PubAckReason::NotAuthorized;
+                    Incoming::PubAck(puback)
+                }
+                _ => Incoming::PubRec(refused_pubrec(1)),
+            };
+            match mqtt.handle_incoming_packet(refusal) {
+                Ok(Some(Packet::Publish(publish))) => assert_eq!(publish.pkid, 1),
+                other => panic!("{qos:?}: expected the waiting publish, got {other:?}"),
+            }
+            assert!(mqtt.collision.is_none());
+            assert_eq!(
+                mqtt.inflight, 1,
+                "{qos:?}: the waiting publish is in flight"
+            );
+        }
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 6): a topic alias set by a publish whose
+    /// topic is not UTF-8 gives later publishes the same lossy topic and raw bytes.
+    #[test]
+    fn a_topic_alias_keeps_the_raw_topic() {
+        let mut mqtt = build_mqttstate();
+        let alias = |topic: &[u8]| {
+            let mut publish = build_incoming_publish(QoS::AtMostOnce, 0);
+            publish.set_received_topic(bytes::Bytes::copy_from_slice(topic));
+            publish.properties = Some(PublishProperties {
+                topic_alias: Some(4),
+                ..Default::default()
+            });
+            publish
+        };
+        let mut first = alias(b"a/\xff");
+        mqtt.handle_incoming_publish(&mut first).expect("first");
+        let mut second = alias(b"");
+        mqtt.handle_incoming_publish(&mut second).expect("second");
+        assert_eq!(&second.topic[..], "a/\u{fffd}".as_bytes());
+        assert_eq!(second.raw_topic.as_deref(), Some(&b"a/\xff"[..]));
     }
 }

@@ -9,7 +9,7 @@ pub use self::{
     ping::{PingReq, PingResp},
     puback::{PubAck, PubAckProperties, PubAckReason},
     pubcomp::{PubComp, PubCompProperties, PubCompReason},
-    publish::{Publish, PublishProperties},
+    publish::{Publish, PublishProperties, KEPT_OF_OVERSIZED, KEPT_PROPERTIES_OF_OVERSIZED},
     pubrec::{PubRec, PubRecProperties, PubRecReason},
     pubrel::{PubRel, PubRelProperties, PubRelReason},
     suback::{SubAck, SubAckProperties, SubscribeReasonCode},

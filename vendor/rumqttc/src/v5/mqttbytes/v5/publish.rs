@@ -11,7 +11,25 @@ pub struct Publish {
     pub pkid: u16,
     pub payload: Bytes,
     pub properties: Option<PublishProperties>,
+    /// routemq-bridge patch (PATCHED.md, Change 5): an incoming PUBLISH over the incoming
+    /// max packet size is not refused but skipped as it streams in: this is the length of
+    /// its payload, of which `payload` holds only the first [`KEPT_OF_OVERSIZED`] bytes
+    /// (none when its properties are over [`KEPT_PROPERTIES_OF_OVERSIZED`]; `properties`
+    /// is then `None`). `None` for every other publish.
+    pub oversized: Option<usize>,
+    /// routemq-bridge patch (PATCHED.md, Change 6): the topic as received, when it is not
+    /// UTF-8 (`topic` is then its lossy form, U+FFFD for each invalid sequence, so `topic`
+    /// is always UTF-8); `None` for every other publish.
+    pub raw_topic: Option<Bytes>,
 }
+
+/// routemq-bridge patch (PATCHED.md, Change 5): how much of an oversized PUBLISH's payload
+/// is kept.
+pub const KEPT_OF_OVERSIZED: usize = 1024;
+
+/// routemq-bridge patch (PATCHED.md, Change 5): the longest properties of an oversized
+/// PUBLISH that are kept (and parsed); longer ones are skipped with the payload.
+pub const KEPT_PROPERTIES_OF_OVERSIZED: usize = 64 * 1024;
 
 impl Publish {
     pub fn new<T: Into<String>, P: Into<Bytes>>(
@@ -28,6 +46,27 @@ impl Publish {
             properties,
             ..Default::default()
         }
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 6): sets `topic` from the bytes received,
+    /// lossily when they are not UTF-8 (then kept in `raw_topic`).
+    pub(crate) fn set_received_topic(&mut self, raw: Bytes) {
+        match std::str::from_utf8(&raw) {
+            Ok(_) => {
+                self.topic = raw;
+                self.raw_topic = None;
+            }
+            Err(_) => {
+                self.topic = Bytes::from(String::from_utf8_lossy(&raw).into_owned());
+                self.raw_topic = Some(raw);
+            }
+        }
+    }
+
+    /// routemq-bridge patch (PATCHED.md, Change 6): the topic as received (what topic
+    /// aliases map to).
+    pub(crate) fn received_topic(&self) -> &Bytes {
+        self.raw_topic.as_ref().unwrap_or(&self.topic)
     }
 
     pub fn size(&self) -> usize {
@@ -77,15 +116,22 @@ impl Publish {
         }
 
         let properties = PublishProperties::read(&mut bytes)?;
-        let publish = Publish {
+        let mut publish = Publish {
             dup,
             retain,
             qos,
             pkid,
-            topic,
+            topic: Bytes::new(),
             payload: bytes,
             properties,
+            oversized: None,
+            raw_topic: None,
         };
+        // routemq-bridge patch (PATCHED.md, Change 6): upstream's v5 `topic` is bytes, never
+        // checked, so a topic that is not UTF-8 reached the application as it came. It is
+        // now always UTF-8 (decoded lossily), the bytes received in `raw_topic`, as the
+        // 3.1.1 `Publish` has it.
+        publish.set_received_topic(topic);
 
         Ok(publish)
     }
@@ -120,6 +166,18 @@ impl Publish {
 
         Ok(1 + count + len)
     }
+}
+
+/// routemq-bridge patch (PATCHED.md, Change 6): a string property of an incoming PUBLISH
+/// (content type, response topic, user property) that is not UTF-8 is decoded lossily
+/// (U+FFFD for each invalid sequence). Upstream failed the packet (`Error::TopicNotUtf8`),
+/// which ends the connection, and the broker redelivers it first after every reconnect.
+fn read_lossy_string(stream: &mut Bytes) -> Result<String, Error> {
+    let raw = read_mqtt_bytes(stream)?;
+    Ok(match String::from_utf8(raw.to_vec()) {
+        Ok(s) => s,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -209,7 +267,7 @@ impl PublishProperties {
                     cursor += 2;
                 }
                 PropertyType::ResponseTopic => {
-                    let topic = read_mqtt_string(bytes)?;
+                    let topic = read_lossy_string(bytes)?;
                     cursor += 2 + topic.len();
                     response_topic = Some(topic);
                 }
@@ -219,8 +277,8 @@ impl PublishProperties {
                     correlation_data = Some(data);
                 }
                 PropertyType::UserProperty => {
-                    let key = read_mqtt_string(bytes)?;
-                    let value = read_mqtt_string(bytes)?;
+                    let key = read_lossy_string(bytes)?;
+                    let value = read_lossy_string(bytes)?;
                     cursor += 2 + key.len() + 2 + value.len();
                     user_properties.push((key, value));
                 }
@@ -231,7 +289,7 @@ impl PublishProperties {
                     subscription_identifiers.push(id);
                 }
                 PropertyType::ContentType => {
-                    let typ = read_mqtt_string(bytes)?;
+                    let typ = read_lossy_string(bytes)?;
                     cursor += 2 + typ.len();
                     content_type = Some(typ);
                 }
