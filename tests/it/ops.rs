@@ -282,7 +282,7 @@ key = "burst:{n}"
 }
 
 /// `promtool check metrics` on `text`; skipped loudly when promtool is not installed.
-fn promtool_check_metrics(text: &str) {
+pub(crate) fn promtool_check_metrics(text: &str) {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let child = Command::new("promtool")

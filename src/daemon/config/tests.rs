@@ -1177,3 +1177,63 @@ topic = "alerts/all"
     // One bridge alone republishes each message once.
     assert_eq!(compiled_warnings(rules), vec![]);
 }
+
+// --- [spool] (spec §6.2) --------------------------------------------------------------
+
+#[test]
+fn no_spool_section_means_no_spool() {
+    assert_eq!(load("", &[]).spool, None);
+}
+
+#[test]
+fn the_spool_defaults_to_the_state_directory_and_the_spec_values() {
+    let spool = load(
+        "[spool]\n",
+        &[("STATE_DIRECTORY", "/var/lib/routemq-bridge")],
+    )
+    .spool
+    .expect("a spool");
+    assert_eq!(spool.path, Path::new("/var/lib/routemq-bridge/spool.db"));
+    assert_eq!(spool.max_size, 256 * 1024 * 1024);
+    assert_eq!(spool.on_full, crate::spool::config::OnFull::Backpressure);
+    assert_eq!(spool.fsync, crate::spool::config::Fsync::Batch);
+    assert_eq!(spool.batch_window, Duration::from_millis(50));
+    assert_eq!(spool.after, Duration::from_secs(5));
+}
+
+#[test]
+fn spool_variables_override_the_file_and_can_turn_it_on() {
+    let spool = load(
+        "",
+        &[
+            ("ROUTEMQ_BRIDGE_SPOOL__PATH", "/data/spool.db"),
+            ("ROUTEMQ_BRIDGE_SPOOL__ON_FULL", "drop_oldest"),
+            ("ROUTEMQ_BRIDGE_SPOOL__MAX_SIZE", "1MiB"),
+            ("ROUTEMQ_BRIDGE_SPOOL__AFTER", "30s"),
+        ],
+    )
+    .spool
+    .expect("a spool from the environment alone");
+    assert_eq!(spool.path, Path::new("/data/spool.db"));
+    assert_eq!(spool.on_full, crate::spool::config::OnFull::DropOldest);
+    assert_eq!(spool.max_size, 1024 * 1024);
+    assert_eq!(spool.after, Duration::from_secs(30));
+}
+
+#[test]
+fn spool_errors_name_their_key_path() {
+    let (errors, _) = errors(
+        "[spool]\nmax_size = 100\nfsync = \"never\"\nbatch_window = \"0s\"\nwhat = 1\n",
+        &[],
+    );
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    for key in [
+        "spool.path",
+        "spool.max_size",
+        "spool.fsync",
+        "spool.batch_window",
+        "spool.what",
+    ] {
+        assert!(paths.contains(&key), "{key} in {paths:?}");
+    }
+}
