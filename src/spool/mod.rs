@@ -46,7 +46,12 @@
 //!   written before the replayed messages when Redis is back.
 //! - **Pacing.** The replay keeps at most [`replay::WINDOW`] messages in flight, each in its
 //!   topic's lane of a dispatcher of its own, so a drain is a bounded extra load on Redis
-//!   beside live traffic rather than a flood.
+//!   beside live traffic rather than a flood; and it gives way to live traffic: while a live
+//!   message is being written to Redis, it dispatches nothing new (bounded by
+//!   [`replay::GIVE_WAY`] per record, so a steady live stream slows the drain but cannot stop
+//!   it), and while live messages flow it pauses [`replay::PACE`] after each window's worth
+//!   of records, leaving the CPU (a gateway's is small) to them. Without live traffic it
+//!   drains at full speed.
 //! - **The store** is SQLite in WAL mode, see [`store`] (and docs/benchmarks.md for the
 //!   measurement that chose it).
 //!
@@ -59,8 +64,9 @@ pub mod store;
 
 use std::future::Future;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{watch, Notify};
 
@@ -93,6 +99,35 @@ pub struct Spool {
     /// Notified when a record is appended (the replay waits on it).
     appended: Arc<Notify>,
     spilling: watch::Receiver<bool>,
+    /// Live messages being written to Redis right now: the drain gives way to them.
+    live: AtomicUsize,
+    /// Notified when `live` drops to zero.
+    live_done: Notify,
+    /// When a live message was last written (ms since `opened`): while live traffic flows,
+    /// the drain paces itself.
+    last_live: AtomicU64,
+    opened: Instant,
+}
+
+/// Counts a live message in [`Spool::live`] while it is written.
+struct LiveGuard<'a>(&'a Spool);
+
+impl<'a> LiveGuard<'a> {
+    fn new(spool: &'a Spool) -> Self {
+        spool.live.fetch_add(1, Ordering::AcqRel);
+        spool
+            .last_live
+            .store(spool.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        LiveGuard(spool)
+    }
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        if self.0.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.live_done.notify_waiters();
+        }
+    }
 }
 
 /// What `/readyz` and `/metrics` read of the spool.
@@ -148,6 +183,10 @@ impl Spool {
             space,
             appended: Arc::new(Notify::new()),
             spilling,
+            live: AtomicUsize::new(0),
+            live_done: Notify::new(),
+            last_live: AtomicU64::new(0),
+            opened: Instant::now(),
         }))
     }
 
@@ -162,6 +201,12 @@ impl Spool {
     /// into the database.
     pub async fn close(&self) {
         self.store.close().await;
+    }
+
+    /// Whether live messages were written to Redis within `recent`.
+    fn live_recently(&self, recent: Duration) -> bool {
+        let last = self.last_live.load(Ordering::Relaxed);
+        last != 0 && self.opened.elapsed().as_millis() as u64 <= last + recent.as_millis() as u64
     }
 
     /// Whether a message on `topic` must go to the spool now: Redis cannot take it, or its
@@ -192,6 +237,7 @@ impl Spool {
             return self.append(engine, inbound).await;
         }
         let mut spilling = self.spilling.clone();
+        let _live = LiveGuard::new(self);
         let written = tokio::select! {
             biased;
             _ = engine.process_part(message, inbound.received, Part::Redis) => true,

@@ -25,7 +25,18 @@ use crate::router::dispatch::{Dispatcher, Handler, Ordered};
 use crate::router::engine::{Engine, Part};
 
 /// Records replayed at once, all topics together.
-pub const WINDOW: usize = 32;
+pub const WINDOW: usize = 8;
+
+/// How long the drain waits, at most, for live messages to be written before it dispatches
+/// its next record.
+pub const GIVE_WAY: Duration = Duration::from_millis(2);
+
+/// While live messages flow (one written within [`LIVE_RECENT`]), the drain pauses this
+/// long after each [`WINDOW`] records it dispatched.
+pub const PACE: Duration = Duration::from_millis(1);
+
+/// How recent a live message must be for the drain to pace itself.
+const LIVE_RECENT: Duration = Duration::from_millis(200);
 
 /// Records read from the file at a time.
 const READ_BATCH: usize = 256;
@@ -96,6 +107,7 @@ pub async fn run(
     let mut done: Vec<i64> = Vec::new();
     let mut cursor = 0i64;
     let mut draining = false;
+    let mut dispatched = 0usize;
     loop {
         // Wait for Redis and for work.
         let ready = async {
@@ -162,6 +174,11 @@ pub async fn run(
                 _ = crate::liveness::stopped(&mut stop) => break,
             };
             let Ok(permit) = permit else { break };
+            give_way(&spool).await;
+            dispatched += 1;
+            if dispatched % WINDOW == 0 && spool.live_recently(LIVE_RECENT) {
+                tokio::time::sleep(PACE).await;
+            }
             cursor = stored.id;
             lanes.dispatch(Replayed {
                 stored,
@@ -180,6 +197,19 @@ pub async fn run(
     lanes.drained().await;
     collect(&mut finished, &mut done);
     delete(&spool, &mut done).await;
+}
+
+/// Waits (at most [`GIVE_WAY`]) while live messages are being written.
+async fn give_way(spool: &Spool) {
+    if spool.live.load(std::sync::atomic::Ordering::Acquire) == 0 {
+        return;
+    }
+    let idle = spool.live_done.notified();
+    tokio::pin!(idle);
+    idle.as_mut().enable();
+    if spool.live.load(std::sync::atomic::Ordering::Acquire) > 0 {
+        let _ = tokio::time::timeout(GIVE_WAY, idle).await;
+    }
 }
 
 fn collect(finished: &mut mpsc::UnboundedReceiver<i64>, done: &mut Vec<i64>) {
