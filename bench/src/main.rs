@@ -82,6 +82,9 @@ struct Args {
     /// second, for `--live-seconds` each.
     #[arg(long, default_value_t = 1000)]
     spool_rate: u64,
+    /// The spool's `fsync` policy (`--parts spool`).
+    #[arg(long, default_value = "batch", value_parser = ["batch", "always"])]
+    spool_fsync: String,
     /// Where the JSON goes.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/out"))]
     out: PathBuf,

@@ -96,6 +96,8 @@ pub struct LiveRow {
 /// `--parts spool`: the spool's append and replay rates, and live latency during its drain.
 pub struct SpoolRow {
     pub messages: u64,
+    /// The spool's `fsync` policy.
+    pub fsync: String,
     pub append_s: f64,
     pub append_rate: f64,
     pub spool_file_bytes: u64,
@@ -382,10 +384,11 @@ impl Report {
         if let Some(sp) = &self.spool {
             let _ = writeln!(
                 s,
-                "\nspool (spec §6.2): {} messages appended in {:.1} s ({:.0} msg/s, file {:.1} MiB), \
+                "\nspool (spec §6.2, fsync = {:?}): {} messages appended in {:.1} s ({:.0} msg/s, file {:.1} MiB), \
                  replayed in {:.1} s ({:.0} msg/s)\n  live at {} msg/s on other topics: during \
                  the drain ({} messages) p50 {:.2} ms p99 {:.2} ms; after it p50 {:.2} ms p99 \
                  {:.2} ms",
+                sp.fsync,
                 sp.messages,
                 sp.append_s,
                 sp.append_rate,
@@ -481,6 +484,7 @@ impl Report {
             })).collect::<Vec<_>>(),
             "spool": self.spool.as_ref().map(|s| json!({
                 "messages": s.messages,
+                "fsync": s.fsync,
                 "append_s": s.append_s,
                 "append_rate_msg_s": s.append_rate,
                 "spool_file_bytes": s.spool_file_bytes,

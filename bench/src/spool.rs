@@ -94,8 +94,10 @@ format = "text"
 [spool]
 path = "{spool}"
 after = "1s"
+fsync = "{fsync}"
 {routes}"#,
                 mqtt = self.broker.port,
+                fsync = self.args.spool_fsync,
                 spool = self.dir.path().join("spool.db").display(),
                 routes = RouteKind::OneSet.route_toml("sliding_window", false),
             ),
@@ -206,6 +208,7 @@ after = "1s"
         let drain_s = drain_end.duration_since(drain_start).as_secs_f64();
         Ok(SpoolRow {
             messages: n,
+            fsync: self.args.spool_fsync.clone(),
             append_s,
             append_rate: n as f64 / append_s,
             spool_file_bytes,
