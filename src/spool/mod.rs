@@ -334,6 +334,7 @@ async fn watch_redis(
     path: std::path::PathBuf,
     spilling: watch::Sender<bool>,
 ) {
+    let _lifeline = crate::liveness::Lifeline::new("spool watch");
     let unwritable =
         |s: &ConnectionState| matches!(s, ConnectionState::Down | ConnectionState::Refusing);
     loop {

@@ -99,6 +99,9 @@ pub async fn run(
     mut redis: watch::Receiver<ConnectionState>,
     mut stop: watch::Receiver<bool>,
 ) {
+    // The drain moves messages: its death by a panic stops the daemon (exit 1), rather than
+    // leaving the spool to fill for ever.
+    let _lifeline = crate::liveness::Lifeline::new("spool drain");
     let lanes = Dispatcher::new(Arc::new(Replayer {
         engine: engine.clone(),
     }));

@@ -693,6 +693,7 @@ struct Worker {
 
 impl Worker {
     fn run(mut self) {
+        let _lifeline = crate::liveness::Lifeline::new("spool store");
         loop {
             let first = match self.sync_due {
                 Some(due) => match self
@@ -1097,25 +1098,55 @@ mod tests {
                 lock(&ledger).add(&r.topic, r.size());
                 store.append(r).await.unwrap();
             }
+            // A clean stop: the WAL is folded into the file and closed.
+            store.close().await;
+            assert!(!dir.path().join("spool.db-wal").exists());
         }
-        // The thread ends when the handle is gone; a fresh open waits for its lock.
         let ledger = SharedLedger::default();
-        let mut opened = None;
-        for _ in 0..100 {
-            if let Ok(store) = Store::open(
-                &config(dir.path(), Fsync::Always),
-                ledger.clone(),
-                Arc::default(),
-            ) {
-                opened = Some(store);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let store = opened.expect("reopened");
+        let store = Store::open(
+            &config(dir.path(), Fsync::Always),
+            ledger.clone(),
+            Arc::default(),
+        )
+        .expect("reopened");
         assert_eq!(lock(&ledger).messages, 5);
         assert_eq!(lock(&ledger).topics.get("t"), Some(&5));
         assert_eq!(store.read(0, 10).await.unwrap().len(), 5);
+    }
+
+    /// A real WAL of three commits, copied while its connection still holds it.
+    fn real_wal(dir: &Path) -> Vec<u8> {
+        let conn = connect(&dir.join("w.db"), Fsync::Always).unwrap();
+        conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+        for n in 0..3 {
+            conn.execute(
+                "INSERT INTO messages (topic, payload, qos, received_ms) VALUES ('t', ?1, 1, 0)",
+                [vec![n as u8; 100]],
+            )
+            .unwrap();
+        }
+        std::fs::read(dir.join("w.db-wal")).unwrap()
+    }
+
+    #[test]
+    fn an_intact_wal_passes_and_a_garbled_or_torn_last_frame_is_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = real_wal(dir.path());
+        let copy = dir.path().join("copy-wal");
+        std::fs::write(&copy, &wal).unwrap();
+        assert_eq!(check_wal(&copy).unwrap(), None, "an intact WAL");
+
+        let mut garbled = wal.clone();
+        let at = garbled.len() - 50;
+        garbled[at] ^= 0xff;
+        std::fs::write(&copy, &garbled).unwrap();
+        let damage = check_wal(&copy).unwrap().expect("found");
+        assert_eq!(damage.kind, "a garbled frame");
+        assert!(damage.valid_len < wal.len() as u64 && damage.valid_len > 32);
+
+        std::fs::write(&copy, &wal[..wal.len() - 10]).unwrap();
+        let damage = check_wal(&copy).unwrap().expect("found");
+        assert_eq!(damage.kind, "a frame cut short (a torn write)");
     }
 
     #[test]
