@@ -220,6 +220,32 @@ impl Client {
         }
     }
 
+    /// Queues a SUBSCRIBE without waiting (fails when the request channel is full).
+    pub fn try_subscribe_many(&self, filters: Vec<Filter>) -> Result<(), RequestError> {
+        match self {
+            Client::V4(client) => client
+                .try_subscribe_many(
+                    filters
+                        .into_iter()
+                        .map(|f| rumqttc::SubscribeFilter::new(f.path, qos4(f.qos))),
+                )
+                .map_err(|e| match e {
+                    rumqttc::ClientError::TryRequest(_) => RequestError::Full,
+                    e => RequestError::Refused(e.to_string()),
+                }),
+            Client::V5(client) => client
+                .try_subscribe_many(
+                    filters
+                        .into_iter()
+                        .map(|f| packets5::Filter::new(f.path, qos5(f.qos))),
+                )
+                .map_err(|e| match e {
+                    five::ClientError::TryRequest(_) => RequestError::Full,
+                    e => RequestError::Refused(e.to_string()),
+                }),
+        }
+    }
+
     pub async fn unsubscribe(&self, path: String) -> Result<(), String> {
         match self {
             Client::V4(client) => client.unsubscribe(path).await.map_err(|e| e.to_string()),
