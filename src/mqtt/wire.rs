@@ -293,11 +293,9 @@ impl EventLoop {
                 el.state.collision.is_none() && el.state.inflight() < el.mqtt_options.inflight()
             }
             EventLoop::V5(el) => {
+                // The broker's Receive Maximum or our upper limit, whichever is smaller.
                 el.state.collision.is_none()
-                    && el.state.inflight()
-                        < el.options
-                            .get_outgoing_inflight_upper_limit()
-                            .unwrap_or(u16::MAX)
+                    && el.state.inflight() < el.state.max_outgoing_inflight()
             }
         }
     }
