@@ -63,6 +63,76 @@ impl Properties {
         *self == Properties::default()
     }
 
+    /// The properties as bytes for storage (the spool): compact JSON, the correlation data
+    /// in base64. [`Properties::decode`] reads it back.
+    pub fn encode(&self) -> Vec<u8> {
+        use base64::Engine as _;
+        let mut map = serde_json::Map::new();
+        let mut put = |key: &str, value: serde_json::Value| {
+            map.insert(key.to_string(), value);
+        };
+        if let Some(v) = &self.content_type {
+            put("content_type", v.as_str().into());
+        }
+        if let Some(v) = &self.response_topic {
+            put("response_topic", v.as_str().into());
+        }
+        if let Some(v) = &self.correlation_data {
+            put(
+                "correlation_data",
+                base64::engine::general_purpose::STANDARD.encode(v).into(),
+            );
+        }
+        if !self.user.is_empty() {
+            let pairs: Vec<serde_json::Value> = self
+                .user
+                .iter()
+                .map(|(k, v)| serde_json::json!([k, v]))
+                .collect();
+            put("user", pairs.into());
+        }
+        if let Some(v) = self.message_expiry {
+            put("message_expiry", v.into());
+        }
+        serde_json::Value::Object(map).to_string().into_bytes()
+    }
+
+    /// What [`Properties::encode`] wrote; `None` when `bytes` is not that.
+    pub fn decode(bytes: &[u8]) -> Option<Properties> {
+        use base64::Engine as _;
+        let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let map = value.as_object()?;
+        let text = |key: &str| map.get(key).and_then(|v| v.as_str()).map(str::to_string);
+        let correlation_data = match map.get("correlation_data") {
+            Some(v) => Some(Bytes::from(
+                base64::engine::general_purpose::STANDARD
+                    .decode(v.as_str()?)
+                    .ok()?,
+            )),
+            None => None,
+        };
+        let mut user = Vec::new();
+        if let Some(pairs) = map.get("user") {
+            for pair in pairs.as_array()? {
+                match pair.as_array()?.as_slice() {
+                    [k, v] => user.push((k.as_str()?.to_string(), v.as_str()?.to_string())),
+                    _ => return None,
+                }
+            }
+        }
+        let message_expiry = match map.get("message_expiry") {
+            Some(v) => Some(u32::try_from(v.as_u64()?).ok()?),
+            None => None,
+        };
+        Some(Properties {
+            content_type: text("content_type"),
+            response_topic: text("response_topic"),
+            correlation_data,
+            user,
+            message_expiry,
+        })
+    }
+
     /// The first user property called `name`.
     pub fn user(&self, name: &str) -> Option<&str> {
         self.user
@@ -88,6 +158,24 @@ mod tests {
             ..Message::default()
         };
         assert_eq!(with.expires(now), Some(now + Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn properties_read_back_what_was_stored() {
+        let p = Properties {
+            content_type: Some("application/json".into()),
+            response_topic: Some("r/1".into()),
+            correlation_data: Some(Bytes::from_static(b"\x00\xffid")),
+            user: vec![("a".into(), "1".into()), ("a".into(), "2".into())],
+            message_expiry: Some(30),
+        };
+        assert_eq!(Properties::decode(&p.encode()), Some(p));
+        assert_eq!(
+            Properties::decode(&Properties::default().encode()),
+            Some(Properties::default())
+        );
+        assert_eq!(Properties::decode(b"not json"), None);
+        assert_eq!(Properties::decode(br#"{"user":[["only one"]]}"#), None);
     }
 
     #[test]

@@ -272,6 +272,21 @@ impl RunningDaemon {
         tracing::info!(path = %self.path.display(), "SIGHUP: reloading the configuration");
         match BridgeConfig::compile(&self.path, &crate::config::process_env()) {
             Err(errors) => events::config_reload_rejected(&self.path, &errors),
+            // Routes and rules are compiled for the new file's protocol; the connections
+            // keep the one they were opened with: a reload cannot mix them (MQTT 5 keys on
+            // a 3.1.1 connection would be dropped silently, `{user.*}` never found).
+            Ok((new, _)) if new.mqtt.protocol != self.config.mqtt.protocol => {
+                let error = crate::config::ConfigError::new(
+                    self.path.display().to_string(),
+                    "mqtt.protocol",
+                    "changing the MQTT protocol needs a restart; the running configuration \
+                     is kept",
+                );
+                events::config_reload_rejected(
+                    &self.path,
+                    &crate::config::ConfigErrors::new(vec![error]),
+                );
+            }
             Ok((new, routes)) => {
                 // A publishing route needs the outgoing connection: open it first, and keep
                 // the running config if it cannot be (its forwards would all fail).

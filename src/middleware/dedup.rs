@@ -394,6 +394,24 @@ impl DedupRule {
 }
 
 impl DedupClaim {
+    /// Whether the key holds this message's own done mark: an attempt whose reply was lost
+    /// was applied. Asked when the message expired while its write waited, before the
+    /// claim is given back.
+    async fn found_written(&self, env: &Env<'_>) -> bool {
+        let mut get = ::redis::cmd("GET");
+        get.arg(&self.key);
+        let current = env
+            .until_redis(|| env.redis.query::<Option<String>>(&get))
+            .await;
+        matches!(
+            current
+                .ok()
+                .flatten()
+                .and_then(|c| self.marks.judge_done(&c)),
+            Some(Claim::Written)
+        )
+    }
+
     /// The stage: claims the key (unless `claimed` already, with the rate-limit check) and
     /// writes the transaction with the done mark. `duplicate` when another message's write is
     /// there. A retry after Redis trouble claims again, which finds our own lease if it is
@@ -432,8 +450,13 @@ impl DedupClaim {
             Ok(Claim::Duplicate) => Err(Outcome::Duplicate),
             Ok(Claim::Ours | Claim::Written) => Ok(()),
             Err(e) => {
+                let env = env.without_deadline();
+                if e == Error::DeadlinePassed && self.found_written(&env).await {
+                    // Expired while waiting, but an earlier attempt had landed (its reply
+                    // was lost): written, and its forwards go out (spec §6).
+                    return Ok(());
+                }
                 let released = env
-                    .without_deadline()
                     .until_redis(|| release(env.redis, &self.key, &self.marks))
                     .await;
                 if let Err(e) = released {

@@ -64,6 +64,10 @@ pub fn connect(
     }
 }
 
+/// Our unacknowledged outgoing publishes (forwards, republish) per connection under MQTT 5,
+/// as rumqttc's 3.1.1 default `inflight`.
+const OUTGOING_INFLIGHT: u16 = 100;
+
 /// rumqttc's request channel: acks, forwards and subscriptions queue here; generous so
 /// `try_ack` never finds it full in practice (the broker's in-flight window bounds what we
 /// hold).
@@ -120,6 +124,10 @@ fn options_v5(
         // unseen, while the codec skips it as it streams in and the bridge dead-letters it
         // (`payload_too_large`), as under 3.1.1 (vendor/rumqttc/PATCHED.md, Change 5).
         .set_default_max_incoming_size(max_packet)
+        // Our own unacknowledged publishes at most (the broker's Receive Maximum may allow
+        // fewer): 3.1.1's default window. Without it rumqttc's v5 state allocates 65,536
+        // slots (≈ 17 MB) per connection.
+        .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT)
         .set_max_request_batch(MAX_REQUEST_BATCH);
     if let Some((user, password)) = credentials(config) {
         options.set_credentials(user, password);

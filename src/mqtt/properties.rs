@@ -30,7 +30,7 @@ pub struct PropertyTemplates {
     /// A topic: its message-controlled values are checked as in any topic.
     response_topic: Option<Template>,
     /// Sent as the rendered text's bytes; exactly `{prop.correlation_data}` passes the
-    /// received bytes through unchanged.
+    /// received bytes through unchanged (and sends none when the message had none).
     correlation_data: Option<Template>,
 }
 
@@ -94,12 +94,11 @@ impl PropertyTemplates {
             correlation_data: match &self.correlation_data {
                 // Passed through as the bytes received, not their base64 text: a reply
                 // must carry the requester's correlation data unchanged.
-                Some(t) if t.source() == "{prop.correlation_data}" => ctx
-                    .properties
-                    .and_then(|p| p.correlation_data.clone())
-                    .map(Ok)
-                    .unwrap_or_else(|| t.render(ctx).map(bytes::Bytes::from))
-                    .map(Some)?,
+                // A request without correlation data gets a reply without it, rather than
+                // failing the route.
+                Some(t) if t.source() == "{prop.correlation_data}" => {
+                    ctx.properties.and_then(|p| p.correlation_data.clone())
+                }
                 Some(t) => Some(bytes::Bytes::from(t.render(ctx)?)),
                 None => None,
             },

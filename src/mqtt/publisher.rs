@@ -156,8 +156,10 @@ impl Tracker {
 /// id (2), properties (length ≤ 4 + each property) and payload.
 fn packet_size(topic: &str, payload: usize, properties: Option<&OutProperties>) -> usize {
     let string = |s: &Option<String>| s.as_ref().map_or(0, |s| 3 + s.len());
-    let properties = properties.map_or(0, |p| {
-        4 + string(&p.content_type)
+    // The property length (up to 4 bytes) is counted even without properties: MQTT 5 has
+    // it always, and over-counting by a few bytes only refuses a publish a little early.
+    let properties = 4 + properties.map_or(0, |p| {
+        string(&p.content_type)
             + string(&p.response_topic)
             + p.correlation_data.as_ref().map_or(0, |d| 3 + d.len())
             + p.message_expiry.map_or(0, |_| 5)

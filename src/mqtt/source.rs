@@ -55,7 +55,7 @@ use super::acks::{AckForwarder, AckSequencer, Ticket};
 use super::client::{connect, OptionsError};
 use super::config::MqttConfig;
 use super::publisher::{lock, MqttPublisher, Tracker};
-use super::wire::{Client, Event, EventLoop, Filter, Received};
+use super::wire::{Client, Event, EventLoop, Filter, Received, RequestError};
 use super::{MqttStatus, Subscription};
 use crate::backoff::Backoff;
 use crate::events;
@@ -231,11 +231,11 @@ struct Loop {
     client_id: String,
 }
 
-/// SUBSCRIBEs on their way, to name the filters a SUBACK refuses (spec §6.1). Queued under
-/// the lock in the request channel's order, so each `Outgoing::Subscribe` belongs to the
-/// oldest queued one.
+/// SUBSCRIBEs on their way, to name the filters a SUBACK refuses (spec §6.1). Each is
+/// queued to rumqttc under the same lock that records its filters, so the records are in
+/// the request channel's order and each `Outgoing::Subscribe` belongs to the oldest.
 #[derive(Clone, Default)]
-struct Subscribes(Arc<tokio::sync::Mutex<SubscribesState>>);
+struct Subscribes(Arc<Mutex<SubscribesState>>);
 
 #[derive(Default)]
 struct SubscribesState {
@@ -244,42 +244,48 @@ struct SubscribesState {
 }
 
 impl Subscribes {
-    /// Queues a SUBSCRIBE of `filters` on `client`, remembering their paths.
+    fn state(&self) -> std::sync::MutexGuard<'_, SubscribesState> {
+        lock(&self.0)
+    }
+
+    /// Queues a SUBSCRIBE of `filters` on `client`, remembering their paths. Never awaits
+    /// the client under the lock: a full request channel is tried again shortly.
     async fn send(&self, client: &Client, filters: Vec<Filter>) -> Result<(), String> {
-        let mut state = self.0.lock().await;
-        state
-            .queued
-            .push_back(filters.iter().map(|f| f.path.clone()).collect());
-        let sent = client.subscribe_many(filters).await;
-        if sent.is_err() {
-            state.queued.pop_back();
+        // rumqttc 3.1.1 also says "full" for filters it finds invalid: bounded, not for ever.
+        for _ in 0..500 {
+            {
+                let mut state = self.state();
+                match client.try_subscribe_many(filters.clone()) {
+                    Ok(()) => {
+                        state
+                            .queued
+                            .push_back(filters.iter().map(|f| f.path.clone()).collect());
+                        return Ok(());
+                    }
+                    Err(RequestError::Full) => {}
+                    Err(RequestError::Refused(why)) => return Err(why),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        sent
+        Err("the MQTT request queue stayed full (or rumqttc found a filter invalid)".into())
     }
 
     fn written(&self, pkid: u16) {
-        if let Ok(mut state) = self.0.try_lock() {
-            if let Some(paths) = state.queued.pop_front() {
-                state.written.insert(pkid, paths);
-            }
+        let mut state = self.state();
+        if let Some(paths) = state.queued.pop_front() {
+            state.written.insert(pkid, paths);
         }
     }
 
     /// The filters of the SUBSCRIBE answered by the SUBACK `pkid`.
     fn answered(&self, pkid: u16) -> Vec<String> {
-        self.0
-            .try_lock()
-            .ok()
-            .and_then(|mut state| state.written.remove(&pkid))
-            .unwrap_or_default()
+        self.state().written.remove(&pkid).unwrap_or_default()
     }
 
-    /// A new connection: what was queued and not written is gone with rumqttc's pending
-    /// requests or will be written again; forget the packet ids.
+    /// A new connection: forget the packet ids of the old one.
     fn reset(&self) {
-        if let Ok(mut state) = self.0.try_lock() {
-            state.written.clear();
-        }
+        self.state().written.clear();
     }
 }
 

@@ -147,12 +147,12 @@ impl Client {
             Client::V4(client) => {
                 let mut publish = rumqttc::Publish::new("", qos4(id.qos), Vec::new());
                 publish.pkid = id.pkid;
-                client.ack(&publish).await.map_err(|e| e.to_string())
+                client.ack(&publish).await.map_err(text)
             }
             Client::V5(client) => {
                 let mut publish = packets5::Publish::new("", qos5(id.qos), Vec::new(), None);
                 publish.pkid = id.pkid;
-                client.ack(&publish).await.map_err(|e| e.to_string())
+                client.ack(&publish).await.map_err(text)
             }
         }
     }
@@ -166,72 +166,86 @@ impl Client {
         payload: Vec<u8>,
         properties: Option<&OutProperties>,
     ) -> Result<(), RequestError> {
-        let refused = |e: String, full: bool| {
-            if full {
-                RequestError::Full
-            } else {
-                RequestError::Refused(e)
-            }
-        };
         match self {
             Client::V4(client) => client
                 .try_publish(topic, qos4(qos), retain, payload)
-                .map_err(|e| {
-                    let full = matches!(e, rumqttc::ClientError::TryRequest(_));
-                    refused(e.to_string(), full)
-                }),
-            Client::V5(client) => {
-                let result = match properties {
-                    Some(p) => client.try_publish_with_properties(
-                        topic,
-                        qos5(qos),
-                        retain,
-                        payload,
-                        publish_properties(p),
-                    ),
-                    None => client.try_publish(topic, qos5(qos), retain, payload),
-                };
-                result.map_err(|e| {
-                    let full = matches!(e, five::ClientError::TryRequest(_));
-                    refused(e.to_string(), full)
-                })
+                .map_err(request_error4),
+            Client::V5(client) => match properties {
+                Some(p) => client.try_publish_with_properties(
+                    topic,
+                    qos5(qos),
+                    retain,
+                    payload,
+                    publish_properties(p),
+                ),
+                None => client.try_publish(topic, qos5(qos), retain, payload),
             }
+            .map_err(request_error5),
         }
     }
 
     pub async fn subscribe_many(&self, filters: Vec<Filter>) -> Result<(), String> {
         match self {
+            Client::V4(client) => client.subscribe_many(filters4(filters)).await.map_err(text),
+            Client::V5(client) => client.subscribe_many(filters5(filters)).await.map_err(text),
+        }
+    }
+
+    /// Queues a SUBSCRIBE without waiting (fails when the request channel is full).
+    pub fn try_subscribe_many(&self, filters: Vec<Filter>) -> Result<(), RequestError> {
+        match self {
             Client::V4(client) => client
-                .subscribe_many(
-                    filters
-                        .into_iter()
-                        .map(|f| rumqttc::SubscribeFilter::new(f.path, qos4(f.qos))),
-                )
-                .await
-                .map_err(|e| e.to_string()),
+                .try_subscribe_many(filters4(filters))
+                .map_err(request_error4),
             Client::V5(client) => client
-                .subscribe_many(
-                    filters
-                        .into_iter()
-                        .map(|f| packets5::Filter::new(f.path, qos5(f.qos))),
-                )
-                .await
-                .map_err(|e| e.to_string()),
+                .try_subscribe_many(filters5(filters))
+                .map_err(request_error5),
         }
     }
 
     pub async fn unsubscribe(&self, path: String) -> Result<(), String> {
         match self {
-            Client::V4(client) => client.unsubscribe(path).await.map_err(|e| e.to_string()),
-            Client::V5(client) => client.unsubscribe(path).await.map_err(|e| e.to_string()),
+            Client::V4(client) => client.unsubscribe(path).await.map_err(text),
+            Client::V5(client) => client.unsubscribe(path).await.map_err(text),
         }
     }
 
     pub async fn disconnect(&self) -> Result<(), String> {
         match self {
-            Client::V4(client) => client.disconnect().await.map_err(|e| e.to_string()),
-            Client::V5(client) => client.disconnect().await.map_err(|e| e.to_string()),
+            Client::V4(client) => client.disconnect().await.map_err(text),
+            Client::V5(client) => client.disconnect().await.map_err(text),
         }
+    }
+}
+
+fn text(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn filters4(filters: Vec<Filter>) -> impl Iterator<Item = rumqttc::SubscribeFilter> {
+    filters
+        .into_iter()
+        .map(|f| rumqttc::SubscribeFilter::new(f.path, qos4(f.qos)))
+}
+
+fn filters5(filters: Vec<Filter>) -> impl Iterator<Item = packets5::Filter> {
+    filters
+        .into_iter()
+        .map(|f| packets5::Filter::new(f.path, qos5(f.qos)))
+}
+
+/// rumqttc says `TryRequest` when its request channel is full (or the loop is gone).
+fn request_error4(e: rumqttc::ClientError) -> RequestError {
+    match e {
+        rumqttc::ClientError::TryRequest(_) => RequestError::Full,
+        e => RequestError::Refused(e.to_string()),
+    }
+}
+
+fn request_error5(e: five::ClientError) -> RequestError {
+    match e {
+        five::ClientError::TryRequest(_) => RequestError::Full,
+        e => RequestError::Refused(e.to_string()),
     }
 }
 
@@ -279,11 +293,9 @@ impl EventLoop {
                 el.state.collision.is_none() && el.state.inflight() < el.mqtt_options.inflight()
             }
             EventLoop::V5(el) => {
+                // The broker's Receive Maximum or our upper limit, whichever is smaller.
                 el.state.collision.is_none()
-                    && el.state.inflight()
-                        < el.options
-                            .get_outgoing_inflight_upper_limit()
-                            .unwrap_or(u16::MAX)
+                    && el.state.inflight() < el.state.max_outgoing_inflight()
             }
         }
     }

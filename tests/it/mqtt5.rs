@@ -618,3 +618,116 @@ topic = "secret/{id}"
         "{metrics}"
     );
 }
+/// A dedup transaction that reached Redis but whose reply timed out after the message's
+/// expiry must not be dead-lettered as `expired` (it was written), its done
+/// mark must stay, and its forward must go out (spec §6: a write whose reply was lost and
+/// that turns out to have been applied counts as written). Failed before the deadline stopped counting after a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiring_dedup_write_whose_reply_timed_out_is_written_not_expired() {
+    let redis = Redis::start();
+    let broker = Mosquitto::start();
+    let proxy = crate::harness::FaultProxy::start(redis.port());
+    let config = v5_config(
+        &redis,
+        &broker,
+        "mqtt5-expiry-lost-reply",
+        r#"
+[[routes]]
+name = "tested"
+topic = "d/{id}"
+qos = 1
+payload = "text"
+dedup = { key = "dedup:{id}", ttl = "10m" }
+[[routes.actions]]
+op = "rpush"
+key = "list:{id}"
+[[routes.actions]]
+op = "mqtt_publish"
+topic = "out/{id}"
+"#,
+    )
+    .replace(&redis.url(), &proxy.redis_url());
+    let bridge = Bridge::start(&config);
+    let mut listener = Client5::connect(&broker, "lost-reply-listener").await;
+    listener.subscribe("out/#").await;
+    let mut client = Client5::connect(&broker, "lost-reply-publisher").await;
+    // The EXEC reaches Redis; its reply is held past socket_timeout (2 s), which is past
+    // the message's expiry (1 s).
+    proxy.stall_then_drop_after_request(b"EXEC", Duration::from_secs(3));
+    client
+        .publish(
+            "d/a",
+            "m1",
+            PublishProperties {
+                message_expiry_interval: Some(1),
+                ..Default::default()
+            },
+        )
+        .await;
+    let mut conn = redis.client().get_connection().expect("redis");
+    let applied = eventually(WAIT, || {
+        conn.llen::<_, i64>("list:a").ok().filter(|n| *n == 1)
+    })
+    .await;
+    assert_eq!(applied, Some(1), "the transaction reached Redis");
+    assert_eq!(proxy.fired(), 1, "the fault happened");
+    // The forward is the event that ends the message's handling when it is right.
+    let forwarded = tokio::time::timeout(Duration::from_secs(10), listener.next_message())
+        .await
+        .ok();
+    let record = dead_letters(&mut conn).into_iter().next();
+    let mark: Option<String> = conn.get("dedup:a").expect("GET");
+    assert!(
+        record.is_none() && mark.is_some() && forwarded.is_some(),
+        "written to Redis, yet dead letter {record:?}, dedup mark {mark:?}, forward {:?}; log:\n{}",
+        forwarded.map(|p| p.topic),
+        bridge.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_the_protocol_is_refused_and_the_running_routes_stay() {
+    let redis = Redis::start();
+    let broker = Mosquitto::start();
+    let route = r#"
+[[routes]]
+name = "plain"
+topic = "t/{id}"
+payload = "text"
+[[routes.actions]]
+op = "set"
+key = "plain:{id}"
+"#;
+    let base = Protocol::V311.config(&redis, &broker, "mqtt5-reload", route);
+    let bridge = Bridge::start(&base);
+    // Valid for MQTT 5, but the running connection speaks 3.1.1: `{user.tenant}` would
+    // never be found there.
+    let v5 = Protocol::V5
+        .apply(&base)
+        .replace("key = \"plain:{id}\"", "key = \"plain:{user.tenant}:{id}\"");
+    let offset = bridge.reload_with(&v5);
+    assert!(
+        bridge.wait_for_log_after(offset, "configuration reload refused", WAIT),
+        "reload refused:\n{}",
+        bridge.log_text()
+    );
+    assert!(
+        bridge.log_text()[offset..].contains("mqtt.protocol"),
+        "the key is named:\n{}",
+        bridge.log_text()
+    );
+    let mut client = Client5::connect(&broker, "mqtt5-reload-publisher").await;
+    client
+        .publish("t/a", "kept", PublishProperties::default())
+        .await;
+    let mut conn = redis.client().get_connection().expect("redis");
+    let written = eventually(WAIT, || {
+        conn.get::<_, Option<String>>("plain:a").ok().flatten()
+    })
+    .await;
+    assert_eq!(
+        written.as_deref(),
+        Some("kept"),
+        "the running route still works"
+    );
+}

@@ -45,6 +45,14 @@ impl Error {
         }
     }
 
+    /// True when the command was sent and may have been applied although no answer came
+    /// (it timed out). A lost connection is not counted: it is mostly Redis going away,
+    /// before or after the command, and cannot tell which; callers that must know (a dedup
+    /// claim) look for their own mark instead.
+    pub fn may_have_applied(&self) -> bool {
+        matches!(self, Error::Timeout)
+    }
+
     /// True when the same command may succeed later (connection trouble, a refusal), false
     /// when it never will (a Redis error reply such as `WRONGTYPE`, a script error, bad data).
     pub fn is_transient(&self) -> bool {

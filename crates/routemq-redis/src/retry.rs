@@ -47,22 +47,28 @@ where
     }
 }
 
-/// [`until_ready`] that gives up once `deadline` has passed: checked before every attempt,
-/// never cancelling one in flight (a write that was sent is not abandoned half-way, so
-/// [`Error::DeadlinePassed`] means the step was not sent again after the deadline). For
-/// work that is worthless late, such as a message with an expiry.
+/// [`until_ready`] that gives up once `deadline` has passed, for work that is worthless
+/// late (a message with an expiry): checked before every attempt, never cancelling one in
+/// flight, so [`Error::DeadlinePassed`] means nothing was sent after the deadline — and
+/// nothing before it may have been applied. Once an attempt ended in a way that may have
+/// applied it ([`Error::may_have_applied`]: it timed out), the deadline no longer counts: the step runs until it is settled, because giving up then
+/// would call "not done" what may be done (the caller's next attempt finds out, or does it
+/// again: at-least-once wins over the deadline).
 pub async fn until_ready_by<T, F, Fut>(
     deadline: Option<std::time::Instant>,
     mut step: F,
-    on_retry: impl FnMut(&Error),
+    mut on_retry: impl FnMut(&Error),
 ) -> Result<T, Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, Error>>,
 {
+    // Atomic rather than a `Cell`: the future must stay `Send` (it is awaited on a runtime).
+    let settling = std::sync::atomic::AtomicBool::new(false);
     until_ready(
         || {
-            let passed = deadline.is_some_and(|d| std::time::Instant::now() >= d);
+            let passed = !settling.load(std::sync::atomic::Ordering::Relaxed)
+                && deadline.is_some_and(|d| std::time::Instant::now() >= d);
             // Futures are lazy: an attempt made after the deadline is dropped unsent.
             let attempt = step();
             async move {
@@ -72,7 +78,12 @@ where
                 attempt.await
             }
         },
-        on_retry,
+        |e| {
+            if e.may_have_applied() {
+                settling.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            on_retry(e)
+        },
     )
     .await
 }
@@ -160,13 +171,36 @@ mod tests {
             Some(deadline),
             || {
                 attempts.set(attempts.get() + 1);
-                async { Err(Error::Timeout) }
+                async { Err(Error::Unavailable("not connected".into())) }
             },
             |_| std::thread::sleep(Duration::from_millis(60)),
         )
         .await;
         assert_eq!(result, Err(Error::DeadlinePassed));
         assert!((2..=5).contains(&attempts.get()), "{}", attempts.get());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_an_attempt_that_may_have_applied_the_deadline_no_longer_counts() {
+        let attempts = Cell::new(0);
+        let deadline = std::time::Instant::now() + Duration::from_millis(100);
+        let result = until_ready_by(
+            Some(deadline),
+            || {
+                attempts.set(attempts.get() + 1);
+                let n = attempts.get();
+                async move {
+                    match n {
+                        1 => Err(Error::Timeout),
+                        2..=3 => Err(Error::Unavailable("not connected".into())),
+                        _ => Ok(n),
+                    }
+                }
+            },
+            |_| std::thread::sleep(Duration::from_millis(60)),
+        )
+        .await;
+        assert_eq!(result, Ok(4), "settled, not abandoned at the deadline");
     }
 
     #[tokio::test(start_paused = true)]

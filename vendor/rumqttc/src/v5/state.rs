@@ -171,6 +171,13 @@ impl MqttState {
         self.inflight
     }
 
+    /// routemq-bridge patch (PATCHED.md, "v5: the outgoing window, readable"): how many
+    /// QoS 1/2 publishes may be in flight now — the broker's Receive Maximum or our upper
+    /// limit, whichever is smaller.
+    pub fn max_outgoing_inflight(&self) -> u16 {
+        self.max_outgoing_inflight
+    }
+
     /// Consolidates handling of all outgoing mqtt packet logic. Returns a packet which should
     /// be put on to the network by the eventloop
     pub fn handle_outgoing_packet(
