@@ -52,6 +52,10 @@
 //!   it), and while live messages flow it pauses [`replay::PACE`] after each window's worth
 //!   of records, leaving the CPU (a gateway's is small) to them. Without live traffic it
 //!   drains at full speed.
+//! - **MQTT 5.** A record keeps the message's properties (`props`, as
+//!   `message::Properties::encode` writes them), so templates read them at replay; the
+//!   Message Expiry Interval is reduced by the time spent in the spool, in wall-clock time
+//!   (the spool outlives the process), so a message that expired there ends `expired`.
 //! - **The store** is SQLite in WAL mode, see [`store`] (and docs/benchmarks.md for the
 //!   measurement that chose it).
 //!
@@ -259,6 +263,11 @@ impl Spool {
             payload: message.payload.to_vec(),
             qos: message.qos,
             received_ms: unix_ms(),
+            props: message
+                .properties
+                .as_deref()
+                .filter(|p| !p.is_empty())
+                .map(|p| p.encode()),
         };
         let size = record.size();
         loop {

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use super::store::{lock, Stored};
 use super::Spool;
 use crate::events;
-use crate::message::Message;
+use crate::message::{Message, Properties};
 use crate::outcome::Reason;
 use crate::redis::ConnectionState;
 use crate::router::dispatch::{Dispatcher, Handler, Ordered};
@@ -72,13 +72,12 @@ struct Replayer {
 impl Handler<Replayed> for Replayer {
     async fn handle(&self, message: Replayed) {
         let record = &message.stored.record;
-        // Acked when it was spooled: no ack ticket of its own. Properties are not kept
-        // yet (the `props` column is NULL).
+        // Acked when it was spooled: no ack ticket of its own.
         let replayed = Message {
             topic: record.topic.clone(),
             payload: record.payload.clone().into(),
             qos: record.qos,
-            properties: None,
+            properties: properties(record),
         };
         let matched = self
             .engine
@@ -90,6 +89,20 @@ impl Handler<Replayed> for Replayer {
         events::spool_replayed(1);
         let _ = message.finished.send(message.stored.id);
     }
+}
+
+/// A spooled record's MQTT 5 properties, its Message Expiry Interval reduced by the time it
+/// spent in the spool — as a broker does with what it held — so a message that expired
+/// while spooled ends `invalid` (`expired`) at replay instead of being written late (spec
+/// §6.1). Counted in wall-clock time: the spool outlives the process, and a reboot.
+fn properties(record: &super::store::Record) -> Option<Box<Properties>> {
+    let mut properties = Properties::decode(record.props.as_deref()?)?;
+    if let Some(expiry) = properties.message_expiry {
+        let spooled_s = (super::unix_ms() - record.received_ms).max(0) / 1000;
+        let left = i64::from(expiry) - spooled_s;
+        properties.message_expiry = Some(u32::try_from(left.max(0)).unwrap_or(0));
+    }
+    Some(Box::new(properties))
 }
 
 /// Drains the spool whenever Redis is up and it holds something, until `stop`.

@@ -60,12 +60,17 @@ pub struct Record {
     pub qos: u8,
     /// When the bridge received it (unix ms).
     pub received_ms: i64,
+    /// MQTT 5 properties, as `message::Properties::encode` writes them (`None`: none).
+    pub props: Option<Vec<u8>>,
 }
 
 impl Record {
     /// What it counts for in `max_size` and `spool_bytes`.
     pub fn size(&self) -> u64 {
-        size_of(self.topic.len(), self.payload.len())
+        size_of(
+            self.topic.len(),
+            self.payload.len() + self.props.as_ref().map_or(0, Vec::len),
+        )
     }
 }
 
@@ -530,7 +535,7 @@ fn sidecar(path: &Path, suffix: &str) -> PathBuf {
 
 fn load_ledger(conn: &Connection, ledger: &mut Ledger) -> rusqlite::Result<()> {
     let mut stmt = conn.prepare(
-        "SELECT topic, COUNT(*), SUM(length(CAST(topic AS BLOB)) + length(payload)) FROM messages GROUP BY topic",
+        "SELECT topic, COUNT(*), SUM(length(CAST(topic AS BLOB)) + length(payload) + IFNULL(length(props), 0)) FROM messages GROUP BY topic",
     )?;
     let rows = stmt.query_map([], |r| {
         Ok((
@@ -785,13 +790,14 @@ impl Worker {
                         }
                         tx.prepare_cached(
                             "INSERT INTO messages (topic, payload, qos, received_ms, props) \
-                             VALUES (?1, ?2, ?3, ?4, NULL)",
+                             VALUES (?1, ?2, ?3, ?4, ?5)",
                         )?
                         .execute(params![
                             record.topic,
                             record.payload,
                             record.qos,
-                            record.received_ms
+                            record.received_ms,
+                            record.props
                         ])?;
                         appends.push(reply);
                     }
@@ -800,7 +806,7 @@ impl Worker {
                         {
                             let mut stmt = tx.prepare_cached(
                                 "DELETE FROM messages WHERE id = ?1 RETURNING topic, \
-                                 length(CAST(topic AS BLOB)), length(payload)",
+                                 length(CAST(topic AS BLOB)), length(payload) + IFNULL(length(props), 0)",
                             )?;
                             for id in ids {
                                 let mut rows = stmt.query([id])?;
@@ -917,7 +923,7 @@ impl Worker {
 
 fn read_records(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<Stored>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, topic, payload, qos, received_ms FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
+        "SELECT id, topic, payload, qos, received_ms, props FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
     let rows = stmt.query_map(params![after, limit as i64], |r| {
         Ok(Stored {
@@ -927,6 +933,7 @@ fn read_records(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result
                 payload: r.get(2)?,
                 qos: r.get::<_, i64>(3)?.clamp(0, 2) as u8,
                 received_ms: r.get(4)?,
+                props: r.get(5)?,
             },
         })
     })?;
@@ -989,7 +996,7 @@ fn drop_oldest(
     let mut chosen = Vec::new();
     {
         let mut stmt = tx.prepare_cached(
-            "SELECT id, topic, received_ms, length(CAST(topic AS BLOB)), length(payload) \
+            "SELECT id, topic, received_ms, length(CAST(topic AS BLOB)), length(payload) + IFNULL(length(props), 0) \
              FROM messages WHERE id > ?1 ORDER BY id LIMIT 256",
         )?;
         let mut rows = stmt.query([cursor.max(drops.last_id)])?;
@@ -1046,6 +1053,7 @@ mod tests {
             payload: format!("{{\"n\":{n}}}").into_bytes(),
             qos: 1,
             received_ms: 1,
+            props: None,
         }
     }
 

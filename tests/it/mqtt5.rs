@@ -731,3 +731,100 @@ key = "plain:{id}"
         "the running route still works"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_survive_the_spool_and_expiry_counts_the_time_spooled() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = Mosquitto::start();
+    let bridge = Bridge::start(&v5_config(
+        &redis,
+        &broker,
+        "mqtt5-spool",
+        &format!(
+            r#"
+[spool]
+path = "{}"
+after = "1s"
+
+[[routes]]
+name = "meta"
+topic = "sensors/{{id}}/data"
+[[routes.actions]]
+op = "hset"
+key = "meta:{{user.tenant}}:{{id}}"
+fields = {{ ct = "{{prop.content_type}}" }}
+
+[[routes]]
+name = "honours"
+topic = "expiring/{{id}}"
+payload = "text"
+[[routes.actions]]
+op = "set"
+key = "honoured:{{id}}"
+"#,
+            dir.path().join("spool.db").display()
+        ),
+    ));
+    let addr = http_addr(&bridge);
+    redis.stop();
+    crate::spool::spilling(addr).await;
+    let mut client = Client5::connect(&broker, "mqtt5-spool-publisher").await;
+    let published = std::time::Instant::now();
+    client
+        .publish(
+            "sensors/d1/data",
+            r#"{"t":1}"#,
+            PublishProperties {
+                content_type: Some("application/json".into()),
+                user_properties: user(&[("tenant", "acme")]),
+                ..Default::default()
+            },
+        )
+        .await;
+    for (id, expiry) in [("e1", 1), ("e2", 600)] {
+        client
+            .publish(
+                &format!("expiring/{id}"),
+                id,
+                PublishProperties {
+                    message_expiry_interval: Some(expiry),
+                    ..Default::default()
+                },
+            )
+            .await;
+    }
+    crate::spool::spooled(addr, 3).await;
+    // The time spooled must outlast e1's expiry: that is the condition under test, not a
+    // wait for an event.
+    tokio::time::sleep(Duration::from_millis(2100).saturating_sub(published.elapsed())).await;
+    redis.start_again();
+
+    let mut conn = redis.client().get_connection().expect("redis");
+    let hash = eventually(WAIT, || {
+        let h: std::collections::HashMap<String, String> =
+            conn.hgetall("meta:acme:d1").unwrap_or_default();
+        (!h.is_empty()).then_some(h)
+    })
+    .await
+    .unwrap_or_else(|| panic!("meta:acme:d1 not written; log:\n{}", bridge.log_text()));
+    assert_eq!(
+        hash["ct"], "application/json",
+        "properties kept in the spool"
+    );
+    let e2 = eventually(WAIT, || {
+        conn.get::<_, Option<String>>("honoured:e2").ok().flatten()
+    })
+    .await;
+    assert_eq!(e2.as_deref(), Some("e2"), "not expired: written");
+    let record = eventually(WAIT, || dead_letters(&mut conn).into_iter().next())
+        .await
+        .unwrap_or_else(|| panic!("no dead letter; log:\n{}", bridge.log_text()));
+    assert_eq!(record["reason"], "expired", "{record}");
+    assert_eq!(record["topic"], "expiring/e1", "{record}");
+    assert_eq!(
+        conn.get::<_, Option<String>>("honoured:e1").expect("get"),
+        None,
+        "expired while spooled: not written"
+    );
+}

@@ -93,7 +93,7 @@ const INFLIGHT: &str = "routemq_bridge_inflight_messages";
 
 /// Waits until the spool holds `n` messages and nothing is in flight (every one of them
 /// committed and acked).
-async fn spooled(addr: SocketAddr, n: usize) {
+pub(crate) async fn spooled(addr: SocketAddr, n: usize) {
     metrics_until(addr, &format!("{n} spooled and acked"), |m| {
         sample(m, SPOOL_MESSAGES) == Some(n as f64) && sample(m, INFLIGHT) == Some(0.0)
     })
@@ -133,7 +133,7 @@ async fn all_written_once_in_order(redis: &Redis, topics: usize, per_topic: usiz
 }
 
 /// Waits until `/readyz` says the spool takes what Redis cannot; its body.
-async fn spilling(addr: SocketAddr) -> String {
+pub(crate) async fn spilling(addr: SocketAddr) -> String {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let (code, body) = get(addr, "/readyz").await;
