@@ -195,6 +195,14 @@ impl EventLoop {
         self.keepalive_timeout = None;
         self.ping_check = None;
         self.pending.extend(self.state.clean());
+        // routemq-bridge patch (PATCHED.md, Change 8): publishes read from the connection
+        // that just failed (a read batch ending in EOF or a bad packet) would otherwise
+        // come out after the next ConnAck, as if the new connection had delivered them,
+        // and be acked there by packet id — where that id may name another message. Not
+        // acked, they come again from the broker (or are gone with its session).
+        self.state
+            .events
+            .retain(|event| !matches!(event, Event::Incoming(Incoming::Publish(_))));
 
         // drain requests from channel which weren't yet received
         let mut requests_in_channel: Vec<_> = self.requests_rx.drain().collect();
@@ -727,5 +735,32 @@ mod ping_check_tests {
         assert!(!check(Some(full)).overdue(true, true, 100, Some(full), BUFFER));
         // No socket to ask: no verdict.
         assert!(!check(None).overdue(true, true, 100, None, None));
+    }
+}
+
+#[cfg(test)]
+mod clean_tests {
+    use super::*;
+
+    /// routemq-bridge patch (PATCHED.md, Change 8).
+    #[test]
+    fn clean_drops_the_publishes_read_from_the_failed_connection_and_keeps_the_rest() {
+        let mut eventloop = EventLoop::new(MqttOptions::new("clean", "localhost", 1883), 10);
+        let events = &mut eventloop.state.events;
+        events.push_back(Event::Incoming(Packet::Publish(Publish::new(
+            "t",
+            crate::QoS::AtLeastOnce,
+            "stale",
+        ))));
+        events.push_back(Event::Incoming(Packet::PubAck(PubAck::new(3))));
+        events.push_back(Event::Outgoing(Outgoing::Publish(4)));
+        eventloop.clean();
+        assert_eq!(
+            eventloop.state.events.iter().cloned().collect::<Vec<_>>(),
+            vec![
+                Event::Incoming(Packet::PubAck(PubAck::new(3))),
+                Event::Outgoing(Outgoing::Publish(4)),
+            ]
+        );
     }
 }
