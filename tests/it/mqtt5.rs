@@ -117,6 +117,19 @@ fn dead_letters(conn: &mut redis::Connection) -> Vec<Value> {
         .collect()
 }
 
+/// The first dead-letter record, once there is one.
+async fn first_dead_letter(conn: &mut redis::Connection, bridge: &Bridge) -> Value {
+    eventually(WAIT, || dead_letters(conn).into_iter().next())
+        .await
+        .unwrap_or_else(|| panic!("no dead letter; log:\n{}", bridge.log_text()))
+}
+
+/// Asserts that `/metrics` holds the sample `line` (series and value).
+async fn assert_metric(addr: std::net::SocketAddr, line: &str) {
+    let metrics = crate::ops::get(addr, "/metrics").await.1;
+    assert!(metrics.contains(line), "no {line:?} in:\n{metrics}");
+}
+
 fn user(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
         .iter()
@@ -183,9 +196,7 @@ fields = { ct = "{prop.content_type}", tenant = "{user.tenant}", reply = "{prop.
     assert_eq!(hash["reply"], "replies/d1");
     assert_eq!(hash["corr"], "YWJj", "correlation data in base64");
 
-    let record = eventually(WAIT, || dead_letters(&mut conn).into_iter().next())
-        .await
-        .unwrap_or_else(|| panic!("no dead letter; log:\n{}", bridge.log_text()));
+    let record = first_dead_letter(&mut conn, &bridge).await;
     assert_eq!(record["reason"], "invalid_param", "{record}");
     assert_eq!(record["topic"], "sensors/d2/data", "{record}");
     assert!(
@@ -262,9 +273,7 @@ key = "ignored:{id}"
         Some("stale soon"),
         "honor_expiry = false writes it late"
     );
-    let record = eventually(WAIT, || dead_letters(&mut conn).into_iter().next())
-        .await
-        .unwrap_or_else(|| panic!("no dead letter; log:\n{}", bridge.log_text()));
+    let record = first_dead_letter(&mut conn, &bridge).await;
     assert_eq!(record["reason"], "expired", "{record}");
     assert_eq!(record["route"], "honours", "{record}");
     assert_eq!(
@@ -272,11 +281,11 @@ key = "ignored:{id}"
         None,
         "an expired message is not written"
     );
-    let metrics = crate::ops::get(addr, "/metrics").await.1;
-    assert!(
-        metrics.contains(r#"routemq_bridge_messages_total{route="honours",outcome="invalid"} 1"#),
-        "{metrics}"
-    );
+    assert_metric(
+        addr,
+        r#"routemq_bridge_messages_total{route="honours",outcome="invalid"} 1"#,
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -494,13 +503,11 @@ key = "secret:{id}"
     })
     .await;
     assert_eq!(written.as_deref(), Some("fine"), "the other route runs");
-    let metrics = crate::ops::get(addr, "/metrics").await.1;
-    assert!(
-        metrics.contains(&format!(
-            r#"routemq_bridge_mqtt_reason_codes_total{{packet="suback",code="{code}"}} 1"#
-        )),
-        "{metrics}"
-    );
+    assert_metric(
+        addr,
+        &format!(r#"routemq_bridge_mqtt_reason_codes_total{{packet="suback",code="{code}"}} 1"#),
+    )
+    .await;
 }
 
 crate::bridge::under_both_protocols!(
@@ -544,9 +551,7 @@ payload = "{payload}{payload}{payload}"
         "the small forward went out"
     );
     let mut conn = redis.client().get_connection().expect("redis");
-    let record = eventually(WAIT, || dead_letters(&mut conn).into_iter().next())
-        .await
-        .unwrap_or_else(|| panic!("no dead letter; log:\n{}", bridge.log_text()));
+    let record = first_dead_letter(&mut conn, &bridge).await;
     assert_eq!(record["topic"], "in/big", "{record}");
     assert!(
         record["detail"]
@@ -587,9 +592,7 @@ topic = "secret/{id}"
         .publish("sensors/s1/data", "psst", PublishProperties::default())
         .await;
     let mut conn = redis.client().get_connection().expect("redis");
-    let record = eventually(WAIT, || dead_letters(&mut conn).into_iter().next())
-        .await
-        .unwrap_or_else(|| panic!("no dead letter; log:\n{}", bridge.log_text()));
+    let record = first_dead_letter(&mut conn, &bridge).await;
     assert_eq!(record["topic"], "sensors/s1/data", "{record}");
     assert!(
         record["detail"]
@@ -606,22 +609,23 @@ topic = "secret/{id}"
         "the refusal is logged with its topic; log:\n{}",
         bridge.log_text()
     );
-    let metrics = crate::ops::get(addr, "/metrics").await.1;
-    assert!(
-        metrics.contains(
-            r#"routemq_bridge_mqtt_reason_codes_total{packet="puback",code="not_authorized"} 1"#
-        ),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains(r#"routemq_bridge_messages_total{route="leak",outcome="failed"} 1"#),
-        "{metrics}"
-    );
+    assert_metric(
+        addr,
+        r#"routemq_bridge_mqtt_reason_codes_total{packet="puback",code="not_authorized"} 1"#,
+    )
+    .await;
+    assert_metric(
+        addr,
+        r#"routemq_bridge_messages_total{route="leak",outcome="failed"} 1"#,
+    )
+    .await;
 }
+
 /// A dedup transaction that reached Redis but whose reply timed out after the message's
 /// expiry must not be dead-lettered as `expired` (it was written), its done
 /// mark must stay, and its forward must go out (spec §6: a write whose reply was lost and
-/// that turns out to have been applied counts as written). Failed before the deadline stopped counting after a timeout.
+/// that turns out to have been applied counts as written). Failed before the deadline
+/// stopped counting after a timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expiring_dedup_write_whose_reply_timed_out_is_written_not_expired() {
     let redis = Redis::start();
@@ -817,9 +821,7 @@ key = "honoured:{{id}}"
     })
     .await;
     assert_eq!(e2.as_deref(), Some("e2"), "not expired: written");
-    let record = eventually(WAIT, || dead_letters(&mut conn).into_iter().next())
-        .await
-        .unwrap_or_else(|| panic!("no dead letter; log:\n{}", bridge.log_text()));
+    let record = first_dead_letter(&mut conn, &bridge).await;
     assert_eq!(record["reason"], "expired", "{record}");
     assert_eq!(record["topic"], "expiring/e1", "{record}");
     assert_eq!(
