@@ -718,3 +718,162 @@ topic = "out/{{device}}"
     assert_eq!(v["route"], "forward");
     assert_eq!(v["payload"], "not json");
 }
+
+/// Review: a drain that empties the spool leaves the replay's cursor (and the ledger's
+/// `replay_cursor`) at the last id; SQLite then hands out ids from 1 again (no
+/// AUTOINCREMENT), so the next outage's records are read from the stale cursor first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_second_outage_after_a_full_drain_is_replayed_in_arrival_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-twice",
+        &format!("{}{LIST_ROUTE}", spool_section(dir.path(), "")),
+    ));
+    let addr = http_addr(&bridge);
+    get_until(addr, "/readyz", 200).await;
+    let topics = 2;
+    let mut publisher = Client::connect(&broker, "spool-twice-publisher").await;
+
+    // Outage 1: 2 x 20 records (ids 1..=40), drained completely.
+    redis.stop();
+    spilling(addr).await;
+    publisher.publish_all(messages(topics, 0..20)).await;
+    spooled(addr, topics * 20).await;
+    redis.start_again();
+    all_written_once_in_order(&redis, topics, 20).await;
+    metrics_until(addr, "first drain done", |m| sample(m, SPOOL_MESSAGES) == Some(0.0)).await;
+
+    // Outage 2 (Redis restarts empty: no persistence in the harness): 2 x 50 records.
+    redis.stop();
+    spilling(addr).await;
+    publisher.publish_all(messages(topics, 20..70)).await;
+    spooled(addr, topics * 50).await;
+    redis.start_again();
+    let mut conn = redis.client().get_connection().expect("redis");
+    eventually(Duration::from_secs(60), || {
+        (0..topics)
+            .all(|d| list(&mut conn, d).len() >= 50)
+            .then_some(())
+    })
+    .await
+    .expect("second drain");
+    for d in 0..topics {
+        let want: Vec<String> = (20..70).map(|n| payload(d, n)).collect();
+        assert_eq!(list(&mut conn, d), want, "device {d}: arrival order");
+    }
+}
+
+/// Review: after a drain, `Ledger::replay_cursor` stays at the last id read; the next
+/// outage's records get ids from 1 again, all `<=` that cursor, so `drop_oldest` finds nothing
+/// it may drop and the spool grows past `max_size`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_drop_oldest_still_bounds_the_spool_after_an_earlier_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-drop-twice",
+        &format!(
+            "{}{LIST_ROUTE}",
+            spool_section(
+                dir.path(),
+                "max_size = \"64KiB\"\non_full = \"drop_oldest\""
+            )
+        ),
+    ));
+    let addr = http_addr(&bridge);
+    get_until(addr, "/readyz", 200).await;
+    let mut publisher = Client::connect(&broker, "spool-drop-twice-publisher").await;
+
+    // Outage 1: 300 small records, drained.
+    redis.stop();
+    spilling(addr).await;
+    publisher.publish_all(messages(3, 0..100)).await;
+    spooled(addr, 300).await;
+    redis.start_again();
+    all_written_once_in_order(&redis, 3, 100).await;
+    metrics_until(addr, "first drain done", |m| sample(m, SPOOL_MESSAGES) == Some(0.0)).await;
+
+    // Outage 2: 200 records of ~1 KiB on one topic; 64 KiB hold about 60.
+    redis.stop();
+    spilling(addr).await;
+    let n = 200;
+    let pad = "x".repeat(1000);
+    let all: Vec<(String, Vec<u8>)> = messages(1, 100..100 + n)
+        .into_iter()
+        .map(|(t, p)| (t, [p, pad.as_bytes().to_vec()].concat()))
+        .collect();
+    publisher.publish_all(all).await;
+    let m = metrics_until(addr, "every message taken", |m| {
+        let held = sample(m, SPOOL_MESSAGES).unwrap_or(0.0);
+        let dropped = sample(m, "routemq_bridge_spool_dropped_total").unwrap_or(0.0);
+        held + dropped >= n as f64 && sample(m, INFLIGHT) == Some(0.0)
+    })
+    .await;
+    let bytes = sample(&m, "routemq_bridge_spool_bytes").unwrap_or(0.0);
+    assert!(
+        bytes <= (64 * 1024) as f64,
+        "spool_bytes {bytes} > max_size 65536; spool_messages {:?}, dropped {:?}",
+        sample(&m, SPOOL_MESSAGES),
+        sample(&m, "routemq_bridge_spool_dropped_total")
+    );
+}
+
+/// Review: `PRAGMA quick_check` does not look inside records, so a record whose topic bytes
+/// are garbled into invalid UTF-8 (or whose type byte now says BLOB) passes it; then
+/// `load_ledger` (`get::<String>`) fails and `Store::open` — hence the daemon — fails at
+/// every start: a crash loop on a corrupt file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_record_with_a_garbled_topic_does_not_stop_the_start() {
+    use routemq_bridge::spool::config::{Fsync, OnFull};
+    use routemq_bridge::spool::store::{SharedLedger, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let config = routemq_bridge::spool::SpoolConfig {
+        path: path.clone(),
+        max_size: 1 << 20,
+        on_full: OnFull::Backpressure,
+        fsync: Fsync::Always,
+        batch_window: Duration::from_millis(50),
+        after: Duration::from_secs(1),
+    };
+    {
+        let ledger = SharedLedger::default();
+        let store = Store::open(&config, ledger, Default::default()).expect("first open");
+        for n in 0..3 {
+            store
+                .append(routemq_bridge::spool::store::Record {
+                    topic: "spool/d0/data".into(),
+                    payload: format!("{n}").into_bytes(),
+                    qos: 1,
+                    received_ms: 0,
+                    props: None,
+                })
+                .await
+                .expect("append");
+        }
+        store.close().await;
+    }
+    // The damage: the middle record's topic bytes garbled (same length, same page layout).
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE messages SET topic = CAST(x'ff706f6f6c2f64302f64617461' AS TEXT) WHERE id = 2",
+            [],
+        )
+        .unwrap();
+    }
+    let ledger = SharedLedger::default();
+    let opened = Store::open(&config, ledger.clone(), Default::default());
+    assert!(
+        opened.is_ok(),
+        "a garbled topic stops the spool from opening (the daemon exits, at every start): {}",
+        opened.err().map(|e| e.to_string()).unwrap_or_default()
+    );
+}
