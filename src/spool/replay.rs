@@ -172,9 +172,16 @@ pub async fn run(
             delete(&spool, &mut done).await;
             drop(all);
             let (messages, dropped) = {
-                let ledger = lock(&spool.ledger);
+                let mut ledger = lock(&spool.ledger);
+                if ledger.messages == 0 {
+                    // Empty: the next outage's records are read from the start.
+                    ledger.replay_cursor = 0;
+                }
                 (ledger.messages, ledger.letters)
             };
+            if messages == 0 {
+                cursor = 0;
+            }
             if messages == 0 && dropped == 0 {
                 draining = false;
                 events::spool_drained();

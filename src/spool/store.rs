@@ -267,8 +267,10 @@ impl Store {
 }
 
 const SCHEMA: &str = "
+-- AUTOINCREMENT: ids only grow, also once the table was emptied (a drain's cursor and
+-- `Ledger::replay_cursor` rely on it)
 CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
@@ -303,7 +305,37 @@ fn connect(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
     // Deleted pages are reused by later appends; the file keeps its high-water mark.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     conn.execute_batch(SCHEMA)?;
+    autoincrement(&conn)?;
     Ok(conn)
+}
+
+/// A file written before ids were AUTOINCREMENT gets its `messages` table rebuilt with it
+/// (same columns, same ids), so that ids never restart from 1 once the table is empty.
+fn autoincrement(conn: &Connection) -> rusqlite::Result<()> {
+    let sql: String = conn.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'",
+        [],
+        |r| r.get(0),
+    )?;
+    if sql.contains("AUTOINCREMENT") {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         ALTER TABLE messages RENAME TO messages_old;
+         CREATE TABLE messages (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             topic TEXT NOT NULL,
+             payload BLOB NOT NULL,
+             qos INTEGER NOT NULL,
+             received_ms INTEGER NOT NULL,
+             props BLOB
+         );
+         INSERT INTO messages (id, topic, payload, qos, received_ms, props)
+             SELECT id, topic, payload, qos, received_ms, props FROM messages_old;
+         DROP TABLE messages_old;
+         COMMIT;",
+    )
 }
 
 /// Opens `path` after checking its WAL and pages, repairing what can be (see the module doc).
