@@ -391,6 +391,17 @@ pub fn spool_set_aside(path: &std::path::Path, aside: &std::path::Path, problem:
     );
 }
 
+/// A spooled record could not be decoded (its topic is not UTF-8, a column's type changed):
+/// it was moved to the kept dead letters (`internal_error`) instead of being replayed.
+pub fn spool_record_unreadable(id: i64, topic: &str) {
+    tracing::warn!(
+        id,
+        topic,
+        "spool: a record could not be decoded (damaged on disk); it goes to the dead letters \
+         (internal_error) instead of being replayed"
+    );
+}
+
 /// The spool's store failed an operation (a full disk, an I/O error).
 pub fn spool_store_error(what: &'static str, error: &str) {
     tracing::error!(operation = what, error, "spool: the store failed");
