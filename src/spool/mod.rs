@@ -85,6 +85,10 @@ use crate::redis::{ConnectionState, RedisManager};
 use crate::router::dispatch::Handler;
 use crate::router::engine::{Engine, Part};
 
+/// The first wait before a failed append is tried again (doubling up to [`APPEND_RETRY_MAX`]).
+const APPEND_RETRY: Duration = Duration::from_millis(100);
+const APPEND_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Now, in unix milliseconds (the time a record keeps).
 pub fn unix_ms() -> i64 {
     SystemTime::now()
@@ -258,17 +262,21 @@ impl Spool {
     /// spool holds it (unacked) until the drain makes room.
     async fn append(&self, engine: &Engine, inbound: Inbound) {
         let message = &inbound.message;
-        let record = Record {
+        // Its arrival, not now: a replayed message's MQTT 5 expiry counts from there.
+        let received_ms =
+            unix_ms() - i64::try_from(inbound.received.elapsed().as_millis()).unwrap_or(0);
+        let make_record = || Record {
             topic: message.topic.clone(),
             payload: message.payload.to_vec(),
             qos: message.qos,
-            received_ms: unix_ms(),
+            received_ms,
             props: message
                 .properties
                 .as_deref()
                 .filter(|p| !p.is_empty())
                 .map(|p| p.encode()),
         };
+        let mut record = make_record();
         let size = record.size();
         loop {
             let mut room = pin!(self.space.notified());
@@ -286,17 +294,31 @@ impl Spool {
         }
         self.appended.notify_one();
         let topic = record.topic.clone();
-        match self.store.append(record).await {
-            Ok(()) => inbound.finish(),
-            Err(e) => {
-                // Not durable here: the message waits for Redis as it would without a
-                // spool, unacked meanwhile.
-                store::forget(&self.ledger, &topic, size);
-                events::spool_store_error("append", &e);
-                engine
-                    .process_part(message, inbound.received, Part::Redis)
-                    .await;
-                inbound.finish();
+        let mut backoff = APPEND_RETRY;
+        loop {
+            match self.store.append(record).await {
+                Ok(()) => return inbound.finish(),
+                Err(e) => {
+                    events::spool_store_error("append", &e);
+                    store::forget(&self.ledger, &topic, size);
+                    // (The lane hands over its topic's messages one at a time: no other
+                    // message of it is appended meanwhile.)
+                    let alone = !lock(&self.ledger).holds(&topic);
+                    if alone {
+                        // Not durable here, and nothing of its topic is spooled: the message
+                        // waits for Redis as it would without a spool, unacked meanwhile.
+                        engine
+                            .process_part(message, inbound.received, Part::Redis)
+                            .await;
+                        return inbound.finish();
+                    }
+                    // Older messages of its topic wait in the spool: it must follow them, so
+                    // it stays unacked and the append is tried again.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(APPEND_RETRY_MAX);
+                    lock(&self.ledger).add(&topic, size);
+                    record = make_record();
+                }
             }
         }
     }
