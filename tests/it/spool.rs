@@ -719,11 +719,11 @@ topic = "out/{{device}}"
     assert_eq!(v["payload"], "not json");
 }
 
-/// Review: a drain that empties the spool leaves the replay's cursor (and the ledger's
-/// `replay_cursor`) at the last id; SQLite then hands out ids from 1 again (no
-/// AUTOINCREMENT), so the next outage's records are read from the stale cursor first.
+/// A second outage after a drain that emptied the spool is replayed in arrival order too:
+/// ids only grow (AUTOINCREMENT: SQLite would otherwise hand out ids from 1 again once the
+/// table is empty), and the drain's cursor starts over once the spool is empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn review_a_second_outage_after_a_full_drain_is_replayed_in_arrival_order() {
+async fn a_second_outage_after_a_full_drain_is_replayed_in_arrival_order() {
     let dir = tempfile::tempdir().unwrap();
     let mut redis = Redis::start();
     let broker = broker();
@@ -745,7 +745,10 @@ async fn review_a_second_outage_after_a_full_drain_is_replayed_in_arrival_order(
     spooled(addr, topics * 20).await;
     redis.start_again();
     all_written_once_in_order(&redis, topics, 20).await;
-    metrics_until(addr, "first drain done", |m| sample(m, SPOOL_MESSAGES) == Some(0.0)).await;
+    metrics_until(addr, "first drain done", |m| {
+        sample(m, SPOOL_MESSAGES) == Some(0.0)
+    })
+    .await;
 
     // Outage 2 (Redis restarts empty: no persistence in the harness): 2 x 50 records.
     redis.stop();
@@ -767,11 +770,11 @@ async fn review_a_second_outage_after_a_full_drain_is_replayed_in_arrival_order(
     }
 }
 
-/// Review: after a drain, `Ledger::replay_cursor` stays at the last id read; the next
-/// outage's records get ids from 1 again, all `<=` that cursor, so `drop_oldest` finds nothing
-/// it may drop and the spool grows past `max_size`.
+/// `drop_oldest` still bounds the spool after an earlier drain: it drops only records the
+/// replay has not taken (`id > Ledger::replay_cursor`), which holds for the next outage's
+/// records only while ids keep growing and the cursor is reset once the spool is empty.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn review_drop_oldest_still_bounds_the_spool_after_an_earlier_drain() {
+async fn drop_oldest_still_bounds_the_spool_after_an_earlier_drain() {
     let dir = tempfile::tempdir().unwrap();
     let mut redis = Redis::start();
     let broker = broker();
@@ -798,7 +801,10 @@ async fn review_drop_oldest_still_bounds_the_spool_after_an_earlier_drain() {
     spooled(addr, 300).await;
     redis.start_again();
     all_written_once_in_order(&redis, 3, 100).await;
-    metrics_until(addr, "first drain done", |m| sample(m, SPOOL_MESSAGES) == Some(0.0)).await;
+    metrics_until(addr, "first drain done", |m| {
+        sample(m, SPOOL_MESSAGES) == Some(0.0)
+    })
+    .await;
 
     // Outage 2: 200 records of ~1 KiB on one topic; 64 KiB hold about 60.
     redis.stop();
@@ -825,12 +831,11 @@ async fn review_drop_oldest_still_bounds_the_spool_after_an_earlier_drain() {
     );
 }
 
-/// Review: `PRAGMA quick_check` does not look inside records, so a record whose topic bytes
-/// are garbled into invalid UTF-8 (or whose type byte now says BLOB) passes it; then
-/// `load_ledger` (`get::<String>`) fails and `Store::open` — hence the daemon — fails at
-/// every start: a crash loop on a corrupt file.
+/// A record whose topic bytes are garbled into invalid UTF-8 (damage `PRAGMA quick_check`
+/// does not see) does not stop the start — which would be a crash loop: it goes to the kept
+/// dead letters (`internal_error`) and the other records stay.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn review_a_record_with_a_garbled_topic_does_not_stop_the_start() {
+async fn a_record_with_a_garbled_topic_does_not_stop_the_start() {
     use routemq_bridge::spool::config::{Fsync, OnFull};
     use routemq_bridge::spool::store::{SharedLedger, Store};
     let dir = tempfile::tempdir().unwrap();
@@ -871,19 +876,28 @@ async fn review_a_record_with_a_garbled_topic_does_not_stop_the_start() {
     }
     let ledger = SharedLedger::default();
     let opened = Store::open(&config, ledger.clone(), Default::default());
-    assert!(
-        opened.is_ok(),
-        "a garbled topic stops the spool from opening (the daemon exits, at every start): {}",
-        opened.err().map(|e| e.to_string()).unwrap_or_default()
-    );
+    let store = match opened {
+        Ok(store) => store,
+        Err(e) => panic!("a garbled topic stops the spool from opening (a crash loop): {e}"),
+    };
+    {
+        let ledger = routemq_bridge::spool::store::lock(&ledger);
+        assert_eq!((ledger.messages, ledger.letters), (2, 1));
+    }
+    let read = store.read(0, 10).await.expect("read");
+    let payloads: Vec<&[u8]> = read.iter().map(|s| &s.record.payload[..]).collect();
+    assert_eq!(payloads, vec![&b"0"[..], &b"2"[..]]);
+    let letters = store.take_letters(10).await.expect("letters");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "internal_error");
 }
 
-/// Review: any error of `connect` — not only "not a database" — moves the whole spool aside
-/// and starts empty, so acked messages are never replayed. Here the error is an I/O one on a
-/// side file (its `-shm` cannot be opened); a full disk or a permission problem at start-up
-/// takes the same path.
+/// A spool file locked by another process at open ("database is locked": an operator's
+/// `sqlite3` session) is not damage: the open fails naming `spool.path` and the file, with
+/// its acked records, is left as it is (never moved aside). The same holds for a full disk,
+/// an I/O error or a permission problem.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn review_a_locked_file_at_open_is_not_set_aside() {
+async fn a_locked_file_at_open_fails_the_start_and_is_not_set_aside() {
     use routemq_bridge::spool::config::{Fsync, OnFull};
     use routemq_bridge::spool::store::{lock, SharedLedger, Store};
     let dir = tempfile::tempdir().unwrap();
@@ -897,8 +911,8 @@ async fn review_a_locked_file_at_open_is_not_set_aside() {
         after: Duration::from_secs(1),
     };
     {
-        let store = Store::open(&config, SharedLedger::default(), Default::default())
-            .expect("first open");
+        let store =
+            Store::open(&config, SharedLedger::default(), Default::default()).expect("first open");
         for n in 0..3 {
             store
                 .append(routemq_bridge::spool::store::Record {
@@ -916,7 +930,9 @@ async fn review_a_locked_file_at_open_is_not_set_aside() {
     // Another process holds the file (an operator's `sqlite3` session, as the store's
     // module doc suggests, or a second bridge on the same path): "database is locked".
     let other = rusqlite::Connection::open(&path).unwrap();
-    other.execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE;").unwrap();
+    other
+        .execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE;")
+        .unwrap();
     let ledger = SharedLedger::default();
     let opened = Store::open(&config, ledger.clone(), Default::default());
     let held = lock(&ledger).messages;
@@ -926,8 +942,74 @@ async fn review_a_locked_file_at_open_is_not_set_aside() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains("corrupt"))
         .collect();
+    let error = opened
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| panic!("the open of a locked file succeeded with {held} of 3 records"));
+    assert!(error.contains("spool.path"), "{error}");
+    assert!(aside.is_empty(), "moved aside: {aside:?}");
+    // Once the other process lets go, the next start finds every record.
+    drop(other);
+    let ledger = SharedLedger::default();
+    Store::open(&config, ledger.clone(), Default::default()).expect("open once free");
+    assert_eq!(lock(&ledger).messages, 3);
+}
+
+/// A delete that fails (here the file's write lock is held by another process for a while)
+/// is retried with backoff: the records it names are not replayed again meanwhile, so each
+/// message is written once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_records_whose_delete_failed_are_not_replayed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-delete-fails",
+        &format!("{}{LIST_ROUTE}", spool_section(dir.path(), "")),
+    ));
+    let addr = http_addr(&bridge);
+    get_until(addr, "/readyz", 200).await;
+    let mut publisher = Client::connect(&broker, "spool-delete-fails-publisher").await;
+    redis.stop();
+    spilling(addr).await;
+    publisher.publish_all(messages(2, 0..20)).await;
+    spooled(addr, 40).await;
+
+    // Another process takes the write lock: the drain still reads (WAL), its deletes fail
+    // (SQLITE_BUSY after the 5 s busy timeout).
+    let other = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let offset = bridge.log_text().len();
+    redis.start_again();
+    // Two failed deletes: time enough for the drain to replay everything again if it forgot
+    // what it had replayed.
+    let failed_twice = eventually(Duration::from_secs(60), || {
+        let log = bridge.log_text();
+        (log.get(offset..)
+            .unwrap_or("")
+            .matches("the store failed")
+            .count()
+            >= 2)
+            .then_some(())
+    })
+    .await;
     assert!(
-        { eprintln!("REVIEW opened ok={} held={held} aside={aside:?} err={:?}", opened.is_ok(), opened.as_ref().err().map(ToString::to_string)); opened.is_err() || held == 3 },
-        "the open succeeded with {held} of 3 acked records; moved aside: {aside:?}"
+        failed_twice.is_some(),
+        "no failed delete:\n{}",
+        bridge.log_text()
     );
+    other.execute_batch("ROLLBACK").unwrap();
+    drop(other);
+    metrics_until(addr, "drained", |m| sample(m, SPOOL_MESSAGES) == Some(0.0)).await;
+    all_written_once_in_order(&redis, 2, 20).await;
+    let mut conn = redis.client().get_connection().expect("redis");
+    for d in 0..2 {
+        assert_eq!(
+            list(&mut conn, d).len(),
+            20,
+            "device {d}: written more than once"
+        );
+    }
 }
