@@ -1013,3 +1013,45 @@ async fn replayed_records_whose_delete_failed_are_not_replayed_again() {
         );
     }
 }
+
+/// A message whose append fails (here the file's write lock is held by another process for
+/// a while) while older messages of its topic are spooled is not sent past them: it stays
+/// unacked and its append is tried again, so it is spooled behind them once the file is free
+/// and the topic is replayed in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_append_behind_spooled_messages_of_its_topic_is_retried_not_sent_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-append-fails",
+        &format!("{}{LIST_ROUTE}", spool_section(dir.path(), "")),
+    ));
+    let addr = http_addr(&bridge);
+    get_until(addr, "/readyz", 200).await;
+    let mut publisher = Client::connect(&broker, "spool-append-fails-publisher").await;
+    redis.stop();
+    spilling(addr).await;
+    publisher.publish_all(messages(1, 0..10)).await;
+    spooled(addr, 10).await;
+
+    // Another process takes the write lock: the next append fails (SQLITE_BUSY after the
+    // 5 s busy timeout).
+    let other = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let offset = bridge.log_text().len();
+    publisher.publish_all(messages(1, 10..11)).await;
+    assert!(
+        bridge.wait_for_log_after(offset, "the store failed", WAIT),
+        "no failed append:\n{}",
+        bridge.log_text()
+    );
+    other.execute_batch("ROLLBACK").unwrap();
+    drop(other);
+    // Spooled behind the others once the file is free (not waiting for Redis on its own).
+    spooled(addr, 11).await;
+    redis.start_again();
+    all_written_once_in_order(&redis, 1, 11).await;
+}
