@@ -402,6 +402,17 @@ pub fn spool_record_unreadable(id: i64, topic: &str) {
     );
 }
 
+/// Kept dead letters (drops of `drop_oldest`, messages refused while Redis was down) past
+/// their budget in the spool: the oldest were discarded.
+pub fn spool_letters_evicted(count: u64, budget: u64) {
+    tracing::warn!(
+        count,
+        budget_bytes = budget,
+        "spool: the kept dead letters are over their budget (spool.max_size / 8); the oldest \
+         were discarded without reaching Redis"
+    );
+}
+
 /// The spool's store failed an operation (a full disk, an I/O error).
 pub fn spool_store_error(what: &'static str, error: &str) {
     tracing::error!(operation = what, error, "spool: the store failed");

@@ -43,7 +43,13 @@
 //!   route, an oversized packet) needs Redis for its dead-letter record, and its ack waits
 //!   for that record — holding back every later ack. Once spilling, such records are kept
 //!   in the spool (the [`Keeper`](crate::dead_letter::Keeper) the engine is given) and
-//!   written before the replayed messages when Redis is back.
+//!   written before the replayed messages when Redis is back. These kept letters (and those
+//!   of `drop_oldest`) are not counted in `max_size`/`spool_bytes` — a dropped record's
+//!   letter can be larger than the record, so counted together `drop_oldest` could not make
+//!   room — but bounded apart: at most `max_size / 8` bytes
+//!   ([`store::LETTER_SHARE`]), the oldest discarded past it with a warning (as the
+//!   dead-letter list itself keeps the newest). The file holds at most about 1.125 ×
+//!   `max_size` of both.
 //! - **Pacing.** The replay keeps at most [`replay::WINDOW`] messages in flight, each in its
 //!   topic's lane of a dispatcher of its own, so a drain is a bounded extra load on Redis
 //!   beside live traffic rather than a flood; and it gives way to live traffic: while a live

@@ -62,6 +62,18 @@ use crate::outcome::Reason;
 /// SQLite's cell header, roughly): what `max_size` and `spool_bytes` count.
 pub const RECORD_OVERHEAD: u64 = 32;
 
+/// The kept dead letters (see [`Letter`]) hold at most `max_size / LETTER_SHARE` bytes, on
+/// top of the records' `max_size`: past it the oldest are discarded, with a warning. They
+/// are bounded apart from the records rather than counted in `max_size` because a dropped
+/// record's letter can be larger than the record (its detail, its topic): counted together,
+/// `drop_oldest` could not make room by dropping small records.
+pub const LETTER_SHARE: u64 = 8;
+
+/// What a kept dead letter counts for in [`Ledger::letter_bytes`].
+pub fn letter_size(reason: &str, record: &str) -> u64 {
+    (reason.len() + record.len()) as u64 + RECORD_OVERHEAD
+}
+
 /// At most this many commands are folded into one transaction.
 const MAX_GROUP: usize = 4096;
 
@@ -119,6 +131,9 @@ pub struct Ledger {
     pub bytes: u64,
     /// Dead-letter records waiting for Redis (see [`Letter`]).
     pub letters: u64,
+    /// What they hold (see [`letter_size`]): at most `max_size /` [`LETTER_SHARE`], the
+    /// oldest discarded past it.
+    pub letter_bytes: u64,
     /// The highest id handed to the replay: `drop_oldest` never drops a record being
     /// replayed (its topic's order would break).
     pub replay_cursor: i64,
@@ -224,6 +239,7 @@ impl Store {
             batch_window: config.batch_window,
             on_full: config.on_full,
             max_size: config.max_size,
+            letter_budget: config.max_size / LETTER_SHARE,
             sync_due: None,
         };
         std::thread::Builder::new()
@@ -659,9 +675,14 @@ fn load_ledger(conn: &Connection, ledger: &mut Ledger) -> rusqlite::Result<()> {
         ledger.bytes += bytes.max(0) as u64 + count * RECORD_OVERHEAD;
         ledger.topics.insert(topic, count);
     }
-    ledger.letters = conn
-        .query_row("SELECT COUNT(*) FROM letters", [], |r| r.get::<_, i64>(0))?
-        .max(0) as u64;
+    let (letters, letter_bytes) = conn.query_row(
+        "SELECT COUNT(*), IFNULL(SUM(length(CAST(reason AS BLOB)) + length(CAST(record AS BLOB))), 0) \
+         FROM letters",
+        [],
+        |r| Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, i64>(1)?.max(0) as u64)),
+    )?;
+    ledger.letters = letters;
+    ledger.letter_bytes = letter_bytes + letters * RECORD_OVERHEAD;
     Ok(())
 }
 
@@ -802,6 +823,8 @@ struct Worker {
     batch_window: Duration,
     on_full: OnFull,
     max_size: u64,
+    /// `max_size /` [`LETTER_SHARE`]: what the kept dead letters may hold.
+    letter_budget: u64,
     /// `batch`: when the WAL must next be synced (something was committed since).
     sync_due: Option<Instant>,
 }
@@ -891,6 +914,9 @@ impl Worker {
         let mut answers: Vec<Answer> = Vec::new();
         let mut reads = Vec::new();
         let mut drops = Drops::default();
+        // Letter bytes added and forgotten by this group, and those evicted.
+        let (mut lettered, mut unlettered) = (0u64, 0u64);
+        let mut evicted = (0u64, 0u64);
         let result = (|| -> rusqlite::Result<()> {
             let tx = self.conn.transaction()?;
             for command in group {
@@ -937,22 +963,36 @@ impl Worker {
                     Command::AppendLetter(reason, record, reply) => {
                         tx.prepare_cached("INSERT INTO letters (reason, record) VALUES (?1, ?2)")?
                             .execute(params![reason, record])?;
-                        answers.push(Answer::Lettered(reply));
+                        lettered += letter_size(&reason, &record);
+                        answers.push(Answer::Lettered(letter_size(&reason, &record), reply));
                     }
                     Command::ForgetLetters(ids, reply) => {
-                        let mut forgotten = 0u64;
+                        let (mut forgotten, mut bytes) = (0u64, 0u64);
                         {
-                            let mut stmt =
-                                tx.prepare_cached("DELETE FROM letters WHERE id = ?1")?;
+                            let mut stmt = tx.prepare_cached(
+                                "DELETE FROM letters WHERE id = ?1 RETURNING \
+                                 length(CAST(reason AS BLOB)) + length(CAST(record AS BLOB))",
+                            )?;
                             for id in ids {
-                                forgotten += stmt.execute([id])? as u64;
+                                let mut rows = stmt.query([id])?;
+                                if let Some(row) = rows.next()? {
+                                    forgotten += 1;
+                                    bytes += row.get::<_, i64>(0)?.max(0) as u64 + RECORD_OVERHEAD;
+                                }
                             }
                         }
-                        answers.push(Answer::Forgotten(forgotten, reply));
+                        unlettered += bytes;
+                        answers.push(Answer::Forgotten(forgotten, bytes, reply));
                     }
                     read @ (Command::Read(..) | Command::TakeLetters(..)) => reads.push(read),
                     Command::Close(_) => {} // split off before the group is served
                 }
+            }
+            // The kept dead letters stay within their budget: the oldest go.
+            let held = (lock(&self.ledger).letter_bytes + drops.letter_bytes + lettered)
+                .saturating_sub(unlettered);
+            if held > self.letter_budget {
+                evicted = evict_letters(&tx, held - self.letter_budget)?;
             }
             tx.commit()
         })();
@@ -973,6 +1013,9 @@ impl Worker {
                     ledger.remove(topic, *size);
                 }
                 ledger.letters += drops.records.len() as u64;
+                ledger.letter_bytes += drops.letter_bytes;
+                ledger.letters = ledger.letters.saturating_sub(evicted.0);
+                ledger.letter_bytes = ledger.letter_bytes.saturating_sub(evicted.1);
                 for answer in &answers {
                     match answer {
                         Answer::Deleted(removed, _) => {
@@ -981,15 +1024,22 @@ impl Worker {
                                 ledger.remove(topic, *size);
                             }
                         }
-                        Answer::Forgotten(n, _) => {
-                            ledger.letters = ledger.letters.saturating_sub(*n)
+                        Answer::Forgotten(n, bytes, _) => {
+                            ledger.letters = ledger.letters.saturating_sub(*n);
+                            ledger.letter_bytes = ledger.letter_bytes.saturating_sub(*bytes);
                         }
-                        Answer::Lettered(_) => ledger.letters += 1,
+                        Answer::Lettered(size, _) => {
+                            ledger.letters += 1;
+                            ledger.letter_bytes += size;
+                        }
                     }
                 }
             }
             if !drops.records.is_empty() {
                 events::spool_dropped(drops.records.len() as u64);
+            }
+            if evicted.0 > 0 {
+                events::spool_letters_evicted(evicted.0, self.letter_budget);
             }
             if freed {
                 self.space.notify_waiters();
@@ -1001,8 +1051,8 @@ impl Worker {
         for answer in answers {
             let reply = match answer {
                 Answer::Deleted(_, reply)
-                | Answer::Forgotten(_, reply)
-                | Answer::Lettered(reply) => reply,
+                | Answer::Forgotten(_, _, reply)
+                | Answer::Lettered(_, reply) => reply,
             };
             let _ = reply.send(result.clone());
         }
@@ -1022,8 +1072,9 @@ impl Worker {
         tx.commit()?;
         {
             let mut ledger = lock(&self.ledger);
-            for (topic, size) in &moved {
+            for (topic, size, letter) in &moved {
                 ledger.remove(topic, *size);
+                ledger.letter_bytes += letter;
             }
             ledger.letters += moved.len() as u64;
         }
@@ -1147,8 +1198,11 @@ fn undecodable(conn: &Connection) -> rusqlite::Result<Vec<i64>> {
 
 /// Moves the records `ids` (that cannot be decoded) to the kept dead letters, reason
 /// `internal_error`, their topic as lossy text and their payload as far as it reads, with a
-/// warning each. Returns the topic (lossy) and size of each record moved.
-fn quarantine(tx: &rusqlite::Transaction<'_>, ids: &[i64]) -> rusqlite::Result<Vec<(String, u64)>> {
+/// warning each. Returns the topic (lossy), size and letter size of each record moved.
+fn quarantine(
+    tx: &rusqlite::Transaction<'_>,
+    ids: &[i64],
+) -> rusqlite::Result<Vec<(String, u64, u64)>> {
     let mut moved = Vec::new();
     for &id in ids {
         let row = tx
@@ -1202,7 +1256,11 @@ fn quarantine(tx: &rusqlite::Transaction<'_>, ids: &[i64]) -> rusqlite::Result<V
         tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?
             .execute([id])?;
         events::spool_record_unreadable(id, &topic);
-        moved.push((topic, size));
+        moved.push((
+            topic,
+            size,
+            letter_size(Reason::InternalError.as_str(), &record),
+        ));
     }
     Ok(moved)
 }
@@ -1224,8 +1282,10 @@ fn read_letters(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Letter>
 enum Answer {
     /// The records removed (topic and size): the ledger forgets them after the commit.
     Deleted(Vec<(String, u64)>, Reply<()>),
-    Forgotten(u64, Reply<()>),
-    Lettered(Reply<()>),
+    /// Letters forgotten: how many, their bytes.
+    Forgotten(u64, u64, Reply<()>),
+    /// A letter kept: its size.
+    Lettered(u64, Reply<()>),
 }
 
 /// What `drop_oldest` dropped in the transaction being built.
@@ -1233,7 +1293,33 @@ enum Answer {
 struct Drops {
     records: Vec<(String, u64)>,
     bytes: u64,
+    /// What their dead letters hold ([`letter_size`]).
+    letter_bytes: u64,
     last_id: i64,
+}
+
+/// Deletes the oldest kept dead letters until `excess` bytes are freed; how many went, and
+/// their bytes.
+fn evict_letters(tx: &rusqlite::Transaction<'_>, excess: u64) -> rusqlite::Result<(u64, u64)> {
+    let mut chosen = Vec::new();
+    let mut freed = 0u64;
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT id, length(CAST(reason AS BLOB)) + length(CAST(record AS BLOB)) FROM letters \
+             ORDER BY id",
+        )?;
+        let mut rows = stmt.query([])?;
+        while freed < excess {
+            let Some(row) = rows.next()? else { break };
+            freed += row.get::<_, i64>(1)?.max(0) as u64 + RECORD_OVERHEAD;
+            chosen.push(row.get::<_, i64>(0)?);
+        }
+    }
+    for id in &chosen {
+        tx.prepare_cached("DELETE FROM letters WHERE id = ?1")?
+            .execute([id])?;
+    }
+    Ok((chosen.len() as u64, freed))
 }
 
 /// `drop_oldest`: while the spool holds more than `max_size`, drops its oldest records that
@@ -1292,6 +1378,7 @@ fn drop_oldest(
         let record = crate::dead_letter::record(&topic, "", Reason::SpoolFull, &detail, b"", 0);
         tx.prepare_cached("INSERT INTO letters (reason, record) VALUES (?1, ?2)")?
             .execute(params![Reason::SpoolFull.as_str(), record])?;
+        drops.letter_bytes += letter_size(Reason::SpoolFull.as_str(), &record);
         drops.last_id = id;
         drops.bytes += size;
         drops.records.push((topic, size));
@@ -1494,6 +1581,42 @@ mod tests {
         );
         // And it is gone from the file: the next read does not see it again.
         assert!(store.read(1, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn kept_dead_letters_are_bounded_the_oldest_going_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), Fsync::Always);
+        config.max_size = 8 * 1024; // letters: 1 KiB
+        let ledger = SharedLedger::default();
+        let store = Store::open(&config, ledger.clone(), Arc::default()).unwrap();
+        let letter = |n: usize| format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(150));
+        for n in 0..20 {
+            store
+                .append_letter("invalid_json", letter(n))
+                .await
+                .unwrap();
+        }
+        let (count, bytes) = {
+            let ledger = lock(&ledger);
+            (ledger.letters, ledger.letter_bytes)
+        };
+        assert!(bytes <= 1024, "letters hold {bytes} bytes, over 1 KiB");
+        assert!(count > 0 && count < 20, "{count} letters kept");
+        let kept = store.take_letters(100).await.unwrap();
+        assert_eq!(kept.len() as u64, count);
+        assert_eq!(
+            kept.last().map(|l| l.record.clone()),
+            Some(letter(19)),
+            "the newest stays"
+        );
+        // Forgetting them empties the account.
+        store
+            .forget_letters(kept.iter().map(|l| l.id).collect())
+            .await
+            .unwrap();
+        let ledger = lock(&ledger);
+        assert_eq!((ledger.letters, ledger.letter_bytes), (0, 0));
     }
 
     #[tokio::test]
