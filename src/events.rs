@@ -408,7 +408,7 @@ pub fn spool_letters_evicted(count: u64, budget: u64) {
     tracing::warn!(
         count,
         budget_bytes = budget,
-        "spool: the kept dead letters are over their budget (spool.max_size / 8); the oldest \
+        "spool: the kept dead letters are over their budget (spool.max_size, apart from the messages); the oldest \
          were discarded without reaching Redis"
     );
 }

@@ -46,10 +46,10 @@
 //!   written before the replayed messages when Redis is back. These kept letters (and those
 //!   of `drop_oldest`) are not counted in `max_size`/`spool_bytes` — a dropped record's
 //!   letter can be larger than the record, so counted together `drop_oldest` could not make
-//!   room — but bounded apart: at most `max_size / 8` bytes
-//!   ([`store::LETTER_SHARE`]), the oldest discarded past it with a warning (as the
-//!   dead-letter list itself keeps the newest). The file holds at most about 1.125 ×
-//!   `max_size` of both.
+//!   room — but bounded apart: at most `max_size` bytes of letters, the oldest discarded
+//!   past it with a warning (as the dead-letter list itself keeps the newest). So the file
+//!   holds at most about 2 × `max_size` of both, and "each drop dead-lettered" (spec §6.2)
+//!   holds while the drops' letters fit in `max_size`.
 //! - **Pacing.** The replay keeps at most [`replay::WINDOW`] messages in flight, each in its
 //!   topic's lane of a dispatcher of its own, so a drain is a bounded extra load on Redis
 //!   beside live traffic rather than a flood; and it gives way to live traffic: while a live

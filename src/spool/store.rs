@@ -26,7 +26,9 @@
 //! reported with a warning and cut off (SQLite would ignore them anyway; cutting makes
 //! that visible and final). Then `PRAGMA quick_check` reads every page of the database;
 //! if it finds damage (a garbled page), the readable records are copied, in order, into a
-//! fresh file that replaces the damaged one, and the warning says how many could not be read.
+//! fresh file that replaces the damaged one (kept as `<path>.damaged-<unix s>`, with its
+//! WAL, moved aside before the fresh file is moved in, so a crash in between loses nothing:
+//! the next open finishes the move), and the warning says how many could not be read.
 //! A file that is not a database at all is moved aside (`<path>.corrupt-<unix s>`) and the
 //! spool starts empty, with an error in the log. Never a crash loop: no damage stops the start.
 //! A record whose columns cannot be decoded (a topic that is not UTF-8, a column whose type
@@ -61,13 +63,6 @@ use crate::outcome::Reason;
 /// Accounting overhead of one record on top of its topic and payload (its id, QoS, time and
 /// SQLite's cell header, roughly): what `max_size` and `spool_bytes` count.
 pub const RECORD_OVERHEAD: u64 = 32;
-
-/// The kept dead letters (see [`Letter`]) hold at most `max_size / LETTER_SHARE` bytes, on
-/// top of the records' `max_size`: past it the oldest are discarded, with a warning. They
-/// are bounded apart from the records rather than counted in `max_size` because a dropped
-/// record's letter can be larger than the record (its detail, its topic): counted together,
-/// `drop_oldest` could not make room by dropping small records.
-pub const LETTER_SHARE: u64 = 8;
 
 /// What a kept dead letter counts for in [`Ledger::letter_bytes`].
 pub fn letter_size(reason: &str, record: &str) -> u64 {
@@ -131,8 +126,8 @@ pub struct Ledger {
     pub bytes: u64,
     /// Dead-letter records waiting for Redis (see [`Letter`]).
     pub letters: u64,
-    /// What they hold (see [`letter_size`]): at most `max_size /` [`LETTER_SHARE`], the
-    /// oldest discarded past it.
+    /// What they hold (see [`letter_size`]): at most `max_size` (on top of the records'
+    /// `max_size`), the oldest discarded past it.
     pub letter_bytes: u64,
     /// The highest id handed to the replay: `drop_oldest` never drops a record being
     /// replayed (its topic's order would break).
@@ -239,7 +234,7 @@ impl Store {
             batch_window: config.batch_window,
             on_full: config.on_full,
             max_size: config.max_size,
-            letter_budget: config.max_size / LETTER_SHARE,
+            letter_budget: config.max_size,
             sync_due: None,
         };
         std::thread::Builder::new()
@@ -420,6 +415,17 @@ fn open_checked(path: &Path, fsync: Fsync) -> Result<Connection, String> {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create the directory {}: {e}", dir.display()))?;
     }
+    let salvaged = sidecar(path, ".salvage");
+    if !path.exists() && salvaged.exists() {
+        // A salvage interrupted after the damaged file went aside: its fresh file is complete.
+        std::fs::rename(&salvaged, path).map_err(|e| {
+            format!(
+                "cannot put the salvaged file {} in place: {e}",
+                salvaged.display()
+            )
+        })?;
+        events::spool_damage(path, "a salvage interrupted by a crash was completed");
+    }
     let wal = sidecar(path, "-wal");
     match check_wal(&wal) {
         Ok(None) => {}
@@ -490,20 +496,33 @@ fn salvage(path: &Path, fsync: Fsync, problem: &str) -> Result<Connection, Strin
         let tx = new.transaction().map_err(|e| e.to_string())?;
         let (kept, lost) = copy_readable(&old, &tx);
         tx.commit().map_err(|e| e.to_string())?;
+        // The fresh file complete on disk on its own (its WAL folded in and synced, then
+        // removed by the close) before anything is moved.
+        new.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(|e| e.to_string())?;
+        new.close().map_err(|(_, e)| e.to_string())?;
         (kept, lost)
     };
-    for side in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(sidecar(path, side));
-    }
+    // The damaged file and its WAL go aside first, then the fresh file takes its place: a
+    // crash in between leaves `<path>` missing and `<path>.salvage` complete, which the next
+    // open puts in place (see `open_checked`); no moment loses the records copied.
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let aside = sidecar(path, &format!(".damaged-{stamp}"));
+    std::fs::rename(path, &aside)
+        .map_err(|e| format!("cannot move the damaged file aside: {e}"))?;
+    let _ = std::fs::rename(sidecar(path, "-wal"), sidecar(&aside, "-wal"));
+    let _ = std::fs::remove_file(sidecar(path, "-shm"));
     std::fs::rename(&fresh, path).map_err(|e| format!("cannot replace the damaged file: {e}"))?;
-    for side in ["-wal", "-shm"] {
-        let _ = std::fs::rename(sidecar(&fresh, side), sidecar(path, side));
-    }
+    sync_dir(path);
     events::spool_damage(
         path,
         &format!(
-            "the database file is damaged ({problem}); {kept} records were readable and are \
-             kept, in order; unreadable: {}",
+            "the database file is damaged ({problem}; the damaged file is kept as {}); {kept} \
+             records were readable and are kept, in order; unreadable: {}",
+            aside.display(),
             if lost_ranges.is_empty() {
                 "none".to_string()
             } else {
@@ -646,6 +665,18 @@ fn set_aside(path: &Path, fsync: Fsync, problem: &str) -> Result<Connection, Str
     }
     events::spool_set_aside(path, &aside, problem);
     connect(path, fsync).map_err(|e| e.to_string())
+}
+
+/// Makes the renames in `path`'s directory durable (best effort: a failure only widens the
+/// window a power loss could reorder them in).
+fn sync_dir(path: &Path) {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let Ok(dir) = std::fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
 }
 
 fn sidecar(path: &Path, suffix: &str) -> PathBuf {
@@ -823,7 +854,11 @@ struct Worker {
     batch_window: Duration,
     on_full: OnFull,
     max_size: u64,
-    /// `max_size /` [`LETTER_SHARE`]: what the kept dead letters may hold.
+    /// What the kept dead letters may hold (`max_size`, on top of the records' `max_size`):
+    /// past it the oldest are discarded, with a warning. Bounded apart from the records
+    /// rather than counted in `max_size` because a dropped record's letter can be larger
+    /// than the record: counted together, `drop_oldest` could not make room by dropping
+    /// small records.
     letter_budget: u64,
     /// `batch`: when the WAL must next be synced (something was committed since).
     sync_due: Option<Instant>,
@@ -1584,10 +1619,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_salvage_interrupted_after_moving_the_damaged_file_aside_is_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), Fsync::Always);
+        {
+            let ledger = SharedLedger::default();
+            let store = Store::open(&config, ledger.clone(), Arc::default()).unwrap();
+            for n in 0..3 {
+                let r = record("t", n);
+                lock(&ledger).add(&r.topic, r.size());
+                store.append(r).await.unwrap();
+            }
+            store.close().await;
+        }
+        // The state a crash leaves between the two renames of `salvage`.
+        std::fs::rename(&config.path, dir.path().join("spool.db.salvage")).unwrap();
+        let ledger = SharedLedger::default();
+        let store = Store::open(&config, ledger.clone(), Arc::default()).unwrap();
+        assert_eq!(lock(&ledger).messages, 3);
+        assert_eq!(store.read(0, 10).await.unwrap().len(), 3);
+        assert!(!dir.path().join("spool.db.salvage").exists());
+    }
+
+    #[tokio::test]
     async fn kept_dead_letters_are_bounded_the_oldest_going_first() {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config(dir.path(), Fsync::Always);
-        config.max_size = 8 * 1024; // letters: 1 KiB
+        config.max_size = 1024; // and so the letters' budget
         let ledger = SharedLedger::default();
         let store = Store::open(&config, ledger.clone(), Arc::default()).unwrap();
         let letter = |n: usize| format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(150));
