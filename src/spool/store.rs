@@ -219,10 +219,13 @@ impl Store {
             path: config.path.display().to_string(),
             error,
         })?;
-        load_ledger(&conn, &mut lock(&ledger)).map_err(|e| StoreError::Open {
-            path: config.path.display().to_string(),
-            error: e.to_string(),
-        })?;
+        // After the checks: a damaged older file is salvaged (into the new schema) first.
+        autoincrement(&conn)
+            .and_then(|()| load_ledger(&conn, &mut lock(&ledger)))
+            .map_err(|e| StoreError::Open {
+                path: config.path.display().to_string(),
+                error: e.to_string(),
+            })?;
         let (tx, rx) = std_mpsc::channel();
         let worker = Worker {
             conn,
@@ -334,7 +337,6 @@ fn connect(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
     // Deleted pages are reused by later appends; the file keeps its high-water mark.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     conn.execute_batch(SCHEMA)?;
-    autoincrement(&conn)?;
     Ok(conn)
 }
 
