@@ -954,11 +954,15 @@ impl Worker {
         // Letter bytes added and forgotten by this group, and those evicted.
         let (mut lettered, mut unlettered) = (0u64, 0u64);
         let mut evicted = (0u64, 0u64);
+        // Every command keeps its reply, also when the transaction fails part-way: its
+        // caller learns the error, not that the store is gone.
+        let mut pending = group.into_iter();
         let result = (|| -> rusqlite::Result<()> {
             let tx = self.conn.transaction()?;
-            for command in group {
+            for command in pending.by_ref() {
                 match command {
                     Command::Append(record, reply) => {
+                        appends.push(reply);
                         if self.on_full == OnFull::DropOldest {
                             drop_oldest(&tx, &self.ledger, self.max_size, &mut drops)?;
                         }
@@ -973,11 +977,10 @@ impl Worker {
                             record.received_ms,
                             record.props
                         ])?;
-                        appends.push(reply);
                     }
                     Command::Delete(ids, reply) => {
                         let mut removed = Vec::with_capacity(ids.len());
-                        {
+                        let deleted = (|| -> rusqlite::Result<()> {
                             let mut stmt = tx.prepare_cached(
                                 "DELETE FROM messages WHERE id = ?1 RETURNING topic, \
                                  length(CAST(topic AS BLOB)), length(payload) + IFNULL(length(props), 0)",
@@ -994,18 +997,20 @@ impl Worker {
                                     ));
                                 }
                             }
-                        }
+                            Ok(())
+                        })();
                         answers.push(Answer::Deleted(removed, reply));
+                        deleted?;
                     }
                     Command::AppendLetter(reason, record, reply) => {
+                        answers.push(Answer::Lettered(letter_size(&reason, &record), reply));
                         tx.prepare_cached("INSERT INTO letters (reason, record) VALUES (?1, ?2)")?
                             .execute(params![reason, record])?;
                         lettered += letter_size(&reason, &record);
-                        answers.push(Answer::Lettered(letter_size(&reason, &record), reply));
                     }
                     Command::ForgetLetters(ids, reply) => {
                         let (mut forgotten, mut bytes) = (0u64, 0u64);
-                        {
+                        let deleted = (|| -> rusqlite::Result<()> {
                             let mut stmt = tx.prepare_cached(
                                 "DELETE FROM letters WHERE id = ?1 RETURNING \
                                  length(CAST(reason AS BLOB)) + length(CAST(record AS BLOB))",
@@ -1017,9 +1022,11 @@ impl Worker {
                                     bytes += row.get::<_, i64>(0)?.max(0) as u64 + RECORD_OVERHEAD;
                                 }
                             }
-                        }
+                            Ok(())
+                        })();
                         unlettered += bytes;
                         answers.push(Answer::Forgotten(forgotten, bytes, reply));
+                        deleted?;
                     }
                     read @ (Command::Read(..) | Command::TakeLetters(..)) => reads.push(read),
                     Command::Close(_) => {} // split off before the group is served
@@ -1038,6 +1045,17 @@ impl Worker {
             events::spool_store_error("write", &e);
             e
         });
+        // What the failure left unserved: the writes share its error, the reads are served.
+        for command in pending {
+            match command {
+                Command::Append(_, reply)
+                | Command::Delete(_, reply)
+                | Command::AppendLetter(_, _, reply)
+                | Command::ForgetLetters(_, reply) => appends.push(reply),
+                read @ (Command::Read(..) | Command::TakeLetters(..)) => reads.push(read),
+                Command::Close(_) => {}
+            }
+        }
         let wrote = !appends.is_empty() || !answers.is_empty();
         if result.is_ok() {
             if wrote && self.fsync == Fsync::Batch && self.sync_due.is_none() {
@@ -1641,6 +1659,29 @@ mod tests {
         assert_eq!(lock(&ledger).messages, 3);
         assert_eq!(store.read(0, 10).await.unwrap().len(), 3);
         assert!(!dir.path().join("spool.db.salvage").exists());
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_answers_every_command_of_its_group_with_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), Fsync::Always);
+        let store = Store::open(&config, SharedLedger::default(), Arc::default()).unwrap();
+        // Another process holds the write lock: the writes fail once the busy timeout ends.
+        let other = Connection::open(&config.path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (append, delete, read) = tokio::join!(
+            store.append(record("t", 1)),
+            store.delete(vec![1]),
+            store.read(0, 10),
+        );
+        for result in [append, delete] {
+            let error = result.expect_err("a write under another's lock fails");
+            assert!(
+                error.contains("locked"),
+                "the real error, not a lost reply: {error}"
+            );
+        }
+        assert!(read.expect("reads are served").is_empty());
     }
 
     #[tokio::test]
