@@ -391,6 +391,28 @@ pub fn spool_set_aside(path: &std::path::Path, aside: &std::path::Path, problem:
     );
 }
 
+/// A spooled record could not be decoded (its topic is not UTF-8, a column's type changed):
+/// it was moved to the kept dead letters (`internal_error`) instead of being replayed.
+pub fn spool_record_unreadable(id: i64, topic: &str) {
+    tracing::warn!(
+        id,
+        topic,
+        "spool: a record could not be decoded (damaged on disk); it goes to the dead letters \
+         (internal_error) instead of being replayed"
+    );
+}
+
+/// Kept dead letters (drops of `drop_oldest`, messages refused while Redis was down) past
+/// their budget in the spool: the oldest were discarded.
+pub fn spool_letters_evicted(count: u64, budget: u64) {
+    tracing::warn!(
+        count,
+        budget_bytes = budget,
+        "spool: the kept dead letters are over their budget (spool.max_size, apart from the messages); the oldest \
+         were discarded without reaching Redis"
+    );
+}
+
 /// The spool's store failed an operation (a full disk, an I/O error).
 pub fn spool_store_error(what: &'static str, error: &str) {
     tracing::error!(operation = what, error, "spool: the store failed");

@@ -43,7 +43,13 @@
 //!   route, an oversized packet) needs Redis for its dead-letter record, and its ack waits
 //!   for that record — holding back every later ack. Once spilling, such records are kept
 //!   in the spool (the [`Keeper`](crate::dead_letter::Keeper) the engine is given) and
-//!   written before the replayed messages when Redis is back.
+//!   written before the replayed messages when Redis is back. These kept letters (and those
+//!   of `drop_oldest`) are not counted in `max_size`/`spool_bytes` — a dropped record's
+//!   letter can be larger than the record, so counted together `drop_oldest` could not make
+//!   room — but bounded apart: at most `max_size` bytes of letters, the oldest discarded
+//!   past it with a warning (as the dead-letter list itself keeps the newest). So the file
+//!   holds at most about 2 × `max_size` of both, and "each drop dead-lettered" (spec §6.2)
+//!   holds while the drops' letters fit in `max_size`.
 //! - **Pacing.** The replay keeps at most [`replay::WINDOW`] messages in flight, each in its
 //!   topic's lane of a dispatcher of its own, so a drain is a bounded extra load on Redis
 //!   beside live traffic rather than a flood; and it gives way to live traffic: while a live
@@ -84,6 +90,10 @@ use crate::outcome::Reason;
 use crate::redis::{ConnectionState, RedisManager};
 use crate::router::dispatch::Handler;
 use crate::router::engine::{Engine, Part};
+
+/// The first wait before a failed append is tried again (doubling up to [`APPEND_RETRY_MAX`]).
+const APPEND_RETRY: Duration = Duration::from_millis(100);
+const APPEND_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// Now, in unix milliseconds (the time a record keeps).
 pub fn unix_ms() -> i64 {
@@ -258,17 +268,21 @@ impl Spool {
     /// spool holds it (unacked) until the drain makes room.
     async fn append(&self, engine: &Engine, inbound: Inbound) {
         let message = &inbound.message;
-        let record = Record {
+        // Its arrival, not now: a replayed message's MQTT 5 expiry counts from there.
+        let received_ms =
+            unix_ms() - i64::try_from(inbound.received.elapsed().as_millis()).unwrap_or(0);
+        let make_record = || Record {
             topic: message.topic.clone(),
             payload: message.payload.to_vec(),
             qos: message.qos,
-            received_ms: unix_ms(),
+            received_ms,
             props: message
                 .properties
                 .as_deref()
                 .filter(|p| !p.is_empty())
                 .map(|p| p.encode()),
         };
+        let mut record = make_record();
         let size = record.size();
         loop {
             let mut room = pin!(self.space.notified());
@@ -286,17 +300,31 @@ impl Spool {
         }
         self.appended.notify_one();
         let topic = record.topic.clone();
-        match self.store.append(record).await {
-            Ok(()) => inbound.finish(),
-            Err(e) => {
-                // Not durable here: the message waits for Redis as it would without a
-                // spool, unacked meanwhile.
-                store::forget(&self.ledger, &topic, size);
-                events::spool_store_error("append", &e);
-                engine
-                    .process_part(message, inbound.received, Part::Redis)
-                    .await;
-                inbound.finish();
+        let mut backoff = APPEND_RETRY;
+        loop {
+            match self.store.append(record).await {
+                Ok(()) => return inbound.finish(),
+                Err(e) => {
+                    events::spool_store_error("append", &e);
+                    store::forget(&self.ledger, &topic, size);
+                    // (The lane hands over its topic's messages one at a time: no other
+                    // message of it is appended meanwhile.)
+                    let alone = !lock(&self.ledger).holds(&topic);
+                    if alone {
+                        // Not durable here, and nothing of its topic is spooled: the message
+                        // waits for Redis as it would without a spool, unacked meanwhile.
+                        engine
+                            .process_part(message, inbound.received, Part::Redis)
+                            .await;
+                        return inbound.finish();
+                    }
+                    // Older messages of its topic wait in the spool: it must follow them, so
+                    // it stays unacked and the append is tried again.
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(APPEND_RETRY_MAX);
+                    lock(&self.ledger).add(&topic, size);
+                    record = make_record();
+                }
             }
         }
     }

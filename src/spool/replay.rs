@@ -5,8 +5,10 @@
 //! different topics proceed at once. At most [`WINDOW`] records are in flight: that bound is
 //! the pacing — a drain adds a bounded load to Redis beside live traffic, which keeps its
 //! latency (the bench measures p99 of live messages during a drain). A record is deleted
-//! only after its replay reached an outcome on every route (deletes are batched), so a
-//! crash during a drain replays at most the records in flight again: at-least-once, and
+//! only after its replay reached an outcome on every route (deletes are batched; a failed
+//! delete is retried with backoff before anything more is read, so a record known replayed
+//! is never dispatched again by this process), so a crash during a drain replays at most
+//! the records in flight (or not yet deleted) again: at-least-once, and
 //! with `dedup` exactly once. Before the records go the dead-letter records the spool kept
 //! (drops of `on_full = "drop_oldest"`, messages refused while Redis was down).
 
@@ -43,6 +45,11 @@ const READ_BATCH: usize = 256;
 
 /// Replayed records are deleted in groups of this many (or when the reading pauses).
 const DELETE_BATCH: usize = 64;
+
+/// The first wait before a failed delete is tried again (doubling up to
+/// [`DELETE_RETRY_MAX`]).
+const DELETE_RETRY: Duration = Duration::from_millis(100);
+const DELETE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// How long the drain waits for an append in flight to be committed before reading again.
 const IDLE_POLL: Duration = Duration::from_millis(50);
@@ -165,16 +172,23 @@ pub async fn run(
             }
         };
         if batch.is_empty() {
-            // Everything read is in flight or done: let it finish, delete it, and look again
-            // from the start (a record whose delete failed is replayed once more).
+            // Everything read is in flight or done: let it finish, delete it (retried until
+            // it is deleted), and look again from the start.
             let all = window.clone().acquire_many_owned(WINDOW as u32).await;
             collect(&mut finished, &mut done);
-            delete(&spool, &mut done).await;
+            delete_retrying(&spool, &mut done, &mut stop).await;
             drop(all);
             let (messages, dropped) = {
-                let ledger = lock(&spool.ledger);
+                let mut ledger = lock(&spool.ledger);
+                if ledger.messages == 0 {
+                    // Empty: the next outage's records are read from the start.
+                    ledger.replay_cursor = 0;
+                }
                 (ledger.messages, ledger.letters)
             };
+            if messages == 0 {
+                cursor = 0;
+            }
             if messages == 0 && dropped == 0 {
                 draining = false;
                 events::spool_drained();
@@ -204,7 +218,7 @@ pub async fn run(
             });
             collect(&mut finished, &mut done);
             if done.len() >= DELETE_BATCH {
-                delete(&spool, &mut done).await;
+                delete_retrying(&spool, &mut done, &mut stop).await;
             }
         }
     }
@@ -212,7 +226,7 @@ pub async fn run(
     // what is deleted of it need not be replayed again.
     lanes.drained().await;
     collect(&mut finished, &mut done);
-    delete(&spool, &mut done).await;
+    let _ = delete(&spool, &mut done).await;
 }
 
 /// Waits (at most [`GIVE_WAY`]) while live messages are being written.
@@ -234,13 +248,36 @@ fn collect(finished: &mut mpsc::UnboundedReceiver<i64>, done: &mut Vec<i64>) {
     }
 }
 
-async fn delete(spool: &Spool, done: &mut Vec<i64>) {
+/// Deletes the replayed records `done`. On failure they stay in `done` (and in the file):
+/// false.
+async fn delete(spool: &Spool, done: &mut Vec<i64>) -> bool {
     if done.is_empty() {
-        return;
+        return true;
     }
-    if let Err(e) = spool.store.delete(std::mem::take(done)).await {
-        // They stay in the file and are replayed again: at-least-once.
-        events::spool_store_error("delete", &e);
+    match spool.store.delete(done.clone()).await {
+        Ok(()) => {
+            done.clear();
+            true
+        }
+        Err(e) => {
+            events::spool_store_error("delete", &e);
+            false
+        }
+    }
+}
+
+/// [`delete`], tried again with backoff until it succeeds (or the drain stops), before
+/// anything more is read: ids known replayed are never dispatched again, and the drain does
+/// not run ahead of what it could delete. Stopped with ids left, they are replayed again
+/// after the restart (at-least-once).
+async fn delete_retrying(spool: &Spool, done: &mut Vec<i64>, stop: &mut watch::Receiver<bool>) {
+    let mut backoff = DELETE_RETRY;
+    while !delete(spool, done).await {
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = crate::liveness::stopped(stop) => return,
+        }
+        backoff = (backoff * 2).min(DELETE_RETRY_MAX);
     }
 }
 

@@ -26,9 +26,23 @@
 //! reported with a warning and cut off (SQLite would ignore them anyway; cutting makes
 //! that visible and final). Then `PRAGMA quick_check` reads every page of the database;
 //! if it finds damage (a garbled page), the readable records are copied, in order, into a
-//! fresh file that replaces the damaged one, and the warning says how many could not be read.
+//! fresh file that replaces the damaged one (kept as `<path>.damaged-<unix s>`, with its
+//! WAL, moved aside before the fresh file is moved in, so a crash in between loses nothing:
+//! the next open finishes the move), and the warning says how many could not be read.
 //! A file that is not a database at all is moved aside (`<path>.corrupt-<unix s>`) and the
 //! spool starts empty, with an error in the log. Never a crash loop: no damage stops the start.
+//! A record whose columns cannot be decoded (a topic that is not UTF-8, a column whose type
+//! changed: damage inside a record, which `quick_check` does not see) is moved to the kept
+//! dead letters (`internal_error`, its topic as lossy text, its payload base64) with a
+//! warning, at open or when the drain reads it; one record never fails the open or a batch.
+//!
+//! Only SQLite saying "not a database" or "corrupt" (`SQLITE_NOTADB`, `SQLITE_CORRUPT`) is
+//! damage. Any other error at open — the file locked by another process, a full disk, an
+//! I/O error, a permission — fails the start naming `spool.path` and leaves the file as it
+//! is: systemd restarts the daemon, and nothing acked is thrown away. Two processes never
+//! share one spool: the store holds an exclusive advisory lock (`flock`) on `<path>.lock`
+//! while open, so a second bridge on the same path fails to start instead of repairing the
+//! first one's files under it.
 
 use std::collections::HashMap;
 use std::fs::OpenOptions;
@@ -38,6 +52,7 @@ use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rusqlite::types::ValueRef;
 use rusqlite::{params, Connection, OpenFlags};
 use tokio::sync::{oneshot, Notify};
 
@@ -48,6 +63,11 @@ use crate::outcome::Reason;
 /// Accounting overhead of one record on top of its topic and payload (its id, QoS, time and
 /// SQLite's cell header, roughly): what `max_size` and `spool_bytes` count.
 pub const RECORD_OVERHEAD: u64 = 32;
+
+/// What a kept dead letter counts for in [`Ledger::letter_bytes`].
+pub fn letter_size(reason: &str, record: &str) -> u64 {
+    (reason.len() + record.len()) as u64 + RECORD_OVERHEAD
+}
 
 /// At most this many commands are folded into one transaction.
 const MAX_GROUP: usize = 4096;
@@ -106,6 +126,9 @@ pub struct Ledger {
     pub bytes: u64,
     /// Dead-letter records waiting for Redis (see [`Letter`]).
     pub letters: u64,
+    /// What they hold (see [`letter_size`]): at most `max_size` (on top of the records'
+    /// `max_size`), the oldest discarded past it.
+    pub letter_bytes: u64,
     /// The highest id handed to the replay: `drop_oldest` never drops a record being
     /// replayed (its topic's order would break).
     pub replay_cursor: i64,
@@ -174,7 +197,7 @@ pub struct Store {
 /// Why the store cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("spool {path}: {error}")]
+    #[error("spool.path {path}: {error}")]
     Open { path: String, error: String },
     #[error("the spool's thread is gone")]
     Gone,
@@ -188,17 +211,25 @@ impl Store {
         ledger: SharedLedger,
         space: Arc<Notify>,
     ) -> Result<Store, StoreError> {
+        let lock_file = exclusive(&config.path).map_err(|error| StoreError::Open {
+            path: config.path.display().to_string(),
+            error,
+        })?;
         let conn = open_checked(&config.path, config.fsync).map_err(|error| StoreError::Open {
             path: config.path.display().to_string(),
             error,
         })?;
-        load_ledger(&conn, &mut lock(&ledger)).map_err(|e| StoreError::Open {
-            path: config.path.display().to_string(),
-            error: e.to_string(),
-        })?;
+        // After the checks: a damaged older file is salvaged (into the new schema) first.
+        autoincrement(&conn)
+            .and_then(|()| load_ledger(&conn, &mut lock(&ledger)))
+            .map_err(|e| StoreError::Open {
+                path: config.path.display().to_string(),
+                error: e.to_string(),
+            })?;
         let (tx, rx) = std_mpsc::channel();
         let worker = Worker {
             conn,
+            _lock: lock_file,
             rx,
             ledger,
             space,
@@ -206,6 +237,7 @@ impl Store {
             batch_window: config.batch_window,
             on_full: config.on_full,
             max_size: config.max_size,
+            letter_budget: config.max_size,
             sync_due: None,
         };
         std::thread::Builder::new()
@@ -267,8 +299,10 @@ impl Store {
 }
 
 const SCHEMA: &str = "
+-- AUTOINCREMENT: ids only grow, also once the table was emptied (a drain's cursor and
+-- `Ledger::replay_cursor` rely on it)
 CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
@@ -306,11 +340,93 @@ fn connect(path: &Path, fsync: Fsync) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// A file written before ids were AUTOINCREMENT gets its `messages` table rebuilt with it
+/// (same columns, same ids), so that ids never restart from 1 once the table is empty.
+fn autoincrement(conn: &Connection) -> rusqlite::Result<()> {
+    let sql: String = conn.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'",
+        [],
+        |r| r.get(0),
+    )?;
+    if sql.contains("AUTOINCREMENT") {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "BEGIN IMMEDIATE;
+         ALTER TABLE messages RENAME TO messages_old;
+         CREATE TABLE messages (
+             id INTEGER PRIMARY KEY AUTOINCREMENT,
+             topic TEXT NOT NULL,
+             payload BLOB NOT NULL,
+             qos INTEGER NOT NULL,
+             received_ms INTEGER NOT NULL,
+             props BLOB
+         );
+         INSERT INTO messages (id, topic, payload, qos, received_ms, props)
+             SELECT id, topic, payload, qos, received_ms, props FROM messages_old;
+         DROP TABLE messages_old;
+         COMMIT;",
+    )
+}
+
+/// Takes an exclusive advisory lock (`flock`) on `<path>.lock`, held as long as the store is
+/// open: two processes never share one spool (a second bridge on the same `spool.path` fails
+/// to start, naming it, instead of cutting the other's WAL or moving its file aside).
+fn exclusive(path: &Path) -> Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create the directory {}: {e}", dir.display()))?;
+    }
+    let lock_path = sidecar(path, ".lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("cannot open the lock file {}: {e}", lock_path.display()))?;
+    // SAFETY: flock(2) on a descriptor owned by `file`, which outlives the call.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            format!(
+                "the spool is in use by another process (another routemq-bridge with the \
+                 same spool.path? it holds {})",
+                lock_path.display()
+            )
+        } else {
+            format!("cannot lock {}: {e}", lock_path.display())
+        });
+    }
+    Ok(file)
+}
+
+/// SQLite found the file is not a database, or a damaged one: the only errors that make the
+/// open set the file aside or salvage it. Any other (a lock held by another process, a full
+/// disk, an I/O error, a permission) fails the start and leaves the file as it is.
+fn is_damage(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt)
+    )
+}
+
 /// Opens `path` after checking its WAL and pages, repairing what can be (see the module doc).
 fn open_checked(path: &Path, fsync: Fsync) -> Result<Connection, String> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)
             .map_err(|e| format!("cannot create the directory {}: {e}", dir.display()))?;
+    }
+    let salvaged = sidecar(path, ".salvage");
+    if !path.exists() && salvaged.exists() {
+        // A salvage interrupted after the damaged file went aside: its fresh file is complete.
+        std::fs::rename(&salvaged, path).map_err(|e| {
+            format!(
+                "cannot put the salvaged file {} in place: {e}",
+                salvaged.display()
+            )
+        })?;
+        events::spool_damage(path, "a salvage interrupted by a crash was completed");
     }
     let wal = sidecar(path, "-wal");
     match check_wal(&wal) {
@@ -331,31 +447,34 @@ fn open_checked(path: &Path, fsync: Fsync) -> Result<Connection, String> {
     }
     let conn = match connect(path, fsync) {
         Ok(conn) => conn,
-        Err(e) => return set_aside(path, fsync, &e.to_string()),
+        Err(e) if is_damage(&e) => return set_aside(path, fsync, &e.to_string()),
+        Err(e) => return Err(e.to_string()),
     };
     match quick_check(&conn) {
-        Ok(()) => Ok(conn),
-        Err(problem) => {
+        Ok(None) => Ok(conn),
+        Ok(Some(problem)) => {
             drop(conn);
             salvage(path, fsync, &problem)
         }
+        Err(e) if is_damage(&e) => {
+            drop(conn);
+            salvage(path, fsync, &e.to_string())
+        }
+        Err(e) => Err(format!("PRAGMA quick_check failed: {e}")),
     }
 }
 
-/// `PRAGMA quick_check`: `Err` with what it found when the file is damaged.
-fn quick_check(conn: &Connection) -> Result<(), String> {
-    let mut stmt = conn
-        .prepare("PRAGMA quick_check(20)")
-        .map_err(|e| e.to_string())?;
+/// `PRAGMA quick_check`: `Some` with what it found when the file is damaged; `Err` when it
+/// could not run (see [`is_damage`] for what that means).
+fn quick_check(conn: &Connection) -> rusqlite::Result<Option<String>> {
+    let mut stmt = conn.prepare("PRAGMA quick_check(20)")?;
     let rows: Vec<String> = stmt
-        .query_map([], |row| row.get::<_, String>(0))
-        .map_err(|e| e.to_string())?
-        .collect::<Result<_, _>>()
-        .map_err(|e| e.to_string())?;
+        .query_map([], |row| row.get_ref(0).map(lossy_text))?
+        .collect::<Result<_, _>>()?;
     if rows.len() == 1 && rows[0] == "ok" {
-        Ok(())
+        Ok(None)
     } else {
-        Err(rows.join("; "))
+        Ok(Some(rows.join("; ")))
     }
 }
 
@@ -372,26 +491,40 @@ fn salvage(path: &Path, fsync: Fsync, problem: &str) -> Result<Connection, Strin
     let (kept, lost_ranges) = {
         let old = match Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_WRITE) {
             Ok(old) => old,
-            Err(e) => return set_aside(path, fsync, &format!("{problem}; {e}")),
+            Err(e) if is_damage(&e) => return set_aside(path, fsync, &format!("{problem}; {e}")),
+            Err(e) => return Err(format!("{problem}; cannot open it to salvage it: {e}")),
         };
         let mut new = connect(&fresh, Fsync::Always).map_err(|e| e.to_string())?;
         let tx = new.transaction().map_err(|e| e.to_string())?;
         let (kept, lost) = copy_readable(&old, &tx);
         tx.commit().map_err(|e| e.to_string())?;
+        // The fresh file complete on disk on its own (its WAL folded in and synced, then
+        // removed by the close) before anything is moved.
+        new.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(|e| e.to_string())?;
+        new.close().map_err(|(_, e)| e.to_string())?;
         (kept, lost)
     };
-    for side in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(sidecar(path, side));
-    }
+    // The damaged file and its WAL go aside first, then the fresh file takes its place: a
+    // crash in between leaves `<path>` missing and `<path>.salvage` complete, which the next
+    // open puts in place (see `open_checked`); no moment loses the records copied.
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let aside = sidecar(path, &format!(".damaged-{stamp}"));
+    std::fs::rename(path, &aside)
+        .map_err(|e| format!("cannot move the damaged file aside: {e}"))?;
+    let _ = std::fs::rename(sidecar(path, "-wal"), sidecar(&aside, "-wal"));
+    let _ = std::fs::remove_file(sidecar(path, "-shm"));
     std::fs::rename(&fresh, path).map_err(|e| format!("cannot replace the damaged file: {e}"))?;
-    for side in ["-wal", "-shm"] {
-        let _ = std::fs::rename(sidecar(&fresh, side), sidecar(path, side));
-    }
+    sync_dir(path);
     events::spool_damage(
         path,
         &format!(
-            "the database file is damaged ({problem}); {kept} records were readable and are \
-             kept, in order; unreadable: {}",
+            "the database file is damaged ({problem}; the damaged file is kept as {}); {kept} \
+             records were readable and are kept, in order; unreadable: {}",
+            aside.display(),
             if lost_ranges.is_empty() {
                 "none".to_string()
             } else {
@@ -488,7 +621,16 @@ fn copy_from(
                 let read = (|| {
                     Ok::<_, rusqlite::Error>((
                         row.get::<_, i64>(0)?,
-                        row.get::<_, String>(1)?,
+                        match row.get_ref(1)? {
+                            ValueRef::Text(b) => match std::str::from_utf8(b) {
+                                Ok(t) => rusqlite::types::Value::Text(t.to_string()),
+                                // Kept as it is: the open moves it to the dead letters.
+                                Err(_) => rusqlite::types::Value::Blob(b.to_vec()),
+                            },
+                            other => rusqlite::types::Value::Blob(
+                                other.as_bytes().map(<[u8]>::to_vec).unwrap_or_default(),
+                            ),
+                        },
                         row.get::<_, Vec<u8>>(2)?,
                         row.get::<_, i64>(3)?,
                         row.get::<_, i64>(4)?,
@@ -527,6 +669,18 @@ fn set_aside(path: &Path, fsync: Fsync, problem: &str) -> Result<Connection, Str
     connect(path, fsync).map_err(|e| e.to_string())
 }
 
+/// Makes the renames in `path`'s directory durable (best effort: a failure only widens the
+/// window a power loss could reorder them in).
+fn sync_dir(path: &Path) {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if let Ok(dir) = std::fs::File::open(dir) {
+        let _ = dir.sync_all();
+    }
+}
+
 fn sidecar(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(suffix);
@@ -534,26 +688,34 @@ fn sidecar(path: &Path, suffix: &str) -> PathBuf {
 }
 
 fn load_ledger(conn: &Connection, ledger: &mut Ledger) -> rusqlite::Result<()> {
+    // Records that cannot be decoded first leave for the dead letters: they must not stop
+    // the start (a crash loop), nor be counted as waiting.
+    let bad = undecodable(conn)?;
+    if !bad.is_empty() {
+        let tx = conn.unchecked_transaction()?;
+        quarantine(&tx, &bad)?;
+        tx.commit()?;
+    }
     let mut stmt = conn.prepare(
         "SELECT topic, COUNT(*), SUM(length(CAST(topic AS BLOB)) + length(payload) + IFNULL(length(props), 0)) FROM messages GROUP BY topic",
     )?;
-    let rows = stmt.query_map([], |r| {
-        Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-        ))
-    })?;
-    for row in rows {
-        let (topic, count, bytes) = row?;
+    let mut rows = stmt.query([])?;
+    while let Some(row) = rows.next()? {
+        let topic = lossy_text(row.get_ref(0)?);
+        let (count, bytes) = (row.get::<_, i64>(1)?, row.get::<_, i64>(2)?);
         let count = count.max(0) as u64;
         ledger.messages += count;
         ledger.bytes += bytes.max(0) as u64 + count * RECORD_OVERHEAD;
         ledger.topics.insert(topic, count);
     }
-    ledger.letters = conn
-        .query_row("SELECT COUNT(*) FROM letters", [], |r| r.get::<_, i64>(0))?
-        .max(0) as u64;
+    let (letters, letter_bytes) = conn.query_row(
+        "SELECT COUNT(*), IFNULL(SUM(length(CAST(reason AS BLOB)) + length(CAST(record AS BLOB))), 0) \
+         FROM letters",
+        [],
+        |r| Ok((r.get::<_, i64>(0)?.max(0) as u64, r.get::<_, i64>(1)?.max(0) as u64)),
+    )?;
+    ledger.letters = letters;
+    ledger.letter_bytes = letter_bytes + letters * RECORD_OVERHEAD;
     Ok(())
 }
 
@@ -685,6 +847,8 @@ fn checksum(big_endian: bool, (mut s0, mut s1): (u32, u32), data: &[u8]) -> (u32
 
 struct Worker {
     conn: Connection,
+    /// The advisory lock on `<path>.lock` (see [`exclusive`]), released with the thread.
+    _lock: std::fs::File,
     rx: std_mpsc::Receiver<Command>,
     ledger: SharedLedger,
     space: Arc<Notify>,
@@ -692,6 +856,12 @@ struct Worker {
     batch_window: Duration,
     on_full: OnFull,
     max_size: u64,
+    /// What the kept dead letters may hold (`max_size`, on top of the records' `max_size`):
+    /// past it the oldest are discarded, with a warning. Bounded apart from the records
+    /// rather than counted in `max_size` because a dropped record's letter can be larger
+    /// than the record: counted together, `drop_oldest` could not make room by dropping
+    /// small records.
+    letter_budget: u64,
     /// `batch`: when the WAL must next be synced (something was committed since).
     sync_due: Option<Instant>,
 }
@@ -751,10 +921,11 @@ impl Worker {
         {
             events::spool_store_error("checkpoint", &e.to_string());
         }
-        let Worker { conn, .. } = self;
+        let Worker { conn, _lock, .. } = self;
         if let Err((_, e)) = conn.close() {
             events::spool_store_error("close", &e.to_string());
         }
+        drop(_lock);
         for command in rest {
             if let Command::Close(done) = command {
                 let _ = done.send(());
@@ -780,11 +951,18 @@ impl Worker {
         let mut answers: Vec<Answer> = Vec::new();
         let mut reads = Vec::new();
         let mut drops = Drops::default();
+        // Letter bytes added and forgotten by this group, and those evicted.
+        let (mut lettered, mut unlettered) = (0u64, 0u64);
+        let mut evicted = (0u64, 0u64);
+        // Every command keeps its reply, also when the transaction fails part-way: its
+        // caller learns the error, not that the store is gone.
+        let mut pending = group.into_iter();
         let result = (|| -> rusqlite::Result<()> {
             let tx = self.conn.transaction()?;
-            for command in group {
+            for command in pending.by_ref() {
                 match command {
                     Command::Append(record, reply) => {
+                        appends.push(reply);
                         if self.on_full == OnFull::DropOldest {
                             drop_oldest(&tx, &self.ledger, self.max_size, &mut drops)?;
                         }
@@ -799,11 +977,10 @@ impl Worker {
                             record.received_ms,
                             record.props
                         ])?;
-                        appends.push(reply);
                     }
                     Command::Delete(ids, reply) => {
                         let mut removed = Vec::with_capacity(ids.len());
-                        {
+                        let deleted = (|| -> rusqlite::Result<()> {
                             let mut stmt = tx.prepare_cached(
                                 "DELETE FROM messages WHERE id = ?1 RETURNING topic, \
                                  length(CAST(topic AS BLOB)), length(payload) + IFNULL(length(props), 0)",
@@ -812,7 +989,7 @@ impl Worker {
                                 let mut rows = stmt.query([id])?;
                                 if let Some(row) = rows.next()? {
                                     removed.push((
-                                        row.get::<_, String>(0)?,
+                                        lossy_text(row.get_ref(0)?),
                                         size_of(
                                             row.get::<_, i64>(1)?.max(0) as usize,
                                             row.get::<_, i64>(2)?.max(0) as usize,
@@ -820,28 +997,46 @@ impl Worker {
                                     ));
                                 }
                             }
-                        }
+                            Ok(())
+                        })();
                         answers.push(Answer::Deleted(removed, reply));
+                        deleted?;
                     }
                     Command::AppendLetter(reason, record, reply) => {
+                        answers.push(Answer::Lettered(letter_size(&reason, &record), reply));
                         tx.prepare_cached("INSERT INTO letters (reason, record) VALUES (?1, ?2)")?
                             .execute(params![reason, record])?;
-                        answers.push(Answer::Lettered(reply));
+                        lettered += letter_size(&reason, &record);
                     }
                     Command::ForgetLetters(ids, reply) => {
-                        let mut forgotten = 0u64;
-                        {
-                            let mut stmt =
-                                tx.prepare_cached("DELETE FROM letters WHERE id = ?1")?;
+                        let (mut forgotten, mut bytes) = (0u64, 0u64);
+                        let deleted = (|| -> rusqlite::Result<()> {
+                            let mut stmt = tx.prepare_cached(
+                                "DELETE FROM letters WHERE id = ?1 RETURNING \
+                                 length(CAST(reason AS BLOB)) + length(CAST(record AS BLOB))",
+                            )?;
                             for id in ids {
-                                forgotten += stmt.execute([id])? as u64;
+                                let mut rows = stmt.query([id])?;
+                                if let Some(row) = rows.next()? {
+                                    forgotten += 1;
+                                    bytes += row.get::<_, i64>(0)?.max(0) as u64 + RECORD_OVERHEAD;
+                                }
                             }
-                        }
-                        answers.push(Answer::Forgotten(forgotten, reply));
+                            Ok(())
+                        })();
+                        unlettered += bytes;
+                        answers.push(Answer::Forgotten(forgotten, bytes, reply));
+                        deleted?;
                     }
                     read @ (Command::Read(..) | Command::TakeLetters(..)) => reads.push(read),
                     Command::Close(_) => {} // split off before the group is served
                 }
+            }
+            // The kept dead letters stay within their budget: the oldest go.
+            let held = (lock(&self.ledger).letter_bytes + drops.letter_bytes + lettered)
+                .saturating_sub(unlettered);
+            if held > self.letter_budget {
+                evicted = evict_letters(&tx, held - self.letter_budget)?;
             }
             tx.commit()
         })();
@@ -850,6 +1045,17 @@ impl Worker {
             events::spool_store_error("write", &e);
             e
         });
+        // What the failure left unserved: the writes share its error, the reads are served.
+        for command in pending {
+            match command {
+                Command::Append(_, reply)
+                | Command::Delete(_, reply)
+                | Command::AppendLetter(_, _, reply)
+                | Command::ForgetLetters(_, reply) => appends.push(reply),
+                read @ (Command::Read(..) | Command::TakeLetters(..)) => reads.push(read),
+                Command::Close(_) => {}
+            }
+        }
         let wrote = !appends.is_empty() || !answers.is_empty();
         if result.is_ok() {
             if wrote && self.fsync == Fsync::Batch && self.sync_due.is_none() {
@@ -862,6 +1068,9 @@ impl Worker {
                     ledger.remove(topic, *size);
                 }
                 ledger.letters += drops.records.len() as u64;
+                ledger.letter_bytes += drops.letter_bytes;
+                ledger.letters = ledger.letters.saturating_sub(evicted.0);
+                ledger.letter_bytes = ledger.letter_bytes.saturating_sub(evicted.1);
                 for answer in &answers {
                     match answer {
                         Answer::Deleted(removed, _) => {
@@ -870,15 +1079,22 @@ impl Worker {
                                 ledger.remove(topic, *size);
                             }
                         }
-                        Answer::Forgotten(n, _) => {
-                            ledger.letters = ledger.letters.saturating_sub(*n)
+                        Answer::Forgotten(n, bytes, _) => {
+                            ledger.letters = ledger.letters.saturating_sub(*n);
+                            ledger.letter_bytes = ledger.letter_bytes.saturating_sub(*bytes);
                         }
-                        Answer::Lettered(_) => ledger.letters += 1,
+                        Answer::Lettered(size, _) => {
+                            ledger.letters += 1;
+                            ledger.letter_bytes += size;
+                        }
                     }
                 }
             }
             if !drops.records.is_empty() {
                 events::spool_dropped(drops.records.len() as u64);
+            }
+            if evicted.0 > 0 {
+                events::spool_letters_evicted(evicted.0, self.letter_budget);
             }
             if freed {
                 self.space.notify_waiters();
@@ -890,8 +1106,8 @@ impl Worker {
         for answer in answers {
             let reply = match answer {
                 Answer::Deleted(_, reply)
-                | Answer::Forgotten(_, reply)
-                | Answer::Lettered(reply) => reply,
+                | Answer::Forgotten(_, _, reply)
+                | Answer::Lettered(_, reply) => reply,
             };
             let _ = reply.send(result.clone());
         }
@@ -900,10 +1116,33 @@ impl Worker {
         }
     }
 
+    /// Moves records that cannot be decoded to the kept dead letters (see [`quarantine`]),
+    /// so that they never fail a read again.
+    fn set_aside_records(&mut self, bad: &[i64]) -> rusqlite::Result<()> {
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let tx = self.conn.transaction()?;
+        let moved = quarantine(&tx, bad)?;
+        tx.commit()?;
+        {
+            let mut ledger = lock(&self.ledger);
+            for (topic, size, letter) in &moved {
+                ledger.remove(topic, *size);
+                ledger.letter_bytes += letter;
+            }
+            ledger.letters += moved.len() as u64;
+        }
+        self.space.notify_waiters();
+        Ok(())
+    }
+
     fn answer_read(&mut self, read: Command) {
         match read {
             Command::Read(after, limit, reply) => {
-                let rows = read_records(&self.conn, after, limit).map_err(|e| e.to_string());
+                let rows = read_records(&self.conn, after, limit)
+                    .and_then(|(rows, bad)| self.set_aside_records(&bad).map(|()| rows))
+                    .map_err(|e| e.to_string());
                 if let Ok(rows) = &rows {
                     if let Some(last) = rows.last() {
                         let mut ledger = lock(&self.ledger);
@@ -921,23 +1160,164 @@ impl Worker {
     }
 }
 
-fn read_records(conn: &Connection, after: i64, limit: usize) -> rusqlite::Result<Vec<Stored>> {
+/// Up to `limit` records after `after`, and the ids of those that cannot be decoded.
+fn read_records(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> rusqlite::Result<(Vec<Stored>, Vec<i64>)> {
     let mut stmt = conn.prepare_cached(
         "SELECT id, topic, payload, qos, received_ms, props FROM messages WHERE id > ?1 ORDER BY id LIMIT ?2",
     )?;
-    let rows = stmt.query_map(params![after, limit as i64], |r| {
-        Ok(Stored {
-            id: r.get(0)?,
-            record: Record {
-                topic: r.get(1)?,
-                payload: r.get(2)?,
-                qos: r.get::<_, i64>(3)?.clamp(0, 2) as u8,
-                received_ms: r.get(4)?,
-                props: r.get(5)?,
-            },
-        })
-    })?;
-    rows.collect()
+    let mut rows = stmt.query(params![after, limit as i64])?;
+    let mut records = Vec::new();
+    let mut bad = Vec::new();
+    while let Some(row) = rows.next()? {
+        let id = row.get::<_, i64>(0)?;
+        match decode(row)? {
+            Some(record) => records.push(Stored { id, record }),
+            None => bad.push(id),
+        }
+    }
+    Ok((records, bad))
+}
+
+/// A record's columns, or `None` when one cannot be what it should (a topic that is not
+/// UTF-8, a payload that is neither text nor blob, ...): damage `quick_check` cannot see.
+fn decode(row: &rusqlite::Row<'_>) -> rusqlite::Result<Option<Record>> {
+    let bytes = |v: ValueRef<'_>| match v {
+        ValueRef::Text(b) | ValueRef::Blob(b) => Some(b.to_vec()),
+        _ => None,
+    };
+    let Some(topic) = topic_of(row.get_ref(1)?) else {
+        return Ok(None);
+    };
+    let Some(payload) = bytes(row.get_ref(2)?) else {
+        return Ok(None);
+    };
+    let (ValueRef::Integer(qos), ValueRef::Integer(received_ms)) =
+        (row.get_ref(3)?, row.get_ref(4)?)
+    else {
+        return Ok(None);
+    };
+    let props = match row.get_ref(5)? {
+        ValueRef::Null => None,
+        v => match bytes(v) {
+            Some(props) => Some(props),
+            None => return Ok(None),
+        },
+    };
+    Ok(Some(Record {
+        topic,
+        payload,
+        qos: qos.clamp(0, 2) as u8,
+        received_ms,
+        props,
+    }))
+}
+
+/// A stored topic: text (or a blob) that is UTF-8. `None`: it cannot be a topic.
+fn topic_of(value: ValueRef<'_>) -> Option<String> {
+    match value {
+        ValueRef::Text(b) | ValueRef::Blob(b) => std::str::from_utf8(b).ok().map(str::to_string),
+        _ => None,
+    }
+}
+
+/// A stored text (a topic) whatever it holds, invalid UTF-8 replaced (for the ledger and
+/// the dead letters).
+fn lossy_text(value: ValueRef<'_>) -> String {
+    match value {
+        ValueRef::Text(b) | ValueRef::Blob(b) => String::from_utf8_lossy(b).into_owned(),
+        other => format!("({})", other.data_type()),
+    }
+}
+
+/// The ids of the records that cannot be decoded (see [`decode`]): a scan at open, of the
+/// topics and the column types (not the payloads).
+fn undecodable(conn: &Connection) -> rusqlite::Result<Vec<i64>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, topic, typeof(payload) IN ('blob', 'text') AND typeof(qos) = 'integer' \
+         AND typeof(received_ms) = 'integer' AND typeof(props) IN ('null', 'blob', 'text') \
+         FROM messages",
+    )?;
+    let mut rows = stmt.query([])?;
+    let mut bad = Vec::new();
+    while let Some(row) = rows.next()? {
+        if topic_of(row.get_ref(1)?).is_none() || row.get::<_, i64>(2)? == 0 {
+            bad.push(row.get::<_, i64>(0)?);
+        }
+    }
+    Ok(bad)
+}
+
+/// Moves the records `ids` (that cannot be decoded) to the kept dead letters, reason
+/// `internal_error`, their topic as lossy text and their payload as far as it reads, with a
+/// warning each. Returns the topic (lossy), size and letter size of each record moved.
+fn quarantine(
+    tx: &rusqlite::Transaction<'_>,
+    ids: &[i64],
+) -> rusqlite::Result<Vec<(String, u64, u64)>> {
+    let mut moved = Vec::new();
+    for &id in ids {
+        let row = tx
+            .query_row(
+                "SELECT topic, payload, received_ms, length(CAST(topic AS BLOB)), \
+                 length(CAST(payload AS BLOB)) + IFNULL(length(CAST(props AS BLOB)), 0) \
+                 FROM messages WHERE id = ?1",
+                [id],
+                |r| {
+                    let payload = match r.get_ref(1)? {
+                        ValueRef::Text(b) | ValueRef::Blob(b) => b.to_vec(),
+                        _ => Vec::new(),
+                    };
+                    let received = match r.get_ref(2)? {
+                        ValueRef::Integer(ms) => ms.to_string(),
+                        _ => "unknown".to_string(),
+                    };
+                    Ok((
+                        lossy_text(r.get_ref(0)?),
+                        payload,
+                        received,
+                        size_of(
+                            r.get::<_, Option<i64>>(3)?.unwrap_or(0).max(0) as usize,
+                            r.get::<_, Option<i64>>(4)?.unwrap_or(0).max(0) as usize,
+                        ),
+                    ))
+                },
+            )
+            .map(Some)
+            .or_else(|e| match e {
+                rusqlite::Error::QueryReturnedNoRows => Ok(None),
+                e => Err(e),
+            })?;
+        let Some((topic, payload, received, size)) = row else {
+            continue;
+        };
+        let detail = format!(
+            "a spooled record (id {id}, received at unix ms {received}) could not be decoded \
+             (damaged on disk); it was not replayed"
+        );
+        let record = crate::dead_letter::record(
+            &topic,
+            "",
+            Reason::InternalError,
+            &detail,
+            &payload,
+            crate::dead_letter::TRUNCATE_AT,
+        );
+        tx.prepare_cached("INSERT INTO letters (reason, record) VALUES (?1, ?2)")?
+            .execute(params![Reason::InternalError.as_str(), record])?;
+        tx.prepare_cached("DELETE FROM messages WHERE id = ?1")?
+            .execute([id])?;
+        events::spool_record_unreadable(id, &topic);
+        moved.push((
+            topic,
+            size,
+            letter_size(Reason::InternalError.as_str(), &record),
+        ));
+    }
+    Ok(moved)
 }
 
 fn read_letters(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Letter>> {
@@ -946,8 +1326,8 @@ fn read_letters(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Letter>
     let rows = stmt.query_map([limit as i64], |r| {
         Ok(Letter {
             id: r.get(0)?,
-            reason: r.get(1)?,
-            record: r.get(2)?,
+            reason: lossy_text(r.get_ref(1)?),
+            record: lossy_text(r.get_ref(2)?),
         })
     })?;
     rows.collect()
@@ -957,8 +1337,10 @@ fn read_letters(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Letter>
 enum Answer {
     /// The records removed (topic and size): the ledger forgets them after the commit.
     Deleted(Vec<(String, u64)>, Reply<()>),
-    Forgotten(u64, Reply<()>),
-    Lettered(Reply<()>),
+    /// Letters forgotten: how many, their bytes.
+    Forgotten(u64, u64, Reply<()>),
+    /// A letter kept: its size.
+    Lettered(u64, Reply<()>),
 }
 
 /// What `drop_oldest` dropped in the transaction being built.
@@ -966,7 +1348,33 @@ enum Answer {
 struct Drops {
     records: Vec<(String, u64)>,
     bytes: u64,
+    /// What their dead letters hold ([`letter_size`]).
+    letter_bytes: u64,
     last_id: i64,
+}
+
+/// Deletes the oldest kept dead letters until `excess` bytes are freed; how many went, and
+/// their bytes.
+fn evict_letters(tx: &rusqlite::Transaction<'_>, excess: u64) -> rusqlite::Result<(u64, u64)> {
+    let mut chosen = Vec::new();
+    let mut freed = 0u64;
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT id, length(CAST(reason AS BLOB)) + length(CAST(record AS BLOB)) FROM letters \
+             ORDER BY id",
+        )?;
+        let mut rows = stmt.query([])?;
+        while freed < excess {
+            let Some(row) = rows.next()? else { break };
+            freed += row.get::<_, i64>(1)?.max(0) as u64 + RECORD_OVERHEAD;
+            chosen.push(row.get::<_, i64>(0)?);
+        }
+    }
+    for id in &chosen {
+        tx.prepare_cached("DELETE FROM letters WHERE id = ?1")?
+            .execute([id])?;
+    }
+    Ok((chosen.len() as u64, freed))
 }
 
 /// `drop_oldest`: while the spool holds more than `max_size`, drops its oldest records that
@@ -1009,7 +1417,7 @@ fn drop_oldest(
             freed += size;
             chosen.push((
                 row.get::<_, i64>(0)?,
-                row.get::<_, String>(1)?,
+                lossy_text(row.get_ref(1)?),
                 row.get::<_, i64>(2)?,
                 size,
             ));
@@ -1025,6 +1433,7 @@ fn drop_oldest(
         let record = crate::dead_letter::record(&topic, "", Reason::SpoolFull, &detail, b"", 0);
         tx.prepare_cached("INSERT INTO letters (reason, record) VALUES (?1, ?2)")?
             .execute(params![Reason::SpoolFull.as_str(), record])?;
+        drops.letter_bytes += letter_size(Reason::SpoolFull.as_str(), &record);
         drops.last_id = id;
         drops.bytes += size;
         drops.records.push((topic, size));
@@ -1155,6 +1564,191 @@ mod tests {
         std::fs::write(&copy, &wal[..wal.len() - 10]).unwrap();
         let damage = check_wal(&copy).unwrap().expect("found");
         assert_eq!(damage.kind, "a frame cut short (a torn write)");
+    }
+
+    #[tokio::test]
+    async fn a_second_open_of_the_same_path_fails_naming_it_and_leaves_the_spool_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), Fsync::Always);
+        let ledger = SharedLedger::default();
+        let first = Store::open(&config, ledger.clone(), Arc::default()).unwrap();
+        let r = record("t", 1);
+        lock(&ledger).add(&r.topic, r.size());
+        first.append(r).await.unwrap();
+
+        let second = Store::open(&config, SharedLedger::default(), Arc::default());
+        let error = second
+            .err()
+            .expect("a second open of a spool in use fails")
+            .to_string();
+        assert!(
+            error.contains("spool.path") && error.contains("another process"),
+            "{error}"
+        );
+        // The first one goes on, with its record; nothing was moved aside.
+        assert_eq!(first.read(0, 10).await.unwrap().len(), 1);
+        assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .contains("corrupt")));
+        first.close().await;
+        let again = Store::open(&config, SharedLedger::default(), Arc::default());
+        assert!(again.is_ok(), "free again once the first one closed");
+    }
+
+    #[tokio::test]
+    async fn a_record_garbled_while_open_goes_to_the_dead_letters_and_the_rest_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), Fsync::Always);
+        let ledger = SharedLedger::default();
+        let store = Store::open(&config, ledger.clone(), Arc::default()).unwrap();
+        for n in 0..3 {
+            let r = record("abc", n);
+            lock(&ledger).add(&r.topic, r.size());
+            store.append(r).await.unwrap();
+        }
+        // Its topic's bytes garbled into invalid UTF-8 (same length), and a type flipped.
+        let other = Connection::open(&config.path).unwrap();
+        other
+            .execute_batch(
+                "UPDATE messages SET topic = CAST(x'ff6263' AS TEXT) WHERE id = 2;
+                 UPDATE messages SET qos = 'x' WHERE id = 3;",
+            )
+            .unwrap();
+        drop(other);
+        let read = store
+            .read(0, 10)
+            .await
+            .expect("a bad record never fails the read");
+        assert_eq!(read.iter().map(|s| s.id).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(lock(&ledger).messages, 1);
+        let letters = store.take_letters(10).await.unwrap();
+        assert_eq!(letters.len(), 2);
+        assert!(
+            letters.iter().all(|l| l.reason == "internal_error"),
+            "{letters:?}"
+        );
+        assert!(
+            letters[0].record.contains("\u{fffd}bc"),
+            "{}",
+            letters[0].record
+        );
+        // And it is gone from the file: the next read does not see it again.
+        assert!(store.read(1, 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_salvage_interrupted_after_moving_the_damaged_file_aside_is_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), Fsync::Always);
+        {
+            let ledger = SharedLedger::default();
+            let store = Store::open(&config, ledger.clone(), Arc::default()).unwrap();
+            for n in 0..3 {
+                let r = record("t", n);
+                lock(&ledger).add(&r.topic, r.size());
+                store.append(r).await.unwrap();
+            }
+            store.close().await;
+        }
+        // The state a crash leaves between the two renames of `salvage`.
+        std::fs::rename(&config.path, dir.path().join("spool.db.salvage")).unwrap();
+        let ledger = SharedLedger::default();
+        let store = Store::open(&config, ledger.clone(), Arc::default()).unwrap();
+        assert_eq!(lock(&ledger).messages, 3);
+        assert_eq!(store.read(0, 10).await.unwrap().len(), 3);
+        assert!(!dir.path().join("spool.db.salvage").exists());
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_answers_every_command_of_its_group_with_its_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), Fsync::Always);
+        let store = Store::open(&config, SharedLedger::default(), Arc::default()).unwrap();
+        // Another process holds the write lock: the writes fail once the busy timeout ends.
+        let other = Connection::open(&config.path).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let (append, delete, read) = tokio::join!(
+            store.append(record("t", 1)),
+            store.delete(vec![1]),
+            store.read(0, 10),
+        );
+        for result in [append, delete] {
+            let error = result.expect_err("a write under another's lock fails");
+            assert!(
+                error.contains("locked"),
+                "the real error, not a lost reply: {error}"
+            );
+        }
+        assert!(read.expect("reads are served").is_empty());
+    }
+
+    #[tokio::test]
+    async fn kept_dead_letters_are_bounded_the_oldest_going_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(dir.path(), Fsync::Always);
+        config.max_size = 1024; // and so the letters' budget
+        let ledger = SharedLedger::default();
+        let store = Store::open(&config, ledger.clone(), Arc::default()).unwrap();
+        let letter = |n: usize| format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(150));
+        for n in 0..20 {
+            store
+                .append_letter("invalid_json", letter(n))
+                .await
+                .unwrap();
+        }
+        let (count, bytes) = {
+            let ledger = lock(&ledger);
+            (ledger.letters, ledger.letter_bytes)
+        };
+        assert!(bytes <= 1024, "letters hold {bytes} bytes, over 1 KiB");
+        assert!(count > 0 && count < 20, "{count} letters kept");
+        let kept = store.take_letters(100).await.unwrap();
+        assert_eq!(kept.len() as u64, count);
+        assert_eq!(
+            kept.last().map(|l| l.record.clone()),
+            Some(letter(19)),
+            "the newest stays"
+        );
+        // Forgetting them empties the account.
+        store
+            .forget_letters(kept.iter().map(|l| l.id).collect())
+            .await
+            .unwrap();
+        let ledger = lock(&ledger);
+        assert_eq!((ledger.letters, ledger.letter_bytes), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_file_without_autoincrement_is_migrated_and_ids_keep_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), Fsync::Always);
+        {
+            let conn = Connection::open(&config.path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE messages (id INTEGER PRIMARY KEY, topic TEXT NOT NULL, \
+                 payload BLOB NOT NULL, qos INTEGER NOT NULL, received_ms INTEGER NOT NULL, \
+                 props BLOB);
+                 INSERT INTO messages VALUES (7, 't', x'01', 1, 0, NULL);",
+            )
+            .unwrap();
+        }
+        let ledger = SharedLedger::default();
+        let store = Store::open(&config, ledger.clone(), Arc::default()).unwrap();
+        assert_eq!(lock(&ledger).messages, 1);
+        let read = store.read(0, 10).await.unwrap();
+        assert_eq!(read[0].id, 7);
+        store.delete(vec![7]).await.unwrap();
+        let r = record("t", 2);
+        lock(&ledger).add(&r.topic, r.size());
+        store.append(r).await.unwrap();
+        let read = store.read(0, 10).await.unwrap();
+        assert!(
+            read[0].id > 7,
+            "an id after an emptied table: {}",
+            read[0].id
+        );
     }
 
     #[test]

@@ -830,3 +830,71 @@ key = "honoured:{{id}}"
         "expired while spooled: not written"
     );
 }
+
+/// A message that waited for Redis in its lane before the spool took it keeps its expiry
+/// counted from its arrival, not from when it was spooled: spooled about `after` (3 s) after
+/// it arrived with a 4 s expiry, it has expired when the drain reaches it 4.3 s after its
+/// arrival (counted from the spooling, it would have had 2 or 3 s left, and been written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooled_message_expiry_counts_from_its_arrival_not_from_its_spooling() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = Mosquitto::start();
+    let bridge = Bridge::start(&v5_config(
+        &redis,
+        &broker,
+        "mqtt5-spool-arrival",
+        &format!(
+            r#"
+[spool]
+path = "{}"
+after = "3s"
+
+[[routes]]
+name = "honours"
+topic = "expiring/{{id}}"
+payload = "text"
+[[routes.actions]]
+op = "set"
+key = "honoured:{{id}}"
+"#,
+            dir.path().join("spool.db").display()
+        ),
+    ));
+    let addr = http_addr(&bridge);
+    let mut client = Client5::connect(&broker, "mqtt5-spool-arrival-publisher").await;
+    redis.stop();
+    let published = std::time::Instant::now();
+    client
+        .publish(
+            "expiring/e3",
+            "e3",
+            PublishProperties {
+                message_expiry_interval: Some(4),
+                ..Default::default()
+            },
+        )
+        .await;
+    crate::spool::spooled(addr, 1).await;
+    assert!(
+        published.elapsed() >= Duration::from_secs(2),
+        "spooled {:?} after it arrived: it did not wait for Redis in its lane first",
+        published.elapsed()
+    );
+    // The time since its arrival must outlast its expiry, the time since its spooling must
+    // not: that is the condition under test, not a wait for an event.
+    tokio::time::sleep(Duration::from_millis(4300).saturating_sub(published.elapsed())).await;
+    redis.start_again();
+
+    let mut conn = redis.client().get_connection().expect("redis");
+    let record = eventually(WAIT, || dead_letters(&mut conn).into_iter().next())
+        .await
+        .unwrap_or_else(|| panic!("no dead letter; log:\n{}", bridge.log_text()));
+    assert_eq!(record["reason"], "expired", "{record}");
+    assert_eq!(record["topic"], "expiring/e3", "{record}");
+    assert_eq!(
+        conn.get::<_, Option<String>>("honoured:e3").expect("get"),
+        None,
+        "expired counted from its arrival: not written"
+    );
+}

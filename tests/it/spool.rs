@@ -718,3 +718,340 @@ topic = "out/{{device}}"
     assert_eq!(v["route"], "forward");
     assert_eq!(v["payload"], "not json");
 }
+
+/// A second outage after a drain that emptied the spool is replayed in arrival order too:
+/// ids only grow (AUTOINCREMENT: SQLite would otherwise hand out ids from 1 again once the
+/// table is empty), and the drain's cursor starts over once the spool is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_outage_after_a_full_drain_is_replayed_in_arrival_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-twice",
+        &format!("{}{LIST_ROUTE}", spool_section(dir.path(), "")),
+    ));
+    let addr = http_addr(&bridge);
+    get_until(addr, "/readyz", 200).await;
+    let topics = 2;
+    let mut publisher = Client::connect(&broker, "spool-twice-publisher").await;
+
+    // Outage 1: 2 x 20 records (ids 1..=40), drained completely.
+    redis.stop();
+    spilling(addr).await;
+    publisher.publish_all(messages(topics, 0..20)).await;
+    spooled(addr, topics * 20).await;
+    redis.start_again();
+    all_written_once_in_order(&redis, topics, 20).await;
+    metrics_until(addr, "first drain done", |m| {
+        sample(m, SPOOL_MESSAGES) == Some(0.0)
+    })
+    .await;
+
+    // Outage 2 (Redis restarts empty: no persistence in the harness): 2 x 50 records.
+    redis.stop();
+    spilling(addr).await;
+    publisher.publish_all(messages(topics, 20..70)).await;
+    spooled(addr, topics * 50).await;
+    redis.start_again();
+    let mut conn = redis.client().get_connection().expect("redis");
+    eventually(Duration::from_secs(60), || {
+        (0..topics)
+            .all(|d| list(&mut conn, d).len() >= 50)
+            .then_some(())
+    })
+    .await
+    .expect("second drain");
+    for d in 0..topics {
+        let want: Vec<String> = (20..70).map(|n| payload(d, n)).collect();
+        assert_eq!(list(&mut conn, d), want, "device {d}: arrival order");
+    }
+}
+
+/// `drop_oldest` still bounds the spool after an earlier drain: it drops only records the
+/// replay has not taken (`id > Ledger::replay_cursor`), which holds for the next outage's
+/// records only while ids keep growing and the cursor is reset once the spool is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_oldest_still_bounds_the_spool_after_an_earlier_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-drop-twice",
+        &format!(
+            "{}{LIST_ROUTE}",
+            spool_section(
+                dir.path(),
+                "max_size = \"64KiB\"\non_full = \"drop_oldest\""
+            )
+        ),
+    ));
+    let addr = http_addr(&bridge);
+    get_until(addr, "/readyz", 200).await;
+    let mut publisher = Client::connect(&broker, "spool-drop-twice-publisher").await;
+
+    // Outage 1: 300 small records, drained.
+    redis.stop();
+    spilling(addr).await;
+    publisher.publish_all(messages(3, 0..100)).await;
+    spooled(addr, 300).await;
+    redis.start_again();
+    all_written_once_in_order(&redis, 3, 100).await;
+    metrics_until(addr, "first drain done", |m| {
+        sample(m, SPOOL_MESSAGES) == Some(0.0)
+    })
+    .await;
+
+    // Outage 2: 200 records of ~1 KiB on one topic; 64 KiB hold about 60.
+    redis.stop();
+    spilling(addr).await;
+    let n = 200;
+    let pad = "x".repeat(1000);
+    let all: Vec<(String, Vec<u8>)> = messages(1, 100..100 + n)
+        .into_iter()
+        .map(|(t, p)| (t, [p, pad.as_bytes().to_vec()].concat()))
+        .collect();
+    publisher.publish_all(all).await;
+    let m = metrics_until(addr, "every message taken", |m| {
+        let held = sample(m, SPOOL_MESSAGES).unwrap_or(0.0);
+        let dropped = sample(m, "routemq_bridge_spool_dropped_total").unwrap_or(0.0);
+        held + dropped >= n as f64 && sample(m, INFLIGHT) == Some(0.0)
+    })
+    .await;
+    let bytes = sample(&m, "routemq_bridge_spool_bytes").unwrap_or(0.0);
+    assert!(
+        bytes <= (64 * 1024) as f64,
+        "spool_bytes {bytes} > max_size 65536; spool_messages {:?}, dropped {:?}",
+        sample(&m, SPOOL_MESSAGES),
+        sample(&m, "routemq_bridge_spool_dropped_total")
+    );
+}
+
+/// A record whose topic bytes are garbled into invalid UTF-8 (damage `PRAGMA quick_check`
+/// does not see) does not stop the start — which would be a crash loop: it goes to the kept
+/// dead letters (`internal_error`) and the other records stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_with_a_garbled_topic_does_not_stop_the_start() {
+    use routemq_bridge::spool::config::{Fsync, OnFull};
+    use routemq_bridge::spool::store::{SharedLedger, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let config = routemq_bridge::spool::SpoolConfig {
+        path: path.clone(),
+        max_size: 1 << 20,
+        on_full: OnFull::Backpressure,
+        fsync: Fsync::Always,
+        batch_window: Duration::from_millis(50),
+        after: Duration::from_secs(1),
+    };
+    {
+        let ledger = SharedLedger::default();
+        let store = Store::open(&config, ledger, Default::default()).expect("first open");
+        for n in 0..3 {
+            store
+                .append(routemq_bridge::spool::store::Record {
+                    topic: "spool/d0/data".into(),
+                    payload: format!("{n}").into_bytes(),
+                    qos: 1,
+                    received_ms: 0,
+                    props: None,
+                })
+                .await
+                .expect("append");
+        }
+        store.close().await;
+    }
+    // The damage: the middle record's topic bytes garbled (same length, same page layout).
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE messages SET topic = CAST(x'ff706f6f6c2f64302f64617461' AS TEXT) WHERE id = 2",
+            [],
+        )
+        .unwrap();
+    }
+    let ledger = SharedLedger::default();
+    let opened = Store::open(&config, ledger.clone(), Default::default());
+    let store = match opened {
+        Ok(store) => store,
+        Err(e) => panic!("a garbled topic stops the spool from opening (a crash loop): {e}"),
+    };
+    {
+        let ledger = routemq_bridge::spool::store::lock(&ledger);
+        assert_eq!((ledger.messages, ledger.letters), (2, 1));
+    }
+    let read = store.read(0, 10).await.expect("read");
+    let payloads: Vec<&[u8]> = read.iter().map(|s| &s.record.payload[..]).collect();
+    assert_eq!(payloads, vec![&b"0"[..], &b"2"[..]]);
+    let letters = store.take_letters(10).await.expect("letters");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].reason, "internal_error");
+}
+
+/// A spool file locked by another process at open ("database is locked": an operator's
+/// `sqlite3` session) is not damage: the open fails naming `spool.path` and the file, with
+/// its acked records, is left as it is (never moved aside). The same holds for a full disk,
+/// an I/O error or a permission problem.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_file_at_open_fails_the_start_and_is_not_set_aside() {
+    use routemq_bridge::spool::config::{Fsync, OnFull};
+    use routemq_bridge::spool::store::{lock, SharedLedger, Store};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let config = routemq_bridge::spool::SpoolConfig {
+        path: path.clone(),
+        max_size: 1 << 20,
+        on_full: OnFull::Backpressure,
+        fsync: Fsync::Always,
+        batch_window: Duration::from_millis(50),
+        after: Duration::from_secs(1),
+    };
+    {
+        let store =
+            Store::open(&config, SharedLedger::default(), Default::default()).expect("first open");
+        for n in 0..3 {
+            store
+                .append(routemq_bridge::spool::store::Record {
+                    topic: "spool/d0/data".into(),
+                    payload: format!("{n}").into_bytes(),
+                    qos: 1,
+                    received_ms: 0,
+                    props: None,
+                })
+                .await
+                .expect("append");
+        }
+        store.close().await;
+    }
+    // Another process holds the file (an operator's `sqlite3` session, as the store's
+    // module doc suggests, or a second bridge on the same path): "database is locked".
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other
+        .execute_batch("PRAGMA locking_mode = EXCLUSIVE; BEGIN EXCLUSIVE;")
+        .unwrap();
+    let ledger = SharedLedger::default();
+    let opened = Store::open(&config, ledger.clone(), Default::default());
+    let held = lock(&ledger).messages;
+    let aside: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("corrupt"))
+        .collect();
+    let error = opened
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| panic!("the open of a locked file succeeded with {held} of 3 records"));
+    assert!(error.contains("spool.path"), "{error}");
+    assert!(aside.is_empty(), "moved aside: {aside:?}");
+    // Once the other process lets go, the next start finds every record.
+    drop(other);
+    let ledger = SharedLedger::default();
+    Store::open(&config, ledger.clone(), Default::default()).expect("open once free");
+    assert_eq!(lock(&ledger).messages, 3);
+}
+
+/// A delete that fails (here the file's write lock is held by another process for a while)
+/// is retried with backoff: the records it names are not replayed again meanwhile, so each
+/// message is written once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_records_whose_delete_failed_are_not_replayed_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-delete-fails",
+        &format!("{}{LIST_ROUTE}", spool_section(dir.path(), "")),
+    ));
+    let addr = http_addr(&bridge);
+    get_until(addr, "/readyz", 200).await;
+    let mut publisher = Client::connect(&broker, "spool-delete-fails-publisher").await;
+    redis.stop();
+    spilling(addr).await;
+    publisher.publish_all(messages(2, 0..20)).await;
+    spooled(addr, 40).await;
+
+    // Another process takes the write lock: the drain still reads (WAL), its deletes fail
+    // (SQLITE_BUSY after the 5 s busy timeout).
+    let other = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let offset = bridge.log_text().len();
+    redis.start_again();
+    // Two failed deletes: time enough for the drain to replay everything again if it forgot
+    // what it had replayed.
+    let failed_twice = eventually(Duration::from_secs(60), || {
+        let log = bridge.log_text();
+        (log.get(offset..)
+            .unwrap_or("")
+            .matches("the store failed")
+            .count()
+            >= 2)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        failed_twice.is_some(),
+        "no failed delete:\n{}",
+        bridge.log_text()
+    );
+    other.execute_batch("ROLLBACK").unwrap();
+    drop(other);
+    metrics_until(addr, "drained", |m| sample(m, SPOOL_MESSAGES) == Some(0.0)).await;
+    all_written_once_in_order(&redis, 2, 20).await;
+    let mut conn = redis.client().get_connection().expect("redis");
+    for d in 0..2 {
+        assert_eq!(
+            list(&mut conn, d).len(),
+            20,
+            "device {d}: written more than once"
+        );
+    }
+}
+
+/// A message whose append fails (here the file's write lock is held by another process for
+/// a while) while older messages of its topic are spooled is not sent past them: it stays
+/// unacked and its append is tried again, so it is spooled behind them once the file is free
+/// and the topic is replayed in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_append_behind_spooled_messages_of_its_topic_is_retried_not_sent_ahead() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start();
+    let broker = broker();
+    let bridge = Bridge::start(&config(
+        &redis,
+        &broker,
+        "spool-append-fails",
+        &format!("{}{LIST_ROUTE}", spool_section(dir.path(), "")),
+    ));
+    let addr = http_addr(&bridge);
+    get_until(addr, "/readyz", 200).await;
+    let mut publisher = Client::connect(&broker, "spool-append-fails-publisher").await;
+    redis.stop();
+    spilling(addr).await;
+    publisher.publish_all(messages(1, 0..10)).await;
+    spooled(addr, 10).await;
+
+    // Another process takes the write lock: the next append fails (SQLITE_BUSY after the
+    // 5 s busy timeout).
+    let other = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let offset = bridge.log_text().len();
+    publisher.publish_all(messages(1, 10..11)).await;
+    assert!(
+        bridge.wait_for_log_after(offset, "the store failed", WAIT),
+        "no failed append:\n{}",
+        bridge.log_text()
+    );
+    other.execute_batch("ROLLBACK").unwrap();
+    drop(other);
+    // Spooled behind the others once the file is free (not waiting for Redis on its own).
+    spooled(addr, 11).await;
+    redis.start_again();
+    all_written_once_in_order(&redis, 1, 11).await;
+}
