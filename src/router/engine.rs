@@ -108,28 +108,21 @@ impl Engine {
         self.table.load_full()
     }
 
-    /// What the stages of `route` share.
-    fn env<'a>(&'a self, route: &'a Route) -> Env<'a> {
+    /// What the stages of the route named `route` share (`"spool"` for the records the
+    /// spool kept).
+    fn env<'a>(&'a self, route: &'a str) -> Env<'a> {
         Env {
             redis: &self.redis,
             limiter: &self.limiter,
             forwarder: &self.forwarder,
-            route: &route.name,
+            route,
             deadline: None,
         }
     }
 
     /// One message through every route it matches.
     pub async fn process(&self, message: &Message, received: Instant) {
-        let table = self.table.load_full();
-        let mut json: ParsedJson = None;
-        let mut matched = false;
-        for (route, captures) in table.matches(&message.topic) {
-            matched = true;
-            self.one_route(route, &captures, message, &mut json, received)
-                .await;
-        }
-        if !matched {
+        if !self.run_routes(message, received, |_| true).await {
             events::unrouted(&message.topic);
         }
     }
@@ -152,16 +145,28 @@ impl Engine {
     /// One message through the routes of `part` that it matches (the spool's front and its
     /// replay). Whether it matched any route at all; `unrouted` is the caller's to count.
     pub async fn process_part(&self, message: &Message, received: Instant, part: Part) -> bool {
+        let redis = part == Part::Redis;
+        self.run_routes(message, received, |route| route.waits_for_redis() == redis)
+            .await
+    }
+
+    /// One message through the routes it matches that `runs` selects, in file order (the
+    /// JSON parsed once for all of them). Whether it matched any route at all.
+    async fn run_routes(
+        &self,
+        message: &Message,
+        received: Instant,
+        runs: impl Fn(&Route) -> bool,
+    ) -> bool {
         let table = self.table.load_full();
         let mut json: ParsedJson = None;
         let mut matched = false;
         for (route, captures) in table.matches(&message.topic) {
             matched = true;
-            if route.waits_for_redis() != (part == Part::Redis) {
-                continue;
+            if runs(route) {
+                self.one_route(route, &captures, message, &mut json, received)
+                    .await;
             }
-            self.one_route(route, &captures, message, &mut json, received)
-                .await;
         }
         matched
     }
@@ -203,14 +208,8 @@ impl Engine {
         let target = self.dead_letter.load_full();
         let mut pipe = ::redis::pipe();
         target.push(&mut pipe, record);
-        let env = Env {
-            redis: &self.redis,
-            limiter: &self.limiter,
-            forwarder: &self.forwarder,
-            route: "spool",
-            deadline: None,
-        };
-        match env
+        match self
+            .env("spool")
             .until_redis(|| self.redis.query_pipeline::<()>(&pipe))
             .await
         {
@@ -303,7 +302,7 @@ impl Engine {
         json: &mut ParsedJson,
     ) -> Step<()> {
         let (topic, payload) = (message.topic.as_str(), &message.payload[..]);
-        let mut env = self.env(route);
+        let mut env = self.env(&route.name);
         if route.honor_expiry {
             // Waiting for Redis ends at the expiry (spec §6.1): checked before each attempt.
             env.deadline = message.expires(received);
@@ -397,7 +396,7 @@ impl Engine {
     ) {
         let mut pipe = ::redis::pipe();
         target.push(&mut pipe, &record);
-        let env = self.env(route);
+        let env = self.env(&route.name);
         let write = env.until_redis(|| self.redis.query_pipeline::<()>(&pipe));
         let result = match self.keeper.get() {
             None => write.await,
