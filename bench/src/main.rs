@@ -247,12 +247,30 @@ struct Bench {
 
 impl Bench {
     fn config(&self, route: RouteKind, client_id: &str) -> Res<(PathBuf, u16)> {
-        let http = services::free_port()?;
         let share_group = if self.args.instances > 1 {
             format!("share_group = \"{SHARE_GROUP}{}\"\n", route.short())
         } else {
             String::new()
         };
+        self.write_config(
+            client_id,
+            &share_group,
+            &self.store.redis_toml,
+            &route.route_toml(&self.args.rate_limit, self.store.cluster),
+        )
+    }
+
+    /// Writes the bridge's config for `client_id`: `mqtt` more keys of `[mqtt]`, `redis` the
+    /// body of `[redis]`, `rest` what follows the fixed tables (routes, `[spool]`). Returns
+    /// its path and the free port its HTTP endpoint listens on.
+    fn write_config(
+        &self,
+        client_id: &str,
+        mqtt: &str,
+        redis: &str,
+        rest: &str,
+    ) -> Res<(PathBuf, u16)> {
+        let http = services::free_port()?;
         // Under MQTT 5 the session is kept by session_expiry (its default, 7 days).
         let session = if self.args.protocol == "5" {
             "protocol = \"5\""
@@ -261,10 +279,10 @@ impl Bench {
         };
         let text = format!(
             r#"[mqtt]
-url = "mqtt://127.0.0.1:{mqtt}"
+url = "mqtt://127.0.0.1:{port}"
 client_id = "{client_id}"
 {session}
-{share_group}
+{mqtt}
 [redis]
 {redis}
 
@@ -277,10 +295,8 @@ redis_list = "{DEAD_LETTER}"
 [log]
 level = "info"
 format = "text"
-{routes}"#,
-            mqtt = self.broker.port,
-            redis = self.store.redis_toml,
-            routes = route.route_toml(&self.args.rate_limit, self.store.cluster),
+{rest}"#,
+            port = self.broker.port,
         );
         let path = self.dir.path().join(format!("{client_id}.toml"));
         std::fs::write(&path, text)?;

@@ -66,37 +66,14 @@ impl Bench {
         let rate = self.args.spool_rate;
         let live = rate * self.args.live_seconds;
         let redis_port = services::free_port()?;
-        let http = services::free_port()?;
         let client_id = "bench-spool";
         mqtt::create_session(self.broker.port, client_id, mqtt::FILTER).await?;
-        let config = self.dir.path().join("spool.toml");
-        std::fs::write(
-            &config,
-            format!(
-                r#"[mqtt]
-url = "mqtt://127.0.0.1:{mqtt}"
-client_id = "{client_id}"
-clean_session = false
-
-[redis]
-url = "redis://127.0.0.1:{redis_port}/0"
-
-[http]
-listen = "127.0.0.1:{http}"
-
-[dead_letter]
-redis_list = "{DEAD_LETTER}"
-
-[log]
-level = "info"
-format = "text"
-
-[spool]
-path = "{spool}"
-after = "1s"
-fsync = "{fsync}"
-{routes}"#,
-                mqtt = self.broker.port,
+        let (config, http) = self.write_config(
+            client_id,
+            "",
+            &format!("url = \"redis://127.0.0.1:{redis_port}/0\""),
+            &format!(
+                "\n[spool]\npath = \"{spool}\"\nafter = \"1s\"\nfsync = \"{fsync}\"\n{routes}",
                 fsync = self.args.spool_fsync,
                 spool = self.dir.path().join("spool.db").display(),
                 routes = RouteKind::OneSet.route_toml("sliding_window", false),
