@@ -887,9 +887,7 @@ key = "honoured:{{id}}"
     redis.start_again();
 
     let mut conn = redis.client().get_connection().expect("redis");
-    let record = eventually(WAIT, || dead_letters(&mut conn).into_iter().next())
-        .await
-        .unwrap_or_else(|| panic!("no dead letter; log:\n{}", bridge.log_text()));
+    let record = first_dead_letter(&mut conn, &bridge).await;
     assert_eq!(record["reason"], "expired", "{record}");
     assert_eq!(record["topic"], "expiring/e3", "{record}");
     assert_eq!(

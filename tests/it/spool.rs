@@ -40,6 +40,17 @@ op = "rpush"
 key = "list:{device}"
 "#;
 
+/// Another process's connection to the spool in `dir`, holding its write lock (an open
+/// `BEGIN IMMEDIATE`) until it rolls back or is dropped: the bridge's writes then fail with
+/// SQLITE_BUSY after its 5 s busy timeout, while its reads go on (WAL).
+fn hold_write_lock(dir: &Path) -> rusqlite::Connection {
+    let other = rusqlite::Connection::open(dir.join("spool.db")).expect("open the spool");
+    other
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    other
+}
+
 /// `[spool]` in `dir`, spilling after one second, with `more` keys.
 fn spool_section(dir: &Path, more: &str) -> String {
     format!(
@@ -979,8 +990,7 @@ async fn replayed_records_whose_delete_failed_are_not_replayed_again() {
 
     // Another process takes the write lock: the drain still reads (WAL), its deletes fail
     // (SQLITE_BUSY after the 5 s busy timeout).
-    let other = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
-    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let other = hold_write_lock(dir.path());
     let offset = bridge.log_text().len();
     redis.start_again();
     // Two failed deletes: time enough for the drain to replay everything again if it forgot
@@ -1039,8 +1049,7 @@ async fn a_failed_append_behind_spooled_messages_of_its_topic_is_retried_not_sen
 
     // Another process takes the write lock: the next append fails (SQLITE_BUSY after the
     // 5 s busy timeout).
-    let other = rusqlite::Connection::open(dir.path().join("spool.db")).unwrap();
-    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let other = hold_write_lock(dir.path());
     let offset = bridge.log_text().len();
     publisher.publish_all(messages(1, 10..11)).await;
     assert!(
